@@ -1,0 +1,150 @@
+"""The `edgectx` command: argument parsing and dispatch; every user error ends in one sentence.
+
+    edgectx                      # the chat (the terminal UI replaces it once built)
+    edgectx chat --prompt "hi"   # one-shot answer on stdout
+    edgectx models | doctor | bench conformance | bench speed | --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgectx import __version__
+from edgectx.errors import EdgectxError
+
+
+def _contexts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError("context lengths must be at least 2 tokens")
+    return values
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="a .gguf file, or a name `edgectx models` lists (default: the embedded SmolLM2)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for the engine (default: PyTorch's choice)")
+    p.add_argument("--ctx", type=int, help="context window in tokens (default: the model's trained context)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgectx", description="Chat with very long local documents on one machine.")
+    parser.add_argument("--version", action="version", version=f"edgectx {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    chat = sub.add_parser("chat", help="chat in the terminal, or answer one --prompt and exit")
+    _model_args(chat)
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--prompt", "-p", help="answer this one message on stdout and exit")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    chat.add_argument("--top-k", type=int, default=40)
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--repeat-penalty", type=float, default=1.1)
+    chat.add_argument("--seed", type=int, help="fix the sampling seed for reproducible answers")
+    chat.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    chat.add_argument("--stop", action="append", default=[], help="stop when the answer contains this text (repeatable)")
+
+    models = sub.add_parser("models", help="list GGUF models found on this machine")
+    models.add_argument("--json", action="store_true")
+
+    doctor = sub.add_parser("doctor", help="check torch, CUDA, optional GPU packages, paths and the default model")
+    doctor.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="measure conformance to llama.cpp and speed")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    conf = bench_sub.add_parser("conformance", help="teacher-forced top-1 agreement and NLL vs llama.cpp")
+    speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s vs llama.cpp")
+    for p in (conf, speed):
+        _model_args(p)
+        p.add_argument("--text", help="a UTF-8 text file (default: the Python standard library's sources)")
+        p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
+    speed.add_argument("--context", type=_contexts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
+    speed.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded at each depth (default 64)")
+    return parser
+
+
+def _print_models(as_json: bool) -> int:
+    from edgectx.config import load_config
+    from edgectx.models import discover
+
+    entries = discover(load_config())
+    if as_json:
+        print(json.dumps([{"name": e.name, "path": str(e.path), "source": e.source, "size_bytes": e.size_bytes} for e in entries], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "source", "size", "path")
+    for e in entries:
+        table.add_row(e.name, e.source, f"{e.size_bytes / 2**20:,.0f} MiB", str(e.path))
+    Console().print(table)
+    if not entries:
+        print("No models found: pass --model PATH, or add model_paths to the config file.")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgectx.config import load_config
+    from edgectx.engine import Engine
+    from edgectx.models import resolve_model
+
+    threads = args.threads or torch.get_num_threads()
+    engine = Engine.load(resolve_model(args.model, load_config()), device=args.device, n_ctx=args.ctx, n_threads=threads)
+    if args.bench == "conformance":
+        from edgectx.bench.conformance import run_conformance
+
+        engine.n_ctx = max(engine.n_ctx, args.tokens + 1)
+        result = run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads)
+    else:
+        from edgectx.bench.speed import run_speed
+
+        engine.n_ctx = max(engine.n_ctx, max(args.context) + args.decode_tokens + 1)
+        result = run_speed(engine, args.context, decode_tokens=args.decode_tokens, n_threads=threads, text_file=args.text)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        from edgectx.bench.report import print_report
+
+        print_report(args.bench, result)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        return _print_models(args.json)
+    if args.command == "doctor":
+        from edgectx.doctor import run_doctor
+
+        return run_doctor(args.json)
+    if args.command == "bench":
+        return _bench(args)
+    from edgectx.config import load_config
+    from edgectx.repl import run_chat
+
+    if args.command is None:  # bare `edgectx`: the interactive chat with defaults
+        args = build_parser().parse_args(["chat"])
+    return run_chat(args, load_config())
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except EdgectxError as e:
+        print(f"edgectx: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("\nedgectx: interrupted.", file=sys.stderr)
+        code = 130
+    except MemoryError:
+        print("edgectx: out of memory: try a smaller model or a shorter context (--ctx).", file=sys.stderr)
+        code = 1
+    sys.exit(code)

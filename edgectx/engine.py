@@ -1,0 +1,192 @@
+"""The engine: owns the model, tokenizer, chat template, device and the conversation's KV memory.
+
+`prefill` runs tokens through the model in chunks (progress callback, cancellation between chunks);
+`sync` reuses the longest cached prefix and prefills only the rest, so a second chat turn pays only
+for its new tokens; `generate` streams text. The KV memory sits behind the `KVMemory` interface.
+
+    engine = Engine.load(Path("model.gguf"))
+    engine.sync(engine.tokenizer.encode(prompt))
+    for piece in engine.generate(SamplingParams(temperature=0), max_tokens=64):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from edgectx.chat_template import ChatTemplate
+from edgectx.errors import EdgectxError
+from edgectx.gguf_loader import load_model, open_gguf, read_spec
+from edgectx.kv import FullKVCache, KVMemory
+from edgectx.rope import Rope
+from edgectx.sampling import Sampler, SamplingParams
+from edgectx.spec import ModelSpec
+from edgectx.stops import StopMatcher
+from edgectx.tokenizer import Tokenizer
+
+Progress = Callable[[int, int], None]
+Cancel = Callable[[], bool]
+
+
+class Cancelled(EdgectxError):
+    exit_code = 130
+
+
+class ContextFullError(EdgectxError):
+    """The conversation no longer fits the model's context window."""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens the turn's prompt occupies in memory
+    reused_tokens: int = 0  # of those, already cached from earlier turns
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    stop_reason: str = ""  # eog | stop_string | max_tokens | context | cancelled
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgectxError("CUDA was requested but PyTorch sees no CUDA GPU: use --device cpu, or run `edgectx doctor`.")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bf16/fp16 matmuls are emulated and slow on CPUs without AVX512-BF16/AMX
+
+
+class Engine:
+    def __init__(self, path: Path, model, spec: ModelSpec, tokenizer: Tokenizer, template: ChatTemplate,
+                 device: torch.device, dtype: torch.dtype, n_ctx: int):
+        self.path, self.model, self.spec = path, model, spec
+        self.tokenizer, self.template = tokenizer, template
+        self.device, self.dtype, self.n_ctx = device, dtype, n_ctx
+        self.rope = Rope(spec, device, long_context=n_ctx > (spec.rope_scaling.original_context or spec.context_length))
+        self.memory: KVMemory = self.new_memory()
+        self.tokens: list[int] = []  # the token ids held in memory, in order
+        self.last_stats = GenerationStats()
+        self._next_logits: torch.Tensor | None = None
+
+    @classmethod
+    def load(cls, path: Path, device: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
+             progress: Progress | None = None) -> "Engine":
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        dev = pick_device(device)
+        dtype = default_dtype(dev)
+        gguf_file = open_gguf(path)
+        spec = read_spec(gguf_file)
+        tokenizer = Tokenizer(gguf_file.path)
+        template = ChatTemplate(
+            gguf_file.get("tokenizer.chat_template"),
+            bos_token=tokenizer.token_text(tokenizer.bos_id),
+            eos_token=tokenizer.token_text(tokenizer.eos_id),
+        )
+        model = load_model(gguf_file, dev, dtype, progress=progress)
+        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx or spec.context_length)
+
+    def new_memory(self) -> KVMemory:
+        return FullKVCache(self.spec, self.rope, self.device, self.dtype)
+
+    def reset(self) -> None:
+        self.memory = self.new_memory()
+        self.tokens = []
+        self._next_logits = None
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """One chunk through the model; the memory commits only if the whole forward succeeds."""
+        if len(self.tokens) + len(ids) > self.n_ctx:
+            raise ContextFullError(
+                f"The conversation needs {len(self.tokens) + len(ids)} tokens but the context holds {self.n_ctx}: "
+                "start a new chat or shorten the input."
+            )
+        self.memory.begin(len(ids))
+        logits = self.model(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
+        self.memory.commit()
+        self.tokens.extend(ids)
+        return logits
+
+    def prefill(self, ids: list[int], chunk_tokens: int = 512, progress: Progress | None = None,
+                cancel: Cancel | None = None) -> torch.Tensor:
+        """Append `ids` in chunks; returns the logits (vocab,) after the last one."""
+        logits = None
+        for start in range(0, len(ids), chunk_tokens):
+            if cancel and cancel():
+                raise Cancelled("Cancelled; the tokens read so far stay in memory.")
+            logits = self.forward(ids[start : start + chunk_tokens])
+            if progress:
+                progress(min(start + chunk_tokens, len(ids)), len(ids))
+        return logits[-1]
+
+    def sync(self, ids: list[int], progress: Progress | None = None, cancel: Cancel | None = None) -> int:
+        """Make memory hold exactly `ids`, reusing the longest common prefix; returns the reused count.
+
+        At least the last token is always re-run so that fresh logits exist for generation.
+        """
+        reused = 0
+        limit = min(len(ids), len(self.tokens)) - 1
+        while reused < limit and ids[reused] == self.tokens[reused]:
+            reused += 1
+        self.memory.truncate(reused)
+        del self.tokens[reused:]
+        t0 = time.perf_counter()
+        self._next_logits = self.prefill(ids[reused:], progress=progress, cancel=cancel)
+        self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_s=time.perf_counter() - t0)
+        return reused
+
+    def generate(self, params: SamplingParams, max_tokens: int = 512, stop: tuple[str, ...] = (),
+                 cancel: Cancel | None = None) -> Iterator[str]:
+        """Stream the answer to what `sync` put in memory; stops at an end-of-turn token, a stop string,
+        `max_tokens`, a full context, or `cancel()`. Details land in `self.last_stats`."""
+        stats = self.last_stats
+        sampler = Sampler(params)
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopMatcher(stop)
+        logits = self._next_logits
+        if logits is None:
+            raise RuntimeError("generate() needs sync() first: there is nothing to answer")
+        t0 = time.perf_counter()
+        stats.stop_reason = "max_tokens"
+        for _ in range(max_tokens):
+            if cancel and cancel():
+                stats.stop_reason = "cancelled"
+                break
+            token = sampler.sample(logits, self.tokens)
+            if token in self.tokenizer.eog_ids:
+                stats.stop_reason = "eog"
+                break
+            if len(self.tokens) >= self.n_ctx:
+                stats.stop_reason = "context"
+                break
+            logits = self.forward([token])[-1]
+            stats.generated_tokens += 1
+            text, hit = stops.feed(decoder.feed(token))
+            if text:
+                yield text
+            if hit:
+                stats.stop_reason = "stop_string"
+                break
+        if stats.stop_reason != "stop_string":
+            tail, _ = stops.feed(decoder.flush(), final=True)
+            if tail:
+                yield tail
+        stats.decode_s = time.perf_counter() - t0
+        self._next_logits = logits
+
+    def stats(self) -> dict[str, int]:
+        return {**self.memory.stats(), "context_tokens": self.n_ctx}

@@ -1,0 +1,32 @@
+"""Errors a user can cause, each carrying one sentence that says what happened and what to do.
+
+The CLI prints `str(error)` and exits with `error.exit_code`; no traceback reaches the user.
+
+    raise ModelFileError(f"{path} is not a GGUF file: pass a .gguf model file.")
+"""
+
+from __future__ import annotations
+
+
+class EdgectxError(Exception):
+    """Base of every error that ends a command with a clear sentence instead of a traceback."""
+
+    exit_code = 1
+
+
+class ModelFileError(EdgectxError):
+    """The model file is missing, unreadable, not GGUF, or truncated."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(EdgectxError):
+    """The file is a valid GGUF but its architecture or tensor types are not supported."""
+
+    exit_code = 3
+
+
+class UsageError(EdgectxError):
+    """A command-line argument or input file is wrong."""
+
+    exit_code = 2

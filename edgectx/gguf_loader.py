@@ -1,0 +1,235 @@
+"""Load a GGUF model (llama.cpp's file format) into a `Transformer`, through the `gguf` package's reader.
+
+Every failure a user can cause (missing path, not GGUF, truncated, unsupported architecture or tensor
+type) becomes a `ModelFileError` / `UnsupportedModelError` with one sentence. Llama-family Q/K rows are
+stored permuted for llama.cpp's adjacent-pair rotary layout; we undo the permutation so that every
+architecture uses the half-split rotation (and pre-RoPE projections match Hugging Face's layout).
+
+    gguf_file = open_gguf(Path("model.gguf"))
+    model = load_model(gguf_file, torch.device("cpu"), torch.float32)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgectx.errors import ModelFileError, UnsupportedModelError
+from edgectx.model import Transformer
+from edgectx.quant import linear_factory
+from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]  # scalar and short-array fields; the vocabulary arrays are left to the tokenizer
+    tensors: dict[str, Any]  # name -> gguf ReaderTensor
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """Open and validate a GGUF file: header, metadata, and that every tensor lies inside the file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"Model file not found: {path}. Pass the path of a .gguf file (`edgectx models` lists those found).")
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory, not a model file: pass the path of a .gguf file inside it.")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"Cannot read the model file {path}: {e.strerror}.") from None
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(f"{path} is not a GGUF model file (it lacks the GGUF header): pass a .gguf file.")
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors on damaged headers
+        raise ModelFileError(f"{path} is truncated or corrupt ({type(e).__name__} while reading its header): download or convert it again.") from None
+    file_bytes = os.path.getsize(path)
+    tensors = {}
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > file_bytes or t.data.nbytes != t.n_bytes:
+            raise ModelFileError(f"{path} is truncated: tensor {t.name} extends past the end of the file. Download or convert it again.")
+        tensors[t.name] = t
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "scores", "token_type", "merges"):
+            continue  # vocabulary arrays: llama.cpp's tokenizer reads them itself
+        try:
+            metadata[key] = field.contents()
+        except Exception:
+            raise ModelFileError(f"{path} is corrupt: metadata field {key} cannot be decoded.") from None
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors)
+
+
+def read_spec(g: GGUFFile) -> ModelSpec:
+    """Build the `ModelSpec` from metadata, refusing architectures edgectx does not implement."""
+    arch = g.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(
+            f"{g.path.name} is a '{arch}' model; edgectx supports the {', '.join(SUPPORTED_ARCHS)} architectures."
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        value = g.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelFileError(f"{g.path} lacks the metadata field {arch}.{name}: the file is incomplete.")
+        return value
+
+    embd = _tensor(g, "token_embd.weight")
+    n_heads = key("attention.head_count")
+    dim = key("embedding_length")
+    head_dim = g.get(f"{arch}.attention.key_length") or dim // n_heads
+    scaling_type = g.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear", "yarn", "longrope"):
+        raise UnsupportedModelError(f"{g.path.name} uses RoPE scaling '{scaling_type}', which edgectx does not support.")
+    scaling = RopeScaling(
+        kind="none" if scaling_type == "longrope" else scaling_type,
+        factor=float(g.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0),
+        original_context=int(g.get(f"{arch}.rope.scaling.original_context_length", 0)),
+        attn_factor=float(g.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+        beta_fast=float(g.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=float(g.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+    )
+    factors = _optional_vector(g, "rope_freqs.weight") or _optional_vector(g, "rope_factors_short.weight")
+    return ModelSpec(
+        arch=arch,
+        n_layers=key("block_count"),
+        dim=dim,
+        n_heads=n_heads,
+        n_kv_heads=g.get(f"{arch}.attention.head_count_kv") or n_heads,
+        head_dim=head_dim,
+        ffn_dim=key("feed_forward_length"),
+        vocab_size=int(embd.shape[1]),
+        context_length=key("context_length"),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_base=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_dim=int(g.get(f"{arch}.rope.dimension_count", 0)),
+        rope_scaling=scaling,
+        rope_freq_factors=factors,
+        rope_freq_factors_long=_optional_vector(g, "rope_factors_long.weight"),
+        qkv_bias="blk.0.attn_q.bias" in g.tensors or "blk.0.attn_qkv.bias" in g.tensors,
+        tied_embeddings="output.weight" not in g.tensors,
+        sliding_window=int(g.get(f"{arch}.attention.sliding_window", 0) or 0),
+    )
+
+
+def _tensor(g: GGUFFile, name: str):
+    t = g.tensors.get(name)
+    if t is None:
+        raise ModelFileError(f"{g.path} lacks the tensor {name}: the file is incomplete or not a {g.get('general.architecture')} model.")
+    return t
+
+
+def dequantize(g: GGUFFile, name: str) -> torch.Tensor:
+    """A tensor as float32 in its logical shape (rows, cols), via the gguf package's reference dequantizer."""
+    from gguf import quants
+
+    t = _tensor(g, name)
+    try:
+        array = quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(f"{g.path.name} stores {name} as {t.tensor_type.name}, a type edgectx cannot read yet.") from None
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not array.flags.writeable:  # F32 tensors come straight from the read-only memory map
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _optional_vector(g: GGUFFile, name: str) -> tuple[float, ...] | None:
+    if name not in g.tensors:
+        return None
+    return tuple(dequantize(g, name).flatten().tolist())
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's llama Q/K row permutation: (n_heads, hd/2, 2) rows back to (n_heads, 2, hd/2)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int) -> dict[str, torch.Tensor]:
+    p = f"blk.{i}."
+    if p + "attn_qkv.weight" in g.tensors:
+        wqkv = dequantize(g, p + "attn_qkv.weight")
+        bqkv = dequantize(g, p + "attn_qkv.bias") if spec.qkv_bias else None
+    else:
+        wq, wk, wv = (dequantize(g, p + f"attn_{n}.weight") for n in "qkv")
+        if spec.arch in ("llama", "mistral"):
+            wq, wk = _unpermute(wq, spec.n_heads), _unpermute(wk, spec.n_kv_heads)
+        wqkv = torch.cat([wq, wk, wv])
+        bqkv = torch.cat([dequantize(g, p + f"attn_{n}.bias") for n in "qkv"]) if spec.qkv_bias else None
+    if p + "ffn_gate.weight" in g.tensors:
+        w_gate_up = torch.cat([dequantize(g, p + "ffn_gate.weight"), dequantize(g, p + "ffn_up.weight")])
+    else:
+        w_gate_up = dequantize(g, p + "ffn_up.weight")  # phi3: gate and up already fused, gate first
+    out = {
+        "attn_norm.weight": dequantize(g, p + "attn_norm.weight"),
+        "ffn_norm.weight": dequantize(g, p + "ffn_norm.weight"),
+        "attn.wqkv.weight": wqkv,
+        "attn.wo.weight": dequantize(g, p + "attn_output.weight"),
+        "ffn.w_gate_up.weight": w_gate_up,
+        "ffn.w_down.weight": dequantize(g, p + "ffn_down.weight"),
+    }
+    if bqkv is not None:
+        out["attn.wqkv.bias"] = bqkv
+    expected = {"attn.wqkv.weight": (spec.q_dim + 2 * spec.kv_dim, spec.dim), "ffn.w_gate_up.weight": (2 * spec.ffn_dim, spec.dim)}
+    for name, shape in expected.items():
+        if tuple(out[name].shape) != shape:
+            raise ModelFileError(f"{g.path}: layer {i} {name} has shape {tuple(out[name].shape)}, expected {shape} from the metadata.")
+    return out
+
+
+LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module]
+
+
+def load_model(
+    g: GGUFFile,
+    device: torch.device,
+    dtype: torch.dtype,
+    make_linear: LinearFactory | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Transformer:
+    """Build the model layer by layer (peak memory: the model plus one layer of float32 weights).
+
+    `make_linear(weight, bias)` turns float32 weights into a module (a packed or quantized linear);
+    by default `edgectx.quant.linear_factory`'s choice for the device.
+    """
+    spec = read_spec(g)
+    make_linear = make_linear or linear_factory(device, dtype)
+    with torch.device("meta"):
+        model = Transformer(spec)
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+    embed = dequantize(g, "token_embd.weight")
+    model.embed.weight = param(embed)
+    model.norm.weight = param(dequantize(g, "output_norm.weight"))
+    model.lm_head = make_linear(embed if spec.tied_embeddings else dequantize(g, "output.weight"), None)
+    del embed
+    for i, block in enumerate(model.layers):
+        w = _layer_weights(g, spec, i)
+        block.attn_norm.weight = param(w["attn_norm.weight"])
+        block.ffn_norm.weight = param(w["ffn_norm.weight"])
+        block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))
+        block.attn.wo = make_linear(w["attn.wo.weight"], None)
+        block.ffn.w_gate_up = make_linear(w["ffn.w_gate_up.weight"], None)
+        block.ffn.w_down = make_linear(w["ffn.w_down.weight"], None)
+        if progress:
+            progress(i + 1, spec.n_layers)
+    return model.eval()
+

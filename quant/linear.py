@@ -1,0 +1,53 @@
+"""Linear layers that read fewer weight bytes per token on the CPU.
+
+Decoding one token reads every weight once, so CPU decode speed is memory bandwidth divided by weight
+bytes. FBGEMM's fp16-packed GEMM (shipped in x86 builds of PyTorch) stores weights in fp16 and
+computes in fp32: half the bytes of float32 and, on AVX2 machines without native bf16, the fastest
+matrix-vector product PyTorch offers (measured: 6.7 vs 3.0 Gparam/s for float32 on 2 cores).
+A GGUF Q4/Q8 weight dequantized to fp16 keeps its values to fp16 rounding (relative 5e-4).
+
+    layer = PackedFp16Linear(weight, bias)  # weight (out, in) float32
+    y = layer(x)                            # x (T, in) float32 -> (T, out) float32
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def fp16_packing_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
+
+
+class PackedFp16Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_bytes = weight.numel() * 2
+        bias = None if bias is None else bias.float().contiguous()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16-packed"
+
+
+def linear_factory(device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | None], nn.Module]:
+    """The linear to build for `device`: fp16-packed on CPUs with FBGEMM, else nn.Linear in `dtype`."""
+    if device.type == "cpu" and dtype == torch.float32 and fp16_packing_available():
+        return PackedFp16Linear
+
+    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        with torch.device("meta"):
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        linear.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        return linear
+
+    return make
