@@ -139,7 +139,7 @@ class Engine:
         At least the last token is always re-run so that fresh logits exist for generation.
         """
         reused = 0
-        limit = min(len(ids), len(self.tokens)) - 1
+        limit = min(len(ids) - 1, len(self.tokens))  # keep one token to run: generation needs its logits
         while reused < limit and ids[reused] == self.tokens[reused]:
             reused += 1
         self.memory.truncate(reused)

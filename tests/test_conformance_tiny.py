@@ -20,6 +20,7 @@ CASES = {
     "llama-q8_0": dict(arch="llama", qtype=Q.Q8_0),
     "llama-q4_1-llama3-freqs": dict(arch="llama", qtype=Q.Q4_1, freq_factors=True),
     "llama-linear-rope": dict(arch="llama", rope_scaling=("linear", 4.0)),
+    "llama-yarn-rope": dict(arch="llama", rope_scaling=("yarn", 4.0), context_length=256),
     "mistral-style-gqa4": dict(arch="llama", n_heads=8, n_kv_heads=2, rope_base=1e6, qtype=Q.Q4_0),
     "qwen2-bias": dict(arch="qwen2", tied=False),
     "phi3-fused": dict(arch="phi3", tied=False, n_kv_heads=4),

@@ -84,7 +84,7 @@ def write_tiny_gguf(
         kind, factor = rope_scaling
         w.add_rope_scaling_type(gguf.RopeScalingType(kind))
         w.add_rope_scaling_factor(factor)
-        w.add_rope_scaling_orig_ctx_len(context_length)
+        w.add_rope_scaling_orig_ctx_len(int(context_length // factor))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

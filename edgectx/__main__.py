@@ -1,0 +1,5 @@
+"""`python -m edgectx` runs the `edgectx` command."""
+
+from edgectx.cli import main
+
+main()

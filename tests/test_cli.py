@@ -1,0 +1,88 @@
+"""The `edgectx` command end to end: version, one-shot chat on the embedded model, models, doctor, benches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from edgectx import __version__
+from tiny_gguf import write_tiny_gguf
+
+
+def run_cli(*args: str, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgectx", *args], capture_output=True, text=True, timeout=timeout, cwd="/", env=env)
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"edgectx {__version__}"
+
+
+def test_one_shot_chat_with_embedded_model():
+    result = run_cli("chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "Loading" not in result.stdout  # status goes to stderr only
+
+
+def test_interactive_chat_reads_stdin_until_eof():
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgectx", "chat", "--temperature", "0", "--max-tokens", "16"],
+        input="What is 2+2?\n/reset\nSay hi.\n", capture_output=True, text=True, timeout=300, cwd="/",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("you> ") == 4  # three inputs, then the prompt that meets end of input
+    assert "New conversation." in proc.stderr
+
+
+def test_models_lists_embedded_and_user_folders(tmp_path, monkeypatch):
+    home = tmp_path / "user"
+    lm = home / ".lmstudio" / "models" / "pub" / "repo"
+    lm.mkdir(parents=True)
+    write_tiny_gguf(lm / "tiny-lm.gguf")
+    hf = home / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    hf.mkdir(parents=True)
+    write_tiny_gguf(hf / "tiny-hf.gguf")
+    blobs = home / ".ollama" / "models" / "blobs"
+    blobs.mkdir(parents=True)
+    write_tiny_gguf(blobs / "sha256-1234")
+    manifest = home / ".ollama" / "models" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:1234"}]}))
+    extra = tmp_path / "mine.gguf"
+    write_tiny_gguf(extra)
+    config = tmp_path / "config.toml"
+    config.write_text(f'model_paths = ["{extra}"]\n')
+    monkeypatch.setenv("EDGECTX_CONFIG", str(config))
+    result = run_cli("models", "--json")
+    assert result.returncode == 0, result.stderr
+    by_source = {e["source"]: e for e in json.loads(result.stdout)}
+    assert set(by_source) == {"embedded", "config", "lm-studio", "huggingface", "ollama"}
+    assert by_source["ollama"]["name"] == "tiny:latest"
+    assert by_source["lm-studio"]["name"] == "tiny-lm"
+
+
+def test_doctor_reports_paths_and_default_model(tmp_path):
+    result = run_cli("doctor", "--json")
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["ok"] and result.returncode == 0
+    assert checks["default model"]["ok"] and "SmolLM2" in checks["default model"]["detail"]
+    assert checks["data dir"]["detail"] == str(tmp_path / "home")
+    assert {"torch", "cuda", "bitsandbytes", "triton", "config"} <= set(checks)
+
+
+def test_bench_json_on_a_tiny_model(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=1024)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(32 + (i * 7919) % 90) for i in range(4000)))
+    conf = run_cli("bench", "conformance", "--model", str(model), "--text", str(text), "--tokens", "300", "--json")
+    assert conf.returncode == 0, conf.stderr
+    result = json.loads(conf.stdout)
+    assert result["n_tokens"] == 300 and result["top1_agreement"] >= 0.99 and abs(result["nll_rel_diff"]) < 0.01
+    speed = run_cli("bench", "speed", "--model", str(model), "--text", str(text), "--context", "64,128", "--decode-tokens", "4", "--json")
+    assert speed.returncode == 0, speed.stderr
+    runs = json.loads(speed.stdout)["runs"]
+    assert [r["context"] for r in runs] == [64, 128]
+    assert all(r["edgectx"]["decode_tok_s"] > 0 and r["llama_cpp"]["prefill_tok_s"] > 0 and r["decode_ratio"] > 0 for r in runs)
