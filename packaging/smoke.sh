@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build the sdist and wheel, install the wheel with pipx into a throwaway PIPX_HOME (torch held to the
+# CPU build by packaging/cpu-constraints.txt), then run `edgectx --version` and a one-shot chat from it.
+# Usage: bash packaging/smoke.sh        (run from any directory; needs python3 with venv)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+python3 -m pip install -q build pipx
+python3 -m build --sdist --wheel --outdir "$work/dist" "$root"
+wheel=$(ls "$work"/dist/edgectx-*.whl)
+ls "$work"/dist/edgectx-*.tar.gz >/dev/null
+
+export PIPX_HOME="$work/pipx" PIPX_BIN_DIR="$work/bin" PIPX_MAN_DIR="$work/man"
+export PIP_CONSTRAINT="$root/packaging/cpu-constraints.txt"
+python3 -m pipx install "$wheel"
+
+"$work/bin/edgectx" --version
+answer=$(cd "$work" && "$work/bin/edgectx" chat --prompt "What is the capital of France?" --temperature 0 --max-tokens 24)
+echo "answer: $answer"
+grep -q "Paris" <<<"$answer" || { echo "smoke: the installed edgectx did not answer 'Paris'" >&2; exit 1; }
+echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat)"
