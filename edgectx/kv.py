@@ -49,11 +49,6 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     n_heads, n_tokens, head_dim = q.shape
     n_kv = k.shape[0]
     group = n_heads // n_kv
-    if mask is None and n_tokens == 1:
-        # Decode: three plain ops beat SDPA's fused CPU kernel, whose fixed cost dominates one query.
-        qg = q.reshape(n_kv, group, head_dim) * head_dim**-0.5
-        probs = torch.softmax(torch.bmm(qg, k.transpose(1, 2)), dim=-1)  # (n_kv, group, S)
-        return torch.bmm(probs, v).reshape(n_heads, 1, head_dim)
     qg = q.reshape(1, n_kv, group * n_tokens, head_dim)  # heads h*group..h*group+group-1 share KV head h
     if mask is not None and group > 1:
         mask = mask.repeat(group, 1)  # (group * T, S)

@@ -18,6 +18,8 @@ CASES = {
     # Quantized cases keep tied outputs: llama.cpp quantizes activations to 8 bits for quantized
     # weights (about 1.5% logit noise here), which flips near-ties of a random untied output layer.
     "llama-q8_0": dict(arch="llama", qtype=Q.Q8_0),
+    "llama-f16": dict(arch="llama", qtype=Q.F16),
+    "qwen2-q5_0": dict(arch="qwen2", qtype=Q.Q5_0),
     "llama-q4_1-llama3-freqs": dict(arch="llama", qtype=Q.Q4_1, freq_factors=True),
     "llama-linear-rope": dict(arch="llama", rope_scaling=("linear", 4.0)),
     "llama-yarn-rope": dict(arch="llama", rope_scaling=("yarn", 4.0), context_length=256),

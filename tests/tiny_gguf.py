@@ -99,7 +99,9 @@ def write_tiny_gguf(
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     def tensor(name: str, array: np.ndarray) -> None:
-        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if array.ndim == 2 and qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, array.astype(np.float16))
+        elif array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, array)
