@@ -85,6 +85,6 @@ class ModelSpec:
 
     def describe(self) -> str:
         return (
-            f"{self.arch}, {self.n_layers} layers, dim {self.dim}, {self.n_heads} heads "
+            f"{self.arch}, {self.num_params / 1e6:,.0f}M parameters, {self.n_layers} layers, dim {self.dim}, {self.n_heads} heads "
             f"({self.n_kv_heads} KV), vocab {self.vocab_size}, trained context {self.context_length}"
         )

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.gguf_loader import open_gguf, read_spec
+from cli_helpers import assert_one_sentence, run_cli
 from tiny_gguf import write_tiny_gguf
-
-
-def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgectx", *args], capture_output=True, text=True, timeout=timeout, cwd="/")
-
-
-def assert_one_sentence(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("edgectx: ")
-    for word in words:
-        assert word in lines[0]
 
 
 @pytest.fixture

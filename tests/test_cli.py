@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+from cli_helpers import run_cli
 from edgectx import __version__
 from tiny_gguf import write_tiny_gguf
-
-
-def run_cli(*args: str, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgectx", *args], capture_output=True, text=True, timeout=timeout, cwd="/", env=env)
 
 
 def test_version():
@@ -27,10 +22,7 @@ def test_one_shot_chat_with_embedded_model():
 
 
 def test_interactive_chat_reads_stdin_until_eof():
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgectx", "chat", "--temperature", "0", "--max-tokens", "16"],
-        input="What is 2+2?\n/reset\nSay hi.\n", capture_output=True, text=True, timeout=300, cwd="/",
-    )
+    proc = run_cli("chat", "--temperature", "0", "--max-tokens", "16", input="What is 2+2?\n/reset\nSay hi.\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("you> ") == 4  # three inputs, then the prompt that meets end of input
     assert "New conversation." in proc.stderr

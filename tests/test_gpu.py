@@ -1,0 +1,38 @@
+"""The same forward on CUDA agrees with the CPU (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgectx.gguf_loader import load_model, open_gguf, read_spec
+from edgectx.kv import FullKVCache
+from edgectx.rope import Rope
+from tiny_gguf import write_tiny_gguf
+
+
+def _logits(path, device: str, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
+    g = open_gguf(path)
+    spec = read_spec(g)
+    dev = torch.device(device)
+    model = load_model(g, dev, dtype)
+    memory = FullKVCache(spec, Rope(spec, dev), dev, dtype)
+    out = []
+    with torch.inference_mode():
+        for chunk in [ids[:100], ids[100:150]] + [[t] for t in ids[150:]]:
+            memory.begin(len(chunk))
+            out.append(model(torch.tensor(chunk, device=dev), memory, all_logits=True))
+            memory.commit()
+    return torch.cat(out).float().cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_cuda_matches_cpu(tmp_path, arch):
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, tied=arch == "llama", n_kv_heads=4 if arch == "phi3" else 2)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 200)]
+    cpu = _logits(path, "cpu", torch.float32, ids)
+    for dtype, need in ((torch.float32, 1.0), (torch.bfloat16, 0.97)):
+        gpu = _logits(path, "cuda", dtype, ids)
+        assert (gpu.argmax(-1) == cpu.argmax(-1)).float().mean().item() >= need
