@@ -97,16 +97,15 @@ def _bench(args: argparse.Namespace) -> int:
     from edgectx.models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
-    engine = Engine.load(resolve_model(args.model, load_config()), device=args.device, n_ctx=args.ctx, n_threads=threads)
+    needed = args.tokens + 1 if args.bench == "conformance" else max(args.context) + args.decode_tokens + 1
+    engine = Engine.load(resolve_model(args.model, load_config()), device=args.device, n_ctx=args.ctx or needed, n_threads=threads)
     if args.bench == "conformance":
         from edgectx.bench.conformance import run_conformance
 
-        engine.n_ctx = max(engine.n_ctx, args.tokens + 1)
         result = run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads)
     else:
         from edgectx.bench.speed import run_speed
 
-        engine.n_ctx = max(engine.n_ctx, max(args.context) + args.decode_tokens + 1)
         result = run_speed(engine, args.context, decode_tokens=args.decode_tokens, n_threads=threads, text_file=args.text)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from edgectx.config import config_path, data_dir, load_config
+from edgectx.config import Config, config_path, data_dir, load_config
 from edgectx.errors import EdgectxError
 from edgectx.models import resolve_model
 
@@ -61,12 +61,13 @@ def run_checks() -> list[Check]:
     checks.append(Check("llama-cpp-python", llama is not None, llama or "not installed", "" if llama else "pip install llama-cpp-python (the tokenizer)"))
     checks.append(Check("data dir", True, str(data_dir()), "set EDGECTX_HOME to move it"))
     try:
-        load_config()
+        config = load_config()
         checks.append(Check("config", True, str(config_path())))
     except EdgectxError as e:
+        config = Config()
         checks.append(Check("config", False, str(config_path()), str(e)))
     try:
-        model = resolve_model(None, load_config())
+        model = resolve_model(None, config)
         from edgectx.gguf_loader import open_gguf, read_spec
 
         spec = read_spec(open_gguf(model))
