@@ -2,7 +2,8 @@
 
     edgectx                      # the chat (the terminal UI replaces it once built)
     edgectx chat --prompt "hi"   # one-shot answer on stdout
-    edgectx models | doctor | bench conformance | bench speed | --version
+    edgectx models | doctor | --version
+    edgectx bench conformance | speed | fidelity | longppl | memory
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import json
 import sys
 
 from edgectx import __version__
-from edgectx.errors import EdgectxError
+from edgectx.errors import EdgectxError, UsageError
+from edgectx.memory_config import POSITIONS, MemoryConfig
+
+DEFAULT_BUDGET = MemoryConfig().budget_tokens
 
 
 def _contexts(text: str) -> list[int]:
@@ -23,6 +27,37 @@ def _contexts(text: str) -> list[int]:
     if not values or min(values) < 2:
         raise argparse.ArgumentTypeError("context lengths must be at least 2 tokens")
     return values
+
+
+def _budget(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count or 'full', got {text!r}") from None
+    if value < 64:
+        raise argparse.ArgumentTypeError("the budget must be at least 64 tokens")
+    return value
+
+
+def _memory_args(p: argparse.ArgumentParser, allow_full: bool = True) -> None:
+    full = "; 'full' for plain full attention" if allow_full else ""
+    p.add_argument("--budget", type=_budget if allow_full else int,
+                   help=f"device KV budget in tokens per layer and KV head (default {DEFAULT_BUDGET}{full})")
+    p.add_argument("--positions", choices=POSITIONS, help="how the kept context is numbered (default compact)")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
+
+
+def memory_config_from(args: argparse.Namespace, config=None) -> MemoryConfig | None:
+    """The memory the flags (then the config file) ask for; None means plain full attention."""
+    budget = args.budget or (config.budget if config else None) or DEFAULT_BUDGET
+    if budget == "full":
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 64:
+        raise UsageError(f"The memory budget must be a token count of at least 64, or 'full' (got {budget!r}).")
+    positions = args.positions or (config.positions if config else None) or "compact"
+    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=args.chunk)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal, or answer one --prompt and exit")
     _model_args(chat)
+    _memory_args(chat)
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--prompt", "-p", help="answer this one message on stdout and exit")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
@@ -55,17 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check torch, CUDA, optional GPU packages, paths and the default model")
     doctor.add_argument("--json", action="store_true")
 
-    bench = sub.add_parser("bench", help="measure conformance to llama.cpp and speed")
+    bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     conf = bench_sub.add_parser("conformance", help="teacher-forced top-1 agreement and NLL vs llama.cpp")
-    speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s vs llama.cpp")
-    for p in (conf, speed):
+    speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s vs llama.cpp, full attention and memory")
+    fidelity = bench_sub.add_parser("fidelity", help="the long-context memory vs full attention, teacher-forced")
+    longppl = bench_sub.add_parser("longppl", help="NLL by position bucket far past the trained context")
+    memory = bench_sub.add_parser("memory", help="device and host KV bytes as the context grows")
+    for p in (conf, speed, fidelity, longppl, memory):
         _model_args(p)
-        p.add_argument("--text", help="a UTF-8 text file (default: the Python standard library's sources)")
+        p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    for p in (speed, fidelity, longppl, memory):
+        _memory_args(p, allow_full=False)
+    for p in (fidelity, longppl, memory):
+        p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
     conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
     speed.add_argument("--context", type=_contexts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
     speed.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded at each depth (default 64)")
+    fidelity.add_argument("--context", type=int, default=8192, help="tokens of text (default 8192)")
+    longppl.add_argument("--context", type=int, default=131072, help="tokens of text (default 131072)")
+    longppl.add_argument("--full-max", type=int, default=16384, help="score full attention up to here (default 16384; 0 skips it)")
+    memory.add_argument("--contexts", type=_contexts, default=[8192, 32768, 131072], help="comma-separated lengths")
     return parser
 
 
@@ -97,16 +144,17 @@ def _bench(args: argparse.Namespace) -> int:
     from edgectx.models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
-    needed = args.tokens + 1 if args.bench == "conformance" else max(args.context) + args.decode_tokens + 1
-    engine = Engine.load(resolve_model(args.model, load_config()), device=args.device, n_ctx=args.ctx or needed, n_threads=threads)
-    if args.bench == "conformance":
-        from edgectx.bench.conformance import run_conformance
-
-        result = run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads)
-    else:
+    path = resolve_model(args.model, load_config())
+    memory = memory_config_from(args) if args.bench != "conformance" else None
+    if args.bench == "speed":
         from edgectx.bench.speed import run_speed
 
-        result = run_speed(engine, args.context, decode_tokens=args.decode_tokens, n_threads=threads, text_file=args.text)
+        result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens, n_threads=threads,
+                           device=args.device, text_file=args.text)
+    else:
+        engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
+                             n_threads=threads)
+        result = _run_quality_bench(args, engine, memory, threads)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -114,6 +162,25 @@ def _bench(args: argparse.Namespace) -> int:
 
         print_report(args.bench, result)
     return 0
+
+
+def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | None, threads: int) -> dict:
+    if args.bench == "conformance":
+        from edgectx.bench.conformance import run_conformance
+
+        return run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads)
+    if args.bench == "fidelity":
+        from edgectx.bench.fidelity import run_fidelity
+
+        return run_fidelity(engine, args.context, memory, text_file=args.text, corpus=args.corpus or "stdlib")
+    if args.bench == "longppl":
+        from edgectx.bench.longppl import run_longppl
+
+        return run_longppl(engine, args.context, memory, full_max=args.full_max, text_file=args.text,
+                           corpus=args.corpus or "docs", quiet=args.json)
+    from edgectx.bench.memory import run_memory
+
+    return run_memory(engine, args.contexts, memory, text_file=args.text, corpus=args.corpus or "docs", quiet=args.json)
 
 
 def run(argv: list[str] | None = None) -> int:

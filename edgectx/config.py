@@ -41,6 +41,8 @@ class Config:
     system: str | None = None  # default system prompt
     device: str = "auto"
     threads: int | None = None
+    budget: int | str | None = None  # device KV budget in tokens, or "full"; `chat --budget` overrides it
+    positions: str | None = None  # compact | original
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for later versions
 
 
@@ -52,7 +54,7 @@ def load_config(path: Path | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"The config file {path} is not valid TOML ({e}): fix or delete it.") from None
-    known = {"model", "model_paths", "system", "device", "threads"}
+    known = {"model", "model_paths", "system", "device", "threads", "budget", "positions"}
     paths = raw.get("model_paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise UsageError(f"In {path}, model_paths must be a list of strings.")
@@ -62,5 +64,7 @@ def load_config(path: Path | None = None) -> Config:
         system=raw.get("system"),
         device=raw.get("device", "auto"),
         threads=raw.get("threads"),
+        budget=raw.get("budget"),
+        positions=raw.get("positions"),
         extra={k: v for k, v in raw.items() if k not in known},
     )

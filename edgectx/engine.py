@@ -13,7 +13,7 @@ for its new tokens; `generate` streams text. The KV memory sits behind the `KVMe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +23,8 @@ from edgectx.chat_template import ChatTemplate
 from edgectx.errors import EdgectxError
 from edgectx.gguf_loader import load_model, open_gguf, read_spec
 from edgectx.kv import FullKVCache, KVMemory
+from edgectx.memory import ContextMemory
+from edgectx.memory_config import MemoryConfig
 from edgectx.rope import Rope
 from edgectx.sampling import Sampler, SamplingParams
 from edgectx.spec import ModelSpec
@@ -49,6 +51,7 @@ class GenerationStats:
     generated_tokens: int = 0
     decode_s: float = 0.0
     stop_reason: str = ""  # eog | stop_string | max_tokens | context | cancelled
+    retrieved: list[dict] = field(default_factory=list)  # blocks the memory retrieved most while answering
 
     @property
     def decode_tok_s(self) -> float:
@@ -69,21 +72,39 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32  # bf16/fp16 matmuls are emulated and slow on CPUs without AVX512-BF16/AMX
 
 
+# Contexts the long-context memory accepts by default: the host store holds them in RAM (fp16 K and V;
+# about 23 GB per million tokens for the embedded model), far past what any document needs.
+MEMORY_MAX_TOKENS = 1 << 20
+
+
 class Engine:
     def __init__(self, path: Path, model, spec: ModelSpec, tokenizer: Tokenizer, template: ChatTemplate,
-                 device: torch.device, dtype: torch.dtype, n_ctx: int):
+                 device: torch.device, dtype: torch.dtype, n_ctx: int | None = None,
+                 memory_config: MemoryConfig | None = None):
         self.path, self.model, self.spec = path, model, spec
         self.tokenizer, self.template = tokenizer, template
-        self.device, self.dtype, self.n_ctx = device, dtype, n_ctx
-        self.rope = Rope(spec, device, long_context=n_ctx > (spec.rope_scaling.original_context or spec.context_length))
-        self.memory: KVMemory = self.new_memory()
-        self.tokens: list[int] = []  # the token ids held in memory, in order
+        self.device, self.dtype = device, dtype
         self.last_stats = GenerationStats()
-        self._next_logits: torch.Tensor | None = None
+        self.tokens: list[int] = []  # the token ids held in memory, in order
+        self.configure_memory(memory_config, n_ctx)
+
+    def configure_memory(self, memory_config: MemoryConfig | None, n_ctx: int | None = None) -> None:
+        """Switch between the long-context memory (a config) and plain full attention (None); resets the chat."""
+        self.memory_config = memory_config
+        if memory_config is None:
+            self.n_ctx = n_ctx or self.spec.context_length
+            positions_reach = self.n_ctx
+        else:
+            self.n_ctx = n_ctx or MEMORY_MAX_TOKENS
+            compact = memory_config.positions == "compact"
+            positions_reach = memory_config.budget_tokens + memory_config.chunk_tokens if compact else self.n_ctx
+        trained = self.spec.rope_scaling.original_context or self.spec.context_length
+        self.rope = Rope(self.spec, self.device, long_context=positions_reach > trained)
+        self.reset()
 
     @classmethod
     def load(cls, path: Path, device: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
-             progress: Progress | None = None) -> "Engine":
+             progress: Progress | None = None, memory_config: MemoryConfig | None = None) -> "Engine":
         if n_threads:
             torch.set_num_threads(n_threads)
         dev = pick_device(device)
@@ -97,10 +118,12 @@ class Engine:
             eos_token=tokenizer.token_text(tokenizer.eos_id),
         )
         model = load_model(gguf_file, dev, dtype, progress=progress)
-        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx or spec.context_length)
+        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config)
 
     def new_memory(self) -> KVMemory:
-        return FullKVCache(self.spec, self.rope, self.device, self.dtype)
+        if self.memory_config is None:
+            return FullKVCache(self.spec, self.rope, self.device, self.dtype)
+        return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config)
 
     def reset(self) -> None:
         self.memory = self.new_memory()
@@ -121,9 +144,10 @@ class Engine:
         self.tokens.extend(ids)
         return logits
 
-    def prefill(self, ids: list[int], chunk_tokens: int = 512, progress: Progress | None = None,
+    def prefill(self, ids: list[int], chunk_tokens: int | None = None, progress: Progress | None = None,
                 cancel: Cancel | None = None) -> torch.Tensor:
         """Append `ids` in chunks; returns the logits (vocab,) after the last one."""
+        chunk_tokens = chunk_tokens or (self.memory_config.chunk_tokens if self.memory_config else 512)
         logits = None
         for start in range(0, len(ids), chunk_tokens):
             if cancel and cancel():
@@ -138,6 +162,7 @@ class Engine:
 
         At least the last token is always re-run so that fresh logits exist for generation.
         """
+        self.clear_retrieval_record()
         reused = 0
         limit = min(len(ids) - 1, len(self.tokens))  # keep one token to run: generation needs its logits
         while reused < limit and ids[reused] == self.tokens[reused]:
@@ -186,7 +211,18 @@ class Engine:
             if tail:
                 yield tail
         stats.decode_s = time.perf_counter() - t0
+        stats.retrieved = self.retrieved_blocks()
         self._next_logits = logits
+
+    def retrieved_blocks(self, n: int = 8) -> list[dict]:
+        """The blocks the memory retrieved most since the turn began (empty under full attention)."""
+        record = getattr(self.memory, "record", None)
+        return record.top(n) if record is not None else []
+
+    def clear_retrieval_record(self) -> None:
+        record = getattr(self.memory, "record", None)
+        if record is not None:
+            record.clear()
 
     def stats(self) -> dict[str, int]:
         return {**self.memory.stats(), "context_tokens": self.n_ctx}

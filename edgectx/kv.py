@@ -44,13 +44,16 @@ class KVMemory(Protocol):
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention with query heads grouped onto shared KV heads, without repeating K or V.
 
-    q (n_heads, T, d), k/v (n_kv, S, d), mask (T, S) bool (True = attend) or None -> (n_heads, T, d).
+    q (n_heads, T, d), k/v (n_kv, S, d), mask bool (True = attend): (T, S) shared by all heads, (n_kv, T, S)
+    per KV head, or None -> (n_heads, T, d).
     """
     n_heads, n_tokens, head_dim = q.shape
-    n_kv = k.shape[0]
+    n_kv, n_keys = k.shape[0], k.shape[1]
     group = n_heads // n_kv
     qg = q.reshape(1, n_kv, group * n_tokens, head_dim)  # heads h*group..h*group+group-1 share KV head h
-    if mask is not None and group > 1:
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, None].expand(n_kv, group, n_tokens, n_keys).reshape(1, n_kv, group * n_tokens, n_keys)
+    elif mask is not None and group > 1:
         mask = mask.repeat(group, 1)  # (group * T, S)
     # 4-D inputs take PyTorch's fused CPU kernel; 3-D ones fall back to the slower math path.
     out = F.scaled_dot_product_attention(qg, k[None], v[None], attn_mask=mask)

@@ -15,18 +15,20 @@ from argparse import Namespace
 from rich.console import Console
 
 from edgectx.chat import ChatSession
+from edgectx.cli import memory_config_from
 from edgectx.config import Config
 from edgectx.engine import Engine
 from edgectx.models import resolve_model
 from edgectx.sampling import SamplingParams
 
-HELP = "Commands: /reset (new conversation), /exit (or Ctrl-D). Ctrl-C stops an answer."
+HELP = "Commands: /reset (new conversation), /stats (memory tiers), /exit (or Ctrl-D). Ctrl-C stops an answer."
 
 
 def load_engine(args: Namespace, config: Config, status: Console) -> Engine:
     path = resolve_model(args.model, config)
     with status.status(f"Loading {path.name} ..."):
-        engine = Engine.load(path, device=args.device or config.device, n_ctx=args.ctx, n_threads=args.threads or config.threads)
+        engine = Engine.load(path, device=args.device or config.device, n_ctx=args.ctx, n_threads=args.threads or config.threads,
+                             memory_config=memory_config_from(args, config))
     status.print(f"[dim]{engine.spec.describe()} on {engine.device.type}[/dim]", highlight=False)
     return engine
 
@@ -44,6 +46,16 @@ def _stream(chat: ChatSession, text: str, args: Namespace) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def memory_line(stats: dict) -> str:
+    mib = 2**20
+    line = f"context {stats['tokens']:,} tokens; device KV {stats['device_kv_bytes'] / mib:,.1f} MiB"
+    if "host_tokens" in stats:
+        line += (f" ({stats['sink_tokens']} sinks, {stats['retained_tokens']:,} retained, {stats['window_tokens']} window, "
+                 f"{stats['cached_blocks']} cached blocks); host {stats['host_kv_bytes'] / mib:,.1f} MiB, "
+                 f"{stats['evicted_tokens']:,} tokens evicted from the device and retrievable")
+    return line
 
 
 def run_chat(args: Namespace, config: Config) -> int:
@@ -71,6 +83,9 @@ def run_chat(args: Namespace, config: Config) -> int:
         if command == "/reset":
             chat.reset()
             status.print("[dim]New conversation.[/dim]")
+            continue
+        if command == "/stats":
+            status.print(memory_line(engine.stats()), highlight=False)
             continue
         if command == "/help":
             status.print(HELP, highlight=False)

@@ -62,7 +62,7 @@ class Rope:
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed_sin) for `positions` (T,), each (T, rope_dim): cos repeated over both halves and
         sin as [-sin, sin], so that rotation is `x * cos + swap_halves(x) * signed_sin` (3 ops, not 7)."""
-        self._ensure(int(positions.max()) + 1)
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
         cos, sin = self._cos[positions].to(dtype), self._sin[positions].to(dtype)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 

@@ -13,23 +13,8 @@ import torch
 
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.reference import LlamaCppReference
+from edgectx.bench.teacher import logits_chunks, score
 from edgectx.engine import Engine
-
-
-def _score(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax, nll of targets) per row of `logits` (n, vocab)."""
-    t = torch.from_numpy(logits)
-    logp = torch.log_softmax(t.double(), dim=-1)
-    nll = -logp[torch.arange(len(targets)), torch.from_numpy(targets)]
-    return t.argmax(-1).numpy(), nll.numpy()
-
-
-def edgectx_logits(engine: Engine, ids: list[int], chunk_tokens: int = 512):
-    """Yield (start, logits (n, vocab) numpy) for teacher-forced chunks of `ids`."""
-    engine.reset()
-    for start in range(0, len(ids), chunk_tokens):
-        logits = engine.forward(ids[start : start + chunk_tokens], all_logits=True)
-        yield start, logits.float().cpu().numpy()
 
 
 def run_conformance(engine: Engine, n_tokens: int = 4096, text_file: str | None = None, n_threads: int = 2) -> dict:
@@ -39,10 +24,11 @@ def run_conformance(engine: Engine, n_tokens: int = 4096, text_file: str | None 
     ref = LlamaCppReference(engine.path, n_ctx=n_tokens + 16, n_threads=n_threads, all_logits=True)
     ref.eval(inputs)
     top_e, nll_e, top_r, nll_r = [], [], [], []
-    for start, logits in edgectx_logits(engine, inputs):
+    for start, logits in logits_chunks(engine, inputs):
         end = start + len(logits)
-        a, n = _score(logits, targets[start:end])
-        b, m = _score(ref.logits(start, end), targets[start:end])
+        expected = torch.from_numpy(targets[start:end])
+        a, n = score(logits, expected)
+        b, m = score(torch.from_numpy(ref.logits(start, end)), expected)
         top_e.append(a), nll_e.append(n), top_r.append(b), nll_r.append(m)
     ref.close()
     engine.reset()

@@ -9,19 +9,38 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def print_report(kind: str, result: dict) -> None:
     console = Console()
     if kind == "speed":
-        table = Table("context", "edgectx prefill tok/s", "llama.cpp prefill tok/s", "ratio",
-                      "edgectx decode tok/s", "llama.cpp decode tok/s", "ratio",
-                      title=f"{result['model']}, {result['threads']} threads")
+        table = Table("context", "engine", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio",
+                      "device KV MiB", "peak RSS MiB", title=f"{result['model']}, {result['threads']} threads")
         for r in result["runs"]:
-            e, l = r["edgectx"], r["llama_cpp"]
-            table.add_row(str(r["context"]), f"{e['prefill_tok_s']:.1f}", f"{l['prefill_tok_s']:.1f}", f"{r['prefill_ratio']:.2f}",
-                          f"{e['decode_tok_s']:.1f}", f"{l['decode_tok_s']:.1f}", f"{r['decode_ratio']:.2f}")
+            for engine, prefix in (("llama_cpp", None), ("edgectx", ""), ("edgectx_memory", "memory_")):
+                e = r.get(engine)
+                if not e:
+                    continue
+                ratios = ("", "") if prefix is None else (f"{r[prefix + 'prefill_ratio']:.2f}", f"{r[prefix + 'decode_ratio']:.2f}")
+                table.add_row(str(r["context"]), engine, f"{e['prefill_tok_s']:.1f}", f"{e['decode_tok_s']:.1f}", *ratios,
+                              f"{e['device_kv_bytes'] / 2**20:,.1f}", f"{e['peak_rss_bytes'] / 2**20:,.0f}")
+    elif kind == "longppl":
+        table = Table("bucket", "NLL memory", "NLL full attention", title=f"{result['model']} on {result['text']}")
+        for bucket, mem, full in zip(result["buckets"], result["nll_memory"], result["nll_full"]):
+            table.add_row(bucket, _fmt(mem), _fmt(full))
+    elif kind == "memory":
+        table = Table("context", "device KV MiB", "host KV MiB", "evicted tokens", "elapsed s", "peak RSS MiB",
+                      title=f"{result['model']}, budget {result['budget_tokens']}")
+        for r in result["runs"]:
+            table.add_row(str(r["context"]), f"{r['device_kv_bytes'] / 2**20:,.1f}", f"{r['host_kv_bytes'] / 2**20:,.1f}",
+                          f"{r['evicted_tokens']:,}", f"{r['elapsed_s']:.0f}", f"{r['peak_rss_bytes'] / 2**20:,.0f}")
     else:
         table = Table("metric", "value", title=f"{result.get('model', '')} on {result.get('text', '')}")
         for key, value in result.items():
-            if key not in ("model", "text"):
-                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            if key not in ("model", "text") and not isinstance(value, (dict, list)):
+                table.add_row(key, _fmt(value))
     console.print(table)

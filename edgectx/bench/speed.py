@@ -1,21 +1,31 @@
 """`edgectx bench speed`: prefill and decode throughput of edgectx and llama.cpp in the same run.
 
 Same GGUF, same real text, same thread count. Prefill reads `context` tokens from empty; decode then
-generates `decode_tokens` greedy tokens one at a time at that depth. Ratios are edgectx / llama.cpp.
+generates `decode_tokens` greedy tokens one at a time at that depth. Three engines per length:
+llama.cpp (full attention, n_ctx just large enough), edgectx with full attention (up to the model's
+trained context) and edgectx with the long-context memory (`edgectx_memory`). Each runs in a fresh
+child process, so `peak_rss_bytes` is that engine's own. Ratios are edgectx / llama.cpp.
 
     edgectx bench speed --context 512,4096 --json
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.reference import LlamaCppReference
+from edgectx.bench.rss import peak_rss_bytes
 from edgectx.engine import Engine
+from edgectx.gguf_loader import open_gguf, read_spec
+from edgectx.memory_config import MemoryConfig
+
+WARMUP_TOKENS = 64
 
 
 def _edgectx_run(engine: Engine, ids: list[int], decode_tokens: int) -> dict:
@@ -28,8 +38,10 @@ def _edgectx_run(engine: Engine, ids: list[int], decode_tokens: int) -> dict:
     for _ in range(decode_tokens):
         token = int(torch.argmax(engine.forward([token])[-1]))
     decode_s = time.perf_counter() - t0
+    stats = engine.stats()
     engine.reset()
-    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": decode_tokens / decode_s}
+    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": decode_tokens / decode_s,
+            "device_kv_bytes": stats["device_kv_bytes"], "host_kv_bytes": stats["host_kv_bytes"]}
 
 
 def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> dict:
@@ -46,25 +58,51 @@ def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> di
     return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": decode_tokens / decode_s}
 
 
-def run_speed(engine: Engine, contexts: list[int], decode_tokens: int = 64, n_threads: int = 2,
-              text_file: str | None = None) -> dict:
+def _measure(kind: str, path: str, device: str | None, n_threads: int, context: int, decode_tokens: int,
+             memory: dict | None, text_file: str | None) -> dict:
+    """One engine at one length, in a child process: returns its throughput, KV bytes and peak RSS."""
     torch.set_num_threads(n_threads)
-    ids_all = corpus_tokens(engine.tokenizer, max(contexts), text_file)
-    ref = LlamaCppReference(engine.path, n_ctx=max(contexts) + decode_tokens + 16, n_threads=n_threads)
-    # Warm both up (first-call allocations, page faults on the weights) outside the timings.
-    _edgectx_run(engine, ids_all[:64], 2)
-    _llama_run(ref, ids_all[:64], 2)
+    n_ctx = context + decode_tokens + 16
+    if kind == "llama_cpp":
+        from edgectx.tokenizer import Tokenizer
+
+        ids = corpus_tokens(Tokenizer(Path(path)), context, text_file)
+        ref = LlamaCppReference(Path(path), n_ctx=n_ctx, n_threads=n_threads)
+        _llama_run(ref, ids[:WARMUP_TOKENS], 2)  # first-call allocations and page faults, outside the timings
+        result = _llama_run(ref, ids, decode_tokens)
+        spec = read_spec(open_gguf(Path(path)))
+        result["device_kv_bytes"] = spec.kv_bytes_per_token(2) * n_ctx  # llama.cpp's f16 KV cache, allocated for n_ctx
+        ref.close()
+    else:
+        config = MemoryConfig(**memory) if memory else None
+        engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config)
+        ids = corpus_tokens(engine.tokenizer, context, text_file)
+        _edgectx_run(engine, ids[:WARMUP_TOKENS], 2)
+        result = _edgectx_run(engine, ids, decode_tokens)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
+              device: str | None = None, text_file: str | None = None) -> dict:
+    spec = read_spec(open_gguf(path))
+    spawn = multiprocessing.get_context("spawn")
     runs = []
     for context in contexts:
-        ids = ids_all[:context]
-        mine = _edgectx_run(engine, ids, decode_tokens)
-        theirs = _llama_run(ref, ids, decode_tokens)
-        runs.append({
-            "context": context,
-            "edgectx": mine,
-            "llama_cpp": theirs,
-            "prefill_ratio": mine["prefill_tok_s"] / theirs["prefill_tok_s"],
-            "decode_ratio": mine["decode_tok_s"] / theirs["decode_tok_s"],
-        })
-    ref.close()
-    return {"model": engine.path.name, "threads": n_threads, "decode_tokens": decode_tokens, "runs": runs}
+        row: dict = {"context": context}
+        kinds = ["llama_cpp", "edgectx_memory"]
+        if context + decode_tokens <= spec.context_length:
+            kinds.insert(1, "edgectx")  # full attention past the trained context is neither sane nor fast
+        for kind in kinds:
+            with spawn.Pool(1) as pool:
+                row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
+                                                  memory.to_dict() if kind == "edgectx_memory" else None, text_file))
+        theirs = row["llama_cpp"]
+        for kind, prefix in (("edgectx", ""), ("edgectx_memory", "memory_")):
+            mine = row.get(kind)
+            row[f"{prefix}prefill_ratio"] = mine["prefill_tok_s"] / theirs["prefill_tok_s"] if mine else None
+            row[f"{prefix}decode_ratio"] = mine["decode_tok_s"] / theirs["decode_tok_s"] if mine else None
+        row.setdefault("edgectx", None)
+        runs.append(row)
+    return {"model": path.name, "threads": n_threads, "decode_tokens": decode_tokens,
+            "budget_tokens": memory.budget_tokens, "runs": runs}

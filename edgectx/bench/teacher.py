@@ -1,0 +1,44 @@
+"""Teacher-forced scoring shared by the quality benchmarks: per-position top-1 and NLL of the true next token.
+
+    top1, nll, stats = teacher_forced(engine, ids)  # numpy arrays of len(ids) - 1, engine.stats() at the end
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from edgectx.engine import Engine
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, nll of targets) per row of `logits` (n, vocab)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp[torch.arange(len(targets)), targets]
+    return logits.argmax(-1).numpy(), nll.numpy()
+
+
+def logits_chunks(engine: Engine, ids: list[int], chunk_tokens: int = 512) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, logits (n, vocab)) for teacher-forced chunks of `ids`, from an empty memory."""
+    engine.reset()
+    for start in range(0, len(ids), chunk_tokens):
+        yield start, engine.forward(ids[start : start + chunk_tokens], all_logits=True).float().cpu()
+
+
+def teacher_forced(engine: Engine, ids: list[int], chunk_tokens: int = 512,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Top-1 predictions and NLL for positions 0..len(ids)-2 (each predicting the next id), and the
+    memory's stats once every id is in."""
+    targets = torch.tensor(ids[1:])
+    inputs = ids[:-1]
+    tops, nlls = [], []
+    for start, logits in logits_chunks(engine, inputs, chunk_tokens):
+        top, nll = score(logits, targets[start : start + len(logits)])
+        tops.append(top), nlls.append(nll)
+        if progress:
+            progress(start + len(logits), len(inputs))
+    stats = engine.stats()
+    engine.reset()
+    return np.concatenate(tops), np.concatenate(nlls), stats

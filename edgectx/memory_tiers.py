@@ -1,0 +1,136 @@
+"""Device-side buffers of one layer's ContextMemory: the resident tokens and the assembled context.
+
+`Resident` holds sinks + retained + window per KV head, pre-RoPE, sorted by original index, with the
+eviction scores; it grows in place and is compacted by `keep`. `Assembly` is what attention reads:
+resident tokens and retrieved blocks with keys rotated at their assigned positions, plus room past
+its committed length where the current chunk is written before commit (so decoding appends in place
+instead of re-rotating the whole context every step).
+
+    r = Resident(n_kv=3, head_dim=64, device=cpu, dtype=torch.float32)
+    r.append(k, v, idx, scores); r.keep(cols, headroom=513)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Resident:
+    def __init__(self, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+        self.n_kv, self.head_dim, self.device, self.dtype = n_kv, head_dim, device, dtype
+        self.n = 0
+        self._alloc(256)
+
+    def _alloc(self, capacity: int) -> None:
+        self.k = torch.empty(self.n_kv, capacity, self.head_dim, device=self.device, dtype=self.dtype)
+        self.v = torch.empty_like(self.k)
+        self.idx = torch.empty(self.n_kv, capacity, device=self.device, dtype=torch.long)
+        self.score = torch.empty(self.n_kv, capacity, device=self.device, dtype=torch.float32)
+
+    def reserve(self, n_total: int) -> None:
+        if n_total <= self.k.shape[1]:
+            return
+        old = (self.k, self.v, self.idx, self.score)
+        self._alloc(max(n_total, 2 * self.k.shape[1]))
+        for new, prev in zip((self.k, self.v, self.idx, self.score), old):
+            new[:, : self.n] = prev[:, : self.n]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, score: torch.Tensor) -> None:
+        """Append (n_kv, T, d) k and v, (n_kv, T) idx and score."""
+        n_new = k.shape[1]
+        self.reserve(self.n + n_new)
+        end = self.n + n_new
+        self.k[:, self.n : end], self.v[:, self.n : end] = k, v
+        self.idx[:, self.n : end], self.score[:, self.n : end] = idx, score
+        self.n = end
+
+    def gather(self, cols: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(k, v, idx, score) of columns `cols` (n_kv, m) per head."""
+        cols_d = cols[..., None].expand(-1, -1, self.head_dim)
+        return (self.k.gather(1, cols_d), self.v.gather(1, cols_d), self.idx.gather(1, cols), self.score.gather(1, cols))
+
+    def keep(self, cols: torch.Tensor, headroom: int) -> None:
+        """Keep only columns `cols` (n_kv, m), in that order; room for `headroom` more tokens."""
+        self.rebuild([self.gather(cols)], headroom)
+
+    def rebuild(self, parts: list[tuple], headroom: int) -> None:
+        """Refill from parts: (k, v, idx, score) tuples, or (k, v, first_index) runs of consecutive tokens
+        read back from the host store (their scores restart at zero)."""
+        full = []
+        for part in parts:
+            if len(part) == 3:
+                k, v, first = part
+                idx = torch.arange(first, first + k.shape[1], device=self.device).expand(self.n_kv, -1)
+                part = (k.to(self.device, self.dtype), v.to(self.device, self.dtype), idx,
+                        torch.zeros(self.n_kv, k.shape[1], device=self.device))
+            full.append(part)
+        self.n = 0
+        self._alloc(sum(p[0].shape[1] for p in full) + headroom)
+        for part in full:
+            self.append(*part)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx, self.score))
+
+
+class Assembly:
+    """One layer's attention context: `length` committed keys (rotated) and values, room for more."""
+
+    def __init__(self, k_rot: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None,
+                 next_pos: int, key: tuple, n_resident: int, headroom: int):
+        n_kv, n_keys, head_dim = k_rot.shape
+        capacity = n_keys + headroom
+        self.k = k_rot.new_empty(n_kv, capacity, head_dim)
+        self.v = v.new_empty(n_kv, capacity, head_dim)
+        self.idx = idx.new_empty(n_kv, capacity)
+        self.k[:, :n_keys], self.v[:, :n_keys], self.idx[:, :n_keys] = k_rot, v, idx
+        self.valid = None
+        if valid is not None:
+            self.valid = torch.ones(n_kv, capacity, dtype=torch.bool, device=valid.device)
+            self.valid[:, :n_keys] = valid
+        self.length = n_keys
+        self.next_pos = next_pos  # position the next token takes
+        self.key = key  # (resident version, retrieved blocks): what this assembly was built from
+        self.n_resident = n_resident  # columns [0, n_resident) and [n_keys_at_build, length) are resident tokens
+        self.n_built = n_keys
+
+    def write(self, start: int, k_rot: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+        """Write a chunk's keys and values at `start` (scratch until `advance`), growing if needed."""
+        end = start + k_rot.shape[1]
+        if end > self.k.shape[1]:
+            grow = end + self.k.shape[1] // 2
+            for name in ("k", "v", "idx", "valid"):
+                old = getattr(self, name)
+                if old is None:
+                    continue
+                new = old.new_ones((old.shape[0], grow) + old.shape[2:]) if name == "valid" else old.new_empty((old.shape[0], grow) + old.shape[2:])
+                new[:, : self.length] = old[:, : self.length]
+                setattr(self, name, new)
+        self.k[:, start:end], self.v[:, start:end], self.idx[:, start:end] = k_rot, v, idx
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
+        self.next_pos += n_new
+
+    def mask(self, start: int, n_new: int) -> torch.Tensor | None:
+        """Attention mask for a chunk of `n_new` queries written at `start`: the context (minus duplicate
+        copies), and the chunk causally. (T, S) when every head sees the same keys, else (n_kv, T, S)."""
+        if n_new == 1 and self.valid is None:
+            return None
+        device = self.k.device
+        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+        if self.valid is None:
+            return torch.cat((torch.ones(n_new, start, dtype=torch.bool, device=device), causal), dim=1)
+        n_kv = self.k.shape[0]
+        context = self.valid[:, None, :start].expand(n_kv, n_new, start)
+        return torch.cat((context, causal.expand(n_kv, n_new, n_new)), dim=2)
+
+    def resident_columns(self, per_column: torch.Tensor) -> torch.Tensor:
+        """Pick the resident tokens' entries (in resident order) from a (n_kv, length) per-column tensor."""
+        return torch.cat((per_column[:, : self.n_resident], per_column[:, self.n_built :]), dim=1)
+
+    @property
+    def device_bytes(self) -> int:
+        tensors = [self.k, self.v, self.idx] + ([self.valid] if self.valid is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,93 @@
+"""Block retrieval (InfLLM): score host blocks against the query, keep an LRU cache of fetched blocks.
+
+A block's score is the summed dot product of the query chunk's mean pre-RoPE query with the block's
+representative key, over each KV head's query group. Pre-RoPE dot products are what rotated q and k
+give at equal positions, so the score carries no distance penalty: a passage 100K tokens back is as
+reachable as one 1K back. What was retrieved is recorded (per block, softmax relevance summed over
+layers and steps) so the UI can cite the passages the model looked at.
+
+    blocks, probs = select_blocks(q, store.representatives, n_eligible=40, top_k=4)
+    k, v = cache.fetch(block, store)   # on the device, in the compute dtype
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from edgectx.block_store import HostBlockStore
+
+
+def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int, top_k: int) -> tuple[list[int], torch.Tensor]:
+    """Top-k of the first `n_eligible` blocks for pre-RoPE queries q (n_heads, T, d).
+
+    Returns the block ids in ascending order and the softmax relevance of each (same order).
+    """
+    if n_eligible <= 0 or top_k <= 0:
+        return [], torch.empty(0)
+    n_heads, _, head_dim = q.shape
+    reps = representatives[:n_eligible].to(q.dtype)  # (n_blocks, n_kv, d)
+    n_kv = reps.shape[1]
+    q_group = q.mean(dim=1).reshape(n_kv, n_heads // n_kv, head_dim).sum(dim=1)  # (n_kv, d)
+    scores = torch.einsum("kd,bkd->b", q_group, reps) / (head_dim**0.5 * (n_heads // n_kv))
+    probs = torch.softmax(scores.float(), dim=0)
+    top = torch.topk(scores, min(top_k, n_eligible)).indices.sort().values
+    return top.tolist(), probs[top]
+
+
+class BlockCache:
+    """Blocks copied from the host store to the device, least recently used dropped first."""
+
+    def __init__(self, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.capacity, self.device, self.dtype = capacity, device, dtype
+        self.blocks: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def fetch(self, block: int, store: HostBlockStore) -> tuple[torch.Tensor, torch.Tensor]:
+        if block in self.blocks:
+            self.blocks.move_to_end(block)
+            self.hits += 1
+            return self.blocks[block]
+        self.misses += 1
+        k, v = store.block(block)
+        entry = (k.to(self.device, self.dtype, non_blocking=True), v.to(self.device, self.dtype, non_blocking=True))
+        self.blocks[block] = entry
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+        return entry
+
+    def drop_from(self, first_block: int) -> None:
+        """Forget cached blocks at or after `first_block` (the store was truncated)."""
+        for b in [b for b in self.blocks if b >= first_block]:
+            del self.blocks[b]
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.blocks.values())
+
+
+@dataclass
+class RetrievalRecord:
+    """Relevance per retrieved block, summed over layers and steps since the last `clear`."""
+
+    block_size: int
+    relevance: dict[int, float] = field(default_factory=dict)
+    n_retrievals: int = 0
+
+    def add(self, blocks: list[int], probs: torch.Tensor) -> None:
+        self.n_retrievals += 1
+        for block, p in zip(blocks, probs.tolist()):
+            self.relevance[block] = self.relevance.get(block, 0.0) + p
+
+    def clear(self) -> None:
+        self.relevance.clear()
+        self.n_retrievals = 0
+
+    def top(self, n: int = 8) -> list[dict]:
+        """The `n` most relevant blocks: token range and relevance averaged over retrievals."""
+        ranked = sorted(self.relevance.items(), key=lambda item: -item[1])[:n]
+        scale = 1.0 / max(1, self.n_retrievals)
+        return [{"block": b, "start_token": b * self.block_size, "end_token": (b + 1) * self.block_size,
+                 "score": s * scale} for b, s in ranked]

@@ -1,0 +1,175 @@
+"""ContextMemory: exact under budget, retrieval finds what matches, cancellation and truncation stay consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgectx.bench.corpus import corpus_tokens
+from edgectx.block_store import HostBlockStore
+from edgectx.engine import Cancelled
+from edgectx.errors import UsageError
+from edgectx.memory import ContextMemory
+from edgectx.memory_config import MemoryConfig
+from edgectx.rope import Rope
+from edgectx.spec import ModelSpec
+
+SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
+                     chunk_tokens=64, n_observe=16, retrieve_every=4, evict_every=16)
+
+
+@pytest.fixture
+def engine(embedded_engine):
+    yield embedded_engine
+    embedded_engine.configure_memory(None)
+
+
+def _teacher_forced(engine, ids, chunk):
+    engine.reset()
+    return torch.cat([engine.forward(ids[s : s + chunk], all_logits=True) for s in range(0, len(ids), chunk)])
+
+
+def _greedy(engine, n):
+    out, logits = [], engine._next_logits
+    for _ in range(n):
+        token = int(logits.argmax())
+        out.append(token)
+        logits = engine.forward([token])[-1]
+    return out, logits
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_memory_within_budget_is_full_attention(engine, positions):
+    ids = corpus_tokens(engine.tokenizer, 400)
+    engine.configure_memory(None)
+    full = _teacher_forced(engine, ids, 128)
+    engine.sync(ids)
+    full_tokens, full_last = _greedy(engine, 4)
+    engine.configure_memory(MemoryConfig.for_budget(1024, positions=positions))
+    mem = _teacher_forced(engine, ids, 128)
+    engine.sync(ids)
+    mem_tokens, mem_last = _greedy(engine, 4)
+    assert engine.stats()["evicted_tokens"] == 0
+    assert torch.allclose(full, mem, atol=1e-4), (full - mem).abs().max()
+    assert mem_tokens == full_tokens
+    assert torch.allclose(full_last, mem_last, atol=1e-4)
+
+
+def test_memory_over_budget_evicts_to_budget_and_keeps_every_token_on_host(engine):
+    ids = corpus_tokens(engine.tokenizer, 640)
+    engine.configure_memory(SMALL)
+    engine.prefill(ids)
+    stats = engine.stats()
+    assert stats["host_tokens"] == 640
+    assert stats["sink_tokens"] == 16 and stats["window_tokens"] >= 64
+    assert stats["sink_tokens"] + stats["retained_tokens"] + stats["window_tokens"] <= SMALL.resident_tokens
+    assert stats["evicted_tokens"] == 640 - (stats["sink_tokens"] + stats["retained_tokens"] + stats["window_tokens"])
+    assert stats["host_kv_bytes"] >= 640 * engine.spec.kv_bytes_per_token(2)
+    assert engine.retrieved_blocks(), "retrieval should have run once tokens were evicted"
+
+
+def test_cancelled_prefill_leaves_a_usable_memory(engine):
+    ids = corpus_tokens(engine.tokenizer, 512)
+    engine.configure_memory(SMALL)
+    whole = engine.prefill(ids)
+    engine.reset()
+    calls = []
+    with pytest.raises(Cancelled):
+        engine.prefill(ids, cancel=lambda: calls.append(1) or len(calls) > 5)
+    assert engine.memory.n_tokens == len(engine.tokens) == 5 * SMALL.chunk_tokens
+    resumed = engine.prefill(ids[len(engine.tokens) :])
+    assert torch.allclose(whole, resumed, atol=1e-4), (whole - resumed).abs().max()
+
+
+def test_truncate_inside_the_window_cuts_only_the_window(engine):
+    ids = corpus_tokens(engine.tokenizer, 600)
+    engine.configure_memory(SMALL)
+    engine.prefill(ids)
+    before = engine.memory.layers[3].resident
+    keep = before.idx[:, : before.n] < 580
+    expected_idx, expected_k = before.idx[:, : before.n][keep], before.k[:, : before.n][keep]
+    engine.sync(ids[:580] + ids[590:600])  # an edited last turn: the cut lies in the window
+    assert engine.memory.n_tokens == engine.memory.layers[3].store.n_tokens == 590
+    after = engine.memory.layers[3].resident
+    n_kept = expected_idx.numel() // after.n_kv
+    assert torch.equal(after.idx[:, :n_kept].flatten(), expected_idx)
+    assert torch.equal(after.k[:, :n_kept].reshape(-1, after.head_dim), expected_k)
+    assert int(after.idx[0, after.n - 1]) == 589
+
+
+def test_deep_truncate_rebuilds_a_consistent_memory(engine):
+    ids = corpus_tokens(engine.tokenizer, 700)
+    engine.configure_memory(SMALL)
+    engine.prefill(ids)
+    engine.sync(ids[:300] + ids[650:700])  # cut far behind the window, among retained tokens
+    stats = engine.stats()
+    assert stats["tokens"] == stats["host_tokens"] == 350
+    resident = engine.memory.layers[0].resident
+    idx = resident.idx[:, : resident.n]
+    assert bool((idx[:, 1:] > idx[:, :-1]).all()), "resident tokens stay sorted and unique per head"
+    assert int(idx.max()) == 349
+    out, _ = _greedy(engine, 4)
+    assert len(out) == 4
+
+
+def _synthetic_memory(config: MemoryConfig) -> ContextMemory:
+    spec = ModelSpec(arch="llama", n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64,
+                     vocab_size=10, context_length=4096)
+    return ContextMemory(spec, Rope(spec, torch.device("cpu")), torch.device("cpu"), torch.float32, config)
+
+
+def _feed(memory: ContextMemory, k: torch.Tensor, q: torch.Tensor | None = None) -> None:
+    """Append keys k (1, T, 16) (values equal to keys) through the plan/commit cycle, as the model would."""
+    n = k.shape[1]
+    q = torch.randn(2, n, 16) * 0.1 if q is None else q
+    memory.begin(n)
+    memory.layers[0].attend(q, k, k.clone())
+    memory.commit()
+
+
+def test_planted_block_is_retrieved_across_turns_and_decode_steps():
+    gen = torch.Generator().manual_seed(0)
+    memory = _synthetic_memory(SMALL)
+    direction = torch.zeros(16)
+    direction[3] = 1.0
+    for chunk in range(10):  # turn 1: 640 tokens; block 5 (tokens 160..191) carries the planted keys
+        k = torch.randn(1, 64, 16, generator=gen) * 0.1
+        if chunk == 2:
+            k[:, 32:64] = direction * 4
+        _feed(memory, k)
+    layer = memory.layers[0]
+    assert layer.evicted and memory.n_tokens == 640 == layer.store.n_tokens
+    for _ in range(3):  # turn 2 grows the context with unrelated text
+        _feed(memory, torch.randn(1, 64, 16, generator=gen) * 0.1)
+    memory.record.clear()
+    query = direction.expand(2, 1, 16) * 4
+    for _ in range(6):  # turn 3 decodes with a query that matches the planted block
+        _feed(memory, torch.randn(1, 1, 16, generator=gen) * 0.1, q=query)
+    assert 5 in layer.selection
+    assert memory.record.top(1)[0]["start_token"] == 160
+
+
+def test_memory_config_rejects_a_budget_too_small_for_its_tiers():
+    with pytest.raises(UsageError, match="budget"):
+        MemoryConfig(budget_tokens=300)
+    with pytest.raises(UsageError, match="positions"):
+        MemoryConfig(positions="relative")
+    assert MemoryConfig.for_budget(512).n_retain > 0
+
+
+def test_block_store_round_trips_across_segments():
+    store = HostBlockStore(n_kv_heads=2, head_dim=8, block_size=4, device=torch.device("cpu"), host_dtype=torch.float32)
+    store.segment_tokens = 12  # three blocks per segment, so appends cross segments
+    k = torch.randn(2, 30, 8)
+    for s in range(0, 30, 7):
+        store.append(k[:, s : s + 7], -k[:, s : s + 7])
+    assert store.n_tokens == 30 and store.n_blocks == 7 and len(store.segments) == 3
+    bk, bv = store.block(4)
+    assert torch.equal(bk, k[:, 16:20]) and torch.equal(bv, -k[:, 16:20])
+    tk, _ = store.tokens(5, 27)
+    assert torch.equal(tk, k[:, 5:27])
+    assert torch.allclose(store.representatives[2].float(), k[:, 8:12].mean(dim=1), atol=1e-3)
+    store.truncate(13)
+    assert store.n_blocks == 3 and len(store.segments) == 2 and store.representatives.shape[0] == 3
+    with pytest.raises(IndexError):
+        store.block(3)
