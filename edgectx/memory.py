@@ -258,5 +258,6 @@ class ContextMemory:
             "device_work_bytes": work_bytes,
             "device_repr_bytes": repr_bytes,
             "device_kv_bytes": resident_bytes + cache_bytes + work_bytes + repr_bytes,
-            "host_kv_bytes": sum(l.store.host_bytes for l in self.layers),
+            "host_kv_bytes": sum(l.store.used_bytes for l in self.layers),
+            "host_reserved_bytes": sum(l.store.host_bytes for l in self.layers),  # whole 4096-token segments
         }

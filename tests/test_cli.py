@@ -78,3 +78,27 @@ def test_bench_json_on_a_tiny_model(tmp_path):
     runs = json.loads(speed.stdout)["runs"]
     assert [r["context"] for r in runs] == [64, 128]
     assert all(r["edgectx"]["decode_tok_s"] > 0 and r["llama_cpp"]["prefill_tok_s"] > 0 and r["decode_ratio"] > 0 for r in runs)
+    assert all(r["edgectx_memory"]["decode_tok_s"] > 0 and r["memory_decode_ratio"] > 0 for r in runs)
+    assert all(r[k]["peak_rss_bytes"] > 2**20 for r in runs for k in ("llama_cpp", "edgectx", "edgectx_memory"))
+
+
+def test_long_context_benches_on_a_tiny_model(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=1024)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(32 + (i * 7919) % 90) for i in range(4000)))
+    common = ("--model", str(model), "--text", str(text), "--chunk", "64", "--json")
+    exact = run_cli("bench", "fidelity", "--context", "500", "--budget", "1024", *common)
+    assert exact.returncode == 0, exact.stderr
+    exact = json.loads(exact.stdout)
+    assert exact["top1_agreement"] == 1.0 and abs(exact["nll_rel_diff"]) < 1e-5 and exact["evicted_tokens"] == 0
+    tight = json.loads(run_cli("bench", "fidelity", "--context", "500", "--budget", "256", *common).stdout)
+    assert tight["evicted_tokens"] > 0 and tight["budget_tokens"] == 256 and 0 < tight["top1_agreement"] <= 1
+    ppl = run_cli("bench", "longppl", "--context", "600", "--budget", "256", "--full-max", "300", *common)
+    assert ppl.returncode == 0, ppl.stderr
+    ppl = json.loads(ppl.stdout)
+    assert ppl["buckets"] == ["0-600"] and ppl["nll_memory"][0] > 0 and ppl["nll_full"] == [None]
+    mem = run_cli("bench", "memory", "--contexts", "300,600", "--budget", "256", *common)
+    assert mem.returncode == 0, mem.stderr
+    runs = json.loads(mem.stdout)["runs"]
+    assert [r["context"] for r in runs] == [300, 600]
+    assert runs[1]["host_kv_bytes"] > runs[0]["host_kv_bytes"] and runs[1]["evicted_tokens"] > runs[0]["evicted_tokens"]

@@ -32,7 +32,10 @@ def bucket_edges(context: int) -> list[int]:
 
 
 def _label(start: int, end: int) -> str:
-    return f"{start // 1024}-{end // 1024}K"
+    def k(n: int) -> str:
+        return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+    return f"{k(start) if start else 0}-{k(end)}"
 
 
 def _bucket_means(nll: np.ndarray, edges: list[int]) -> list[float | None]:
