@@ -75,3 +75,14 @@ def test_malformed_config(tmp_path, monkeypatch):
 def test_bad_cli_value_is_usage_error():
     result = run_cli("bench", "speed", "--context", "abc")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_bad_memory_budget_in_config(tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('budget = "lots"\n')
+    monkeypatch.setenv("EDGECTX_CONFIG", str(config))
+    assert_one_sentence(run_cli("chat", "--prompt", "hi"), "budget")
+
+
+def test_budget_too_small_for_its_tiers_is_one_sentence():
+    assert_one_sentence(run_cli("bench", "fidelity", "--budget", "64", "--context", "128"), "budget")

@@ -10,7 +10,7 @@ the budget fills are identical by construction, so agreement is also reported pa
 from __future__ import annotations
 
 from edgectx.bench.corpus import corpus_tokens
-from edgectx.bench.teacher import teacher_forced
+from edgectx.bench.teacher import run_header, teacher_forced
 from edgectx.engine import Engine
 from edgectx.memory_config import MemoryConfig
 
@@ -26,12 +26,7 @@ def run_fidelity(engine: Engine, context: int, config: MemoryConfig, text_file: 
     past = slice(config.budget_tokens, None)
     full_mean, mem_mean = float(nll_full.mean()), float(nll_mem.mean())
     return {
-        "model": engine.path.name,
-        "text": text_file or f"python-{corpus}",
-        "context": context,
-        "budget_tokens": config.budget_tokens,
-        "positions": config.positions,
-        "scorer": "attention",
+        **run_header(engine, context, config, text_file, corpus),
         "top1_agreement": float(agree.mean()),
         "top1_agreement_past_budget": float(agree[past].mean()) if context > config.budget_tokens else 1.0,
         "nll_full": full_mean,

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.rss import peak_rss_bytes
-from edgectx.bench.teacher import teacher_forced
+from edgectx.bench.teacher import run_header, teacher_forced
 from edgectx.engine import Engine
 from edgectx.memory_config import MemoryConfig
 
@@ -70,11 +70,7 @@ def run_longppl(engine: Engine, context: int, config: MemoryConfig, full_max: in
                                         progress=None if quiet else _progress("full attention"))
     memory_buckets = _bucket_means(nll_mem, edges)
     return {
-        "model": engine.path.name,
-        "text": text_file or f"python-{corpus}",
-        "context": context,
-        "budget_tokens": config.budget_tokens,
-        "positions": config.positions,
+        **run_header(engine, context, config, text_file, corpus),
         "trained_context": engine.spec.context_length,
         "buckets": [_label(a, b) for a, b in zip(edges, edges[1:])],
         "nll_memory": memory_buckets,

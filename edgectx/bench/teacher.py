@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edgectx.engine import Engine
+from edgectx.memory_config import MemoryConfig
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -42,3 +43,9 @@ def teacher_forced(engine: Engine, ids: list[int], chunk_tokens: int = 512,
     stats = engine.stats()
     engine.reset()
     return np.concatenate(tops), np.concatenate(nlls), stats
+
+
+def run_header(engine: Engine, context: int, config: MemoryConfig, text_file: str | None, corpus: str) -> dict:
+    """The fields every long-context benchmark result starts with."""
+    return {"model": engine.path.name, "text": text_file or f"python-{corpus}", "context": context,
+            "budget_tokens": config.budget_tokens, "positions": config.positions, "scorer": "attention"}
