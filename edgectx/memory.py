@@ -51,7 +51,7 @@ class LayerMemory:
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.dtype)
         self.cache = BlockCache(c.cache_blocks, memory.device, memory.dtype)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
-        self.selection: list[int] = []
+        self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
         self.steps_since_retrieval = 0
         self.q_recent = torch.empty(s.n_heads, 0, s.head_dim, device=memory.device, dtype=memory.dtype)
         self.asm: Assembly | None = None
@@ -60,37 +60,40 @@ class LayerMemory:
 
     # -- plan ---------------------------------------------------------------------------------------
 
-    def _retrieve(self, q: torch.Tensor) -> list[int]:
+    def _retrieve(self, q: torch.Tensor) -> torch.Tensor:
         m, c = self.memory, self.memory.config
         if not self.evicted or c.top_k_blocks == 0:
-            return []
+            return self.selection[:, :0]
         if q.shape[1] == 1 and self.asm is not None and self.steps_since_retrieval < c.retrieve_every:
             return self.selection
         # Only blocks wholly older than the window: newer tokens are resident in every head anyway.
         n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
         blocks, probs = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks)
-        if blocks:
+        if blocks.numel():
             m.record.add(blocks, probs)
         self.selection, self.steps_since_retrieval = blocks, 0
         return blocks
 
-    def _assemble(self, selection: list[int]) -> Assembly:
-        key = (self.version, tuple(selection))
+    def _assemble(self, selection: torch.Tensor) -> Assembly:
+        key = (self.version, tuple(selection.flatten().tolist()))
         if self.asm is not None and self.asm.key == key:
             return self.asm
         m, c = self.memory, self.memory.config
         r = self.resident
-        ks, vs, idxs = [r.k[:, : r.n]], [r.v[:, : r.n]], [r.idx[:, : r.n]]
-        for b in selection:
-            bk, bv = self.cache.fetch(b, self.store)
-            ks.append(bk), vs.append(bv)
-            idxs.append(torch.arange(b * c.block_size, (b + 1) * c.block_size, device=m.device).expand(r.n_kv, -1))
-        k, v, idx = torch.cat(ks, dim=1), torch.cat(vs, dim=1), torch.cat(idxs, dim=1)  # (n_kv, S, d), (n_kv, S)
+        k, v, idx = r.k[:, : r.n], r.v[:, : r.n], r.idx[:, : r.n]
         valid = None
-        if selection:
-            picked = torch.zeros(self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
-            picked[torch.tensor(selection, device=m.device)] = True
-            duplicate = picked[(r.idx[:, : r.n] // c.block_size).clamp(max=self.store.n_blocks)]  # resident copies of retrieved tokens
+        if selection.numel():
+            fetched = {b: self.cache.fetch(b, self.store) for b in selection.unique().tolist()}
+            per_head = selection.tolist()
+            bk = torch.stack([torch.cat([fetched[b][0][h] for b in blocks]) for h, blocks in enumerate(per_head)])
+            bv = torch.stack([torch.cat([fetched[b][1][h] for b in blocks]) for h, blocks in enumerate(per_head)])
+            offsets = torch.arange(c.block_size, device=m.device)
+            bidx = (selection.to(m.device)[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
+            k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
+            picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
+            picked.scatter_(1, selection.to(m.device), True)
+            resident_blocks = (r.idx[:, : r.n] // c.block_size).clamp(max=self.store.n_blocks)
+            duplicate = picked.gather(1, resident_blocks)  # resident copies of retrieved tokens
             if bool(duplicate.any()):
                 valid = torch.cat((~duplicate, torch.ones_like(idx[:, r.n :], dtype=torch.bool)), dim=1)
         if c.positions == "compact":
@@ -181,7 +184,7 @@ class LayerMemory:
         self.store.truncate(n_tokens)
         self.cache.drop_from(n_tokens // c.block_size)
         self.q_recent = self.q_recent[:, :0]
-        self.selection, self.asm = [], None
+        self.selection, self.asm = self.selection[:, :0], None
         self.version += 1
         counts = (r.idx[:, : r.n] < n_tokens).sum(dim=1)
         if bool((counts == counts[0]).all()):
@@ -244,12 +247,17 @@ class ContextMemory:
         cache_bytes = sum(l.cache.device_bytes for l in self.layers)
         work_bytes = sum(l.asm.device_bytes for l in self.layers if l.asm is not None)
         repr_bytes = sum(l.store.repr_bytes for l in self.layers)
+        retained = first.n - sinks - window
+        token_bytes = self.spec.kv_bytes_per_token(first.k.element_size())  # K and V, all layers
         return {
             "tokens": n,
             "budget_tokens": c.budget_tokens,
             "sink_tokens": sinks,
             "window_tokens": window,
-            "retained_tokens": first.n - sinks - window,
+            "retained_tokens": retained,
+            "sink_bytes": sinks * token_bytes,
+            "window_bytes": window * token_bytes,
+            "retained_bytes": retained * token_bytes,
             "cached_blocks": len(self.layers[0].cache.blocks),
             "evicted_tokens": n - first.n,
             "host_tokens": self.layers[0].store.n_tokens,

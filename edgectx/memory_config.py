@@ -28,7 +28,8 @@ class MemoryConfig:
     cache_blocks: int = 16  # LRU block cache per layer on the device, in blocks; >= top_k_blocks
     chunk_tokens: int = 512  # prefill chunk; eviction runs after each one
     positions: str = "compact"  # "compact": selected context renumbered 0..N-1; "original": true indices
-    n_observe: int = 32  # recent queries whose attention scores eviction candidates (SnapKV-style window)
+    n_observe: int = 512  # recent queries whose attention mass scores eviction candidates: a whole chunk
+    # (measured at 4096 tokens, budget 1024: top-1 agreement 0.962 with 512 vs 0.956 with SnapKV's 32)
     retrieve_every: int = 8  # decode steps that reuse one retrieval (consecutive queries are alike)
     evict_every: int = 64  # decode tokens the window may overflow by before eviction runs again
     host_dtype: str = "float16"  # the host store's precision: halves its RAM at 128K with no measured loss

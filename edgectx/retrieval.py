@@ -1,12 +1,12 @@
 """Block retrieval (InfLLM): score host blocks against the query, keep an LRU cache of fetched blocks.
 
-A block's score is the summed dot product of the query chunk's mean pre-RoPE query with the block's
-representative key, over each KV head's query group. Pre-RoPE dot products are what rotated q and k
+A block's score, per KV head, is the dot product of the query chunk's mean pre-RoPE query (summed over
+the head's query group) with the block's representative key for that head. Pre-RoPE dot products are what rotated q and k
 give at equal positions, so the score carries no distance penalty: a passage 100K tokens back is as
 reachable as one 1K back. What was retrieved is recorded (per block, softmax relevance summed over
 layers and steps) so the UI can cite the passages the model looked at.
 
-    blocks, probs = select_blocks(q, store.representatives, n_eligible=40, top_k=4)
+    blocks, probs = select_blocks(q, store.representatives, n_eligible=40, top_k=4)  # (n_kv, 4) each
     k, v = cache.fetch(block, store)   # on the device, in the compute dtype
 """
 
@@ -20,21 +20,23 @@ import torch
 from edgectx.block_store import HostBlockStore
 
 
-def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int, top_k: int) -> tuple[list[int], torch.Tensor]:
-    """Top-k of the first `n_eligible` blocks for pre-RoPE queries q (n_heads, T, d).
+def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the first `n_eligible` blocks per KV head, for pre-RoPE queries q (n_heads, T, d).
 
-    Returns the block ids in ascending order and the softmax relevance of each (same order).
+    Each KV head picks its own blocks (heads attend to different things, as their retained tokens
+    show). Returns block ids (n_kv, k), ascending per head, and their softmax relevance (n_kv, k).
     """
-    if n_eligible <= 0 or top_k <= 0:
-        return [], torch.empty(0)
     n_heads, _, head_dim = q.shape
+    n_kv = representatives.shape[1]
+    if n_eligible <= 0 or top_k <= 0:
+        return torch.empty(n_kv, 0, dtype=torch.long), torch.empty(n_kv, 0)
     reps = representatives[:n_eligible].to(q.dtype)  # (n_blocks, n_kv, d)
-    n_kv = reps.shape[1]
-    q_group = q.mean(dim=1).reshape(n_kv, n_heads // n_kv, head_dim).sum(dim=1)  # (n_kv, d)
-    scores = torch.einsum("kd,bkd->b", q_group, reps) / (head_dim**0.5 * (n_heads // n_kv))
-    probs = torch.softmax(scores.float(), dim=0)
-    top = torch.topk(scores, min(top_k, n_eligible)).indices.sort().values
-    return top.tolist(), probs[top]
+    group = n_heads // n_kv
+    q_group = q.mean(dim=1).reshape(n_kv, group, head_dim).sum(dim=1)  # (n_kv, d)
+    scores = torch.einsum("kd,bkd->kb", q_group, reps) / (head_dim**0.5 * group)  # (n_kv, n_blocks)
+    probs = torch.softmax(scores.float(), dim=1)
+    top = torch.topk(scores, min(top_k, n_eligible), dim=1).indices.sort(dim=1).values
+    return top, probs.gather(1, top)
 
 
 class BlockCache:
@@ -76,10 +78,12 @@ class RetrievalRecord:
     relevance: dict[int, float] = field(default_factory=dict)
     n_retrievals: int = 0
 
-    def add(self, blocks: list[int], probs: torch.Tensor) -> None:
+    def add(self, blocks: torch.Tensor, probs: torch.Tensor) -> None:
+        """One layer's retrieval: blocks and relevance (n_kv, k), averaged over the KV heads."""
         self.n_retrievals += 1
-        for block, p in zip(blocks, probs.tolist()):
-            self.relevance[block] = self.relevance.get(block, 0.0) + p
+        n_kv = blocks.shape[0]
+        for block, p in zip(blocks.flatten().tolist(), probs.flatten().tolist()):
+            self.relevance[block] = self.relevance.get(block, 0.0) + p / n_kv
 
     def clear(self) -> None:
         self.relevance.clear()

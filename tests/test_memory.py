@@ -145,7 +145,7 @@ def test_planted_block_is_retrieved_across_turns_and_decode_steps():
     query = direction.expand(2, 1, 16) * 4
     for _ in range(6):  # turn 3 decodes with a query that matches the planted block
         _feed(memory, torch.randn(1, 1, 16, generator=gen) * 0.1, q=query)
-    assert 5 in layer.selection
+    assert bool((layer.selection == 5).any())
     assert memory.record.top(1)[0]["start_token"] == 160
 
 
