@@ -49,7 +49,8 @@ class LayerMemory:
         self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
                                     host_dtype=getattr(torch, c.host_dtype))
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.dtype)
-        self.cache = BlockCache(c.cache_blocks, memory.device, memory.dtype)
+        # One retrieval may need top_k blocks for each KV head at once: the pool must hold them all.
+        self.cache = BlockCache(max(c.cache_blocks, c.top_k_blocks * s.n_kv_heads), memory.device, memory.dtype)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
         self.steps_since_retrieval = 0
@@ -98,7 +99,7 @@ class LayerMemory:
                 valid = torch.cat((~duplicate, torch.ones_like(idx[:, r.n :], dtype=torch.bool)), dim=1)
         if c.positions == "compact":
             present = torch.unique(idx if valid is None else idx[valid])  # sorted original indices
-            positions, next_pos = torch.searchsorted(present, idx), len(present)
+            positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
         else:
             positions, next_pos = idx, m.n_tokens
         k_rot = m.rope.rotate(k, *m.rope.tables(positions, m.dtype))
@@ -182,7 +183,7 @@ class LayerMemory:
         c, r = self.memory.config, self.resident
         self._pending = None
         self.store.truncate(n_tokens)
-        self.cache.drop_from(n_tokens // c.block_size)
+        self.cache.clear()
         self.q_recent = self.q_recent[:, :0]
         self.selection, self.asm = self.selection[:, :0], None
         self.version += 1

@@ -40,34 +40,47 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
 
 
 class BlockCache:
-    """Blocks copied from the host store to the device, least recently used dropped first."""
+    """A fixed pool of device slots holding host blocks, least recently used reused first.
+
+    The pool is allocated whole on the first fetch (the first retrieval, i.e. once anything has been
+    evicted), so device memory is flat from then on however long the context grows.
+    """
 
     def __init__(self, capacity: int, device: torch.device, dtype: torch.dtype):
         self.capacity, self.device, self.dtype = capacity, device, dtype
-        self.blocks: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.slots: torch.Tensor | None = None  # (capacity, 2, n_kv, block_size, d): K then V
+        self.where: OrderedDict[int, int] = OrderedDict()  # block id -> slot, oldest use first
         self.hits = self.misses = 0
 
     def fetch(self, block: int, store: HostBlockStore) -> tuple[torch.Tensor, torch.Tensor]:
-        if block in self.blocks:
-            self.blocks.move_to_end(block)
+        """(K, V) of `block`, each (n_kv, block_size, d), views of a slot valid until `capacity` more fetches."""
+        if block in self.where:
+            self.where.move_to_end(block)
             self.hits += 1
-            return self.blocks[block]
-        self.misses += 1
-        k, v = store.block(block)
-        entry = (k.to(self.device, self.dtype, non_blocking=True), v.to(self.device, self.dtype, non_blocking=True))
-        self.blocks[block] = entry
-        while len(self.blocks) > self.capacity:
-            self.blocks.popitem(last=False)
-        return entry
+            slot = self.where[block]
+        else:
+            self.misses += 1
+            if self.slots is None:
+                shape = (self.capacity, 2, store.n_kv_heads, store.block_size, store.head_dim)
+                self.slots = torch.empty(shape, device=self.device, dtype=self.dtype)
+            slot = len(self.where) if len(self.where) < self.capacity else self.where.popitem(last=False)[1]
+            k, v = store.block(block)
+            self.slots[slot, 0].copy_(k, non_blocking=True)
+            self.slots[slot, 1].copy_(v, non_blocking=True)
+            self.where[block] = slot
+        return self.slots[slot, 0], self.slots[slot, 1]
 
-    def drop_from(self, first_block: int) -> None:
-        """Forget cached blocks at or after `first_block` (the store was truncated)."""
-        for b in [b for b in self.blocks if b >= first_block]:
-            del self.blocks[b]
+    def clear(self) -> None:
+        """Forget every cached block (the store was truncated); the pool stays allocated."""
+        self.where.clear()
+
+    @property
+    def blocks(self) -> list[int]:
+        return list(self.where)
 
     @property
     def device_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.blocks.values())
+        return 0 if self.slots is None else self.slots.numel() * self.slots.element_size()
 
 
 @dataclass
