@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
     speed.add_argument("--context", type=_contexts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
     speed.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded at each depth (default 64)")
+    speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
     return parser
 
 
@@ -106,7 +107,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from edgectx.bench.speed import run_speed
 
-        result = run_speed(engine, args.context, decode_tokens=args.decode_tokens, n_threads=threads, text_file=args.text)
+        result = run_speed(engine, args.context, decode_tokens=args.decode_tokens, n_threads=threads, text_file=args.text,
+                           compile_decode=not args.eager)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from edgectx.chat_template import ChatTemplate
+from edgectx.decode import CompiledDecode
 from edgectx.errors import EdgectxError
 from edgectx.gguf_loader import load_model, open_gguf, read_spec
 from edgectx.kv import FullKVCache, KVMemory
@@ -77,6 +78,7 @@ class Engine:
         self.device, self.dtype, self.n_ctx = device, dtype, n_ctx
         self.rope = Rope(spec, device, long_context=n_ctx > (spec.rope_scaling.original_context or spec.context_length))
         self.memory: KVMemory = self.new_memory()
+        self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
         self.tokens: list[int] = []  # the token ids held in memory, in order
         self.last_stats = GenerationStats()
         self._next_logits: torch.Tensor | None = None
@@ -99,6 +101,12 @@ class Engine:
         model = load_model(gguf_file, dev, dtype, progress=progress)
         return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx or spec.context_length)
 
+    def compile_decode(self) -> CompiledDecode:
+        """Run one-token steps through a compiled graph from now on; the first such step compiles it."""
+        if not isinstance(self.step, CompiledDecode):
+            self.step = CompiledDecode(self.model)
+        return self.step
+
     def new_memory(self) -> KVMemory:
         return FullKVCache(self.spec, self.rope, self.device, self.dtype)
 
@@ -116,7 +124,7 @@ class Engine:
                 "start a new chat or shorten the input."
             )
         self.memory.begin(len(ids))
-        logits = self.model(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
+        logits = self.step(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
         self.memory.commit()
         self.tokens.extend(ids)
         return logits

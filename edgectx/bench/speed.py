@@ -2,6 +2,8 @@
 
 Same GGUF, same real text, same thread count. Prefill reads `context` tokens from empty; decode then
 generates `decode_tokens` greedy tokens one at a time at that depth. Ratios are edgectx / llama.cpp.
+Decode runs compiled (`Engine.compile_decode`) unless `compile_decode=False`; the warm-up pays the
+compile, reported as `decode_compile_s` (None when compilation was unavailable and decode ran eager).
 
     edgectx bench speed --context 512,4096 --json
 """
@@ -47,8 +49,9 @@ def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> di
 
 
 def run_speed(engine: Engine, contexts: list[int], decode_tokens: int = 64, n_threads: int = 2,
-              text_file: str | None = None) -> dict:
+              text_file: str | None = None, compile_decode: bool = True) -> dict:
     torch.set_num_threads(n_threads)
+    compiled = engine.compile_decode() if compile_decode else None
     ids_all = corpus_tokens(engine.tokenizer, max(contexts), text_file)
     ref = LlamaCppReference(engine.path, n_ctx=max(contexts) + decode_tokens + 16, n_threads=n_threads)
     # Warm both up (first-call allocations, page faults on the weights) outside the timings.
@@ -67,4 +70,5 @@ def run_speed(engine: Engine, contexts: list[int], decode_tokens: int = 64, n_th
             "decode_ratio": mine["decode_tok_s"] / theirs["decode_tok_s"],
         })
     ref.close()
-    return {"model": engine.path.name, "threads": n_threads, "decode_tokens": decode_tokens, "runs": runs}
+    return {"model": engine.path.name, "threads": n_threads, "decode_tokens": decode_tokens,
+            "decode_compile_s": compiled and compiled.compile_s, "runs": runs}
