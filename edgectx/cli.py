@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     longppl.add_argument("--context", type=int, default=131072, help="tokens of text (default 131072)")
     longppl.add_argument("--full-max", type=int, default=16384, help="score full attention up to here (default 16384; 0 skips it)")
     memory.add_argument("--contexts", type=_contexts, default=[8192, 32768, 131072], help="comma-separated lengths")
+    speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
     return parser
 
 
@@ -150,7 +151,7 @@ def _bench(args: argparse.Namespace) -> int:
         from edgectx.bench.speed import run_speed
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens, n_threads=threads,
-                           device=args.device, text_file=args.text)
+                           device=args.device, text_file=args.text, compile_decode=not args.eager)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
                              n_threads=threads)

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from edgectx.chat_template import ChatTemplate
+from edgectx.decode import CompiledDecode
 from edgectx.errors import EdgectxError
 from edgectx.gguf_loader import load_model, open_gguf, read_spec
 from edgectx.kv import FullKVCache, KVMemory
@@ -84,6 +85,7 @@ class Engine:
         self.path, self.model, self.spec = path, model, spec
         self.tokenizer, self.template = tokenizer, template
         self.device, self.dtype = device, dtype
+        self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
         self.last_stats = GenerationStats()
         self.tokens: list[int] = []  # the token ids held in memory, in order
         self.configure_memory(memory_config, n_ctx)
@@ -120,6 +122,12 @@ class Engine:
         model = load_model(gguf_file, dev, dtype, progress=progress)
         return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config)
 
+    def compile_decode(self) -> CompiledDecode:
+        """Run one-token steps through a compiled graph from now on; the first such step compiles it."""
+        if not isinstance(self.step, CompiledDecode):
+            self.step = CompiledDecode(self.model)
+        return self.step
+
     def new_memory(self) -> KVMemory:
         if self.memory_config is None:
             return FullKVCache(self.spec, self.rope, self.device, self.dtype)
@@ -139,7 +147,7 @@ class Engine:
                 "start a new chat or shorten the input."
             )
         self.memory.begin(len(ids))
-        logits = self.model(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
+        logits = self.step(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
         self.memory.commit()
         self.tokens.extend(ids)
         return logits

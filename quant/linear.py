@@ -8,14 +8,36 @@ A GGUF Q4/Q8 weight dequantized to fp16 keeps its values to fp16 rounding (relat
 
     layer = PackedFp16Linear(weight, bias)  # weight (out, in) float32
     y = layer(x)                            # x (T, in) float32 -> (T, out) float32
+
+Under `torch.compile` the layer calls the custom op `edgectx::linear_fp16` instead: dynamo cannot trace
+the packed weights (a TorchScript object), so the op finds them by an integer handle.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
+
+_packed_by_handle: dict[int, torch.ScriptObject] = {}
+_next_handle = itertools.count()
+
+# A plain Library op, not @custom_op: its per-call checks cost 12 us against 5 here, 121 calls a token.
+_lib = torch.library.Library("edgectx", "DEF")
+_lib.define("linear_fp16(Tensor x, int handle, int out_features) -> Tensor")
+
+
+@torch.library.impl(_lib, "linear_fp16", "CPU")
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16.default(x, _packed_by_handle[handle])
+
+
+@torch.library.register_fake("edgectx::linear_fp16", lib=_lib)
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def fp16_packing_available() -> bool:
@@ -29,8 +51,13 @@ class PackedFp16Linear(nn.Module):
         self.weight_bytes = weight.numel() * 2
         bias = None if bias is None else bias.float().contiguous()
         self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), bias)
+        self._handle = next(_next_handle)
+        _packed_by_handle[self._handle] = self._packed
+        weakref.finalize(self, _packed_by_handle.pop, self._handle, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.edgectx.linear_fp16(x, self._handle, self.out_features)
         return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
 
     def extra_repr(self) -> str:

@@ -5,6 +5,8 @@ generates `decode_tokens` greedy tokens one at a time at that depth. Three engin
 llama.cpp (full attention, n_ctx just large enough), edgectx with full attention (up to the model's
 trained context) and edgectx with the long-context memory (`edgectx_memory`). Each runs in a fresh
 child process, so `peak_rss_bytes` is that engine's own. Ratios are edgectx / llama.cpp.
+edgectx's full-attention decode runs compiled (`Engine.compile_decode`) unless `--eager`; its
+warm-up pays the compile, reported as `decode_compile_s` (None when decode ran eager).
 
     edgectx bench speed --context 512,4096 --json
 """
@@ -59,7 +61,7 @@ def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> di
 
 
 def _measure(kind: str, path: str, device: str | None, n_threads: int, context: int, decode_tokens: int,
-             memory: dict | None, text_file: str | None) -> dict:
+             memory: dict | None, text_file: str | None, compile_decode: bool) -> dict:
     """One engine at one length, in a child process: returns its throughput, KV bytes and peak RSS."""
     torch.set_num_threads(n_threads)
     n_ctx = context + decode_tokens + 16
@@ -76,15 +78,17 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
     else:
         config = MemoryConfig(**memory) if memory else None
         engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config)
+        compiled = engine.compile_decode() if compile_decode and config is None else None
         ids = corpus_tokens(engine.tokenizer, context, text_file)
         _edgectx_run(engine, ids[:WARMUP_TOKENS], 2)
         result = _edgectx_run(engine, ids, decode_tokens)
+        result["decode_compile_s"] = compiled and compiled.compile_s
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
-              device: str | None = None, text_file: str | None = None) -> dict:
+              device: str | None = None, text_file: str | None = None, compile_decode: bool = True) -> dict:
     spec = read_spec(open_gguf(path))
     spawn = multiprocessing.get_context("spawn")
     runs = []
@@ -96,7 +100,8 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
         for kind in kinds:
             with spawn.Pool(1) as pool:
                 row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
-                                                  memory.to_dict() if kind == "edgectx_memory" else None, text_file))
+                                                  memory.to_dict() if kind == "edgectx_memory" else None, text_file,
+                                                  compile_decode))
         theirs = row["llama_cpp"]
         for kind, prefix in (("edgectx", ""), ("edgectx_memory", "memory_")):
             mine = row.get(kind)

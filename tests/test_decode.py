@@ -1,0 +1,47 @@
+"""The compiled decode step against the eager model, on a tiny GGUF model (it compiles in seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from edgectx.decode import cpp_compiler_available
+from edgectx.engine import Engine
+from tiny_gguf import write_tiny_gguf
+
+
+def _engines(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="qwen2")  # qwen2: the QKV bias goes through the packed op too
+    return Engine.load(path, device="cpu"), Engine.load(path, device="cpu")
+
+
+@pytest.mark.skipif(not cpp_compiler_available(), reason="TorchInductor needs a C++ compiler")
+def test_compiled_decode_matches_eager_across_depths_without_recompiling(tmp_path):
+    eager, fast = _engines(tmp_path)
+    decode = fast.compile_decode()
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 250)]
+    torch.testing.assert_close(fast.prefill(ids), eager.prefill(ids))
+    graphs_before = counters["stats"]["unique_graphs"]
+    for token in ids[:12]:  # positions 250..261 cross the cache's growth at 256 tokens (an eager step)
+        torch.testing.assert_close(fast.forward([token]), eager.forward([token]), atol=1e-4, rtol=1e-4)
+    assert decode.compile_s is not None
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for every depth and capacity
+    assert fast.memory.n_tokens == eager.memory.n_tokens == 262
+
+
+def test_failed_compile_falls_back_to_eager_and_keeps_memory(tmp_path, monkeypatch):
+    eager, fast = _engines(tmp_path)
+    decode = fast.compile_decode()
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(decode, "_compiled", broken)
+    ids = list(range(3, 40))
+    fast.prefill(ids), eager.prefill(ids)
+    for token in (5, 6):
+        torch.testing.assert_close(fast.forward([token]), eager.forward([token]))
+    assert decode.compile_s is None and not decode.supports(fast.memory, 1)
+    assert fast.memory.n_tokens == eager.memory.n_tokens == len(ids) + 2
