@@ -4,6 +4,7 @@
     edgectx chat --prompt "hi"   # one-shot answer on stdout
     edgectx models | doctor | --version
     edgectx bench conformance | speed | fidelity | longppl | memory
+    edgectx heads train | import | info
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 from edgectx import __version__
 from edgectx.errors import EdgectxError, UsageError
-from edgectx.memory_config import POSITIONS, MemoryConfig
+from edgectx.memory_config import POSITIONS, SCORERS, MemoryConfig
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
 
@@ -41,12 +42,25 @@ def _budget(text: str) -> int | str:
     return value
 
 
-def _memory_args(p: argparse.ArgumentParser, allow_full: bool = True) -> None:
+def _scorers(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in SCORERS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"scorers are {', '.join(SCORERS)}; got {text!r}")
+    return values
+
+
+def _memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: bool = False) -> None:
+    """The memory flags; with `lists`, --budget and --scorer take comma-separated values (one run each)."""
     full = "; 'full' for plain full attention" if allow_full else ""
-    p.add_argument("--budget", type=_budget if allow_full else int,
-                   help=f"device KV budget in tokens per layer and KV head (default {DEFAULT_BUDGET}{full})")
+    several = " (comma-separated: one run each)" if lists else ""
+    p.add_argument("--budget", type=_contexts if lists else _budget if allow_full else int,
+                   help=f"device KV budget in tokens per layer and KV head (default {DEFAULT_BUDGET}{full}){several}")
     p.add_argument("--positions", choices=POSITIONS, help="how the kept context is numbered (default compact)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
+    p.add_argument("--scorer", type=_scorers if lists else None, choices=None if lists else SCORERS,
+                   help="eviction scores: Locret retaining heads, attention mass, or recency (window) "
+                   f"(default auto: heads when the model has them){several}")
 
 
 def memory_config_from(args: argparse.Namespace, config=None) -> MemoryConfig | None:
@@ -57,7 +71,8 @@ def memory_config_from(args: argparse.Namespace, config=None) -> MemoryConfig | 
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 64:
         raise UsageError(f"The memory budget must be a token count of at least 64, or 'full' (got {budget!r}).")
     positions = args.positions or (config.positions if config else None) or "compact"
-    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=args.chunk)
+    scorer = getattr(args, "scorer", None) or (config.scorer if config else None) or "auto"
+    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=args.chunk, scorer=scorer)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check torch, CUDA, optional GPU packages, paths and the default model")
     doctor.add_argument("--json", action="store_true")
 
+    from edgectx.heads_cli import add_parser as add_heads_parser
+
+    add_heads_parser(sub, _model_args)
+
     bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     conf = bench_sub.add_parser("conformance", help="teacher-forced top-1 agreement and NLL vs llama.cpp")
@@ -102,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         _model_args(p)
         p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    for p in (speed, fidelity, longppl, memory):
+    for p in (speed, longppl, memory):
         _memory_args(p, allow_full=False)
+    _memory_args(fidelity, allow_full=False, lists=True)
     for p in (fidelity, longppl, memory):
         p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
     conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
@@ -146,7 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     threads = args.threads or torch.get_num_threads()
     path = resolve_model(args.model, load_config())
-    memory = memory_config_from(args) if args.bench != "conformance" else None
+    memory = memory_config_from(args) if args.bench not in ("conformance", "fidelity") else None
     if args.bench == "speed":
         from edgectx.bench.speed import run_speed
 
@@ -173,7 +193,9 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
     if args.bench == "fidelity":
         from edgectx.bench.fidelity import run_fidelity
 
-        return run_fidelity(engine, args.context, memory, text_file=args.text, corpus=args.corpus or "stdlib")
+        configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=args.chunk, scorer=scorer)
+                   for budget in args.budget or [DEFAULT_BUDGET] for scorer in args.scorer or ["auto"]]
+        return run_fidelity(engine, args.context, configs, text_file=args.text, corpus=args.corpus or "stdlib")
     if args.bench == "longppl":
         from edgectx.bench.longppl import run_longppl
 
@@ -194,6 +216,10 @@ def run(argv: list[str] | None = None) -> int:
         return run_doctor(args.json)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "heads":
+        from edgectx.heads_cli import run_heads
+
+        return run_heads(args)
     from edgectx.config import load_config
     from edgectx.repl import run_chat
 

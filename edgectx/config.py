@@ -43,6 +43,7 @@ class Config:
     threads: int | None = None
     budget: int | str | None = None  # device KV budget in tokens, or "full"; `chat --budget` overrides it
     positions: str | None = None  # compact | original
+    scorer: str | None = None  # auto | heads | attention | window
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for later versions
 
 
@@ -54,7 +55,7 @@ def load_config(path: Path | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"The config file {path} is not valid TOML ({e}): fix or delete it.") from None
-    known = {"model", "model_paths", "system", "device", "threads", "budget", "positions"}
+    known = {"model", "model_paths", "system", "device", "threads", "budget", "positions", "scorer"}
     paths = raw.get("model_paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise UsageError(f"In {path}, model_paths must be a list of strings.")
@@ -66,5 +67,6 @@ def load_config(path: Path | None = None) -> Config:
         threads=raw.get("threads"),
         budget=raw.get("budget"),
         positions=raw.get("positions"),
+        scorer=raw.get("scorer"),
         extra={k: v for k, v in raw.items() if k not in known},
     )

@@ -22,12 +22,15 @@ import torch
 from edgectx.chat_template import ChatTemplate
 from edgectx.decode import CompiledDecode
 from edgectx.errors import EdgectxError
+from edgectx.fingerprint import weights_fingerprint
 from edgectx.gguf_loader import load_model, open_gguf, read_spec
+from edgectx.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
 from edgectx.kv import FullKVCache, KVMemory
 from edgectx.memory import ContextMemory
 from edgectx.memory_config import MemoryConfig
 from edgectx.rope import Rope
 from edgectx.sampling import Sampler, SamplingParams
+from edgectx.scoring import AttentionMassScorer, EvictionScorer, WindowScorer
 from edgectx.spec import ModelSpec
 from edgectx.stops import StopMatcher
 from edgectx.tokenizer import Tokenizer
@@ -81,8 +84,11 @@ MEMORY_MAX_TOKENS = 1 << 20
 class Engine:
     def __init__(self, path: Path, model, spec: ModelSpec, tokenizer: Tokenizer, template: ChatTemplate,
                  device: torch.device, dtype: torch.dtype, n_ctx: int | None = None,
-                 memory_config: MemoryConfig | None = None):
+                 memory_config: MemoryConfig | None = None, fingerprint: str = "", heads_path: Path | None = None):
         self.path, self.model, self.spec = path, model, spec
+        self.fingerprint = fingerprint  # the weights' fingerprint: ties heads and snapshots to this model
+        self.heads_path = heads_path  # explicit retaining heads; None looks them up by fingerprint
+        self._heads: RetainingHeads | None = None
         self.tokenizer, self.template = tokenizer, template
         self.device, self.dtype = device, dtype
         self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
@@ -106,7 +112,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, device: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
-             progress: Progress | None = None, memory_config: MemoryConfig | None = None) -> "Engine":
+             progress: Progress | None = None, memory_config: MemoryConfig | None = None,
+             heads_path: Path | None = None) -> "Engine":
         if n_threads:
             torch.set_num_threads(n_threads)
         dev = pick_device(device)
@@ -120,7 +127,8 @@ class Engine:
             eos_token=tokenizer.token_text(tokenizer.eos_id),
         )
         model = load_model(gguf_file, dev, dtype, progress=progress)
-        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config)
+        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config,
+                   fingerprint=weights_fingerprint(gguf_file), heads_path=heads_path)
 
     def compile_decode(self) -> CompiledDecode:
         """Run one-token steps through a compiled graph from now on; the first such step compiles it."""
@@ -128,10 +136,33 @@ class Engine:
             self.step = CompiledDecode(self.model)
         return self.step
 
+    def heads(self) -> RetainingHeads | None:
+        """This model's retaining heads (given, the user's, or shipped), loaded once; None if it has none."""
+        if self._heads is None:
+            path = self.heads_path or find_heads(self.fingerprint)
+            if path is None:
+                return None
+            self._heads, _ = load_heads(path, self.spec, self.fingerprint, self.device, self.dtype)
+        return self._heads
+
+    def scorer(self, name: str) -> EvictionScorer:
+        if name == "window":
+            return WindowScorer()
+        if name == "attention":
+            return AttentionMassScorer()
+        heads = self.heads()
+        if heads is not None:
+            return HeadsScorer(heads)
+        if name == "heads":
+            raise HeadsError(f"{self.path.name} has no retaining heads: train them with `edgectx heads train`, "
+                             "or use --scorer attention.")
+        return AttentionMassScorer()
+
     def new_memory(self) -> KVMemory:
         if self.memory_config is None:
             return FullKVCache(self.spec, self.rope, self.device, self.dtype)
-        return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config)
+        return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config,
+                             scorer=self.scorer(self.memory_config.scorer))
 
     def reset(self) -> None:
         self.memory = self.new_memory()

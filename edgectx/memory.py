@@ -138,7 +138,7 @@ class LayerMemory:
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
-        scores = m.scorer.new_token_scores(self.layer, q, k, v)
+        scores = m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens)
         self._pending = _Pending(k, v, q, scores, observed, evict)
         return out
 
@@ -253,6 +253,7 @@ class ContextMemory:
         return {
             "tokens": n,
             "budget_tokens": c.budget_tokens,
+            "scorer": self.scorer.name,
             "sink_tokens": sinks,
             "window_tokens": window,
             "retained_tokens": retained,

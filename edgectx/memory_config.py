@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from edgectx.errors import UsageError
 
 POSITIONS = ("compact", "original")
+SCORERS = ("auto", "heads", "attention", "window")
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,14 @@ class MemoryConfig:
     retrieve_every: int = 8  # decode steps that reuse one retrieval (consecutive queries are alike)
     evict_every: int = 64  # decode tokens the window may overflow by before eviction runs again
     host_dtype: str = "float16"  # the host store's precision: halves its RAM at 128K with no measured loss
+    scorer: str = "auto"  # eviction scores: "heads" (Locret retaining heads), "attention" (attention mass from
+    # the observation window), "window" (recency, as StreamingLLM); "auto" = heads when the model has them
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise UsageError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}.")
+        if self.scorer not in SCORERS:
+            raise UsageError(f"scorer must be one of {', '.join(SCORERS)}, not {self.scorer!r}.")
         if min(self.block_size, self.chunk_tokens, self.n_local, self.retrieve_every, self.evict_every) < 1:
             raise UsageError("block_size, chunk_tokens, n_local, retrieve_every and evict_every must be positive.")
         if min(self.n_sink, self.top_k_blocks, self.n_observe) < 0 or self.cache_blocks < self.top_k_blocks:

@@ -6,7 +6,7 @@ each new token a static score from its pre-RoPE Q, K, V (Locret's retaining head
 ask for the attention mass that an observation window of recent queries puts on every resident token
 (the training-free default, as in SnapKV and H2O).
 
-    scorer = AttentionMassScorer()
+    scorer = AttentionMassScorer()           # or WindowScorer(), or edgectx.heads.HeadsScorer(heads)
     scores = scorer.update(stored, observed)  # both (n_kv_heads, n_tokens)
 """
 
@@ -21,8 +21,8 @@ class EvictionScorer(Protocol):
     name: str
     observes: bool  # whether `update` needs the observation window's attention mass
 
-    def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Scores (n_kv_heads, T) for new tokens from pre-RoPE q (n_heads, T, d), k and v (n_kv_heads, T, d)."""
+    def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
+        """Scores (n_kv_heads, T) for new tokens `first`.. from pre-RoPE q (n_heads, T, d), k and v (n_kv_heads, T, d)."""
 
     def update(self, stored: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
         """New scores (n_kv_heads, n) from the stored ones and, if `observes`, the attention mass just observed."""
@@ -38,8 +38,23 @@ class AttentionMassScorer:
     name = "attention"
     observes = True
 
-    def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         return torch.zeros(k.shape[0], k.shape[1], device=k.device)
 
     def update(self, stored: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
         return stored if observed is None else torch.maximum(stored, observed)
+
+
+class WindowScorer:
+    """Recency only: the retained tier becomes a longer local window, so the device holds sinks + the
+    newest tokens, as StreamingLLM does. The baseline the other scorers must beat."""
+
+    name = "window"
+    observes = False
+
+    def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
+        index = torch.arange(first, first + k.shape[1], device=k.device, dtype=torch.float32)
+        return index.expand(k.shape[0], -1)
+
+    def update(self, stored: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
+        return stored

@@ -5,6 +5,7 @@ with a device budget; we compare top-1 predictions and the NLL of the true next 
 the budget fills are identical by construction, so agreement is also reported past the budget alone.
 
     edgectx bench fidelity --context 8192 --budget 2048 --json
+    edgectx bench fidelity --budget 2048,1024,512 --scorer window,attention,heads --json  # nine runs, one full pass
 """
 
 from __future__ import annotations
@@ -15,27 +16,34 @@ from edgectx.engine import Engine
 from edgectx.memory_config import MemoryConfig
 
 
-def run_fidelity(engine: Engine, context: int, config: MemoryConfig, text_file: str | None = None,
+def run_fidelity(engine: Engine, context: int, configs: MemoryConfig | list[MemoryConfig], text_file: str | None = None,
                  corpus: str = "stdlib") -> dict:
+    """One config: a flat result. Several (budgets x scorers): full attention runs once, then `runs` has one each."""
+    configs = [configs] if isinstance(configs, MemoryConfig) else list(configs)
     ids = corpus_tokens(engine.tokenizer, context + 1, text_file, corpus=corpus)
     engine.configure_memory(None, n_ctx=context + 1)
-    top_full, nll_full, _ = teacher_forced(engine, ids, config.chunk_tokens)
-    engine.configure_memory(config)
-    top_mem, nll_mem, stats = teacher_forced(engine, ids, config.chunk_tokens)
-    agree = top_full == top_mem
-    past = slice(config.budget_tokens, None)
-    full_mean, mem_mean = float(nll_full.mean()), float(nll_mem.mean())
-    return {
-        **run_header(engine, context, config, text_file, corpus),
-        "top1_agreement": float(agree.mean()),
-        "top1_agreement_past_budget": float(agree[past].mean()) if context > config.budget_tokens else 1.0,
-        "nll_full": full_mean,
-        "nll_memory": mem_mean,
-        "nll_rel_diff": (mem_mean - full_mean) / full_mean,
-        "nll_rel_diff_past_budget": float((nll_mem[past].mean() - nll_full[past].mean()) / nll_full[past].mean())
-        if context > config.budget_tokens else 0.0,
-        "evicted_tokens": stats["evicted_tokens"],
-        "device_kv_bytes": stats["device_kv_bytes"],
-        "memory_config": config.to_dict(),
-    }
-
+    top_full, nll_full, _ = teacher_forced(engine, ids, configs[0].chunk_tokens)
+    runs = []
+    for config in configs:
+        engine.configure_memory(config)
+        top_mem, nll_mem, stats = teacher_forced(engine, ids, config.chunk_tokens)
+        agree = top_full == top_mem
+        past = slice(config.budget_tokens, None)
+        full_mean, mem_mean = float(nll_full.mean()), float(nll_mem.mean())
+        runs.append({
+            **run_header(engine, context, config, text_file, corpus),
+            "top1_agreement": float(agree.mean()),
+            "top1_agreement_past_budget": float(agree[past].mean()) if context > config.budget_tokens else 1.0,
+            "nll_full": full_mean,
+            "nll_memory": mem_mean,
+            "nll_rel_diff": (mem_mean - full_mean) / full_mean,
+            "nll_rel_diff_past_budget": float((nll_mem[past].mean() - nll_full[past].mean()) / nll_full[past].mean())
+            if context > config.budget_tokens else 0.0,
+            "evicted_tokens": stats["evicted_tokens"],
+            "device_kv_bytes": stats["device_kv_bytes"],
+            "memory_config": config.to_dict(),
+        })
+    if len(runs) == 1:
+        return runs[0]
+    keep = ("model", "text", "context", "positions", "nll_full")
+    return {**{k: runs[0][k] for k in keep}, "runs": runs}

@@ -38,6 +38,12 @@ def print_report(kind: str, result: dict) -> None:
         for r in result["runs"]:
             table.add_row(str(r["context"]), f"{r['device_kv_bytes'] / 2**20:,.1f}", f"{r['host_kv_bytes'] / 2**20:,.1f}",
                           f"{r['evicted_tokens']:,}", f"{r['elapsed_s']:.0f}", f"{r['peak_rss_bytes'] / 2**20:,.0f}")
+    elif kind == "fidelity" and "runs" in result:
+        table = Table("budget", "scorer", "top-1 agreement", "past budget", "NLL memory", "NLL rel diff",
+                      title=f"{result['model']} on {result['text']}, {result['context']} tokens, NLL full {result['nll_full']:.4f}")
+        for r in result["runs"]:
+            table.add_row(str(r["budget_tokens"]), r["scorer"], _fmt(r["top1_agreement"]), _fmt(r["top1_agreement_past_budget"]),
+                          _fmt(r["nll_memory"]), _fmt(r["nll_rel_diff"]))
     else:
         table = Table("metric", "value", title=f"{result.get('model', '')} on {result.get('text', '')}")
         for key, value in result.items():

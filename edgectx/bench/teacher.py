@@ -48,4 +48,5 @@ def teacher_forced(engine: Engine, ids: list[int], chunk_tokens: int = 512,
 def run_header(engine: Engine, context: int, config: MemoryConfig, text_file: str | None, corpus: str) -> dict:
     """The fields every long-context benchmark result starts with."""
     return {"model": engine.path.name, "text": text_file or f"python-{corpus}", "context": context,
-            "budget_tokens": config.budget_tokens, "positions": config.positions, "scorer": "attention"}
+            "budget_tokens": config.budget_tokens, "positions": config.positions,
+            "scorer": engine.scorer(config.scorer).name}

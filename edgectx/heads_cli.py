@@ -1,0 +1,159 @@
+"""`edgectx heads train | import | info`: make, convert and inspect retaining heads.
+
+    edgectx heads train --text notes.md src/*.py          # heads for the embedded model, used by default after
+    edgectx heads import locret_llama31.pt --model llama-3.1-8b-instruct.Q4_K_M.gguf
+    edgectx heads info --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgectx.errors import UsageError
+from edgectx.heads import HeadsInfo, find_heads, import_locret, load_heads, read_heads_metadata, save_heads, user_heads_path
+
+
+def add_parser(sub, model_args) -> None:
+    heads = sub.add_parser("heads", help="train, import or inspect Locret retaining heads (trained eviction scores)")
+    heads_sub = heads.add_subparsers(dest="heads", required=True)
+    train = heads_sub.add_parser("train", help="train heads for a model on your own long text (backbone frozen)")
+    imp = heads_sub.add_parser("import", help="convert heads published with Locret (a .pt/.bin/.safetensors state dict)")
+    info = heads_sub.add_parser("info", help="which heads a model uses, and how they were trained")
+    for p in (train, imp, info):
+        model_args(p)
+    train.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to learn from")
+    train.add_argument("--out", help="where to write the heads (default: the data dir, where edgectx finds them)")
+    train.add_argument("--hidden", type=int, default=128, help="MLP width (default 128)")
+    train.add_argument("--tokens", type=int, default=0, help="tokens of text to read (default 65536, less for big models)")
+    train.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    train.add_argument("--seq-len", type=int, help="full-attention sequence length for labels (default 4096, or the trained context if shorter)")
+    train.add_argument("--offset", type=int, default=512, help="first later query a label counts (default 512; 0 = Locret's)")
+    train.add_argument("--span", type=int, default=1024, help="later queries a label counts (default 1024)")
+    train.add_argument("--json", action="store_true", help="print the training report as JSON")
+    imp.add_argument("file", help="Locret's heads: a state dict with layers.N.self_attn.fc1/fc2.weight")
+    imp.add_argument("--out", help="where to write the converted heads (default: the data dir)")
+    info.add_argument("--json", action="store_true")
+
+
+def _read_texts(paths: list[str]) -> str:
+    parts = []
+    for name in paths:
+        path = Path(name).expanduser()
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"Text file not found: {path}.") from None
+        except IsADirectoryError:
+            raise UsageError(f"{path} is a directory: pass the text files inside it.") from None
+        except OSError as e:
+            raise UsageError(f"Cannot read {path}: {e.strerror}.") from None
+        if b"\0" in raw[:8192]:
+            raise UsageError(f"{path} looks binary: heads train on UTF-8 text.")
+        try:
+            parts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not UTF-8 text.") from None
+    return "\n\n".join(parts)
+
+
+def _train(args: argparse.Namespace, path: Path) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from edgectx.engine import Engine
+    from edgectx.heads_train import TrainSettings, train_heads
+
+    from edgectx.gguf_loader import open_gguf, read_spec
+
+    text = _read_texts(args.text)  # bad text files fail before the model loads
+    trained = read_spec(open_gguf(path)).context_length
+    if args.seq_len and args.seq_len > trained:
+        raise UsageError(f"--seq-len {args.seq_len} is past {path.name}'s trained context ({trained}).")
+    settings = TrainSettings(hidden=args.hidden, tokens=args.tokens, steps=args.steps, seq_len=args.seq_len or min(4096, trained),
+                             offset=args.offset, span=args.span)
+    engine = Engine.load(path, device=args.device, n_ctx=settings.seq_len, n_threads=args.threads)
+    ids = engine.tokenizer.encode(text, add_bos=False, special=False)
+    n_tokens = settings.n_tokens(engine.spec)
+    ids = ids[:n_tokens]
+    if len(ids) < 2 * settings.seq_len:
+        raise UsageError(f"The text has {len(ids)} tokens; training needs at least {2 * settings.seq_len}: pass more text.")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        reading = bar.add_task("reading", total=len(ids) // settings.seq_len * settings.seq_len, info="")
+        training = bar.add_task("training", total=settings.steps, info="", start=False)
+
+        def report(phase: str, done: int, total: int, figures: dict) -> None:
+            if phase == "reading":
+                bar.update(reading, completed=done, info=f"{done:,}/{total:,} tokens")
+            else:
+                bar.start_task(training)
+                info = f"held-out loss {figures['heldout_loss']:.3f}, top-10% recall {figures['heldout_recall']:.3f}" if figures else None
+                bar.update(training, completed=done, **({"info": info} if info else {}))
+
+        result = train_heads(engine, ids, settings, progress=report)
+    out = Path(args.out).expanduser() if args.out else user_heads_path(engine.fingerprint)
+    save_heads(result.heads, out, result.info(engine))
+    report_data = {"model": engine.path.name, "out": str(out), "collect_s": result.collect_s, "train_s": result.train_s,
+                   "train_tokens": result.train_tokens, "heldout_tokens": result.heldout_tokens, "curve": result.curve,
+                   "threads": torch.get_num_threads()}
+    if args.json:
+        print(json.dumps(report_data, indent=2))
+    else:
+        last = result.curve[-1]
+        print(f"Heads written to {out} ({out.stat().st_size / 2**20:.1f} MiB): read {result.collect_s:.0f} s, "
+              f"trained {result.train_s:.0f} s; held-out loss {last['heldout_loss']:.3f}, top-10% recall {last['heldout_recall']:.3f}.")
+        if not args.out:
+            print("edgectx uses them for this model from now on (--scorer heads, or the default auto).")
+    return 0
+
+
+def _import(args: argparse.Namespace, path: Path) -> int:
+    from edgectx.fingerprint import weights_fingerprint
+    from edgectx.gguf_loader import open_gguf, read_spec
+
+    g = open_gguf(path)
+    spec, fingerprint = read_spec(g), weights_fingerprint(g)
+    heads = import_locret(Path(args.file), spec)
+    out = Path(args.out).expanduser() if args.out else user_heads_path(fingerprint)
+    save_heads(heads, out, HeadsInfo(fingerprint, path.name, "locret-import", {"imported_from": str(args.file)}))
+    print(f"Imported {spec.n_layers} layers of retaining heads (width {heads.hidden}) for {path.name} into {out}.")
+    return 0
+
+
+def _info(args: argparse.Namespace, path: Path) -> int:
+    from edgectx.fingerprint import weights_fingerprint
+    from edgectx.gguf_loader import open_gguf, read_spec
+
+    g = open_gguf(path)
+    spec, fingerprint = read_spec(g), weights_fingerprint(g)
+    found = find_heads(fingerprint)
+    data = {"model": path.name, "fingerprint": fingerprint, "heads": str(found) if found else None}
+    if found:
+        meta = read_heads_metadata(found)
+        heads, info = load_heads(found, spec, fingerprint)
+        curve = info.training.get("curve") or []
+        data.update({"source": info.source, "hidden": heads.hidden, "size_bytes": found.stat().st_size,
+                     "train_s": info.training.get("train_s"), "collect_s": info.training.get("collect_s"),
+                     "final": curve[-1] if curve else None, "settings": info.training.get("settings"),
+                     "format_version": meta.get("version")})
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif found:
+        final = data["final"]
+        tail = f"; held-out top-10% recall {final['heldout_recall']:.3f}" if final else ""
+        print(f"{path.name} uses {data['source']} retaining heads (width {data['hidden']}) from {found}{tail}.")
+    else:
+        print(f"{path.name} has no retaining heads: eviction uses attention mass. Train some with `edgectx heads train --text FILE...`.")
+    return 0
+
+
+def run_heads(args: argparse.Namespace) -> int:
+    from edgectx.config import load_config
+    from edgectx.models import resolve_model
+
+    path = resolve_model(args.model, load_config())
+    return {"train": _train, "import": _import, "info": _info}[args.heads](args, path)

@@ -1,0 +1,248 @@
+"""`edgectx heads train`: self-supervised training of Locret retaining heads on any long text.
+
+The backbone stays frozen. It reads the text in sequences of `seq_len` tokens with full attention;
+at every layer we keep each token's pre-RoPE [Q, K, V] (the heads' input) and its label, the causal
+importance Locret trains on: the largest pre-softmax attention logit the token receives from later
+queries, maximised over the query heads of its KV group. The queries counted are those from
+`offset` to `offset + span` tokens later. With `offset` = the memory's local window (512), the label
+measures what eviction actually decides: whether queries still want the token after it has left the
+window (nearer queries see it in the window anyway, and their large, positional logits would
+otherwise dominate the maximum); `--offset 0` gives Locret's all-later-queries label.
+
+The heads (one MLP per layer, trained all at once as a batched matmul) then fit these labels with
+SmoothL1 plus a small smoothness term between neighbouring tokens' predictions, AdamW, on windows of
+consecutive tokens. Inputs are scaled per feature by their RMS during training; the scale is folded
+into fc1 when saving, so the file holds plain Locret-shaped fc1/fc2 weights. Labels are standardized
+per layer and KV head (eviction ranks tokens within one head of one layer, so an affine change per
+head changes nothing it decides, and the fit starts near the answer instead of ten logits away). A held-out share of the
+sequences (never trained on) gives the loss curve and the top-10% recall (how many of the truly most
+important tenth of tokens the heads rank in their own top tenth, as Locret reports).
+
+    result = train_heads(engine, ids, TrainSettings(), progress=print)
+    save_heads(result.heads, path, result.info(engine))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgectx.engine import Engine
+from edgectx.errors import UsageError
+from edgectx.heads import HeadsInfo, RetainingHeads, qkv_features
+from edgectx.kv import FullKVCache
+
+# Features kept in RAM for training (fp16), at most: sets the default token count for large models.
+FEATURE_RAM_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    hidden: int = 128  # the MLP's width (Locret uses 1024 for 4096-wide models; inputs here are 960 wide)
+    tokens: int = 0  # text read, held-out share included; 0 = 65536, fewer if the features would pass 4 GB
+    seq_len: int = 4096  # full-attention sequences the labels come from (within the trained context)
+    offset: int = 512  # first later query counted in a label (the local window: nearer ones see it anyway)
+    span: int = 1024  # later queries counted from `offset` on
+    skip_first: int = 64  # sequence starts (attention sinks, always kept) are not trained on
+    heldout: float = 0.125  # share of sequences kept out of training for the loss curve
+    steps: int = 1200
+    batch: int = 4  # windows per step
+    window: int = 256  # consecutive tokens per window (the smoothness term needs neighbours)
+    lr: float = 1e-3
+    smooth: float = 0.0025  # weight of the neighbour smoothness term (Locret's value)
+    eval_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seq_len < self.skip_first + self.offset + self.span + self.window:
+            raise UsageError(f"--seq-len {self.seq_len} leaves no tokens with a full label span: it must exceed "
+                             f"{self.skip_first + self.offset + self.span + self.window}.")
+        if min(self.hidden, self.steps, self.batch, self.window, self.span, self.eval_every) < 1 or self.offset < 0:
+            raise UsageError("hidden, steps, batch, window, span and eval_every must be positive, and offset >= 0.")
+        if not 0 < self.heldout < 1:
+            raise UsageError("heldout must be a fraction between 0 and 1.")
+
+    def n_tokens(self, spec) -> int:
+        if self.tokens:
+            return self.tokens
+        labelled = (self.seq_len - self.skip_first - self.offset - self.span) / self.seq_len
+        per_token = spec.n_layers * (spec.q_dim + 2 * spec.kv_dim) * 2 * labelled
+        fit = int(FEATURE_RAM_BYTES / per_token) // self.seq_len * self.seq_len
+        return max(2 * self.seq_len, min(65536, fit))
+
+
+class _LabellingLayer:
+    """Full attention for one layer, recording the heads' inputs and their causal-importance labels."""
+
+    def __init__(self, inner, owner: "_LabellingCache"):
+        self.inner, self.owner = inner, owner
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        o, s = self.owner, self.owner.settings
+        out = self.inner.attend(q, k, v)
+        n = q.shape[1]
+        keep = slice(s.skip_first, n - s.offset - s.span)
+        o.features.append(qkv_features(q, k, v)[keep].to(torch.float16))
+        q_rot = o.rope.rotate(q, *o.rope_tables)  # positions 0..n-1 (one sequence from empty)
+        k_rot = self.inner.k[:, :n]
+        n_kv, head_dim = k_rot.shape[0], k_rot.shape[2]
+        qg = q_rot.reshape(n_kv, -1, n, head_dim)  # (n_kv, group, n, d)
+        labels = []
+        # Key blocks bound the (group, n, block) logits; queries i with offset <= i - j < offset + span.
+        for start in range(keep.start, keep.stop, 512):
+            stop = min(start + 512, keep.stop)
+            q_lo, q_hi = start + s.offset, stop + s.offset + s.span - 1
+            logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, q_lo:q_hi], k_rot[:, start:stop]) / math.sqrt(head_dim)
+            i = torch.arange(q_lo, q_hi)[:, None]
+            j = torch.arange(start, stop)[None, :]
+            valid = (i - j >= s.offset) & (i - j < s.offset + s.span)
+            labels.append(logits.float().masked_fill(~valid, -torch.inf).amax(dim=(1, 2)))  # (n_kv, block)
+        o.labels.append(torch.cat(labels, dim=1).T.contiguous())  # (kept, n_kv)
+        return out
+
+
+class _LabellingCache(FullKVCache):
+    def __init__(self, engine: Engine, settings: TrainSettings):
+        super().__init__(engine.spec, engine.rope, engine.device, engine.dtype)
+        self.settings = settings
+        self.features: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.layers = [_LabellingLayer(layer, self) for layer in self.layers]
+
+
+@dataclass
+class TrainResult:
+    heads: RetainingHeads
+    settings: TrainSettings
+    curve: list[dict] = field(default_factory=list)  # {step, train_loss, heldout_loss, heldout_recall}
+    collect_s: float = 0.0
+    train_s: float = 0.0
+    train_tokens: int = 0
+    heldout_tokens: int = 0
+
+    def info(self, engine: Engine) -> HeadsInfo:
+        training = {"settings": asdict(self.settings), "collect_s": round(self.collect_s, 1),
+                    "train_s": round(self.train_s, 1), "train_tokens": self.train_tokens,
+                    "heldout_tokens": self.heldout_tokens, "curve": self.curve}
+        return HeadsInfo(engine.fingerprint, engine.path.name, "trained", training)
+
+
+Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, figures)
+
+
+def collect(engine: Engine, ids: list[int], settings: TrainSettings,
+            progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (n_layers, n_seq, kept, in) fp16 and labels (n_layers, n_seq, kept, n_kv) from full-attention passes."""
+    n_seq = len(ids) // settings.seq_len
+    feats, labels = [], []
+    with torch.inference_mode():
+        for i in range(n_seq):
+            cache = _LabellingCache(engine, settings)
+            chunk = torch.tensor(ids[i * settings.seq_len : (i + 1) * settings.seq_len], device=engine.device)
+            cache.begin(len(chunk))
+            engine.model(chunk, cache)
+            feats.append(torch.stack(cache.features).cpu())
+            labels.append(torch.stack(cache.labels).cpu())
+            if progress:
+                progress("reading", (i + 1) * settings.seq_len, n_seq * settings.seq_len, {})
+    return torch.stack(feats, dim=1), torch.stack(labels, dim=1)
+
+
+def _losses(pred: torch.Tensor, target: torch.Tensor, smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred/target (L, B, W, n_kv): the SmoothL1 fit and the total loss with the neighbour smoothness term."""
+    fit = F.smooth_l1_loss(pred, target)
+    return fit, fit + smooth * F.mse_loss(pred[:, :, 1:], pred[:, :, :-1])
+
+
+def standardize(train_y: torch.Tensor, test_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels in units of the training labels' spread, per layer and KV head: ranking-equivalent, easier to fit."""
+    mean = train_y.mean(dim=(1, 2), keepdim=True)
+    std = train_y.std(dim=(1, 2), keepdim=True).clamp(min=1e-6)
+    return (train_y - mean) / std, (test_y - mean) / std
+
+
+@torch.no_grad()
+def evaluate(heads: RetainingHeads, feats: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> dict:
+    """Held-out SmoothL1 and top-10% recall, per sequence, layer and KV head."""
+    losses, recalls = [], []
+    for s in range(feats.shape[1]):
+        x = feats[:, s].float() / scale
+        pred = heads(x)  # (L, kept, n_kv)
+        target = labels[:, s]
+        losses.append(float(F.smooth_l1_loss(pred, target)))
+        k = max(1, pred.shape[1] // 10)
+        top_pred = torch.zeros_like(pred, dtype=torch.bool).scatter_(1, pred.topk(k, dim=1).indices, True)
+        top_true = torch.zeros_like(pred, dtype=torch.bool).scatter_(1, target.topk(k, dim=1).indices, True)
+        recalls.append(float((top_pred & top_true).sum() / top_true.sum()))
+    return {"heldout_loss": sum(losses) / len(losses), "heldout_recall": sum(recalls) / len(recalls)}
+
+
+def fit(heads: RetainingHeads, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+        settings: TrainSettings, progress: Progress | None = None) -> list[dict]:
+    """Train `heads` in place; returns the curve. Features are fp16 (L, n_seq, kept, in)."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    train_y, test_y = standardize(train_y, test_y)
+    # Per-layer, per-feature RMS: the heads see unit-scale inputs; `fold_scale` moves it into fc1 afterwards.
+    scale = train_x.float().pow(2).mean(dim=(1, 2)).sqrt().clamp(min=1e-6)[:, None, :]  # (L, 1, in)
+    opt = torch.optim.AdamW(heads.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, settings.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / settings.steps)))))
+    n_layers, n_seq, kept, _ = train_x.shape
+    curve, running = [], []
+    for step in range(1, settings.steps + 1):
+        seqs = torch.randint(n_seq, (settings.batch,), generator=gen)
+        starts = torch.randint(kept - settings.window + 1, (settings.batch,), generator=gen)
+        rows = [slice(int(a), int(a) + settings.window) for a in starts]
+        x = torch.stack([train_x[:, s, r] for s, r in zip(seqs.tolist(), rows)], dim=1).float() / scale[:, None]
+        y = torch.stack([train_y[:, s, r] for s, r in zip(seqs.tolist(), rows)], dim=1)  # (L, B, W, n_kv)
+        pred = heads(x.reshape(n_layers, -1, x.shape[-1])).reshape(y.shape)
+        fit_loss, loss = _losses(pred, y, settings.smooth)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(float(fit_loss.detach()))
+        if step % settings.eval_every == 0 or step == settings.steps:
+            point = {"step": step, "train_loss": sum(running) / len(running), **evaluate(heads, test_x, test_y, scale)}
+            curve.append(point)
+            running = []
+            if progress:
+                progress("training", step, settings.steps, point)
+        elif progress and step % 10 == 0:
+            progress("training", step, settings.steps, {})
+    fold_scale(heads, scale)
+    return curve
+
+
+@torch.no_grad()
+def fold_scale(heads: RetainingHeads, scale: torch.Tensor) -> None:
+    """silu((x / scale) @ fc1.T) == silu(x @ (fc1 / scale).T): plain fc1/fc2 heads take raw projections."""
+    heads.fc1.div_(scale)
+
+
+def train_heads(engine: Engine, ids: list[int], settings: TrainSettings, progress: Progress | None = None) -> TrainResult:
+    n_seq = len(ids) // settings.seq_len
+    n_heldout = max(1, round(n_seq * settings.heldout))
+    if n_seq - n_heldout < 1:
+        raise UsageError(f"The text has {len(ids)} tokens: training needs at least {2 * settings.seq_len} "
+                         f"(two sequences of --seq-len {settings.seq_len}); pass more text.")
+    torch.manual_seed(settings.seed)
+    t0 = time.perf_counter()
+    feats, labels = collect(engine, ids[: n_seq * settings.seq_len], settings, progress)
+    collect_s = time.perf_counter() - t0
+    # The held-out sequences are the text's last ones: other files than most of the training text.
+    train_x, test_x = feats[:, : n_seq - n_heldout], feats[:, n_seq - n_heldout :]
+    train_y, test_y = labels[:, : n_seq - n_heldout], labels[:, n_seq - n_heldout :]
+    heads = RetainingHeads(engine.spec, settings.hidden)
+    t0 = time.perf_counter()
+    curve = fit(heads, train_x, train_y, test_x, test_y, settings, progress)
+    heads.requires_grad_(False)
+    return TrainResult(heads, settings, curve, collect_s, time.perf_counter() - t0,
+                       train_tokens=train_x.shape[1] * train_x.shape[2], heldout_tokens=test_x.shape[1] * test_x.shape[2])
