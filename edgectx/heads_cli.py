@@ -37,6 +37,15 @@ def add_parser(sub, model_args) -> None:
     info.add_argument("--json", action="store_true")
 
 
+def spread_sequences(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
+    """At most `n_tokens` ids as whole sequences spread evenly over the text, in order (variety over a long text)."""
+    n_seq = min(n_tokens, len(ids)) // seq_len
+    if n_seq * seq_len >= len(ids) or n_seq < 2:
+        return ids[: n_seq * seq_len]
+    step = (len(ids) - seq_len) / (n_seq - 1)
+    return [t for i in range(n_seq) for t in ids[round(i * step) : round(i * step) + seq_len]]
+
+
 def _read_texts(paths: list[str]) -> str:
     parts = []
     for name in paths:
@@ -76,8 +85,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
                              offset=args.offset, span=args.span)
     engine = Engine.load(path, device=args.device, n_ctx=settings.seq_len, n_threads=args.threads)
     ids = engine.tokenizer.encode(text, add_bos=False, special=False)
-    n_tokens = settings.n_tokens(engine.spec)
-    ids = ids[:n_tokens]
+    ids = spread_sequences(ids, settings.n_tokens(engine.spec), settings.seq_len)
     if len(ids) < 2 * settings.seq_len:
         raise UsageError(f"The text has {len(ids)} tokens; training needs at least {2 * settings.seq_len}: pass more text.")
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
