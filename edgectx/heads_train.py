@@ -139,18 +139,31 @@ def collect(engine: Engine, ids: list[int], settings: TrainSettings,
             progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (n_layers, n_seq, kept, in) fp16 and labels (n_layers, n_seq, kept, n_kv) from full-attention passes."""
     n_seq = len(ids) // settings.seq_len
-    feats, labels = [], []
+    spec = engine.spec
+    kept = settings.seq_len - settings.skip_first - settings.offset - settings.span
+    # Filled in place: the features are most of training's RAM, so they never exist twice.
+    feats = torch.empty(spec.n_layers, n_seq, kept, spec.q_dim + 2 * spec.kv_dim, dtype=torch.float16)
+    labels = torch.empty(spec.n_layers, n_seq, kept, spec.n_kv_heads)
     with torch.inference_mode():
         for i in range(n_seq):
             cache = _LabellingCache(engine, settings)
             chunk = torch.tensor(ids[i * settings.seq_len : (i + 1) * settings.seq_len], device=engine.device)
             cache.begin(len(chunk))
             engine.model(chunk, cache)
-            feats.append(torch.stack(cache.features).cpu())
-            labels.append(torch.stack(cache.labels).cpu())
+            for layer, (f, y) in enumerate(zip(cache.features, cache.labels)):
+                feats[layer, i], labels[layer, i] = f.cpu(), y.cpu()
+            del cache
             if progress:
                 progress("reading", (i + 1) * settings.seq_len, n_seq * settings.seq_len, {})
-    return torch.stack(feats, dim=1), torch.stack(labels, dim=1)
+    return feats, labels
+
+
+def feature_rms(x: torch.Tensor) -> torch.Tensor:
+    """Per-layer, per-feature RMS of fp16 features (L, n_seq, kept, in) -> (L, 1, in), one sequence at a time."""
+    sum_sq = torch.zeros(x.shape[0], x.shape[-1])
+    for s in range(x.shape[1]):
+        sum_sq += x[:, s].float().pow(2).sum(dim=1)
+    return (sum_sq / (x.shape[1] * x.shape[2])).sqrt().clamp(min=1e-6)[:, None, :]
 
 
 def _losses(pred: torch.Tensor, target: torch.Tensor, smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +201,7 @@ def fit(heads: RetainingHeads, train_x: torch.Tensor, train_y: torch.Tensor, tes
     gen = torch.Generator().manual_seed(settings.seed)
     train_y, test_y = standardize(train_y, test_y)
     # Per-layer, per-feature RMS: the heads see unit-scale inputs; `fold_scale` moves it into fc1 afterwards.
-    scale = train_x.float().pow(2).mean(dim=(1, 2)).sqrt().clamp(min=1e-6)[:, None, :]  # (L, 1, in)
+    scale = feature_rms(train_x)  # (L, 1, in)
     opt = torch.optim.AdamW(heads.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, settings.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(

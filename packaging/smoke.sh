@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the sdist and wheel, install the wheel with pipx into a throwaway PIPX_HOME (torch held to the
-# CPU build by packaging/cpu-constraints.txt), then run `edgectx --version` and a one-shot chat from it.
+# CPU build by packaging/cpu-constraints.txt), then run `edgectx --version`, a one-shot chat and `edgectx heads info` from it.
 # Usage: bash packaging/smoke.sh        (run from any directory; needs python3 with venv)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,4 +20,7 @@ python3 -m pipx install "$wheel"
 answer=$(cd "$work" && "$work/bin/edgectx" chat --prompt "What is the capital of France?" --temperature 0 --max-tokens 24)
 echo "answer: $answer"
 grep -q "Paris" <<<"$answer" || { echo "smoke: the installed edgectx did not answer 'Paris'" >&2; exit 1; }
-echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat)"
+heads=$(EDGECTX_HOME="$work/home" "$work/bin/edgectx" heads info)  # only what the wheel ships
+echo "heads: $heads"
+grep -q "retaining heads (width" <<<"$heads" || { echo "smoke: the wheel does not ship the embedded model's retaining heads" >&2; exit 1; }
+echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads)"
