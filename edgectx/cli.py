@@ -5,6 +5,7 @@
     edgectx models | doctor | --version
     edgectx bench conformance | speed | fidelity | longppl | memory
     edgectx heads train | import | info
+    edgectx history [--search Q] | export ID --format md|json
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     from edgectx.heads_cli import add_parser as add_heads_parser
 
     add_heads_parser(sub, _model_args)
+
+    from edgectx.history_cli import add_parsers as add_history_parsers
+
+    add_history_parsers(sub)
 
     bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -220,6 +225,10 @@ def run(argv: list[str] | None = None) -> int:
         from edgectx.heads_cli import run_heads
 
         return run_heads(args)
+    if args.command in ("history", "export"):
+        from edgectx.history_cli import run_history_command
+
+        return run_history_command(args)
     from edgectx.config import load_config
     from edgectx.repl import run_chat
 

@@ -30,3 +30,8 @@ class UsageError(EdgectxError):
     """A command-line argument or input file is wrong."""
 
     exit_code = 2
+
+
+class StoreError(EdgectxError):
+    """The conversation database cannot be used: not SQLite, from a newer edgectx, locked, full or damaged;
+    or a conversation, document or snapshot id that it does not hold."""
