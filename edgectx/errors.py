@@ -30,3 +30,9 @@ class UsageError(EdgectxError):
     """A command-line argument or input file is wrong."""
 
     exit_code = 2
+
+
+class DocumentError(EdgectxError):
+    """A file given to read is missing, unreadable, empty, binary, too large, or a PDF without readable text."""
+
+    exit_code = 2
