@@ -35,3 +35,9 @@ class UsageError(EdgectxError):
 class StoreError(EdgectxError):
     """The conversation database cannot be used: not SQLite, from a newer edgectx, locked, full or damaged;
     or a conversation, document or snapshot id that it does not hold."""
+
+
+class DocumentError(EdgectxError):
+    """A file given to read is missing, unreadable, empty, binary, too large, or a PDF without readable text."""
+
+    exit_code = 2

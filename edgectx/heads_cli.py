@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from edgectx.documents import DEFAULT_MAX_BYTES, read_document
 from edgectx.errors import UsageError
 from edgectx.heads import HeadsInfo, find_heads, import_locret, load_heads, read_heads_metadata, save_heads, user_heads_path
 
@@ -23,7 +24,9 @@ def add_parser(sub, model_args) -> None:
     info = heads_sub.add_parser("info", help="which heads a model uses, and how they were trained")
     for p in (train, imp, info):
         model_args(p)
-    train.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to learn from")
+    train.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text, Markdown, source code or PDF files to learn from")
+    train.add_argument("--max-file-mib", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+                       help=f"largest file to read, in MiB (default {DEFAULT_MAX_BYTES // 2**20})")
     train.add_argument("--out", help="where to write the heads (default: the data dir, where edgectx finds them)")
     train.add_argument("--hidden", type=int, default=128, help="MLP width (default 128)")
     train.add_argument("--tokens", type=int, default=0, help="tokens of text to read (default 65536, less for big models)")
@@ -46,27 +49,6 @@ def spread_sequences(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
     return [t for i in range(n_seq) for t in ids[round(i * step) : round(i * step) + seq_len]]
 
 
-def _read_texts(paths: list[str]) -> str:
-    parts = []
-    for name in paths:
-        path = Path(name).expanduser()
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"Text file not found: {path}.") from None
-        except IsADirectoryError:
-            raise UsageError(f"{path} is a directory: pass the text files inside it.") from None
-        except OSError as e:
-            raise UsageError(f"Cannot read {path}: {e.strerror}.") from None
-        if b"\0" in raw[:8192]:
-            raise UsageError(f"{path} looks binary: heads train on UTF-8 text.")
-        try:
-            parts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise UsageError(f"{path} is not UTF-8 text.") from None
-    return "\n\n".join(parts)
-
-
 def _train(args: argparse.Namespace, path: Path) -> int:
     import torch
     from rich.console import Console
@@ -77,7 +59,10 @@ def _train(args: argparse.Namespace, path: Path) -> int:
 
     from edgectx.gguf_loader import open_gguf, read_spec
 
-    text = _read_texts(args.text)  # bad text files fail before the model loads
+    if args.max_file_mib <= 0:
+        raise UsageError(f"--max-file-mib must be positive, got {args.max_file_mib:g}.")
+    max_bytes = int(args.max_file_mib * 2**20)
+    text = "\n\n".join(read_document(name, max_bytes).text for name in args.text)  # bad files fail before the model loads
     trained = read_spec(open_gguf(path)).context_length
     if args.seq_len and args.seq_len > trained:
         raise UsageError(f"--seq-len {args.seq_len} is past {path.name}'s trained context ({trained}).")
