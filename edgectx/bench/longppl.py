@@ -3,7 +3,8 @@
 The memory engine reads the whole text in chunks and scores every next token; full attention scores
 the same text up to `full_max` tokens (its cost grows with the square of the length, and past the
 trained context its positions leave the range the model knows: the contrast this benchmark shows).
-The default text is `python-docs` (the language reference and module docstrings: English prose of
+`memory_by_context` records the memory's device and host bytes, elapsed time and peak RSS as the
+context passes each bucket edge. The default text is `python-docs` (the language reference and module docstrings: English prose of
 even difficulty throughout), so a rising NLL means the memory, not the text, got worse.
 
     edgectx bench longppl --context 131072 --budget 2048 --json
@@ -59,8 +60,18 @@ def run_longppl(engine: Engine, context: int, config: MemoryConfig, full_max: in
     ids = corpus_tokens(engine.tokenizer, context + 1, text_file, corpus=corpus)
     edges = bucket_edges(context)
     engine.configure_memory(config)
+    points, show = [], None if quiet else _progress("memory")
     t0 = time.perf_counter()
-    _, nll_mem, stats = teacher_forced(engine, ids, config.chunk_tokens, progress=None if quiet else _progress("memory"))
+
+    def on_chunk(done: int, total: int) -> None:
+        if done in edges:  # the memory's bytes as the context passes each bucket edge (as `bench memory` does)
+            s = engine.stats()
+            points.append({"context": done, "elapsed_s": time.perf_counter() - t0, "device_kv_bytes": s["device_kv_bytes"],
+                           "host_kv_bytes": s["host_kv_bytes"], "peak_rss_bytes": peak_rss_bytes()})
+        if show:
+            show(done, total)
+
+    _, nll_mem, stats = teacher_forced(engine, ids, config.chunk_tokens, progress=on_chunk)
     memory_s = time.perf_counter() - t0
     full_tokens = min(full_max, context)
     nll_full = np.empty(0)
@@ -78,6 +89,7 @@ def run_longppl(engine: Engine, context: int, config: MemoryConfig, full_max: in
         "memory_vs_first_bucket": [m / memory_buckets[0] - 1 for m in memory_buckets],
         "full_attention_tokens": full_tokens,
         "memory_s": memory_s,
+        "memory_by_context": points,
         "device_kv_bytes": stats["device_kv_bytes"],
         "host_kv_bytes": stats["host_kv_bytes"],
         "peak_rss_bytes": peak_rss_bytes(),
