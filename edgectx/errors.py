@@ -30,3 +30,10 @@ class UsageError(EdgectxError):
     """A command-line argument or input file is wrong."""
 
     exit_code = 2
+
+
+class SnapshotError(EdgectxError):
+    """A snapshot that cannot be written, or read back: missing, damaged, truncated, for another model,
+    or written by a newer edgectx. Callers fall back to reading the document again."""
+
+    exit_code = 4
