@@ -3,7 +3,7 @@
     edgectx                      # the chat (the terminal UI replaces it once built)
     edgectx chat --prompt "hi"   # one-shot answer on stdout
     edgectx models | doctor | --version
-    edgectx bench conformance | speed | fidelity | longppl | memory
+    edgectx bench conformance | speed | fidelity | longppl | memory | reopen
     edgectx heads train | import | info
     edgectx history [--search Q] | export ID --format md|json
 """
@@ -17,6 +17,8 @@ import sys
 from edgectx import __version__
 from edgectx.errors import EdgectxError, UsageError
 from edgectx.memory_config import POSITIONS, SCORERS, MemoryConfig
+
+SNAPSHOT_CODECS = ("fp16", "int8", "int4")  # edgectx.memory_snapshot.CODECS, without importing torch here
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
 
@@ -122,14 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity = bench_sub.add_parser("fidelity", help="the long-context memory vs full attention, teacher-forced")
     longppl = bench_sub.add_parser("longppl", help="NLL by position bucket far past the trained context")
     memory = bench_sub.add_parser("memory", help="device and host KV bytes as the context grows")
-    for p in (conf, speed, fidelity, longppl, memory):
+    reopen = bench_sub.add_parser("reopen", help="snapshot size, restore vs prefill time, and quality after a restore")
+    for p in (conf, speed, fidelity, longppl, memory, reopen):
         _model_args(p)
         p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    for p in (speed, longppl, memory):
+    for p in (speed, longppl, memory, reopen):
         _memory_args(p, allow_full=False)
     _memory_args(fidelity, allow_full=False, lists=True)
-    for p in (fidelity, longppl, memory):
+    for p in (fidelity, longppl, memory, reopen):
         p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
     conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
     speed.add_argument("--context", type=_contexts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
@@ -138,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     longppl.add_argument("--context", type=int, default=131072, help="tokens of text (default 131072)")
     longppl.add_argument("--full-max", type=int, default=16384, help="score full attention up to here (default 16384; 0 skips it)")
     memory.add_argument("--contexts", type=_contexts, default=[8192, 32768, 131072], help="comma-separated lengths")
+    reopen.add_argument("--context", type=int, default=32768, help="tokens of text to prefill and snapshot (default 32768)")
+    reopen.add_argument("--codec", choices=SNAPSHOT_CODECS, default="int4", help="snapshot codec (default int4; fp16 is lossless)")
+    reopen.add_argument("--next-tokens", type=int, default=512, help="tokens teacher-forced after the restore (default 512)")
+    reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
     speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
     return parser
 
@@ -206,6 +213,13 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
 
         return run_longppl(engine, args.context, memory, full_max=args.full_max, text_file=args.text,
                            corpus=args.corpus or "docs", quiet=args.json)
+    if args.bench == "reopen":
+        from edgectx.bench.reopen import run_reopen
+
+        if args.context < 1 or args.next_tokens < 2:
+            raise UsageError("--context must be at least 1 token and --next-tokens at least 2.")
+        return run_reopen(engine, args.context, memory, codec=args.codec, next_tokens=args.next_tokens, text_file=args.text,
+                          corpus=args.corpus or "docs", snapshot_path=args.snapshot)
     from edgectx.bench.memory import run_memory
 
     return run_memory(engine, args.contexts, memory, text_file=args.text, corpus=args.corpus or "docs", quiet=args.json)

@@ -3,16 +3,20 @@
 `prefill` runs tokens through the model in chunks (progress callback, cancellation between chunks);
 `sync` reuses the longest cached prefix and prefills only the rest, so a second chat turn pays only
 for its new tokens; `generate` streams text. The KV memory sits behind the `KVMemory` interface.
+`snapshot` writes the long-context memory to a file, `restore` reads it back, and `prefill_with_snapshot`
+reopens a document: it restores a snapshot whose tokens start the new ids and prefills only the rest.
 
     engine = Engine.load(Path("model.gguf"))
     engine.sync(engine.tokenizer.encode(prompt))
     for piece in engine.generate(SamplingParams(temperature=0), max_tokens=64):
         print(piece, end="")
+    engine.snapshot("doc.edgectxs", codec="int4")  # tomorrow: engine.prefill_with_snapshot(ids, "doc.edgectxs")
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,16 +25,19 @@ import torch
 
 from edgectx.chat_template import ChatTemplate
 from edgectx.decode import CompiledDecode
-from edgectx.errors import EdgectxError
+from edgectx.errors import EdgectxError, SnapshotError, UsageError
 from edgectx.fingerprint import weights_fingerprint
 from edgectx.gguf_loader import load_model, open_gguf, read_spec
 from edgectx.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
 from edgectx.kv import FullKVCache, KVMemory
 from edgectx.memory import ContextMemory
 from edgectx.memory_config import MemoryConfig
+from edgectx.memory_snapshot import CODECS as SNAPSHOT_CODECS
+from edgectx.memory_snapshot import load_memory, memory_meta, memory_sections
 from edgectx.rope import Rope
 from edgectx.sampling import Sampler, SamplingParams
 from edgectx.scoring import AttentionMassScorer, EvictionScorer, WindowScorer
+from edgectx.snapshot_file import open_snapshot, read_header, write_snapshot
 from edgectx.spec import ModelSpec
 from edgectx.stops import StopMatcher
 from edgectx.tokenizer import Tokenizer
@@ -60,6 +67,28 @@ class GenerationStats:
     @property
     def decode_tok_s(self) -> float:
         return self.generated_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    codec: str
+    snapshot_bytes: int  # the file's size
+    n_tokens: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class RestoreInfo:
+    n_tokens: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ReuseInfo:
+    reused_tokens: int  # restored from the snapshot (0: it was not used)
+    prefilled_tokens: int  # run through the model
+    problem: str | None = None  # why a snapshot that should have been used was not (reported once)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -99,16 +128,16 @@ class Engine:
     def configure_memory(self, memory_config: MemoryConfig | None, n_ctx: int | None = None) -> None:
         """Switch between the long-context memory (a config) and plain full attention (None); resets the chat."""
         self.memory_config = memory_config
-        if memory_config is None:
-            self.n_ctx = n_ctx or self.spec.context_length
-            positions_reach = self.n_ctx
-        else:
-            self.n_ctx = n_ctx or MEMORY_MAX_TOKENS
-            compact = memory_config.positions == "compact"
-            positions_reach = memory_config.budget_tokens + memory_config.chunk_tokens if compact else self.n_ctx
-        trained = self.spec.rope_scaling.original_context or self.spec.context_length
-        self.rope = Rope(self.spec, self.device, long_context=positions_reach > trained)
+        self.n_ctx = n_ctx or (self.spec.context_length if memory_config is None else MEMORY_MAX_TOKENS)
+        self.rope = self._rope_for(memory_config, self.n_ctx)
         self.reset()
+
+    def _rope_for(self, memory_config: MemoryConfig | None, n_ctx: int) -> Rope:
+        positions_reach = n_ctx
+        if memory_config is not None and memory_config.positions == "compact":
+            positions_reach = memory_config.budget_tokens + memory_config.chunk_tokens
+        trained = self.spec.rope_scaling.original_context or self.spec.context_length
+        return Rope(self.spec, self.device, long_context=positions_reach > trained)
 
     @classmethod
     def load(cls, path: Path, device: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
@@ -164,6 +193,11 @@ class Engine:
         return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config,
                              scorer=self.scorer(self.memory_config.scorer))
 
+    @property
+    def next_logits(self) -> torch.Tensor | None:
+        """Logits (vocab,) after the last token in memory; None before anything ran."""
+        return self._next_logits
+
     def reset(self) -> None:
         self.memory = self.new_memory()
         self.tokens = []
@@ -181,6 +215,7 @@ class Engine:
         logits = self.step(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
         self.memory.commit()
         self.tokens.extend(ids)
+        self._next_logits = logits[-1]  # always the logits after the last token in memory
         return logits
 
     def prefill(self, ids: list[int], chunk_tokens: int | None = None, progress: Progress | None = None,
@@ -206,8 +241,10 @@ class Engine:
         limit = min(len(ids) - 1, len(self.tokens))  # keep one token to run: generation needs its logits
         while reused < limit and ids[reused] == self.tokens[reused]:
             reused += 1
-        self.memory.truncate(reused)
-        del self.tokens[reused:]
+        if reused < len(self.tokens):
+            self.memory.truncate(reused)
+            del self.tokens[reused:]
+            self._next_logits = None  # until the prefill below runs a chunk
         t0 = time.perf_counter()
         self._next_logits = self.prefill(ids[reused:], progress=progress, cancel=cancel)
         self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_s=time.perf_counter() - t0)
@@ -265,3 +302,87 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {**self.memory.stats(), "context_tokens": self.n_ctx}
+
+    # -- snapshots ----------------------------------------------------------------------------------
+
+    def snapshot(self, path: Path | str, codec: str = "int4") -> SnapshotInfo:
+        """Write the long-context memory, its token ids and the next-token logits to `path`, atomically.
+        `codec`: "fp16" (lossless: a restore continues bit for bit), "int8" or "int4" (the host store
+        quantized, KIVI-style; see edgectx.memory_snapshot)."""
+        if not isinstance(self.memory, ContextMemory):
+            raise UsageError("Only the long-context memory can be saved as a snapshot: set a --budget instead of 'full'.")
+        if codec not in SNAPSHOT_CODECS:
+            raise UsageError(f"The snapshot codec must be one of {', '.join(SNAPSHOT_CODECS)}, not {codec!r}.")
+        if self.tokens and self._next_logits is None:
+            raise UsageError("The last turn was cancelled before any of it ran: finish it, then save the snapshot.")
+        t0 = time.perf_counter()
+        path = write_snapshot(path, memory_sections(self.memory, codec, self._next_logits), token_ids=self.tokens,
+                              model_fingerprint=self.fingerprint, model_name=self.path.name,
+                              memory_config=self.memory_config.to_dict(), meta=memory_meta(self.memory, codec))
+        return SnapshotInfo(path, codec, path.stat().st_size, len(self.tokens), time.perf_counter() - t0)
+
+    def restore(self, path: Path | str) -> RestoreInfo:
+        """Replace the conversation with the snapshot's. The engine adopts the snapshot's memory config
+        (its tiers, budget and positions are what the saved state means); the context limit stays.
+        A damaged snapshot, or one made for another model or scorer, raises SnapshotError and leaves
+        the engine as it was."""
+        t0 = time.perf_counter()
+        with open_snapshot(path, expect_fingerprint=self.fingerprint) as snap:
+            try:
+                config = MemoryConfig(**snap.header.memory_config)
+            except (TypeError, EdgectxError):
+                raise SnapshotError(f"{snap.path} holds a memory config this edgectx cannot use: read the document again.") from None
+            n_ctx = self.n_ctx if self.memory_config is not None else MEMORY_MAX_TOKENS
+            if snap.header.n_tokens > n_ctx:
+                raise SnapshotError(f"{snap.path} holds {snap.header.n_tokens} tokens but the context holds {n_ctx}: "
+                                    "raise the context limit to restore it.")
+            rope = self._rope_for(config, n_ctx)  # fresh: load_memory grows its tables as the live ones were
+            try:
+                scorer = self.scorer(config.scorer)
+            except HeadsError as e:
+                raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
+            memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer)
+            logits = load_memory(snap, memory)
+            tokens = snap.tokens().tolist()
+        self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
+        self.tokens, self._next_logits = tokens, logits
+        return RestoreInfo(len(tokens), time.perf_counter() - t0)
+
+    def prefill_with_snapshot(self, ids: list[int], path: Path | str, progress: Progress | None = None,
+                              cancel: Cancel | None = None, on_problem: Callable[[str], None] | None = None) -> ReuseInfo:
+        """Make memory hold exactly `ids`: restore the snapshot at `path` if its tokens start `ids` and
+        prefill only the rest, else prefill `ids` from an empty memory. Ready for `generate` either way.
+
+        Only a snapshot that is wholly a prefix is used: a memory that has evicted cannot be cut back to
+        an earlier length exactly (later evictions dropped tokens the shorter memory still held), so
+        matching only the first chunks of the token chain is a miss. A miss is silent; a snapshot that is
+        unreadable, damaged or for another model is reported once (`on_problem(sentence)`, else a
+        RuntimeWarning), and the result is then exactly a plain prefill."""
+        if not ids:
+            raise ValueError("prefill_with_snapshot needs at least one token")
+        t0 = time.perf_counter()
+        reused, problem = 0, None
+        try:
+            header = read_header(path)
+            n = header.n_tokens
+            if header.model_fingerprint != self.fingerprint:
+                raise SnapshotError(f"{path} was made for another model ({header.model_name or 'unnamed'}): "
+                                    "the document is read again.")
+            if 0 < n <= len(ids) and header.reusable_tokens(ids[:n]) == n:  # ids[:n]: the last chunk may be partial
+                self.restore(path)
+                if self._next_logits is None and n == len(ids):
+                    raise SnapshotError(f"{path} lacks the last token's logits, which a reply needs.")
+                reused = n
+        except SnapshotError as e:
+            problem = str(e)
+            if on_problem is not None:
+                on_problem(problem)
+            else:
+                warnings.warn(problem, RuntimeWarning, stacklevel=2)
+        if not reused:
+            self.reset()
+        self.clear_retrieval_record()  # a new turn starts, as in `sync`
+        if len(ids) > reused:
+            self.prefill(ids[reused:], progress=progress, cancel=cancel)
+        self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_s=time.perf_counter() - t0)
+        return ReuseInfo(reused, len(ids) - reused, problem)

@@ -41,3 +41,10 @@ class DocumentError(EdgectxError):
     """A file given to read is missing, unreadable, empty, binary, too large, or a PDF without readable text."""
 
     exit_code = 2
+
+
+class SnapshotError(EdgectxError):
+    """A snapshot that cannot be written, or read back: missing, damaged, truncated, for another model,
+    or written by a newer edgectx. Callers fall back to reading the document again."""
+
+    exit_code = 4

@@ -77,11 +77,16 @@ class LayerMemory:
 
     def _assemble(self, selection: torch.Tensor) -> Assembly:
         key = (self.version, tuple(selection.flatten().tolist()))
-        if self.asm is not None and self.asm.key == key:
-            return self.asm
+        if self.asm is None or self.asm.key != key:
+            self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens)
+        return self.asm
+
+    def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int) -> Assembly:
+        """The attention context from resident columns [0, n_resident) and the retrieved blocks, with
+        `n_tokens` tokens in memory (what `original` positions continue from)."""
         m, c = self.memory, self.memory.config
         r = self.resident
-        k, v, idx = r.k[:, : r.n], r.v[:, : r.n], r.idx[:, : r.n]
+        k, v, idx = r.k[:, :n_resident], r.v[:, :n_resident], r.idx[:, :n_resident]
         valid = None
         if selection.numel():
             fetched = {b: self.cache.fetch(b, self.store) for b in selection.unique().tolist()}
@@ -93,19 +98,36 @@ class LayerMemory:
             k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
             picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
             picked.scatter_(1, selection.to(m.device), True)
-            resident_blocks = (r.idx[:, : r.n] // c.block_size).clamp(max=self.store.n_blocks)
+            resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp(max=self.store.n_blocks)
             duplicate = picked.gather(1, resident_blocks)  # resident copies of retrieved tokens
             if bool(duplicate.any()):
-                valid = torch.cat((~duplicate, torch.ones_like(idx[:, r.n :], dtype=torch.bool)), dim=1)
+                valid = torch.cat((~duplicate, torch.ones_like(idx[:, n_resident:], dtype=torch.bool)), dim=1)
         if c.positions == "compact":
             present = torch.unique(idx if valid is None else idx[valid])  # sorted original indices
             positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
         else:
-            positions, next_pos = idx, m.n_tokens
+            positions, next_pos = idx, n_tokens
         k_rot = m.rope.rotate(k, *m.rope.tables(positions, m.dtype))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
-        self.asm = Assembly(k_rot, v, idx, valid, next_pos, key, n_resident=r.n, headroom=headroom)
-        return self.asm
+        return Assembly(k_rot, v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
+
+    def reassemble(self, selection: torch.Tensor, n_resident: int, capacity: int) -> Assembly:
+        """Rebuild the attention context as `attend` left it (a restored snapshot): built from resident
+        columns [0, n_resident) and the blocks `selection`, then the resident tokens appended since
+        (every token committed since the build), rotated at the positions that followed. Same columns,
+        order, positions and capacity as the live one, hence the same logits."""
+        m, r = self.memory, self.resident
+        n_new = r.n - n_resident
+        key = (self.version, tuple(selection.flatten().tolist()))
+        asm = self._build(selection, key, n_resident, m.n_tokens - n_new)
+        asm.reserve(capacity)
+        if n_new:
+            positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
+            k_rot = m.rope.rotate(r.k[:, n_resident : r.n], *m.rope.tables(positions, m.dtype))
+            asm.write(asm.length, k_rot, r.v[:, n_resident : r.n], r.idx[:, n_resident : r.n])
+            asm.advance(n_new)
+        self.asm = asm
+        return asm
 
     def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
         """Attention mass (n_kv, n_keys) that the last `n_observe` queries put on each assembled key."""

@@ -99,15 +99,25 @@ class Assembly:
         """Write a chunk's keys and values at `start` (scratch until `advance`), growing if needed."""
         end = start + k_rot.shape[1]
         if end > self.k.shape[1]:
-            grow = end + self.k.shape[1] // 2
-            for name in ("k", "v", "idx", "valid"):
-                old = getattr(self, name)
-                if old is None:
-                    continue
-                new = old.new_ones((old.shape[0], grow) + old.shape[2:]) if name == "valid" else old.new_empty((old.shape[0], grow) + old.shape[2:])
-                new[:, : self.length] = old[:, : self.length]
-                setattr(self, name, new)
+            self.reserve(end + self.k.shape[1] // 2)
         self.k[:, start:end], self.v[:, start:end], self.idx[:, start:end] = k_rot, v, idx
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffers to `capacity` columns, keeping the committed ones."""
+        if capacity <= self.k.shape[1]:
+            return
+        for name in ("k", "v", "idx", "valid"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            shape = (old.shape[0], capacity) + old.shape[2:]
+            new = old.new_ones(shape) if name == "valid" else old.new_empty(shape)
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
 
     def advance(self, n_new: int) -> None:
         self.length += n_new

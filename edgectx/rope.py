@@ -59,6 +59,15 @@ class Rope:
         self._cos = (torch.cos(theta) * self._mscale).to(torch.float32).to(self.device)
         self._sin = (torch.sin(theta) * self._mscale).to(torch.float32).to(self.device)
 
+    @property
+    def n_positions(self) -> int:
+        """Positions the tables cover now. Each growth recomputes them whole, so a fresh Rope grown once
+        to this size has bit-identical tables (what a restored snapshot needs)."""
+        return self._cos.shape[0]
+
+    def reserve(self, n_positions: int) -> None:
+        self._ensure(n_positions)
+
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed_sin) for `positions` (T,), each (T, rope_dim): cos repeated over both halves and
         sin as [-sin, sin], so that rotation is `x * cos + swap_halves(x) * signed_sin` (3 ops, not 7)."""
