@@ -13,7 +13,6 @@ from pathlib import Path
 
 from edgectx.documents import DEFAULT_MAX_BYTES, read_document
 from edgectx.errors import UsageError
-from edgectx.heads import HeadsInfo, find_heads, import_locret, load_heads, read_heads_metadata, save_heads, user_heads_path
 
 
 def add_parser(sub, model_args) -> None:
@@ -51,6 +50,8 @@ def spread_sequences(ids: list[int], n_tokens: int, seq_len: int) -> list[int]:
 
 def _train(args: argparse.Namespace, path: Path) -> int:
     import torch
+
+    from edgectx.heads import save_heads, user_heads_path
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -106,6 +107,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
 
 def _import(args: argparse.Namespace, path: Path) -> int:
     from edgectx.fingerprint import weights_fingerprint
+    from edgectx.heads import HeadsInfo, import_locret, save_heads, user_heads_path
     from edgectx.gguf_loader import open_gguf, read_spec
 
     g = open_gguf(path)
@@ -119,6 +121,7 @@ def _import(args: argparse.Namespace, path: Path) -> int:
 
 def _info(args: argparse.Namespace, path: Path) -> int:
     from edgectx.fingerprint import weights_fingerprint
+    from edgectx.heads import find_heads, load_heads, read_heads_metadata
     from edgectx.gguf_loader import open_gguf, read_spec
 
     g = open_gguf(path)
