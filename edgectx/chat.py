@@ -14,17 +14,21 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from edgectx.doc_context import Opening, system_content
 from edgectx.engine import Cancel, Engine, Progress
 from edgectx.sampling import SamplingParams
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, system: str | None = None):
+    def __init__(self, engine: Engine, system: str | None = None, opening: Opening | None = None):
+        """With `opening` (documents), the engine's memory must already hold `opening.ids` (open_documents)."""
         self.engine = engine
+        self.opening = opening
         self.messages: list[dict[str, str]] = []
-        if system:
-            self.messages.append({"role": "system", "content": system})
-        self._memory_text = ""  # the exact text whose tokens the engine's memory holds
+        content = system_content(opening.blocks if opening else "", system)
+        if content:
+            self.messages.append({"role": "system", "content": content})
+        self._memory_text = opening.text if opening else ""  # the exact text whose tokens the engine's memory holds
 
     def _prompt_tokens(self) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -59,7 +63,12 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
 
     def reset(self) -> None:
+        """A new conversation over the same documents (their tokens stay in memory; later ones are dropped)."""
         system = [m for m in self.messages if m["role"] == "system"]
         self.messages = system[:1]
+        if self.opening is not None and self.engine.tokens[: len(self.opening.ids)] == self.opening.ids:
+            self.engine.sync(self.opening.ids)
+            self._memory_text = self.opening.text
+            return
         self._memory_text = ""
         self.engine.reset()

@@ -6,6 +6,7 @@
     edgectx bench conformance | speed | fidelity | longppl | memory | reopen
     edgectx heads train | import | info
     edgectx history [--search Q] | export ID --format md|json
+    edgectx ingest FILE... | chat --doc FILE | chat --resume ID | cache ls|rm|gc
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, help="fix the sampling seed for reproducible answers")
     chat.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
     chat.add_argument("--stop", action="append", default=[], help="stop when the answer contains this text (repeatable)")
+    chat.add_argument("--doc", action="append", default=[], metavar="FILE",
+                      help="chat about this file: restores its snapshot, or reads it and saves one (repeatable)")
+    chat.add_argument("--resume", type=int, metavar="ID", help="continue conversation ID (`edgectx history` lists them)")
+    chat.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
+    chat.add_argument("--max-file-mib", type=float, default=64.0, help="largest document to read, in MiB (default 64)")
+    chat.add_argument("--no-history", action="store_true", help="do not save this chat's messages")
 
     models = sub.add_parser("models", help="list GGUF models found on this machine")
     models.add_argument("--json", action="store_true")
@@ -114,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_heads_parser(sub, _model_args)
 
     from edgectx.history_cli import add_parsers as add_history_parsers
+    from edgectx.ingest_cli import add_parsers as add_ingest_parsers
 
     add_history_parsers(sub)
+    add_ingest_parsers(sub, _model_args, _memory_args)
 
     bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -243,7 +252,16 @@ def run(argv: list[str] | None = None) -> int:
         from edgectx.history_cli import run_history_command
 
         return run_history_command(args)
+    if args.command == "cache":
+        from edgectx.ingest_cli import run_cache
+
+        return run_cache(args)
     from edgectx.config import load_config
+
+    if args.command == "ingest":
+        from edgectx.ingest_cli import run_ingest
+
+        return run_ingest(args, load_config())
     from edgectx.repl import run_chat
 
     if args.command is None:  # bare `edgectx`: the interactive chat with defaults

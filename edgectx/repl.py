@@ -5,6 +5,10 @@ Answers stream to stdout; status lines (loading, speed, cache reuse) go to stder
 stops the current answer and Ctrl-D (or /exit) leaves.
 
     edgectx chat --prompt "Name three primes." --temperature 0
+    edgectx chat --doc report.pdf          # restores the snapshot `edgectx ingest report.pdf` made, or reads it
+    edgectx chat --resume 7                # conversation 7 of `edgectx history`, with its documents
+
+Every message is saved in the conversation store as it is sent (`--no-history` keeps this chat out of it).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from edgectx.engine import Engine
 from edgectx.models import resolve_model
 from edgectx.sampling import SamplingParams
 
-HELP = "Commands: /reset (new conversation), /stats (memory tiers), /exit (or Ctrl-D). Ctrl-C stops an answer."
+HELP = "Commands: /reset (new conversation over the same documents), /stats (memory tiers), /exit (or Ctrl-D). Ctrl-C stops an answer."
 
 
 def load_engine(args: Namespace, config: Config, status: Console) -> Engine:
@@ -40,14 +44,6 @@ def sampling_from(args: Namespace) -> SamplingParams:
     )
 
 
-def _stream(chat: ChatSession, text: str, args: Namespace) -> None:
-    for piece in chat.send(text, sampling_from(args), max_tokens=args.max_tokens, stop=tuple(args.stop)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
 def memory_line(stats: dict) -> str:
     mib = 2**20
     line = f"context {stats['tokens']:,} tokens; device KV {stats['device_kv_bytes'] / mib:,.1f} MiB"
@@ -58,13 +54,86 @@ def memory_line(stats: dict) -> str:
     return line
 
 
+def _open_documents(engine: Engine, store, docs: list, codec: str, status: Console):
+    """Restore or read the documents into memory with a progress bar; returns the Opening and the document ids."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgectx.doc_context import build_opening, open_documents
+
+    opening = build_opening(engine, docs)
+    names = ", ".join(d.path.name for d in docs)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeRemainingColumn(), console=status, transient=True) as bar:
+        task = bar.add_task(f"Reading {names}", total=len(opening.ids))
+        opened = open_documents(engine, store, opening, codec=codec,
+                                progress=lambda done, _total: bar.update(task, completed=done),
+                                on_problem=lambda sentence: status.print(f"[yellow]{sentence}[/yellow]", highlight=False))
+    if opened.restored_tokens:
+        line = f"restored {opened.restored_tokens:,} tokens in {opened.elapsed_s:.1f} s"
+        line += f", read {opened.prefilled_tokens:,} more" if opened.prefilled_tokens else ""
+    else:
+        line = f"read {opened.n_tokens:,} tokens in {opened.elapsed_s:.1f} s (saved for next time)"
+    status.print(f"[dim]{names}: {line}[/dim]", highlight=False)
+    return opening, opened.document_ids
+
+
 def run_chat(args: Namespace, config: Config) -> int:
+    from edgectx.chat_history import ChatRecorder, load_resumed
+    from edgectx.documents import read_document
+    from edgectx.store import ConversationStore
+
     status = Console(stderr=True)
-    engine = load_engine(args, config, status)
-    chat = ChatSession(engine, system=args.system or config.system)
-    if args.prompt is not None:
-        _stream(chat, args.prompt, args)
-        return 0
+    max_bytes = int(args.max_file_mib * 2**20)
+    docs = [read_document(f, max_bytes=max_bytes) for f in args.doc]  # refuse bad files before loading the model
+    with ConversationStore() as store:
+        resumed = load_resumed(store, args.resume, max_bytes) if args.resume is not None else None
+        if resumed is not None:
+            for warning in resumed.warnings:
+                status.print(f"[yellow]{warning}[/yellow]", highlight=False)
+            docs = resumed.documents + [d for d in docs if d.sha256 not in {r.sha256 for r in resumed.documents}]
+        system = (resumed.conversation.system_prompt if resumed else None) or args.system or config.system
+        engine = load_engine(args, config, status)
+        opening, doc_ids = (_open_documents(engine, store, docs, args.codec or config.snapshot_codec or "int4", status)
+                            if docs else (None, []))
+        chat = ChatSession(engine, system=system, opening=opening)
+        recorder = ChatRecorder(None if args.no_history else store, engine, system, docs, doc_ids,
+                                resumed.conversation if resumed else None)
+        if resumed is not None:
+            chat.messages += resumed.messages
+            for doc_id in doc_ids:
+                store.documents.attach(resumed.conversation.id, doc_id)
+            _print_transcript(resumed, status)
+        if args.prompt is not None:
+            _turn(chat, recorder, args.prompt, args)
+            return 0
+        return _loop(chat, recorder, engine, args, status)
+
+
+def _print_transcript(resumed, status: Console) -> None:
+    c = resumed.conversation
+    status.print(f"[dim]Resumed conversation {c.id}: {c.title or 'untitled'} ({len(resumed.messages)} messages)[/dim]",
+                 highlight=False)
+    for m in resumed.messages:
+        status.print(("you> " if m["role"] == "user" else "") + m["content"], highlight=False, markup=False)
+
+
+def _turn(chat: ChatSession, recorder, text: str, args: Namespace) -> None:
+    """One exchange: the user's message is stored before the answer starts, the answer (even a stopped one) after."""
+    recorder.user(text)
+    pieces = []
+    try:
+        for piece in chat.send(text, sampling_from(args), max_tokens=args.max_tokens, stop=tuple(args.stop)):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        if pieces or chat.engine.last_stats.generated_tokens:
+            recorder.assistant("".join(pieces), chat.engine.last_stats)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _loop(chat: ChatSession, recorder, engine: Engine, args: Namespace, status: Console) -> int:
     status.print(f"[dim]{HELP}[/dim]", highlight=False)
     while True:
         try:
@@ -82,6 +151,7 @@ def run_chat(args: Namespace, config: Config) -> int:
             return 0
         if command == "/reset":
             chat.reset()
+            recorder.new_conversation()
             status.print("[dim]New conversation.[/dim]")
             continue
         if command == "/stats":
@@ -91,10 +161,9 @@ def run_chat(args: Namespace, config: Config) -> int:
             status.print(HELP, highlight=False)
             continue
         try:
-            _stream(chat, text, args)
+            _turn(chat, recorder, text, args)
         except KeyboardInterrupt:
             # Interrupts land between tokens; the partial answer is kept in the conversation.
-            sys.stdout.write("\n")
             status.print("[dim](stopped)[/dim]")
             continue
         s = engine.last_stats

@@ -87,9 +87,16 @@ class Documents:
 
         A row first added without offsets gets them when the same content is added again with them.
         """
+        return self._add(path, hashlib.sha256(data).hexdigest(), len(data), text, tokenizer, token_offsets)
+
+    def add_read(self, document, *, tokenizer: str = "", token_offsets: Sequence[int] | None = None) -> Document:
+        """`add` for an edgectx.documents.Document, whose digest and size were taken when the file was read."""
+        return self._add(document.path, document.sha256, document.size_bytes, document.text, tokenizer, token_offsets)
+
+    def _add(self, path: str | Path, sha256: str, size_bytes: int, text: str, tokenizer: str,
+             token_offsets: Sequence[int] | None) -> Document:
         if token_offsets is not None and not tokenizer:
             raise ValueError("token offsets need the tokenizer that made them")
-        sha256 = hashlib.sha256(data).hexdigest()
         blob = None if token_offsets is None else encode_offsets(token_offsets, len(text))
         n_tokens = None if token_offsets is None else len(token_offsets)
         with self._db.write() as conn:
@@ -99,7 +106,7 @@ class Documents:
                 cursor = conn.execute(
                     "INSERT INTO documents (path, sha256, tokenizer, size_bytes, n_chars, n_tokens, token_char_offsets, "
                     "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (str(path), sha256, tokenizer, len(data), len(text), n_tokens, blob, time.time()))
+                    (str(path), sha256, tokenizer, size_bytes, len(text), n_tokens, blob, time.time()))
                 doc_id = cursor.lastrowid
             else:
                 doc_id = existing["id"]
