@@ -79,6 +79,7 @@ def run_ingest(args: argparse.Namespace, config) -> int:
 
 
 def _ingest_one(engine, store, doc, codec: str, status) -> dict:
+    from edgectx.repl import warn
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgectx.doc_context import build_opening, find_snapshot, open_documents
@@ -89,7 +90,7 @@ def _ingest_one(engine, store, doc, codec: str, status) -> dict:
         doc_id = store.documents.add_read(doc, tokenizer=engine.fingerprint, token_offsets=opening.offsets[0]).id
         path = store.snapshots.path_of(done)
         status.print(f"{doc.path.name}: already ingested ({done.n_tokens:,} tokens); snapshot {path} "
-                     f"({done.size_bytes / 2**20:,.1f} MiB)", highlight=False)
+                     f"({done.size_bytes / 2**20:,.1f} MiB)", highlight=False, markup=False, soft_wrap=True)
         return _entry(doc, doc_id, done.n_tokens, 0.0, path, done.size_bytes, done.codec, already=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
@@ -102,11 +103,11 @@ def _ingest_one(engine, store, doc, codec: str, status) -> dict:
             bar.update(task, completed=n_done, rate=f"{rate:,.0f} tok/s")
 
         opened = open_documents(engine, store, opening, codec=codec, progress=update,
-                                on_problem=lambda sentence: status.print(f"[yellow]{sentence}[/yellow]", highlight=False))
+                                on_problem=lambda sentence: warn(status, sentence))
     path, size = opened.snapshots[-1]
     rate = opened.prefilled_tokens / max(opened.elapsed_s, 1e-9)
     status.print(f"{doc.path.name}: {opened.n_tokens:,} tokens in {opened.elapsed_s:,.1f} s ({rate:,.0f} tok/s); "
-                 f"snapshot {path} ({size / 2**20:,.1f} MiB, {codec})", highlight=False)
+                 f"snapshot {path} ({size / 2**20:,.1f} MiB, {codec})", highlight=False, markup=False, soft_wrap=True)
     return _entry(doc, opened.document_ids[0], opened.n_tokens, opened.elapsed_s, path, size, codec, already=False)
 
 

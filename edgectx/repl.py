@@ -17,6 +17,7 @@ import sys
 from argparse import Namespace
 
 from rich.console import Console
+from rich.text import Text
 
 from edgectx.chat import ChatSession
 from edgectx.cli import memory_config_from
@@ -26,6 +27,11 @@ from edgectx.models import resolve_model
 from edgectx.sampling import SamplingParams
 
 HELP = "Commands: /reset (new conversation over the same documents), /stats (memory tiers), /exit (or Ctrl-D). Ctrl-C stops an answer."
+
+
+def warn(status: Console, sentence: str) -> None:
+    """A problem the chat gets past, in one unbroken line (paths stay whole for copying)."""
+    status.print(Text(sentence, style="yellow"), soft_wrap=True)
 
 
 def load_engine(args: Namespace, config: Config, status: Console) -> Engine:
@@ -67,13 +73,13 @@ def _open_documents(engine: Engine, store, docs: list, codec: str, status: Conso
         task = bar.add_task(f"Reading {names}", total=len(opening.ids))
         opened = open_documents(engine, store, opening, codec=codec,
                                 progress=lambda done, _total: bar.update(task, completed=done),
-                                on_problem=lambda sentence: status.print(f"[yellow]{sentence}[/yellow]", highlight=False))
+                                on_problem=lambda sentence: warn(status, sentence))
     if opened.restored_tokens:
         line = f"restored {opened.restored_tokens:,} tokens in {opened.elapsed_s:.1f} s"
         line += f", read {opened.prefilled_tokens:,} more" if opened.prefilled_tokens else ""
     else:
         line = f"read {opened.n_tokens:,} tokens in {opened.elapsed_s:.1f} s (saved for next time)"
-    status.print(f"[dim]{names}: {line}[/dim]", highlight=False)
+    status.print(Text(f"{names}: {line}", style="dim"), soft_wrap=True)
     return opening, opened.document_ids
 
 
@@ -89,7 +95,7 @@ def run_chat(args: Namespace, config: Config) -> int:
         resumed = load_resumed(store, args.resume, max_bytes) if args.resume is not None else None
         if resumed is not None:
             for warning in resumed.warnings:
-                status.print(f"[yellow]{warning}[/yellow]", highlight=False)
+                warn(status, warning)
             docs = resumed.documents + [d for d in docs if d.sha256 not in {r.sha256 for r in resumed.documents}]
         system = (resumed.conversation.system_prompt if resumed else None) or args.system or config.system
         engine = load_engine(args, config, status)
