@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the sdist and wheel, install the wheel with pipx into a throwaway PIPX_HOME (torch held to the
-# CPU build by packaging/cpu-constraints.txt), then run `edgectx --version`, a one-shot chat and `edgectx heads info` from it.
+# CPU build by packaging/cpu-constraints.txt), then run `edgectx --version`, a one-shot chat, `edgectx heads info`,
+# and `edgectx ingest` of a small file followed by `chat --doc` restoring it, from it.
 # Usage: bash packaging/smoke.sh        (run from any directory; needs python3 with venv)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,4 +24,11 @@ grep -q "Paris" <<<"$answer" || { echo "smoke: the installed edgectx did not ans
 heads=$(EDGECTX_HOME="$work/home" "$work/bin/edgectx" heads info)  # only what the wheel ships
 echo "heads: $heads"
 grep -q "retaining heads (width" <<<"$heads" || { echo "smoke: the wheel does not ship the embedded model's retaining heads" >&2; exit 1; }
-echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads)"
+for i in $(seq 20); do echo "Line $i of the smoke test's document: the launch code is 4711."; done > "$work/doc.txt"
+EDGECTX_HOME="$work/home" "$work/bin/edgectx" ingest "$work/doc.txt" --json > "$work/ingest.json"
+grep -q '"already_ingested": false' "$work/ingest.json" || { echo "smoke: edgectx ingest did not ingest a text file" >&2; exit 1; }
+reopened=$(cd "$work" && EDGECTX_HOME="$work/home" "$work/bin/edgectx" chat --doc "$work/doc.txt" --prompt "What is the launch code?" \
+           --temperature 0 --max-tokens 16 2>&1)
+echo "chat --doc: $reopened"
+grep -q "restored" <<<"$reopened" || { echo "smoke: chat --doc did not restore the ingested snapshot" >&2; exit 1; }
+echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads, ingest and chat --doc)"
