@@ -135,6 +135,63 @@ def test_quantized_restore_agrees_on_the_next_tokens(models, tmp_path, codec, mi
     assert not torch.equal(a, b) and agreement >= min_agreement, agreement
 
 
+def test_int4_rebuilds_the_resident_tiers_from_the_host_store(models, tmp_path):
+    """Under int4 the resident K/V are not stored: they come back as the host store decodes them at
+    resident.idx, sinks and window in fp16, retained tokens within the codec's step."""
+    live = _engine(models[0])
+    live.prefill(_ids(640, seed=5))
+    assert live.stats()["evicted_tokens"] > 0
+    path = live.snapshot(tmp_path / "int4.edgectxs", codec="int4").path
+    header = read_header(path)
+    assert not [s.name for s in header.sections if ".resident.k" in s.name or ".resident.v" in s.name]
+    restored = _engine(models[0])
+    restored.restore(path)
+    n_fp16 = SMALL.n_local + SMALL.evict_every  # the window and the tokens decode may append: fp16 in the store
+    n_retained = 0
+    for a, b in zip(live.memory.layers, restored.memory.layers):
+        ra, rb = a.resident, b.resident
+        assert rb.n == ra.n and torch.equal(rb.idx[:, : rb.n], ra.idx[:, : ra.n])
+        assert torch.equal(rb.score[:, : rb.n], ra.score[:, : ra.n])
+        idx = rb.idx[:, : rb.n]
+        cols = idx[..., None].expand(-1, -1, rb.head_dim)
+        host_k, host_v = (t.float() for t in b.store.tokens(0, b.store.n_tokens))
+        assert torch.equal(rb.k[:, : rb.n], host_k.gather(1, cols)) and torch.equal(rb.v[:, : rb.n], host_v.gather(1, cols))
+        exact = (idx < SMALL.n_sink) | (idx >= live.memory.n_tokens - n_fp16)
+        live_k, live_v = ra.k[:, : ra.n].half().float(), ra.v[:, : ra.n].half().float()
+        assert torch.equal(rb.k[:, : rb.n][exact], live_k[exact]) and torch.equal(rb.v[:, : rb.n][exact], live_v[exact])
+        # int4 step: keys per channel, values per token (head_dim 16 < group 64: one group per token).
+        all_k, all_v = (t.float() for t in a.store.tokens(0, a.store.n_tokens))
+        k_step = ((all_k.amax(1) - all_k.amin(1)) / 15)[:, None]  # (n_kv, 1, d)
+        v_step = ((live_v.amax(2) - live_v.amin(2)) / 15)[..., None]  # (n_kv, n, 1)
+        assert bool(((rb.k[:, : rb.n] - live_k).abs() <= k_step / 2 * 1.01 + 1e-3).all())
+        assert bool(((rb.v[:, : rb.n] - live_v).abs() <= v_step / 2 * 1.01 + 1e-3).all())
+        n_retained += int((~exact).sum())
+        assert not torch.equal(rb.k[:, : rb.n], live_k)  # the retained tokens did go through int4
+    assert n_retained > 0
+
+
+def test_an_int4_snapshot_is_its_host_store_plus_small_state(models, tmp_path):
+    """The bytes an int4 snapshot may hold: the host store's int4 payload (sinks and window fp16), the
+    representatives, resident indices and scores, the logits, the token ids and the header. Storing the
+    resident K/V besides (192 tokens per KV head here, 49 KB in fp16) would break the bound."""
+    from edgectx.memory_snapshot import host_codec_options
+    from edgectx.quant.kv_codec import payload_nbytes
+
+    live = _engine(models[0])
+    live.prefill(_ids(640, seed=5))
+    info = live.snapshot(tmp_path / "int4.edgectxs", codec="int4")
+    header = read_header(info.path)
+    n, s = live.memory.n_tokens, live.spec
+    options = {**host_codec_options(SMALL), "keep_last": min(host_codec_options(SMALL)["keep_last"], n - SMALL.n_sink)}
+    host = sum(payload_nbytes({"codec": "int4", "kind": kind, "shape": [s.n_kv_heads, n, s.head_dim], **options})
+               for kind in ("key", "value")) * s.n_layers
+    blocks = 8 * (2 * s.n_kv_heads * SMALL.top_k_blocks + live.memory.layers[0].cache.capacity)  # selections, cache (int64)
+    small = sum(layer.store.repr_bytes + layer.resident.n * s.n_kv_heads * (8 + 4) + blocks for layer in live.memory.layers)
+    bound = host + small + 4 * s.vocab_size + 8 * n + header.data_offset
+    assert host < 0.45 * n * s.kv_bytes_per_token(2)  # 0.43 of fp16: 96 of 640 tokens kept in fp16
+    assert info.snapshot_bytes <= bound < info.snapshot_bytes + 30_000, (info.snapshot_bytes, bound)
+
+
 # -- reuse by prefix ----------------------------------------------------------------------------------
 
 
