@@ -200,9 +200,10 @@ def test_sigkill_during_ingest_leaves_no_snapshot_that_loads_wrongly(model, tmp_
 
 def test_sigkill_during_an_answer_keeps_every_committed_message(model, tmp_path):
     err = tmp_path / "stderr.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "edgectx", "chat", "--model", str(model), *MEMORY, "--temperature", "0",
-                             "--max-tokens", "3000", "--stop", "never-printed"],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err.open("w"), text=True, cwd="/")
+    with err.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "edgectx", "chat", "--model", str(model), *MEMORY, "--temperature", "0",
+                                 "--max-tokens", "3000", "--stop", "never-printed"],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err_file, text=True, cwd="/")
     proc.stdin.write("first question\n")
     proc.stdin.flush()
     _wait_for(lambda: len(_rows("SELECT id FROM messages WHERE role = 'assistant'")) == 1 or proc.poll() is not None, 300)
