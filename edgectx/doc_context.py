@@ -31,8 +31,12 @@ SNAPSHOT_SUFFIX = ".ectx"
 _SENTINEL = "\x00edgectx-system\x00"
 
 
+def _block_header(doc: Document) -> str:
+    return f'<document name="{doc.path.name}">\n'
+
+
 def document_block(doc: Document) -> str:
-    return f'<document name="{doc.path.name}">\n{doc.text}\n</document>\n\n'
+    return f"{_block_header(doc)}{doc.text}\n</document>\n\n"
 
 
 def system_content(blocks: str, system: str | None) -> str:
@@ -70,7 +74,7 @@ def build_opening(engine: Engine, documents: list[Document]) -> Opening:
         block = document_block(doc)
         piece = start + block if i == 0 else block
         ids = tokenizer.encode(piece, add_bos=tokenizer.add_bos and i == 0)
-        doc_start = piece.index("\n", len(piece) - len(block)) + 1  # where doc.text begins inside `piece`
+        doc_start = len(piece) - len(block) + len(_block_header(doc))  # where doc.text begins inside `piece`
         opening.offsets.append([min(max(c - doc_start, 0), len(doc.text))
                                 for c in token_char_offsets(tokenizer, piece, ids)])
         opening.text += block
