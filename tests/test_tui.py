@@ -55,6 +55,7 @@ async def test_send_streams_the_answer_and_stores_both_messages(store):
         assert stored(store, conversation.id) == [("user", "Hi there"), ("assistant", "Hello **world**!")]
         assert app.chat.query_one(PromptInput).text == ""  # sent and cleared
         assert app.chat.query_one(ConversationList).conversation_ids == [conversation.id]
+        assert "last answer 3 tokens" in app.chat.query_one(StatusBar).text
 
 
 async def test_ctrl_j_inserts_a_newline_and_question_mark_is_typed(store):
@@ -148,6 +149,14 @@ async def test_sidebar_new_rename_select_and_delete(store, tmp_path):
         assert [c.id for c in store.list_conversations()] == [first]
         assert sidebar.conversation_ids == [first]
         assert app.chat.bridge.conversation_id == first  # deleting another conversation leaves this one open
+
+        # Deleting the open conversation starts a new, empty one.
+        await pilot.press("delete", "y")
+        await settle(pilot, app)
+        assert store.list_conversations() == [] and sidebar.conversation_ids == []
+        assert app.chat.bridge.conversation_id is None and shown(app) == []
+        await send(pilot, app, "fresh start")
+        assert [stored(store, c.id) for c in store.list_conversations()] == [[("user", "fresh start"), ("assistant", "ok")]]
 
 
 async def test_help_screen_opens_and_closes(store):
@@ -266,5 +275,5 @@ async def test_memory_gauge_shows_the_engines_stats(store):
         await settle(pilot, app)
         text = app.chat.query_one(StatusBar).text
         assert "fake-model.gguf" in text and "5,000 tokens in context" in text
-        assert "device 1,024/2,048 budget" in text and "██████░░░░░░" in text
-        assert "device KV 2.0 MiB" in text and "host KV 8.0 MiB" in text
+        assert "[██████░░░░░░] 1,024/2,048 budget on device" in text
+        assert "KV 2.0 MiB device, 8.0 MiB host" in text

@@ -9,7 +9,7 @@ import pytest
 from tiny_gguf import write_tiny_gguf
 from tui_fakes import RecordingApp, settle, shown, stored
 
-from edgectx.engine import Engine
+from edgectx.engine import Cancelled, Engine
 from edgectx.memory_config import MemoryConfig
 from edgectx.sampling import SamplingParams
 from edgectx.store import ConversationStore
@@ -19,26 +19,32 @@ from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
 from edgectx.tui.widgets.transcript import Transcript
 
-pytestmark = pytest.mark.anyio
-
-
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
 
 
-def app_for(model, store) -> RecordingApp:
+def bridge_for(model, store) -> Bridge:
     memory = MemoryConfig.for_budget(512, chunk_tokens=128)
     settings = Settings(sampling=SamplingParams(temperature=0), max_tokens=8)
     loader = lambda progress: Engine.load(model, device="cpu", memory_config=memory, progress=progress)  # noqa: E731
-    return RecordingApp(Bridge(loader, store, settings))
+    return Bridge(loader, store, settings)
 
 
-async def test_real_engine_answer_document_and_resume(tmp_path):
-    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=4096)
+def app_for(model, store) -> RecordingApp:
+    return RecordingApp(bridge_for(model, store))
+
+
+def _doc(tmp_path):
     doc = tmp_path / "notes.md"
     doc.write_text("# Notes\n\n" + "the quick brown fox jumps over the lazy dog. " * 20)
+    return doc
 
+
+@pytest.mark.anyio
+async def test_real_engine_answer_document_and_resume(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=4096)
+    doc = _doc(tmp_path)
     with ConversationStore() as store:
         app = app_for(model, store)
         async with app.run_test() as pilot:
@@ -81,3 +87,26 @@ async def test_real_engine_answer_document_and_resume(tmp_path):
             await pilot.press(*"And then?", "enter")
             await settle(pilot, second)
             assert [m[0] for m in stored(store, conversation.id)] == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_stopped_attach_leaves_the_conversation_as_it_was(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", context_length=4096)
+    with ConversationStore() as store:
+        bridge = bridge_for(model, store)
+        bridge.load()
+        bridge.send("hello", on_piece=lambda piece: None, cancel=lambda: False)
+        before = list(bridge.chat.messages)
+        chunks = []
+        with pytest.raises(Cancelled):
+            bridge.attach(bridge.read_document(str(_doc(tmp_path))), progress=lambda done, total: chunks.append(done),
+                          cancel=lambda: len(chunks) >= 2)
+        assert len(chunks) == 2 and bridge.documents == [] and bridge.chat.messages == before
+        conversation_id = bridge.conversation_id
+        assert store.documents.attached(conversation_id) == []
+
+        bridge.send("again", on_piece=lambda piece: None, cancel=lambda: False)
+        engine = bridge.engine
+        prompt = engine.template.render(before + [{"role": "user", "content": "again"}], add_generation_prompt=True)
+        prompt_ids = engine.tokenizer.encode(prompt, add_bos=engine.tokenizer.add_bos)
+        assert engine.tokens[: len(prompt_ids)] == prompt_ids  # the memory holds the conversation, not half a document
+        assert [m.role for m in store.messages(conversation_id)] == ["user", "assistant", "user", "assistant"]

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Label
+from textual.widgets import Footer, Label
 
 from edgectx.engine import Cancelled
 from edgectx.errors import EdgectxError
@@ -30,6 +30,7 @@ from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
 from edgectx.tui.widgets.transcript import AssistantMessage, Transcript
 
+LONG_PROMPT_TOKENS = 2048  # a prompt this long to prefill gets the progress row
 BUSY = "Wait for the current task to finish, or press Esc to stop it."
 
 
@@ -82,6 +83,7 @@ class ChatScreen(Screen):
                 yield WorkProgress()
                 yield PromptInput(id="prompt")
         yield StatusBar()
+        yield Footer()
 
     async def on_mount(self) -> None:
         await self.refresh_sidebar()
@@ -211,7 +213,7 @@ class ChatScreen(Screen):
 
         def job():
             return self.bridge.send(event.text, on_piece=lambda p: self.post_message(self.Piece(p)),
-                                    cancel=self._cancel.is_set)
+                                    cancel=self._cancel.is_set, progress=self._progress)
 
         if not self._start("send", job):
             self.query_one(PromptInput).text = event.text
@@ -238,8 +240,11 @@ class ChatScreen(Screen):
 
     @on(Progressed)
     def _progressed(self, event: Progressed) -> None:
-        if event.total:
-            self.query_one(WorkProgress).advance(event.done, event.total)
+        row = self.query_one(WorkProgress)
+        if self.busy == "send" and not row.active and event.total >= LONG_PROMPT_TOKENS:
+            row.begin("Reading the prompt")  # a long prompt: the documents read again after a stopped attach
+        if event.total and row.active:
+            row.advance(event.done, event.total)
 
     @on(Problem)
     def _warned(self, event: Problem) -> None:
@@ -274,7 +279,8 @@ class ChatScreen(Screen):
             self.say(event.result, title="Document ready")
         elif event.kind == "delete" and self.bridge.conversation_id is None:
             await transcript.show([])
-        self.query_one(StatusBar).show(self.bridge.model_name, event.stats)
+        self.query_one(StatusBar).show(self.bridge.model_name, event.stats,
+                                       event.result if event.kind == "send" else None)
         await self.refresh_sidebar()
 
     @on(JobFailed)

@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Label
 
 # Keys that belong to widgets rather than the app, listed by hand because they are handled in key events.
 WIDGET_KEYS = [
-    ("Enter", "send the message (in the prompt); open the conversation (in the sidebar)"),
+    ("Enter", "send (in the prompt); open the conversation (in the sidebar)"),
     ("Ctrl+J / Shift+Enter", "new line in the prompt"),
     ("Delete / d", "delete the highlighted conversation (in the sidebar)"),
     ("Tab / Shift+Tab", "move between the sidebar and the prompt"),
