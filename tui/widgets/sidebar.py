@@ -19,11 +19,16 @@ from edgectx.store import Conversation
 from edgectx.store_export import UNTITLED
 
 
+def when_text(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+
+
 class ConversationItem(ListItem):
     def __init__(self, conversation: Conversation, current: bool):
-        when = datetime.fromtimestamp(conversation.updated_at).strftime("%Y-%m-%d %H:%M")
+        when = when_text(conversation.updated_at)
         title = conversation.title or UNTITLED
-        line = Text.assemble(("▶ " if current else "") + title, "\n", (f"{when} · {conversation.n_messages} messages", "dim"))
+        n = conversation.n_messages
+        line = Text.assemble(("▶ " if current else "") + title, "\n", (f"{when} · {n} message{'' if n == 1 else 's'}", "dim"))
         super().__init__(Label(line), id=f"conversation-{conversation.id}")
         self.conversation = conversation
 

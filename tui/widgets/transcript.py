@@ -53,6 +53,9 @@ class Transcript(VerticalScroll):
     Notice { margin: 1 0 0 0; color: $text-muted; }
     """
 
+    def on_mount(self) -> None:
+        self.anchor()  # a chat: the newest message sits at the bottom, and the view follows it
+
     async def show(self, messages: list[dict[str, str]]) -> None:
         await self.remove_children()
         widgets = [UserMessage(m["content"]) if m["role"] == "user" else AssistantMessage(m["content"])
