@@ -93,6 +93,26 @@ async def test_escape_stops_a_long_answer_and_keeps_the_partial(store):
         assert stored(store, conversation.id)[-2:] == [("user", "more"), ("assistant", "again")]
 
 
+async def test_opening_a_conversation_while_answering_is_refused(store):
+    older = store.create_conversation("older")
+    store.add_message(older.id, "user", "old question")
+    engine = FakeEngine(answer=[f"w{i} " for i in range(300)], piece_delay_s=0.02)
+    app = make_app(store, engine)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press(*"go", "enter")
+        await wait_for(pilot, lambda: engine.last_stats.generated_tokens >= 2, "the answer to start")
+        sidebar = app.chat.query_one(ConversationList)
+        sidebar.focus()
+        sidebar.index = sidebar.conversation_ids.index(older.id)
+        await pilot.press("enter")
+        assert any(note.startswith("Wait for the current task") for note, _ in app.notes)
+        assert shown(app)[0] == ("user", "go")  # the transcript still shows the conversation being answered
+        await pilot.press("escape")
+        await settle(pilot, app)
+        assert app.chat.bridge.conversation_id != older.id
+
+
 async def test_sidebar_new_rename_select_and_delete(store, tmp_path):
     engine = FakeEngine(answer=["ok"])
     app = make_app(store, engine, export_dir=tmp_path)

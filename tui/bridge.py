@@ -139,7 +139,11 @@ class Bridge:
         engine.reset()
         line, doc_ids, opening = None, [], None
         if resumed.documents:
-            opening, doc_ids, line = self._open(resumed.documents, progress, cancel, on_problem)
+            try:
+                opening, doc_ids, line = self._open(resumed.documents, progress, cancel, on_problem)
+            except BaseException:
+                self.new_conversation()  # the memory no longer holds the conversation that was open
+                raise
         self.documents, self._opening = list(resumed.documents), opening
         self.chat = ChatSession(engine, system=system, opening=opening)
         self.chat.messages += resumed.messages

@@ -192,6 +192,9 @@ class ChatScreen(Screen):
     @on(ConversationList.Opened)
     async def _open(self, event: ConversationList.Opened) -> None:
         conversation_id = event.conversation_id
+        if self.busy is not None:
+            self.say(BUSY, severity="warning")
+            return
         await self.query_one(Transcript).show(self.bridge.messages(conversation_id))
         if not self.bridge.ready:
             self._pending_resume = conversation_id  # continued once the model has loaded
