@@ -5,11 +5,13 @@ errors, the help screen and the memory gauge."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from tui_fakes import FakeEngine, RecordingApp, settle, shown, stored, wait_for
 
+from edgectx.engine import Cancelled
 from edgectx.errors import ModelFileError
 from edgectx.store import ConversationStore
 from edgectx.tui.bridge import Bridge
@@ -144,6 +146,7 @@ async def test_sidebar_new_rename_select_and_delete(store, tmp_path):
         await settle(pilot, app)
         assert shown(app) == [("user", "first question"), ("assistant", "ok")]
         assert app.chat.bridge.conversation_id == first
+        assert isinstance(app.focused, PromptInput)  # opened to be continued
         await send(pilot, app, "follow-up")
         assert stored(store, first) == [("user", "first question"), ("assistant", "ok"),
                                         ("user", "follow-up"), ("assistant", "ok")]
@@ -250,6 +253,36 @@ async def test_attach_shows_progress_then_the_completion_line(store, tmp_path):
         line = "notes.md: read 40,000 tokens in 1.5 s (saved for next time)"
         assert app.chat.query_one(Transcript).messages[-1] == ("notice", line)
         assert ("The snapshot for notes.md is damaged: it was read again.", "warning") in app.notes
+
+
+class EndlessAttachBridge(Bridge):
+    """Reads a document until told to stop, as a very long one would."""
+
+    def attach(self, doc, progress=None, cancel=None, on_problem=None) -> str:
+        done = 0
+        while not cancel():
+            done += 512
+            progress(done, 10**9)
+            time.sleep(0.01)
+        raise Cancelled("Cancelled; the tokens read so far stay in memory.")
+
+
+async def test_escape_stops_reading_a_document(store, tmp_path):
+    doc = tmp_path / "long.txt"
+    doc.write_text("long text\n")
+    bridge = EndlessAttachBridge(lambda progress: FakeEngine(), store)
+    app = make_app(store, bridge=bridge)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        await pilot.press(*str(doc), "enter")
+        row = app.chat.query_one(WorkProgress)
+        await wait_for(pilot, lambda: "tokens/s" in row.rate_text, "the progress row")
+        await pilot.press("escape")
+        await settle(pilot, app)
+        assert not row.active and app.chat.busy is None
+        assert ("Stopped reading the document: the conversation goes on without it.", "warning") in app.notes
 
 
 async def test_a_refused_file_becomes_a_notification_and_the_app_goes_on(store, tmp_path):

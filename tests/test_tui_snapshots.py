@@ -10,6 +10,7 @@ from tui_fakes import FakeEngine
 from edgectx.store import ConversationStore
 from edgectx.tui.app import EdgectxApp
 from edgectx.tui.bridge import Bridge
+from edgectx.tui.widgets.prompt import PromptInput
 
 pytest.importorskip("pytest_textual_snapshot")
 
@@ -31,13 +32,16 @@ def app(monkeypatch):
 async def _loaded(pilot) -> None:
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
+    pilot.app.chat.query_one(PromptInput).focus()
+    await pilot.pause()
 
 
 async def _answered(pilot) -> None:
     await _loaded(pilot)
     await pilot.press(*"Show me some Markdown", "enter")
     await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
+    for _ in range(3):
+        await pilot.pause()
 
 
 def test_main_screen(app, snap_compare):

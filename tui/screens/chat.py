@@ -162,7 +162,10 @@ class ChatScreen(Screen):
 
         async def done(new_title: str | None) -> None:
             if new_title:
-                self.bridge.rename(conversation_id, new_title)
+                try:
+                    self.bridge.rename(conversation_id, new_title)
+                except EdgectxError as e:  # deleted meanwhile by another edgectx, or the store is locked
+                    self.say(str(e), title="Error", severity="error")
                 await self.refresh_sidebar()
 
         self.app.push_screen(TextPrompt(f"Rename “{title}”", value=title), done)
@@ -196,6 +199,7 @@ class ChatScreen(Screen):
             self.say(BUSY, severity="warning")
             return
         await self.query_one(Transcript).show(self.bridge.messages(conversation_id))
+        self.query_one(PromptInput).focus()  # opened to continue it
         if not self.bridge.ready:
             self._pending_resume = conversation_id  # continued once the model has loaded
             return

@@ -16,7 +16,7 @@ WIDGET_KEYS = [
     ("Enter", "send (in the prompt); open the conversation (in the sidebar)"),
     ("Ctrl+J / Shift+Enter", "new line in the prompt"),
     ("Delete / d", "delete the highlighted conversation (in the sidebar)"),
-    ("Tab / Shift+Tab", "move between the sidebar and the prompt"),
+    ("Tab / Shift+Tab", "move between the list, the transcript (arrows scroll it) and the prompt"),
     ("Ctrl+P", "command palette: new conversation, attach, export, help, ..."),
     ("Ctrl+Q", "quit"),
 ]
