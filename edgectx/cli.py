@@ -1,6 +1,7 @@
 """The `edgectx` command: argument parsing and dispatch; every user error ends in one sentence.
 
-    edgectx                      # the chat (the terminal UI replaces it once built)
+    edgectx                      # the terminal UI in a terminal; the line chat when piped
+    edgectx tui [--model M]      # the terminal UI
     edgectx chat --prompt "hi"   # one-shot answer on stdout
     edgectx models | doctor | --version
     edgectx bench conformance | speed | fidelity | longppl | memory | reopen
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
     chat.add_argument("--max-file-mib", type=float, default=64.0, help="largest document to read, in MiB (default 64)")
     chat.add_argument("--no-history", action="store_true", help="do not save this chat's messages")
+
+    tui = sub.add_parser("tui", help="the terminal UI (what `edgectx` opens in a terminal)")
+    _model_args(tui)
+    _memory_args(tui)
+    tui.add_argument("--system", help="system prompt for new conversations")
+    tui.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
 
     models = sub.add_parser("models", help="list GGUF models found on this machine")
     models.add_argument("--json", action="store_true")
@@ -262,9 +269,15 @@ def run(argv: list[str] | None = None) -> int:
         from edgectx.ingest_cli import run_ingest
 
         return run_ingest(args, load_config())
+    if args.command is None and sys.stdin.isatty() and sys.stdout.isatty():
+        args = build_parser().parse_args(["tui"])  # bare `edgectx` in a terminal
+    if args.command == "tui":
+        from edgectx.tui.app import run_tui  # imports textual: only here, so other commands start fast
+
+        return run_tui(args, load_config())
     from edgectx.repl import run_chat
 
-    if args.command is None:  # bare `edgectx`: the interactive chat with defaults
+    if args.command is None:  # bare `edgectx` in a pipe or CI: the line chat with defaults
         args = build_parser().parse_args(["chat"])
     return run_chat(args, load_config())
 

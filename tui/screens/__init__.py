@@ -1,0 +1,1 @@
+"""The TUI's screens: the chat, the help screen, and small modal prompts."""

@@ -1,0 +1,85 @@
+"""The conversation as it reads: user messages, assistant answers rendered as Markdown (streamed as they
+arrive), and dim notices (documents opened, an answer stopped).
+
+    transcript = Transcript()
+    await transcript.show([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "**Hello**"}])
+    answer = await transcript.start_answer()
+    await answer.write("Hel"); await answer.write("lo"); await answer.finish()
+"""
+
+from __future__ import annotations
+
+from textual.containers import VerticalScroll
+from textual.widgets import Markdown, Static
+
+
+class UserMessage(Static):
+    def __init__(self, text: str):
+        super().__init__(text, markup=False)
+        self.text = text
+
+
+class AssistantMessage(Markdown):
+    """An answer; `text` is everything received so far, also while it streams."""
+
+    def __init__(self, text: str = ""):
+        super().__init__(text)
+        self.text = text
+        self._stream = None
+
+    async def write(self, piece: str) -> None:
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self)
+        self.text += piece
+        await self._stream.write(piece)
+
+    async def finish(self) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+
+
+class Notice(Static):
+    def __init__(self, text: str):
+        super().__init__(text, markup=False)
+        self.text = text
+
+
+class Transcript(VerticalScroll):
+    DEFAULT_CSS = """
+    Transcript { height: 1fr; padding: 0 1; }
+    UserMessage { margin: 1 0 0 8; padding: 0 1; background: $boost; border-left: thick $accent; }
+    AssistantMessage { margin: 1 8 0 0; padding: 0 1; }
+    Notice { margin: 1 0 0 0; color: $text-muted; }
+    """
+
+    def on_mount(self) -> None:
+        self.anchor()  # a chat: the newest message sits at the bottom, and the view follows it
+
+    async def show(self, messages: list[dict[str, str]]) -> None:
+        await self.remove_children()
+        widgets = [UserMessage(m["content"]) if m["role"] == "user" else AssistantMessage(m["content"])
+                   for m in messages if m["role"] in ("user", "assistant")]
+        await self.mount_all(widgets)
+        self.scroll_end(animate=False)
+
+    async def add_user(self, text: str) -> UserMessage:
+        return await self._add(UserMessage(text))
+
+    async def add_notice(self, text: str) -> Notice:
+        return await self._add(Notice(text))
+
+    async def start_answer(self) -> AssistantMessage:
+        self.anchor()  # follow the answer as it grows, until the user scrolls away
+        return await self._add(AssistantMessage())
+
+    async def _add(self, widget):
+        await self.mount(widget)
+        self.scroll_end(animate=False)
+        return widget
+
+    @property
+    def messages(self) -> list[tuple[str, str]]:
+        """(role, text) of every message shown, in order: what tests and exports read."""
+        kinds = {UserMessage: "user", AssistantMessage: "assistant", Notice: "notice"}
+        return [(kinds[type(w)], w.text) for w in self.children if type(w) in kinds]
