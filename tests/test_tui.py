@@ -140,8 +140,13 @@ async def test_sidebar_new_rename_select_and_delete(store, tmp_path):
         assert store.get_conversation(second).title == "Renamed"
         assert "Renamed" in str(app.chat.query_one(f"#conversation-{second}").query_one("Label").render())
 
-        # Open the first one: its messages are shown, and the next message continues it.
-        sidebar.index = sidebar.conversation_ids.index(first)
+        # Open the first one from the keyboard (Ctrl+L reaches the list): its messages are shown, and the next
+        # message continues it.
+        app.chat.query_one(PromptInput).focus()
+        await pilot.press("ctrl+l")
+        assert app.focused is sidebar
+        sidebar.index = 0
+        await pilot.press(*["down"] * sidebar.conversation_ids.index(first))
         await pilot.press("enter")
         await settle(pilot, app)
         assert shown(app) == [("user", "first question"), ("assistant", "ok")]

@@ -18,8 +18,9 @@ from textual.screen import Screen
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.chat import ChatScreen
 from edgectx.tui.screens.help import HelpScreen
+from edgectx.tui.widgets.sidebar import ConversationList
 
-CHAT_ACTIONS = {"new_conversation", "attach", "export", "rename", "stop"}
+CHAT_ACTIONS = {"new_conversation", "attach", "export", "rename", "stop", "conversations"}
 
 
 class EdgectxApp(App):
@@ -30,6 +31,7 @@ class EdgectxApp(App):
         Binding("ctrl+o", "attach", "Attach document"),
         Binding("ctrl+s", "export", "Export to Markdown"),
         Binding("f2", "rename", "Rename conversation"),
+        Binding("ctrl+l", "conversations", "Conversations (↑↓ Enter opens)"),
         Binding("escape", "stop", "Stop the answer or the read"),
         Binding("f1,question_mark", "help", "Help"),
     ]
@@ -57,6 +59,9 @@ class EdgectxApp(App):
 
     def action_rename(self) -> None:
         self.chat.rename()
+
+    def action_conversations(self) -> None:
+        self.chat.query_one(ConversationList).focus()
 
     def action_stop(self) -> None:
         self.chat.cancel()
