@@ -32,7 +32,9 @@ def app(monkeypatch):
 async def _loaded(pilot) -> None:
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
-    pilot.app.chat.query_one(PromptInput).focus()
+    prompt = pilot.app.chat.query_one(PromptInput)
+    prompt.cursor_blink = False  # a blinking cursor is drawn or not depending on when the screen is taken
+    prompt.focus()
     await pilot.pause()
 
 
