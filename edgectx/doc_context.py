@@ -119,8 +119,8 @@ def open_documents(engine: Engine, store: ConversationStore, opening: Opening, c
     doc_ids = [store.documents.add_read(doc, tokenizer=engine.fingerprint, token_offsets=offsets).id
                for doc, offsets in zip(opening.documents, opening.offsets)]
     ends = opening.ends
-    hits = [(end, find_snapshot(engine, store, opening.ids[:end])) for end in ends]
-    best = next(((end, hit) for end, hit in reversed(hits) if hit is not None), (0, None))
+    best = next(((end, hit) for end in reversed(ends)  # the longest stored prefix; looked up from the end
+                 if (hit := find_snapshot(engine, store, opening.ids[:end])) is not None), (0, None))
     problem = None
     written = []
     done = restored = 0

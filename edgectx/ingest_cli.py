@@ -79,10 +79,8 @@ def run_ingest(args: argparse.Namespace, config) -> int:
 
 
 def _ingest_one(engine, store, doc, codec: str, status) -> dict:
-    from edgectx.repl import warn
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from edgectx.doc_context import build_opening, find_snapshot, open_documents
+    from edgectx.repl import reading_progress, warn
 
     opening = build_opening(engine, [doc])
     done = find_snapshot(engine, store, opening.ids)
@@ -92,16 +90,7 @@ def _ingest_one(engine, store, doc, codec: str, status) -> dict:
         status.print(f"{doc.path.name}: already ingested ({done.n_tokens:,} tokens); snapshot {path} "
                      f"({done.size_bytes / 2**20:,.1f} MiB)", highlight=False, markup=False, soft_wrap=True)
         return _entry(doc, doc_id, done.n_tokens, 0.0, path, done.size_bytes, done.codec, already=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=status, transient=True) as bar:
-        task = bar.add_task(doc.path.name, total=len(opening.ids), rate="")
-        t0 = time.perf_counter()
-
-        def update(n_done: int, _total: int) -> None:
-            rate = n_done / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, completed=n_done, rate=f"{rate:,.0f} tok/s")
-
+    with reading_progress(status, doc.path.name, len(opening.ids)) as update:
         opened = open_documents(engine, store, opening, codec=codec, progress=update,
                                 on_problem=lambda sentence: warn(status, sentence))
     path, size = opened.snapshots[-1]

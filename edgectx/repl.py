@@ -14,7 +14,10 @@ Every message is saved in the conversation store as it is sent (`--no-history` k
 from __future__ import annotations
 
 import sys
+import time
 from argparse import Namespace
+from contextlib import contextmanager
+from typing import Iterator
 
 from rich.console import Console
 from rich.text import Text
@@ -22,7 +25,7 @@ from rich.text import Text
 from edgectx.chat import ChatSession
 from edgectx.cli import memory_config_from
 from edgectx.config import Config
-from edgectx.engine import Engine
+from edgectx.engine import Engine, Progress
 from edgectx.models import resolve_model
 from edgectx.sampling import SamplingParams
 
@@ -60,19 +63,32 @@ def memory_line(stats: dict) -> str:
     return line
 
 
+@contextmanager
+def reading_progress(status: Console, description: str, total_tokens: int) -> Iterator[Progress]:
+    """A transient bar for tokens being read (count, tok/s, ETA); yields the engine's progress callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Bar(*columns, console=status, transient=True) as bar:
+        task = bar.add_task(description, total=total_tokens, rate="")
+        t0 = time.perf_counter()
+
+        def update(n_done: int, _total: int) -> None:
+            bar.update(task, completed=n_done, rate=f"{n_done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+
+        yield update
+
+
 def _open_documents(engine: Engine, store, docs: list, codec: str, status: Console):
     """Restore or read the documents into memory with a progress bar; returns the Opening and the document ids."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from edgectx.doc_context import build_opening, open_documents
 
     opening = build_opening(engine, docs)
     names = ", ".join(d.path.name for d in docs)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                  TimeRemainingColumn(), console=status, transient=True) as bar:
-        task = bar.add_task(f"Reading {names}", total=len(opening.ids))
-        opened = open_documents(engine, store, opening, codec=codec,
-                                progress=lambda done, _total: bar.update(task, completed=done),
+    with reading_progress(status, f"Reading {names}", len(opening.ids)) as update:
+        opened = open_documents(engine, store, opening, codec=codec, progress=update,
                                 on_problem=lambda sentence: warn(status, sentence))
     if opened.restored_tokens:
         line = f"restored {opened.restored_tokens:,} tokens in {opened.elapsed_s:.1f} s"

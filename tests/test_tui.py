@@ -41,6 +41,13 @@ def make_app(store, engine=None, export_dir=None, bridge=None) -> RecordingApp:
     return RecordingApp(bridge or Bridge(lambda progress: engine, store), export_dir=export_dir)
 
 
+async def attach(pilot, path) -> None:
+    """Ctrl+O, then type the path into the prompt that opens."""
+    await pilot.press("ctrl+o")
+    await pilot.pause()
+    await pilot.press(*str(path), "enter")
+
+
 async def send(pilot, app, text: str) -> None:
     app.chat.query_one(PromptInput).focus()
     await pilot.press(*text, "enter")
@@ -245,9 +252,7 @@ async def test_attach_shows_progress_then_the_completion_line(store, tmp_path):
     app = make_app(store, bridge=bridge)
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        await pilot.press("ctrl+o")
-        await pilot.pause()
-        await pilot.press(*str(doc), "enter")
+        await attach(pilot, doc)
         await wait_for(pilot, bridge.halfway.is_set, "the read to be half way")
         row = app.chat.query_one(WorkProgress)
         await wait_for(pilot, lambda: "20,000/40,000 tokens" in row.rate_text, "the progress row")
@@ -279,9 +284,7 @@ async def test_escape_stops_reading_a_document(store, tmp_path):
     app = make_app(store, bridge=bridge)
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        await pilot.press("ctrl+o")
-        await pilot.pause()
-        await pilot.press(*str(doc), "enter")
+        await attach(pilot, doc)
         row = app.chat.query_one(WorkProgress)
         await wait_for(pilot, lambda: "tokens/s" in row.rate_text, "the progress row")
         await pilot.press("escape")
@@ -296,9 +299,7 @@ async def test_a_refused_file_becomes_a_notification_and_the_app_goes_on(store, 
     app = make_app(store)
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        await pilot.press("ctrl+o")
-        await pilot.pause()
-        await pilot.press(*str(binary), "enter")
+        await attach(pilot, binary)
         await settle(pilot, app)
         errors = [note for note, severity in app.notes if severity == "error"]
         assert len(errors) == 1 and str(binary) in errors[0] and "\n" not in errors[0]
