@@ -6,7 +6,7 @@ for its new tokens; `generate` streams text. The KV memory sits behind the `KVMe
 `snapshot` writes the long-context memory to a file, `restore` reads it back, and `prefill_with_snapshot`
 reopens a document: it restores a snapshot whose tokens start the new ids and prefills only the rest.
 
-    engine = Engine.load(Path("model.gguf"))
+    engine = Engine.load(Path("model.gguf"))  # or a Hugging Face checkpoint directory
     engine.sync(engine.tokenizer.encode(prompt))
     for piece in engine.generate(SamplingParams(temperature=0), max_tokens=64):
         print(piece, end="")
@@ -26,21 +26,20 @@ import torch
 from edgectx.chat_template import ChatTemplate
 from edgectx.decode import CompiledDecode
 from edgectx.errors import EdgectxError, SnapshotError, UsageError
-from edgectx.fingerprint import weights_fingerprint
-from edgectx.gguf_loader import load_model, open_gguf, read_spec
 from edgectx.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
 from edgectx.kv import FullKVCache, KVMemory
 from edgectx.memory import ContextMemory
 from edgectx.memory_config import MemoryConfig
 from edgectx.memory_snapshot import CODECS as SNAPSHOT_CODECS
 from edgectx.memory_snapshot import load_memory, memory_meta, memory_sections
+from edgectx.model_source import open_model
 from edgectx.rope import Rope
 from edgectx.sampling import Sampler, SamplingParams
 from edgectx.scoring import AttentionMassScorer, EvictionScorer, WindowScorer
 from edgectx.snapshot_file import open_snapshot, read_header, write_snapshot
 from edgectx.spec import ModelSpec
 from edgectx.stops import StopMatcher
-from edgectx.tokenizer import Tokenizer
+from edgectx.tokenizer import TextTokenizer
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -111,7 +110,7 @@ MEMORY_MAX_TOKENS = 1 << 20
 
 
 class Engine:
-    def __init__(self, path: Path, model, spec: ModelSpec, tokenizer: Tokenizer, template: ChatTemplate,
+    def __init__(self, path: Path, model, spec: ModelSpec, tokenizer: TextTokenizer, template: ChatTemplate,
                  device: torch.device, dtype: torch.dtype, n_ctx: int | None = None,
                  memory_config: MemoryConfig | None = None, fingerprint: str = "", heads_path: Path | None = None):
         self.path, self.model, self.spec = path, model, spec
@@ -147,17 +146,12 @@ class Engine:
             torch.set_num_threads(n_threads)
         dev = pick_device(device)
         dtype = default_dtype(dev)
-        gguf_file = open_gguf(path)
-        spec = read_spec(gguf_file)
-        tokenizer = Tokenizer(gguf_file.path)
-        template = ChatTemplate(
-            gguf_file.get("tokenizer.chat_template"),
-            bos_token=tokenizer.token_text(tokenizer.bos_id),
-            eos_token=tokenizer.token_text(tokenizer.eos_id),
-        )
-        model = load_model(gguf_file, dev, dtype, progress=progress)
-        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config,
-                   fingerprint=weights_fingerprint(gguf_file), heads_path=heads_path)
+        source = open_model(path)  # a .gguf file or a Hugging Face checkpoint directory
+        tokenizer = source.tokenizer()
+        template = source.chat_template(tokenizer)
+        model = source.load_model(dev, dtype, progress=progress)
+        return cls(source.path, model, source.spec, tokenizer, template, dev, dtype, n_ctx, memory_config,
+                   fingerprint=source.fingerprint(), heads_path=heads_path)
 
     def compile_decode(self) -> CompiledDecode:
         """Run one-token steps through a compiled graph from now on; the first such step compiles it."""

@@ -15,6 +15,7 @@ import codecs
 import contextlib
 import os
 from pathlib import Path
+from typing import Protocol
 
 from edgectx.errors import ModelFileError
 
@@ -36,10 +37,32 @@ def quiet_stderr():
             os.close(fd)
 
 
+class TextTokenizer(Protocol):
+    """What the engine, chat and documents need of a tokenizer: this llama.cpp one for GGUF models, or
+    edgectx.hf_tokenizer's for Hugging Face directories. `piece` is the exact bytes a token renders to
+    (control tokens: none); `token_text` writes control tokens out."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    add_bos: bool
+    eog_ids: frozenset[int]
+
+    def encode(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]: ...
+
+    def piece(self, token_id: int) -> bytes: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def stream_decoder(self) -> "StreamDecoder": ...
+
+
 class StreamDecoder:
     """Turns token ids into text as they arrive, never splitting a UTF-8 character."""
 
-    def __init__(self, tokenizer: "Tokenizer"):
+    def __init__(self, tokenizer: TextTokenizer):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
