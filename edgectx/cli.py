@@ -81,7 +81,7 @@ def memory_config_from(args: argparse.Namespace, config=None) -> MemoryConfig | 
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="a .gguf file, or a name `edgectx models` lists (default: the embedded SmolLM2)")
+    p.add_argument("--model", "-m", help="a .gguf file, a Hugging Face model directory, or a name `edgectx models` lists (default: the embedded SmolLM2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for the engine (default: PyTorch's choice)")
     p.add_argument("--ctx", type=int, help="context window in tokens (default: the model's trained context)")

@@ -68,9 +68,9 @@ def run_checks() -> list[Check]:
         checks.append(Check("config", False, str(config_path()), str(e)))
     try:
         model = resolve_model(None, config)
-        from edgectx.gguf_loader import open_gguf, read_spec
+        from edgectx.model_source import open_model
 
-        spec = read_spec(open_gguf(model))
+        spec = open_model(model).spec
         checks.append(Check("default model", True, f"{model} ({spec.describe()})"))
     except EdgectxError as e:
         checks.append(Check("default model", False, "cannot be loaded", str(e)))

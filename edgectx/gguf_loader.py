@@ -42,7 +42,8 @@ def open_gguf(path: Path) -> GGUFFile:
     """Open and validate a GGUF file: header, metadata, and that every tensor lies inside the file."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelFileError(f"Model file not found: {path}. Pass the path of a .gguf file (`edgectx models` lists those found).")
+        raise ModelFileError(f"Model file not found: {path}. Pass a .gguf file or a Hugging Face model directory "
+                             "(`edgectx models` lists those found).")
     if path.is_dir():
         raise ModelFileError(f"{path} is a directory, not a model file: pass the path of a .gguf file inside it.")
     try:

@@ -58,13 +58,13 @@ def _train(args: argparse.Namespace, path: Path) -> int:
     from edgectx.engine import Engine
     from edgectx.heads_train import TrainSettings, train_heads
 
-    from edgectx.gguf_loader import open_gguf, read_spec
+    from edgectx.model_source import open_model
 
     if args.max_file_mib <= 0:
         raise UsageError(f"--max-file-mib must be positive, got {args.max_file_mib:g}.")
     max_bytes = int(args.max_file_mib * 2**20)
     text = "\n\n".join(read_document(name, max_bytes).text for name in args.text)  # bad files fail before the model loads
-    trained = read_spec(open_gguf(path)).context_length
+    trained = open_model(path).spec.context_length
     if args.seq_len and args.seq_len > trained:
         raise UsageError(f"--seq-len {args.seq_len} is past {path.name}'s trained context ({trained}).")
     settings = TrainSettings(hidden=args.hidden, tokens=args.tokens, steps=args.steps, seq_len=args.seq_len or min(4096, trained),
@@ -106,12 +106,11 @@ def _train(args: argparse.Namespace, path: Path) -> int:
 
 
 def _import(args: argparse.Namespace, path: Path) -> int:
-    from edgectx.fingerprint import weights_fingerprint
     from edgectx.heads import HeadsInfo, import_locret, save_heads, user_heads_path
-    from edgectx.gguf_loader import open_gguf, read_spec
+    from edgectx.model_source import open_model
 
-    g = open_gguf(path)
-    spec, fingerprint = read_spec(g), weights_fingerprint(g)
+    source = open_model(path)
+    spec, fingerprint = source.spec, source.fingerprint()
     heads = import_locret(Path(args.file), spec)
     out = Path(args.out).expanduser() if args.out else user_heads_path(fingerprint)
     save_heads(heads, out, HeadsInfo(fingerprint, path.name, "locret-import", {"imported_from": str(args.file)}))
@@ -120,12 +119,11 @@ def _import(args: argparse.Namespace, path: Path) -> int:
 
 
 def _info(args: argparse.Namespace, path: Path) -> int:
-    from edgectx.fingerprint import weights_fingerprint
     from edgectx.heads import find_heads, load_heads, read_heads_metadata
-    from edgectx.gguf_loader import open_gguf, read_spec
+    from edgectx.model_source import open_model
 
-    g = open_gguf(path)
-    spec, fingerprint = read_spec(g), weights_fingerprint(g)
+    source = open_model(path)
+    spec, fingerprint = source.spec, source.fingerprint()
     found = find_heads(fingerprint)
     data = {"model": path.name, "fingerprint": fingerprint, "heads": str(found) if found else None}
     if found:

@@ -113,7 +113,7 @@ def open_hf_dir(path: Path) -> HFDir:
         raise ModelFileError(f"{path} has no config.json: pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file.")
     config = _read_json(path / "config.json")
-    quantized = config.get("quantization_config")
+    quantized = config.get("quantization_config") or config.get("quantization")  # the latter: MLX
     if quantized:
         method = quantized.get("quant_method", "a quantizer") if isinstance(quantized, dict) else "a quantizer"
         raise UnsupportedModelError(f"{path.name} is already quantized ({method}); edgectx reads fp16/bf16/fp32 "

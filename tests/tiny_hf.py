@@ -144,10 +144,33 @@ def _add_vocab(writer: gguf.GGUFWriter, hf_dir: Path) -> tuple[int, int | None]:
     return sp.piece_to_id("<|im_end|>"), sp.bos_id()
 
 
+def llama3_factors(rope_base: float, head_dim: int, factor: float, low: float, high: float, old_context: int) -> np.ndarray:
+    """The rope_freqs tensor convert_hf_to_gguf writes for Llama 3.1's rope scaling."""
+    wavelen = 2 * np.pi * rope_base ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = (old_context / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, mid)).astype(np.float32)
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, rope_base: float, head_dim: int) -> dict[str, np.ndarray]:
+    kind = rope["rope_type"]
+    if kind == "llama3":
+        return {"rope_freqs.weight": llama3_factors(rope_base, head_dim, rope["factor"], rope["low_freq_factor"],
+                                                    rope["high_freq_factor"], rope["original_max_position_embeddings"])}
+    writer.add_rope_scaling_type(gguf.RopeScalingType(kind))
+    writer.add_rope_scaling_factor(rope["factor"])
+    if "original_max_position_embeddings" in rope:
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    return {}
+
+
 def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed: int = 0, n_layers: int = 2,
                     dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2, ffn_dim: int = 128,
-                    context_length: int = 1024, rope_base: float = 10000.0, tied: bool = True) -> tuple[Path, Path]:
-    hf_dir = out / f"{arch}-{tokenizer}"
+                    context_length: int = 1024, rope_base: float = 10000.0, tied: bool = True,
+                    rope_scaling: dict | None = None, name: str | None = None) -> tuple[Path, Path]:
+    """`rope_scaling`: config.json's, e.g. {"rope_type": "linear", "factor": 4.0}; the GGUF gets the same."""
+    name = name or f"{arch}-{tokenizer}"
+    hf_dir = out / name
     hf_dir.mkdir(parents=True)
     tok_path = train_sentencepiece(hf_dir) if tokenizer == "spm" else train_bpe_json(hf_dir)
     if tokenizer == "spm":
@@ -167,10 +190,10 @@ def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed
               "model_type": arch, "hidden_size": dim, "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
               "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "max_position_embeddings": context_length,
               "rms_norm_eps": 1e-5, "rope_theta": rope_base, "tie_word_embeddings": tied, "vocab_size": vocab,
-              "torch_dtype": "float32"}
+              "torch_dtype": "float32", **({"rope_scaling": rope_scaling} if rope_scaling else {})}
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
-    gguf_path = out / f"{arch}-{tokenizer}.gguf"
+    gguf_path = out / f"{name}.gguf"
     writer = gguf.GGUFWriter(str(gguf_path), arch)
     writer.add_context_length(context_length)
     writer.add_embedding_length(dim)
@@ -187,8 +210,9 @@ def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed
     if bos is not None:
         writer.add_bos_token_id(bos)
     writer.add_chat_template(CHATML)
-    for name, array in _gguf_tensors(arch, weights, n_layers, n_heads, n_kv_heads).items():
-        writer.add_tensor(name, array)
+    extra = _add_rope_scaling(writer, rope_scaling, rope_base, dim // n_heads) if rope_scaling else {}
+    for tensor_name, array in {**_gguf_tensors(arch, weights, n_layers, n_heads, n_kv_heads), **extra}.items():
+        writer.add_tensor(tensor_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
