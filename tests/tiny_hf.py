@@ -59,6 +59,24 @@ def train_bpe_json(out_dir: Path, vocab_size: int = 400) -> Path:
     return path
 
 
+def train_metaspace_json(out_dir: Path, vocab_size: int = 300) -> Path:
+    """A Llama/Mistral-style tokenizer.json: ▁ for spaces, a prepended ▁, <0xNN> byte-fallback tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *CONTROL], show_progress=False)
+    tok.train_from_iterator(training_text()[:6000].splitlines(keepends=True), trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):  # byte-fallback tokens, as SentencePiece-converted tokenizers carry them
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    path = out_dir / "tokenizer.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
 def _weights(arch: str, vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int,
              tied: bool, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
