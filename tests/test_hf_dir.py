@@ -28,6 +28,8 @@ CASES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "llama-spm-yarn-rope": dict(arch="llama", tokenizer="spm", rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+    "phi3-spm-longrope": dict(arch="phi3", tokenizer="spm", extra_config={"original_max_position_embeddings": 256}, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [1.0 + i for i in range(8)]}),
 }
 
 
@@ -94,6 +96,9 @@ def test_spec_from_config(pair):
     assert read_spec(open_hf_dir(pair("qwen2-json-bias")[0])).qkv_bias
     yarn = read_spec(open_hf_dir(pair("llama-spm-yarn-rope")[0])).rope_scaling
     assert (yarn.kind, yarn.factor, yarn.original_context) == ("yarn", 4.0, 256)
+    longrope = read_spec(open_hf_dir(pair("phi3-spm-longrope")[0]))
+    assert longrope.rope_freq_factors_long[-1] == 8.0 and longrope.rope_scaling.original_context == 256
+    assert abs(longrope.rope_scaling.attn_factor - 1.25**0.5) < 1e-9  # sqrt(1 + ln(1024/256) / ln 256)
 
 
 def test_sharded_directory_loads_the_same(pair, tmp_path):
@@ -184,6 +189,9 @@ def test_models_lists_directories(pair, tmp_path, monkeypatch):
     shutil.copytree(hf_dir, mine)
     snapshot = tmp_path / "user" / ".cache" / "huggingface" / "hub" / "models--org--tiny-llama" / "snapshots" / "abc123"
     shutil.copytree(hf_dir, snapshot)
+    bert = snapshot.parents[2] / "models--org--bert" / "snapshots" / "def456"
+    shutil.copytree(hf_dir, bert)
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))  # not a chat model: not listed
     monkeypatch.delenv("HF_HOME", raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     config = tmp_path / "config.toml"
@@ -192,6 +200,7 @@ def test_models_lists_directories(pair, tmp_path, monkeypatch):
     entries = {e.name: e for e in discover(load_config())}
     assert entries["mine"].path == mine and entries["mine"].source == "config"
     assert entries["org/tiny-llama"].path == snapshot and entries["org/tiny-llama"].source == "huggingface"
+    assert "org/bert" not in entries
     size = (hf_dir / "model.safetensors").stat().st_size
     assert entries["mine"].size_bytes == size
     assert resolve_model("org/tiny-llama", load_config()) == snapshot

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -170,8 +171,15 @@ def llama3_factors(rope_base: float, head_dim: int, factor: float, low: float, h
     return np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, mid)).astype(np.float32)
 
 
-def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, rope_base: float, head_dim: int) -> dict[str, np.ndarray]:
+def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, rope_base: float, head_dim: int, config: dict) -> dict[str, np.ndarray]:
+    """What convert_hf_to_gguf writes for config.json's rope_scaling: metadata, or factor tensors."""
     kind = rope["rope_type"]
+    if kind == "longrope":  # phi3: short/long factor tensors and a magnitude correction
+        context, original = config["max_position_embeddings"], config["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(context / original) / math.log(original)))
+        return {"rope_factors_short.weight": np.array(rope["short_factor"], np.float32),
+                "rope_factors_long.weight": np.array(rope["long_factor"], np.float32)}
     if kind == "llama3":
         return {"rope_freqs.weight": llama3_factors(rope_base, head_dim, rope["factor"], rope["low_freq_factor"],
                                                     rope["high_freq_factor"], rope["original_max_position_embeddings"])}
@@ -185,8 +193,9 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, rope: dict, rope_base: float, hea
 def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed: int = 0, n_layers: int = 2,
                     dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2, ffn_dim: int = 128,
                     context_length: int = 1024, rope_base: float = 10000.0, tied: bool = True,
-                    rope_scaling: dict | None = None, name: str | None = None) -> tuple[Path, Path]:
-    """`rope_scaling`: config.json's, e.g. {"rope_type": "linear", "factor": 4.0}; the GGUF gets the same."""
+                    rope_scaling: dict | None = None, extra_config: dict | None = None, name: str | None = None) -> tuple[Path, Path]:
+    """`rope_scaling`: config.json's, e.g. {"rope_type": "linear", "factor": 4.0}; the GGUF gets the same.
+    `extra_config`: more config.json fields (phi3's original_max_position_embeddings)."""
     name = name or f"{arch}-{tokenizer}"
     hf_dir = out / name
     hf_dir.mkdir(parents=True)
@@ -208,7 +217,7 @@ def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed
               "model_type": arch, "hidden_size": dim, "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
               "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "max_position_embeddings": context_length,
               "rms_norm_eps": 1e-5, "rope_theta": rope_base, "tie_word_embeddings": tied, "vocab_size": vocab,
-              "torch_dtype": "float32", **({"rope_scaling": rope_scaling} if rope_scaling else {})}
+              "torch_dtype": "float32", **({"rope_scaling": rope_scaling} if rope_scaling else {}), **(extra_config or {})}
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     gguf_path = out / f"{name}.gguf"
@@ -228,7 +237,7 @@ def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed
     if bos is not None:
         writer.add_bos_token_id(bos)
     writer.add_chat_template(CHATML)
-    extra = _add_rope_scaling(writer, rope_scaling, rope_base, dim // n_heads) if rope_scaling else {}
+    extra = _add_rope_scaling(writer, rope_scaling, rope_base, dim // n_heads, config) if rope_scaling else {}
     for tensor_name, array in {**_gguf_tensors(arch, weights, n_layers, n_heads, n_kv_heads), **extra}.items():
         writer.add_tensor(tensor_name, array)
     writer.write_header_to_file()
