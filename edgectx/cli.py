@@ -194,6 +194,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     threads = args.threads or torch.get_num_threads()
     path = resolve_model(args.model, load_config())
+    if args.bench in ("speed", "conformance") and path.is_dir():
+        raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
+                         "Hugging Face directory, so pass a .gguf file of the model.")
     memory = memory_config_from(args) if args.bench not in ("conformance", "fidelity") else None
     if args.bench == "speed":
         from edgectx.bench.speed import run_speed

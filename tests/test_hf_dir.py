@@ -181,6 +181,7 @@ def test_cli_chats_with_a_directory(pair):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()  # a random model's five tokens of answer
     assert "qwen2" in result.stderr  # the model line: spec.describe()
+    assert_one_sentence(run_cli("bench", "conformance", "--model", str(hf_dir)), "reads only GGUF")
 
 
 def test_models_lists_directories(pair, tmp_path, monkeypatch):
