@@ -1,5 +1,6 @@
 """Hugging Face checkpoint directories as a model source: the same weights as a directory and as GGUF give
-the same tokens and logits; bad directories end in one sentence; the CLI chats with a directory."""
+the same tokens and logits; bad directories end in one sentence; the CLI chats with a directory; snapshots
+are keyed by the directory's fingerprint."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from cli_helpers import assert_one_sentence, run_cli
+from edgectx.config import load_config
 from edgectx.engine import Engine
-from edgectx.errors import ModelFileError, UnsupportedModelError
+from edgectx.errors import ModelFileError, SnapshotError, UnsupportedModelError
 from edgectx.hf_loader import open_hf_dir, read_spec
+from edgectx.memory_config import MemoryConfig
 from edgectx.model_source import open_model
 from edgectx.models import discover, resolve_model
-from edgectx.config import load_config
 from tiny_hf import training_text, write_tiny_pair
 
 CASES = {
@@ -206,3 +208,17 @@ def test_models_lists_directories(pair, tmp_path, monkeypatch):
     assert entries["mine"].size_bytes == size
     assert resolve_model("org/tiny-llama", load_config()) == snapshot
     assert np.isclose(size, entries["org/tiny-llama"].size_bytes)
+
+
+def test_snapshots_are_keyed_by_the_directory_fingerprint(pair, tmp_path):
+    hf_dir, gguf_path = pair("llama-spm")
+    config = MemoryConfig(budget_tokens=128, n_sink=16, n_local=32, block_size=32, top_k_blocks=2, cache_blocks=4, chunk_tokens=64)
+    live = Engine.load(hf_dir, device="cpu", memory_config=config)
+    ids = live.tokenizer.encode(_text())[:300]
+    live.prefill(ids)
+    info = live.snapshot(tmp_path / "doc.edgectxs", codec="fp16")
+    reopened = Engine.load(hf_dir, device="cpu", memory_config=config)
+    assert reopened.restore(info.path).n_tokens == 300 and reopened.tokens == ids
+    assert torch.equal(reopened.next_logits, live.next_logits)
+    with pytest.raises(SnapshotError, match="another model"):  # the same weights as GGUF hash differently
+        Engine.load(gguf_path, device="cpu", memory_config=config).restore(info.path)
