@@ -1,7 +1,7 @@
 """Model shapes and RoPE parameters in one frozen dataclass, the single source of byte figures.
 
-Read from GGUF metadata by `edgectx.gguf_loader`; planners, gauges and benchmarks ask the spec for
-sizes instead of re-deriving them.
+Read from GGUF metadata by `edgectx.gguf_loader`, or from a checkpoint's config.json by `edgectx.hf_loader`;
+planners, gauges and benchmarks ask the spec for sizes instead of re-deriving them.
 
     spec = ModelSpec(arch="llama", n_layers=30, dim=576, n_heads=9, n_kv_heads=3, head_dim=64,
                      ffn_dim=1536, vocab_size=49152, context_length=8192)
