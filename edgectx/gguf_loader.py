@@ -23,7 +23,7 @@ from torch import nn
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.quant import linear_factory
+from edgectx.quant import linear_factory, resolve_weights
 from edgectx.quant.gguf_dequant import SUPPORTED_TYPES, dequantize_blocks
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
@@ -225,15 +225,21 @@ def load_model(
     dtype: torch.dtype,
     make_linear: LinearFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: str = "auto",
 ) -> Transformer:
     """Build the model layer by layer (peak memory: the model plus one layer of float32 weights), decoding
     each GGUF tensor on `device`.
 
     `make_linear(weight, bias)` turns float32 weights into a module (a packed or quantized linear);
-    by default `edgectx.quant.linear_factory`'s choice for the device.
+    by default `edgectx.quant.linear_factory`'s choice for the device and `weights` (auto | fp16 | nf4 |
+    int8). The output projection stays 16-bit under nf4/int8, as transformers' bitsandbytes loading does:
+    its logits are the sampled distribution itself.
     """
     spec = read_spec(g)
-    make_linear = make_linear or linear_factory(device, dtype)
+    make_head = make_linear
+    if make_linear is None:
+        make_linear = linear_factory(device, dtype, weights)
+        make_head = linear_factory(device, dtype, "fp16") if resolve_weights(device, weights) != "fp16" else make_linear
     with torch.device("meta"):
         model = Transformer(spec)
 
@@ -243,7 +249,7 @@ def load_model(
     embed = dequantize(g, "token_embd.weight", device)
     model.embed.weight = param(embed)
     model.norm.weight = param(dequantize(g, "output_norm.weight", device))
-    model.lm_head = make_linear(embed if spec.tied_embeddings else dequantize(g, "output.weight", device), None)
+    model.lm_head = make_head(embed if spec.tied_embeddings else dequantize(g, "output.weight", device), None)
     del embed
     for i, block in enumerate(model.layers):
         w = _layer_weights(g, spec, i, device)
