@@ -8,6 +8,7 @@
     edgectx heads train | import | info
     edgectx history [--search Q] | export ID --format md|json
     edgectx ingest FILE... | chat --doc FILE | chat --resume ID | cache ls|rm|gc
+    edgectx plan --model M | --synthetic NAME --context N --gpu-mem-gib G
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_history_parsers(sub)
     add_ingest_parsers(sub, _model_args, _memory_args)
 
+    from edgectx.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub, _memory_args)
+
     bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     conf = bench_sub.add_parser("conformance", help="teacher-forced top-1 agreement and NLL vs llama.cpp")
@@ -255,6 +260,10 @@ def run(argv: list[str] | None = None) -> int:
         return run_doctor(args.json)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "plan":
+        from edgectx.plan import run_plan
+
+        return run_plan(args)
     if args.command == "heads":
         from edgectx.heads_cli import run_heads
 
