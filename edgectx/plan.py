@@ -17,7 +17,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from edgectx.block_store import SEGMENT_BLOCKS
 from edgectx.errors import EdgectxError, UsageError
 from edgectx.memory_config import MemoryConfig
 from edgectx.spec import ModelSpec
@@ -126,6 +125,8 @@ def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: Me
     else:
         tiers = device_kv(spec, config, context_tokens, elem_bytes)
         kv_bytes, host = tiers.total_bytes, context_tokens * kv_token
+        from edgectx.block_store import SEGMENT_BLOCKS  # imports torch: not at the CLI's start
+
         segment = SEGMENT_BLOCKS * config.block_size
         reserved = -(-context_tokens // segment) * segment * kv_token
         keys = config.budget_tokens + chunk
