@@ -99,3 +99,12 @@ def test_unknown_synthetic_name_is_one_sentence(capsys):
     code, _, err = _plan(capsys, "--synthetic", "gpt-5", "--context", "1000", "--gpu-mem-gib", "8")
     assert code == 2 and err == ["edgectx: There is no synthetic model 'gpt-5': choose one of llama-3.1-8b, "
                                  "phi-3-mini-128k, qwen2.5-7b, tiny."]
+
+
+def test_the_cli_still_starts_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, edgectx.cli; edgectx.cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
