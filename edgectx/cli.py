@@ -8,6 +8,7 @@
     edgectx heads train | import | info
     edgectx history [--search Q] | export ID --format md|json
     edgectx ingest FILE... | chat --doc FILE | chat --resume ID | cache ls|rm|gc
+    edgectx plan --model M | --synthetic NAME --context N --gpu-mem-gib G
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edgectx.errors import EdgectxError, UsageError
 from edgectx.memory_config import POSITIONS, SCORERS, MemoryConfig
 
 SNAPSHOT_CODECS = ("fp16", "int8", "int4")  # edgectx.memory_snapshot.CODECS, without importing torch here
+WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # edgectx.quant.WEIGHT_FORMATS, likewise
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
 
@@ -85,6 +87,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for the engine (default: PyTorch's choice)")
     p.add_argument("--ctx", type=int, help="context window in tokens (default: the model's trained context)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="weight format: 16-bit, or 4-bit nf4 / 8-bit int8 through bitsandbytes (default auto: nf4 on CUDA "
+                   "when bitsandbytes is installed, else fp16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_history_parsers(sub)
     add_ingest_parsers(sub, _model_args, _memory_args)
+
+    from edgectx.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub, _memory_args)
 
     bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -202,10 +211,10 @@ def _bench(args: argparse.Namespace) -> int:
         from edgectx.bench.speed import run_speed
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens, n_threads=threads,
-                           device=args.device, text_file=args.text, compile_decode=not args.eager)
+                           device=args.device, text_file=args.text, compile_decode=not args.eager, weights=args.weights or "auto")
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
-                             n_threads=threads)
+                             n_threads=threads, weights=args.weights or "auto")
         result = _run_quality_bench(args, engine, memory, threads)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -254,6 +263,10 @@ def run(argv: list[str] | None = None) -> int:
         return run_doctor(args.json)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "plan":
+        from edgectx.plan import run_plan
+
+        return run_plan(args)
     if args.command == "heads":
         from edgectx.heads_cli import run_heads
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.quant import linear_factory
+from edgectx.quant import linear_factories
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -249,14 +249,15 @@ def load_model(
     dtype: torch.dtype,
     make_linear: Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: str = "auto",
 ) -> Transformer:
     """Build the model layer by layer (peak memory: the model plus one layer of float32 weights).
 
     `make_linear(weight, bias)` turns float32 weights into a module; by default
-    `edgectx.quant.linear_factory`'s choice for the device, as for GGUF models.
+    `edgectx.quant.linear_factories`' choice for the device and `weights`, as for GGUF models.
     """
     spec = read_spec(hf)
-    make_linear = make_linear or linear_factory(device, dtype)
+    make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
     with torch.device("meta"):
         model = Transformer(spec)
 
@@ -266,7 +267,7 @@ def load_model(
     embed = hf.tensor("model.embed_tokens.weight")
     model.embed.weight = param(embed)
     model.norm.weight = param(hf.tensor("model.norm.weight"))
-    model.lm_head = make_linear(embed if spec.tied_embeddings else hf.tensor("lm_head.weight"), None)
+    model.lm_head = make_head(embed if spec.tied_embeddings else hf.tensor("lm_head.weight"), None)
     del embed
     for i, block in enumerate(model.layers):
         w = _layer_weights(hf, spec, i)

@@ -55,9 +55,9 @@ class ModelSource:
         return dir_fingerprint(self.handle) if self.kind == "hf" else weights_fingerprint(self.handle)
 
     def load_model(self, device: torch.device, dtype: torch.dtype, make_linear=None,
-                   progress: Callable[[int, int], None] | None = None) -> Transformer:
+                   progress: Callable[[int, int], None] | None = None, weights: str = "auto") -> Transformer:
         loader = hf_loader if self.kind == "hf" else gguf_loader
-        return loader.load_model(self.handle, device, dtype, make_linear=make_linear, progress=progress)
+        return loader.load_model(self.handle, device, dtype, make_linear=make_linear, progress=progress, weights=weights)
 
 
 def open_model(path: Path) -> ModelSource:

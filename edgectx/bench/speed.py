@@ -61,7 +61,7 @@ def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> di
 
 
 def _measure(kind: str, path: str, device: str | None, n_threads: int, context: int, decode_tokens: int,
-             memory: dict | None, text_file: str | None, compile_decode: bool) -> dict:
+             memory: dict | None, text_file: str | None, compile_decode: bool, weights: str = "auto") -> dict:
     """One engine at one length, in a child process: returns its throughput, KV bytes and peak RSS."""
     torch.set_num_threads(n_threads)
     n_ctx = context + decode_tokens + 16
@@ -77,7 +77,8 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         ref.close()
     else:
         config = MemoryConfig(**memory) if memory else None
-        engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config)
+        engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config,
+                             weights=weights)
         compiled = engine.compile_decode() if compile_decode and config is None else None
         ids = corpus_tokens(engine.tokenizer, context, text_file)
         _edgectx_run(engine, ids[:WARMUP_TOKENS], 2)
@@ -88,7 +89,8 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
-              device: str | None = None, text_file: str | None = None, compile_decode: bool = True) -> dict:
+              device: str | None = None, text_file: str | None = None, compile_decode: bool = True,
+              weights: str = "auto") -> dict:
     spec = read_spec(open_gguf(path))
     spawn = multiprocessing.get_context("spawn")
     runs = []
@@ -101,7 +103,7 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
             with spawn.Pool(1) as pool:
                 row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
                                                   memory.to_dict() if kind == "edgectx_memory" else None, text_file,
-                                                  compile_decode))
+                                                  compile_decode, weights))
         theirs = row["llama_cpp"]
         for kind, prefix in (("edgectx", ""), ("edgectx_memory", "memory_")):
             mine = row.get(kind)

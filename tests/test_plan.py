@@ -1,0 +1,110 @@
+"""`edgectx plan`: its figures are what the memory really allocates, and its verdict is an exit status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgectx.gguf_loader import open_gguf, read_spec
+from edgectx.memory import ContextMemory
+from edgectx.memory_config import MemoryConfig
+from edgectx.plan import GIB, VALID_BYTES, device_kv, plan_memory
+from edgectx.rope import Rope
+from edgectx.scoring import WindowScorer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded_spec(embedded_model):
+    return read_spec(open_gguf(embedded_model))  # metadata only, as `edgectx plan` reads it
+
+
+def _prefill(spec, config, n_tokens, dtype):
+    """Drive a real ContextMemory with random pre-RoPE Q, K, V (the memory only sees shapes and scores)."""
+    memory = ContextMemory(spec, Rope(spec, CPU), CPU, dtype, config, scorer=WindowScorer())  # the scorer moves no bytes
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, n_tokens, config.chunk_tokens):
+        t = min(config.chunk_tokens, n_tokens - start)
+        memory.begin(t)
+        for layer in memory.layers:
+            q = torch.randn(spec.n_heads, t, spec.head_dim, generator=gen, dtype=dtype)
+            k, v = (torch.randn(spec.n_kv_heads, t, spec.head_dim, generator=gen, dtype=dtype) for _ in range(2))
+            layer.attend(q, k, v)
+        memory.commit()
+    return memory.stats()
+
+
+def test_device_and_host_figures_equal_what_the_memory_reports(embedded_spec):
+    spec, n_tokens = embedded_spec, 1400  # five full chunks and a partial one
+    config = MemoryConfig.for_budget(512, chunk_tokens=256)
+    stats = _prefill(spec, config, n_tokens, torch.float32)
+    assert stats["evicted_tokens"] > 0 and stats["cached_blocks"] > 0  # past the budget, retrieval running
+    kv = device_kv(spec, config, n_tokens, elem_bytes=4)
+    assert kv.resident_kv_bytes == stats["sink_bytes"] + stats["window_bytes"] + stats["retained_bytes"]
+    assert kv.resident_bytes == stats["device_resident_bytes"]
+    assert kv.block_cache_bytes == stats["device_block_cache_bytes"]
+    assert kv.repr_bytes == stats["device_repr_bytes"]
+    # the attention context carries a duplicate mask only when retrieved blocks overlap resident tokens
+    mask_bytes = spec.n_layers * spec.n_kv_heads * (config.resident_tokens + config.top_k_blocks * config.block_size
+                                                     + config.chunk_tokens + 1) * VALID_BYTES
+    assert kv.work_bytes - mask_bytes <= stats["device_work_bytes"] <= kv.work_bytes
+    assert kv.total_bytes - mask_bytes <= stats["device_kv_bytes"] <= kv.total_bytes
+    plan = plan_memory(spec, n_tokens, 8 * GIB, config, "fp16", 64 * GIB, elem_bytes=4)
+    assert plan.host_kv_bytes == stats["host_kv_bytes"] == 23_040 * n_tokens
+    assert plan.host_reserved_bytes == stats["host_reserved_bytes"]
+
+
+def _plan(capsys, *args: str) -> tuple[int, str, list[str]]:
+    """Run `edgectx plan ARGS` in-process: (exit status, stdout, stderr lines)."""
+    from edgectx.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", *args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def test_embedded_model_plan_from_the_command_line(embedded_model, embedded_spec, capsys):
+    code, out, err = _plan(capsys, "--model", str(embedded_model), "--context", "131072", "--gpu-mem-gib", "8",
+                           "--weights", "fp16", "--json")
+    assert code == 0 and not err
+    plan = json.loads(out)
+    assert plan["host_kv_bytes"] == 23_040 * 131072 == plan["full_kv_bytes"]
+    assert plan["device_kv"]["resident_kv_bytes"] == MemoryConfig().resident_tokens * 23_040  # 1536 tokens kept
+    assert plan["fits_device"] and plan["device_total_bytes"] < 2 * GIB
+    assert plan["weight_bytes"] == embedded_spec.weight_bytes("fp16")
+
+
+def test_plan_that_does_not_fit_exits_1_with_one_sentence(capsys):
+    # Llama-3.1-8B in fp16 with full attention at 128K: 15 GiB of weights + 16 GiB of KV
+    code, out, err = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24",
+                           "--weights", "fp16", "--budget", "full")
+    assert code == 1 and "does NOT fit" in out
+    assert len(err) == 1 and err[0].startswith("edgectx: llama-3.1-8b at 131,072 tokens needs ") and "but 24 GiB were given" in err[0]
+    code, out, err = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24",
+                           "--weights", "nf4", "--host-mem-gib", "64")
+    assert code == 0 and not err and "fits" in out
+
+
+def test_host_store_too_big_for_ram_is_refused(capsys):
+    code, _, err = _plan(capsys, "--synthetic", "qwen2.5-7b", "--context", "131072", "--gpu-mem-gib", "80",
+                         "--host-mem-gib", "4", "--weights", "nf4")
+    assert code == 1 and len(err) == 1 and "host block store" in err[0] and "7.0 GiB of RAM" in err[0]
+
+
+def test_unknown_synthetic_name_is_one_sentence(capsys):
+    code, _, err = _plan(capsys, "--synthetic", "gpt-5", "--context", "1000", "--gpu-mem-gib", "8")
+    assert code == 2 and err == ["edgectx: There is no synthetic model 'gpt-5': choose one of llama-3.1-8b, "
+                                 "phi-3-mini-128k, qwen2.5-7b, tiny."]
+
+
+def test_the_cli_still_starts_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, edgectx.cli; edgectx.cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
