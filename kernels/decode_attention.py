@@ -17,6 +17,8 @@ the two (through Triton's interpreter on a CPU, compiled on a GPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -127,12 +129,16 @@ def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
 
 
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits keep the merge exercised
+
+
 def plan_splits(n_keys: int, n_kv: int, device: torch.device, block_n: int) -> int:
     """Splits along the context: enough programs to fill the GPU twice over, none shorter than one block."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4  # the interpreter: a few splits keep the merge exercised
+    target = _programs_wanted(device)
     return max(1, min(triton.cdiv(n_keys, block_n), triton.cdiv(target, n_kv)))
 
 
@@ -159,13 +165,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     v = v if v.stride(-1) == 1 else v.contiguous()
     v = v.to(k.dtype)
     rotate = cos is not None
+    dummy_i = torch.zeros(1, 1, dtype=torch.int32, device=k.device)  # stands in for an absent input
     if rotate:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        positions = positions.to(device=k.device)
+        pos = positions.to(device=k.device)
     else:
-        cos = sin = positions = k.new_empty(0, dtype=torch.float32)
-    dummy_i = torch.empty(1, 1, dtype=torch.int32, device=k.device)
-    pos = positions if rotate else dummy_i
+        cos = sin = torch.zeros(1, 1, dtype=torch.float32, device=k.device)
+        pos = dummy_i
     mask = valid.view(torch.uint8) if valid is not None else dummy_i
     lens = lengths.to(device=k.device, dtype=torch.int32) if lengths is not None else dummy_i
 
@@ -178,13 +184,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(n_kv, n_splits, group_pad, block_d, device=k.device, dtype=torch.float32)
     scale = head_dim**-0.5 if scale is None else scale
-    precision = "ieee" if k.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+    precision = "ieee" if k.dtype == torch.float32 else None  # exact float32 products, not TF32
 
     _split_kernel[(n_kv, n_splits)](
         q2, k, v, pos, mask, lens, cos, sin, m_part, l_part, acc_part,
         int(q_position or 0), scale * LOG2E, n_keys, split_len, n_splits,
         q2.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pos.stride(0), pos.stride(1),
-        mask.stride(0), mask.stride(1), cos.stride(0) if rotate else 0,
+        mask.stride(0), mask.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         ROPE_HALF=cos.shape[1] if rotate else 0, ROTATE=rotate, HAS_VALID=valid is not None,
         HAS_LENS=lengths is not None, BLOCK_N=block_n, PRECISION=precision, DOT=_dot_dtype(k.dtype),
