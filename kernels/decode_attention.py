@@ -52,10 +52,9 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
     q = tl.load(q_ptr + d[None, :], mask=q_mask, other=0.0).to(tl.float32)  # (GROUP_PAD, BLOCK_D)
     if ROTATE:
         q_partner = tl.load(q_ptr + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        c = tl.load(COS + q_position * s_tab + freq, mask=rot, other=1.0)
-        s = tl.load(SIN + q_position * s_tab + freq, mask=rot, other=0.0)
-        s = tl.where(first, -s, s)
-        q = q * c[None, :] + q_partner * s[None, :]
+        q_cos = tl.load(COS + q_position * s_tab + freq, mask=rot, other=1.0)
+        q_sin = tl.load(SIN + q_position * s_tab + freq, mask=rot, other=0.0)
+        q = q * q_cos[None, :] + q_partner * tl.where(first, -q_sin, q_sin)[None, :]
     q = (q * scale_log2).to(K.dtype.element_ty).to(DOT)  # scores come out in log2 units: exp2 below
 
     n_valid = n_keys

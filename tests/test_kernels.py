@@ -8,6 +8,8 @@ cores take them) while the reference stays in float32 throughout.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -199,6 +201,42 @@ def test_memory_decode_with_kernel_matches_reference_path(tmp_path, monkeypatch,
     err = (with_kernel - reference).abs().max().item()
     assert err < atol, err
     assert torch.equal(with_kernel.argmax(-1), reference.argmax(-1))
+
+
+AOT_COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgectx.kernels import block_scoring, decode_attention as da
+
+def compile_(fn, sig, consts, arch):
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32))
+
+ints = dict.fromkeys("q_position n_keys split_len n_splits s_qh s_kh s_kn s_vh s_vn s_ph s_pn s_mh s_mn s_tab".split(), "i32")
+sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", VALID="*u8", LENS="*i32", COS="*fp32", SIN="*fp32",
+           M_OUT="*fp32", L_OUT="*fp32", ACC_OUT="*fp32", scale_log2="fp32", **ints)
+compile_(da._split_kernel, sig, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, ROPE_HALF=32, ROTATE=True,
+         HAS_VALID=True, HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), 80)
+compile_(da._merge_kernel, dict(M_IN="*fp32", L_IN="*fp32", ACC_IN="*fp32", OUT="*bf16", n_splits="i32", s_oh="i32"),
+         dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32), 80)
+compile_(block_scoring._scores_kernel, dict(Q="*bf16", R="*fp16", OUT="*fp32", n_tokens="i32", n_blocks="i32",
+         scale="fp32", s_qh="i32", s_qt="i32", s_rb="i32", s_rk="i32", s_ok="i32"),
+         dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=32, BLOCK_B=128), 80)
+print("compiled")
+"""
+
+
+@pytest.mark.slow  # ~8 s of CPU: three kernels through Triton's compiler and ptxas
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_nvidia_gpus_without_one(tmp_path):
+    """The interpreter accepts code the compiler rejects (a loop-carried variable changing shape did): compile
+    every kernel (all features on) through ptxas for sm_80, ahead of time, in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, cwd=tmp_path,  # not the checkout: its
+                          capture_output=True, text=True, timeout=300)  # edgectx/ lacks kernels/ at that path
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.gpu
