@@ -149,7 +149,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Attention of one query per head, q (n_heads, 1, d) or (n_heads, d), over k, v (n_kv, N, d).
 
     With `cos`/`sin` (n_positions, rope_dim // 2) float32 tables, q and k are pre-RoPE: keys are rotated at
-    `positions` (n_kv, N) and the query at `q_position`, inside the kernel. `valid` (n_kv, N) bool and
+    `positions` (n_kv, N) or (N,) and the query at `q_position`, inside the kernel (the tables must cover them). `valid` (n_kv, N) bool and
     `lengths` (n_kv,) drop keys per KV head. Softmax and accumulation in float32. -> (n_heads, 1, d), q's dtype.
     """
     n_heads, head_dim = q.shape[0], q.shape[-1]
@@ -167,11 +167,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     dummy_i = torch.zeros(1, 1, dtype=torch.int32, device=k.device)  # stands in for an absent input
     if rotate:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        pos = positions.to(device=k.device)
+        if not 0 <= int(q_position) < cos.shape[0]:
+            raise ValueError(f"q_position {q_position} is outside the {cos.shape[0]}-position rotary tables")
+        pos = positions.to(device=k.device).expand(n_kv, n_keys)  # (N,) positions: shared by every head
     else:
         cos = sin = torch.zeros(1, 1, dtype=torch.float32, device=k.device)
         pos = dummy_i
-    mask = valid.view(torch.uint8) if valid is not None else dummy_i
+    mask = valid.to(torch.bool).view(torch.uint8) if valid is not None else dummy_i
     lens = lengths.to(device=k.device, dtype=torch.int32) if lengths is not None else dummy_i
 
     block_d = triton.next_power_of_2(head_dim)

@@ -82,6 +82,11 @@ def test_rotation_changes_the_result():
     rotated = decode_mod.decode_attention(q, k, v, positions=positions, q_position=390, cos=cos, sin=sin)
     plain = decode_mod.decode_attention(q, k, v)
     assert (rotated - plain).abs().max() > 0.05
+    shared = decode_mod.decode_attention(q, k, v, positions=positions[0], q_position=390, cos=cos, sin=sin)
+    assert torch.allclose(shared, decode_attention_reference(q, k, v, positions=positions[0].expand(2, -1),
+                                                             q_position=390, cos=cos, sin=sin), atol=ATOL[torch.float32])
+    with pytest.raises(ValueError, match="outside"):
+        decode_mod.decode_attention(q, k, v, positions=positions, q_position=400, cos=cos, sin=sin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
