@@ -164,14 +164,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     v = v if v.stride(-1) == 1 else v.contiguous()
     v = v.to(k.dtype)
     rotate = cos is not None
-    dummy_i = torch.zeros(1, 1, dtype=torch.int32, device=k.device)  # stands in for an absent input
+    dummy_i = torch.empty(1, 1, dtype=torch.int32, device=k.device)  # stands in for an absent input (never read)
     if rotate:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         if not 0 <= int(q_position) < cos.shape[0]:
             raise ValueError(f"q_position {q_position} is outside the {cos.shape[0]}-position rotary tables")
         pos = positions.to(device=k.device).expand(n_kv, n_keys)  # (N,) positions: shared by every head
     else:
-        cos = sin = torch.zeros(1, 1, dtype=torch.float32, device=k.device)
+        cos = sin = torch.empty(1, 1, dtype=torch.float32, device=k.device)
         pos = dummy_i
     mask = valid.to(torch.bool).view(torch.uint8) if valid is not None else dummy_i
     lens = lengths.to(device=k.device, dtype=torch.int32) if lengths is not None else dummy_i
