@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgectx import kernels
 from edgectx.block_store import HostBlockStore
 from edgectx.kv import grouped_attention
 from edgectx.memory_config import MemoryConfig
@@ -156,7 +157,12 @@ class LayerMemory:
         qk = m.rope.rotate(torch.cat((q, k)), *m.rope.tables(positions, m.dtype))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
         asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
-        out = grouped_attention(qk[:n_heads], asm.k[:, : start + n_new], asm.v[:, : start + n_new], asm.mask(start, n_new))
+        end = start + n_new
+        if n_new == 1 and kernels.available(m.device):  # Triton flash-decoding on the GPU; CPU keeps SDPA
+            valid = None if asm.valid is None else asm.valid[:, :end]
+            out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
+        else:
+            out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None

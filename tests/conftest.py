@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from edgectx.models import embedded_model_path
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels (edgectx.kernels) run through Triton's interpreter. Triton reads this when it
+    # is imported and bitsandbytes imports it early, so it is set here, before anything can; nothing else in the
+    # session can run Triton on a CPU anyway.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from edgectx.models import embedded_model_path  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,257 @@
+"""Triton kernels against their torch references: on a GPU compiled, on a CPU through Triton's interpreter.
+
+Tolerances (max abs error on outputs of magnitude ~1): float32 2e-5; float16 2e-3 and bfloat16 2e-2, where
+the kernel rounds rotated keys and softmax weights to the input dtype before its dot products (as tensor
+cores take them) while the reference stays in float32 throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU, and Triton's interpreter is off (tests/conftest.py turns it on)", allow_module_level=True)
+
+from edgectx import kernels  # noqa: E402
+from edgectx.gguf_loader import load_model, open_gguf, read_spec  # noqa: E402
+from edgectx.kernels import block_scoring as scoring_mod  # noqa: E402
+from edgectx.kernels import decode_attention as decode_mod  # noqa: E402
+from edgectx.kernels.reference import block_scores_reference, decode_attention_reference  # noqa: E402
+from edgectx.memory import ContextMemory  # noqa: E402
+from edgectx.memory_config import MemoryConfig  # noqa: E402
+from edgectx.retrieval import select_blocks  # noqa: E402
+from edgectx.rope import Rope  # noqa: E402
+from edgectx.spec import ModelSpec  # noqa: E402
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _tables(rope_dim: int, n_positions: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = base ** (-torch.arange(rope_dim // 2, dtype=torch.float64) * 2 / rope_dim)
+    theta = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cos(theta).float().to(DEVICE), torch.sin(theta).float().to(DEVICE)
+
+
+def _case(n_kv, group, head_dim, n_keys, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n_kv * group, 1, head_dim, generator=g)
+    k = torch.randn(n_kv, n_keys, head_dim, generator=g)
+    v = torch.randn(n_kv, n_keys, head_dim, generator=g)
+    # distinct positions per head, unordered, as retrieved blocks and retained tokens give them
+    positions = torch.stack([torch.randperm(4 * n_keys, generator=g)[:n_keys] for _ in range(n_kv)])
+    return [t.to(DEVICE) for t in (q.to(dtype), k.to(dtype), v.to(dtype), positions)]
+
+
+@pytest.mark.parametrize("n_kv, group, head_dim, rope_dim, n_keys, n_splits", [
+    (2, 1, 64, 64, 1, None),        # a single key
+    (2, 3, 64, 32, 200, None),      # partial rotary, N not a multiple of the 64-key block
+    (1, 4, 128, 128, 333, 3),       # several splits, the last one short
+    (2, 4, 128, 64, 130, 7),        # more splits asked than blocks: clamped
+])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_decode_attention_matches_reference_fp32(n_kv, group, head_dim, rope_dim, n_keys, n_splits, rotate):
+    q, k, v, positions = _case(n_kv, group, head_dim, n_keys, torch.float32)
+    rope = dict(positions=positions, q_position=4 * n_keys, cos=None, sin=None)
+    if rotate:
+        rope["cos"], rope["sin"] = _tables(rope_dim, 4 * n_keys + 1)
+    else:
+        rope = {}
+    out = decode_mod.decode_attention(q, k, v, n_splits=n_splits, **rope)
+    ref = decode_attention_reference(q, k, v, **rope)
+    assert out.shape == (n_kv * group, 1, head_dim) and out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=ATOL[torch.float32]), (out - ref).abs().max()
+
+
+def test_rotation_changes_the_result():
+    """The in-kernel rotation is not a no-op that the reference happens to share."""
+    q, k, v, positions = _case(2, 2, 64, 96, torch.float32)
+    cos, sin = _tables(64, 400)
+    rotated = decode_mod.decode_attention(q, k, v, positions=positions, q_position=390, cos=cos, sin=sin)
+    plain = decode_mod.decode_attention(q, k, v)
+    assert (rotated - plain).abs().max() > 0.05
+    shared = decode_mod.decode_attention(q, k, v, positions=positions[0], q_position=390, cos=cos, sin=sin)
+    assert torch.allclose(shared, decode_attention_reference(q, k, v, positions=positions[0].expand(2, -1),
+                                                             q_position=390, cos=cos, sin=sin), atol=ATOL[torch.float32])
+    with pytest.raises(ValueError, match="outside"):
+        decode_mod.decode_attention(q, k, v, positions=positions, q_position=400, cos=cos, sin=sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_half_precision(dtype):
+    q, k, v, positions = _case(2, 3, 64, 150, dtype, seed=1)
+    cos, sin = _tables(32, 601)
+    rope = dict(positions=positions, q_position=600, cos=cos, sin=sin)
+    out = decode_mod.decode_attention(q, k, v, n_splits=2, **rope)
+    ref = decode_attention_reference(q, k, v, **rope)
+    assert out.dtype == dtype
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err < ATOL[dtype], err
+
+
+def test_per_head_validity_and_lengths():
+    """Heads keep different keys: a mask with holes, per-head lengths, and one head left with nothing (zeros)."""
+    q, k, v, positions = _case(3, 2, 64, 180, torch.float32, seed=2)
+    g = torch.Generator().manual_seed(3)
+    valid = (torch.rand(3, 180, generator=g) > 0.4).to(DEVICE)
+    lengths = torch.tensor([180, 70, 0], device=DEVICE)
+    cos, sin = _tables(64, 721)
+    rope = dict(positions=positions, q_position=720, cos=cos, sin=sin)
+    out = decode_mod.decode_attention(q, k, v, valid=valid, lengths=lengths, n_splits=3, **rope)
+    ref = decode_attention_reference(q, k, v, valid=valid, lengths=lengths, **rope)
+    assert torch.allclose(out, ref, atol=ATOL[torch.float32]), (out - ref).abs().max()
+    assert torch.equal(out[4:], torch.zeros_like(out[4:]))  # KV head 2 (query heads 4, 5) has no key
+    unmasked = decode_attention_reference(q, k, v, **rope)
+    assert (unmasked[:4] - out[:4]).abs().max() > 1e-3  # the mask mattered
+
+
+def test_kernel_tables_are_the_engines_rope():
+    """Rotating in the kernel from Rope's half tables equals the engine's path: Rope.rotate, then attention."""
+    spec = ModelSpec(arch="llama", n_layers=1, dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=64,
+                     vocab_size=8, context_length=512, rope_dim=32)
+    rope = Rope(spec, DEVICE)
+    q, k, v, positions = _case(2, 2, 64, 100, torch.float32, seed=4)
+    rope.reserve(401)
+    out = decode_mod.decode_attention(q, k, v, positions=positions, q_position=400, cos=rope._cos, sin=rope._sin)
+    k_rot = torch.stack([rope.apply(k[h], positions[h]) for h in range(2)])
+    q_rot = rope.apply(q, torch.tensor([400], device=DEVICE))
+    ref = decode_attention_reference(q_rot, k_rot, v)
+    assert torch.allclose(out, ref, atol=ATOL[torch.float32]), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("n_tokens, dtype", [(1, torch.float32), (37, torch.float32), (5, torch.bfloat16)])
+def test_block_scores_match_reference(n_tokens, dtype):
+    g = torch.Generator().manual_seed(n_tokens)
+    q = torch.randn(8, n_tokens, 64, generator=g).to(DEVICE, dtype)
+    reps = torch.randn(300, 2, 64, generator=g).to(DEVICE, torch.float16)
+    scores = scoring_mod.block_scores(q, reps, n_eligible=250, block_b=64)  # 4 tiles, the last partial
+    ref = block_scores_reference(q, reps, 250)
+    assert scores.shape == (2, 250) and scores.dtype == torch.float32
+    assert torch.allclose(scores, ref, atol=1e-5, rtol=1e-4), (scores - ref).abs().max()
+
+
+def test_block_scores_follow_select_blocks_rule():
+    """The reference ranks blocks exactly as retrieval does, so the kernel can stand in for its scoring."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(6, 9, 32, generator=g)
+    reps = torch.randn(40, 3, 32, generator=g)
+    blocks, probs = select_blocks(q, reps, n_eligible=33, top_k=4)
+    scores = scoring_mod.block_scores(q.to(DEVICE), reps.to(DEVICE), n_eligible=33).cpu()
+    assert torch.equal(scores.topk(4, dim=1).indices.sort(dim=1).values, blocks)
+    assert torch.allclose(torch.softmax(scores, dim=1).gather(1, blocks), probs, atol=1e-6)
+
+
+def test_available_dispatch(monkeypatch):
+    assert kernels.available("cuda") == kernels.has_triton()
+    assert not kernels.available("cpu")
+    with kernels.forced():
+        assert kernels.available("cpu")
+        monkeypatch.setenv("EDGECTX_KERNELS", "0")
+        assert not kernels.available("cpu")
+    assert not kernels.available("cpu")
+
+
+def _decode_logits(model, spec, config, dtype, ids, n_decode):
+    """Prefill all but the last `n_decode` ids in chunks, then decode those one at a time: their logits."""
+    memory = ContextMemory(spec, Rope(spec, DEVICE), DEVICE, dtype, config)
+    prefix, out, saw_duplicates = ids[:-n_decode], [], False
+    with torch.inference_mode():
+        for start in range(0, len(prefix), config.chunk_tokens):
+            chunk = prefix[start : start + config.chunk_tokens]
+            memory.begin(len(chunk))
+            model(torch.tensor(chunk, device=DEVICE), memory)
+            memory.commit()
+        for token in ids[-n_decode:]:
+            memory.begin(1)
+            out.append(model(torch.tensor([token], device=DEVICE), memory))
+            memory.commit()
+            saw_duplicates |= any(layer.asm.valid is not None for layer in memory.layers)
+    assert memory.stats()["evicted_tokens"] > 0 and memory.record.n_retrievals > 0
+    return torch.cat(out), saw_duplicates
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), pytest.param(torch.bfloat16, 5e-2, marks=pytest.mark.gpu)])
+def test_memory_decode_with_kernel_matches_reference_path(tmp_path, monkeypatch, dtype, atol):
+    """A tiny model past its budget (evicting, retrieving): the kernel decode gives the torch path's logits."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", arch="llama", n_heads=6, n_kv_heads=2, dim=96, n_layers=1)
+    gguf_file = open_gguf(path)
+    spec = read_spec(gguf_file)
+    model = load_model(gguf_file, DEVICE, dtype)
+    config = MemoryConfig(budget_tokens=96, n_sink=4, n_local=32, block_size=16, top_k_blocks=2, cache_blocks=4,
+                          chunk_tokens=32, n_observe=8, retrieve_every=2, evict_every=8)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 300)]
+    calls = []
+    real_decode = kernels.decode
+    monkeypatch.setattr(kernels, "decode", lambda *a, **kw: calls.append(1) or real_decode(*a, **kw))
+    monkeypatch.setenv("EDGECTX_KERNELS", "0")  # the torch path, even on CUDA
+    reference, _ = _decode_logits(model, spec, config, dtype, ids, 4)
+    assert not calls
+    monkeypatch.delenv("EDGECTX_KERNELS")
+    with kernels.forced():  # on a CPU, through the interpreter; on CUDA the kernel is the default anyway
+        with_kernel, duplicates = _decode_logits(model, spec, config, dtype, ids, 4)
+    assert len(calls) == 4 * spec.n_layers  # decode steps only: prefill chunks keep SDPA
+    assert duplicates, "expected retrieved blocks overlapping resident tokens (the valid mask)"
+    err = (with_kernel - reference).abs().max().item()
+    assert err < atol, err
+    assert torch.equal(with_kernel.argmax(-1), reference.argmax(-1))
+
+
+AOT_COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgectx.kernels import block_scoring, decode_attention as da
+
+def compile_(fn, sig, consts, arch):
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32))
+
+ints = dict.fromkeys("q_position n_keys split_len n_splits s_qh s_kh s_kn s_vh s_vn s_ph s_pn s_mh s_mn s_tab".split(), "i32")
+sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", VALID="*u8", LENS="*i32", COS="*fp32", SIN="*fp32",
+           M_OUT="*fp32", L_OUT="*fp32", ACC_OUT="*fp32", scale_log2="fp32", **ints)
+compile_(da._split_kernel, sig, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, ROPE_HALF=32, ROTATE=True,
+         HAS_VALID=True, HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), 80)
+compile_(da._merge_kernel, dict(M_IN="*fp32", L_IN="*fp32", ACC_IN="*fp32", OUT="*bf16", n_splits="i32", s_oh="i32"),
+         dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32), 80)
+compile_(block_scoring._scores_kernel, dict(Q="*bf16", R="*fp16", OUT="*fp32", n_tokens="i32", n_blocks="i32",
+         scale="fp32", s_qh="i32", s_qt="i32", s_rb="i32", s_rk="i32", s_ok="i32"),
+         dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=32, BLOCK_B=128), 80)
+print("compiled")
+"""
+
+
+@pytest.mark.slow  # ~8 s of CPU: three kernels through Triton's compiler and ptxas
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_nvidia_gpus_without_one(tmp_path):
+    """The interpreter accepts code the compiler rejects (a loop-carried variable changing shape did): compile
+    every kernel (all features on) through ptxas for sm_80, ahead of time, in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, cwd=tmp_path,  # not the checkout: its
+                          capture_output=True, text=True, timeout=300)  # edgectx/ lacks kernels/ at that path
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_gpu_realistic(dtype):
+    """A budget-sized context on the GPU: 8 KV heads of group 4, head_dim 128, 4608 keys, default splits."""
+    q, k, v, positions = _case(8, 4, 128, 4608, dtype, seed=5)
+    cos, sin = _tables(128, 4 * 4608 + 1)
+    valid = torch.rand(8, 4608, device=DEVICE) > 0.1
+    rope = dict(positions=positions, q_position=4 * 4608, cos=cos, sin=sin)
+    out = decode_mod.decode_attention(q, k, v, valid=valid, **rope)
+    ref = decode_attention_reference(q, k, v, valid=valid, **rope)
+    assert (out.float() - ref.float()).abs().max().item() < ATOL[dtype]
