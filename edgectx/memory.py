@@ -27,7 +27,7 @@ from edgectx.kv import grouped_attention
 from edgectx.device_memory import cache_capacity_blocks
 from edgectx.memory_config import MemoryConfig
 from edgectx.memory_tiers import Assembly, Resident
-from edgectx.retrieval import BlockCache, RetrievalRecord, select_blocks
+from edgectx.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
 from edgectx.rope import Rope
 from edgectx.scoring import AttentionMassScorer, EvictionScorer
 from edgectx.spec import ModelSpec
@@ -92,19 +92,21 @@ class LayerMemory:
         valid = None
         if selection.numel():
             # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.
+            selection = selection.cpu()  # block ids live on the host (they name host memory)
             wanted = selection.unique()  # sorted block ids
-            slots = self.cache.fetch(wanted.tolist(), self.store)
-            slot_of = slots[torch.searchsorted(wanted, selection).to(m.device)]  # (n_kv, k)
+            slots = torch.tensor(self.cache.fetch(wanted.tolist(), self.store))
+            slot_of = slots[torch.searchsorted(wanted, selection)]  # (n_kv, k) the slot of each head's blocks
+            blocks_d, slots_d = upload(torch.stack((selection, slot_of)), m.device).unbind(0)  # (n_kv, k) each
             offsets = torch.arange(c.block_size, device=m.device)
-            bidx = (selection.to(m.device)[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
+            bidx = (blocks_d[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
             picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
-            picked.scatter_(1, selection.to(m.device), True)
+            picked.scatter_(1, blocks_d, True)
             resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp(max=self.store.n_blocks)
             duplicate = picked.gather(1, resident_blocks)  # resident copies of retrieved tokens
             if bool(duplicate.any()):
                 valid = torch.cat((~duplicate, torch.ones_like(bidx, dtype=torch.bool)), dim=1)
             self.cache.ready()
-            bk, bv = self.cache.kv(slot_of, torch.arange(r.n_kv, device=m.device)[:, None])  # (n_kv, k * block_size, d)
+            bk, bv = self.cache.kv(slots_d, torch.arange(r.n_kv, device=m.device)[:, None])  # (n_kv, k * block_size, d)
             k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
         if c.positions == "compact":
             present = torch.unique(idx if valid is None else idx[valid])  # sorted original indices

@@ -8,7 +8,7 @@ layers and steps) so the UI can cite the passages the model looked at.
 
     blocks, probs = select_blocks(q, store.representatives, n_eligible=40, top_k=4)  # (n_kv, 4) each
     slots = cache.fetch([3, 7], store); cache.ready()  # on the device, in the compute dtype
-    k, v = cache.kv(slots)   # (2, n_kv, block_size, d) each
+    k, v = cache.kv(torch.tensor(slots))   # (2, n_kv, block_size, d) each
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
     probs = torch.softmax(scores.float(), dim=1)
     top = torch.topk(scores, min(top_k, n_eligible), dim=1).indices.sort(dim=1).values
     return top, probs.gather(1, top)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, without stalling the host on CUDA: a copy from pageable memory waits
+    for its stream to drain, one from pinned memory does not. On the CPU it is `t` itself."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class BlockCache:
@@ -77,8 +85,8 @@ class BlockCache:
         self.hits += len(blocks) - len(copies)
         return [self.where[b] for b in blocks], copies
 
-    def fetch(self, blocks: list[int], store: HostBlockStore) -> torch.Tensor:
-        """Bring `blocks` (distinct ids) to the device; returns their slots (len(blocks),) as a device index.
+    def fetch(self, blocks: list[int], store: HostBlockStore) -> list[int]:
+        """Bring `blocks` (distinct ids) to the device; returns their slots.
 
         Slot contents are valid after `ready()` and until `capacity` more blocks are fetched."""
         slots, copies = self._plan(blocks)
@@ -93,7 +101,7 @@ class BlockCache:
                     self.slots[slot].copy_(store.slab(block))
             else:
                 self._copy_async(copies, store)
-        return torch.tensor(slots).to(self.device, non_blocking=True)
+        return slots
 
     def _copy_async(self, copies: list[tuple[int, int]], store: HostBlockStore) -> None:
         stream = self.copy_stream
@@ -109,7 +117,7 @@ class BlockCache:
                 staged = torch.empty((len(copies),) + self.slots.shape[1:], device=self.device, dtype=store.host_dtype)
                 for i, (block, _) in enumerate(copies):
                     staged[i].copy_(store.slab(block), non_blocking=True)
-                index = torch.tensor([slot for _, slot in copies]).to(self.device, non_blocking=True)
+                index = upload(torch.tensor([slot for _, slot in copies]), self.device)
                 self.slots.index_copy_(0, index, staged.to(self.dtype))
             self._copied = torch.cuda.Event()
             self._copied.record(stream)

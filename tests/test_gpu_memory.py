@@ -39,14 +39,14 @@ class PlainCache:
     def fetch(self, blocks, store):
         first = len(self.held)
         self.held += [store.slab(b).clone() for b in blocks]
-        return torch.arange(first, len(self.held))
+        return list(range(first, len(self.held)))
 
     def ready(self):
         pass
 
     def kv(self, slots, heads):
         pick = [[self.held[s][:, h] for s in row] for h, row in enumerate(slots.tolist())]  # (2, block_size, d) each
-        return tuple(torch.stack([torch.cat([p[i] for p in row]) for row in pick]) for i in (0, 1))
+        return tuple(torch.stack([torch.cat([p[i] for p in row]) for row in pick]).to(slots.device) for i in (0, 1))
 
     def clear(self):
         pass
