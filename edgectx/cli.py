@@ -21,6 +21,7 @@ from edgectx.errors import EdgectxError, UsageError
 from edgectx.memory_config import POSITIONS, SCORERS, MemoryConfig
 
 SNAPSHOT_CODECS = ("fp16", "int8", "int4")  # edgectx.memory_snapshot.CODECS, without importing torch here
+WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # edgectx.quant.WEIGHT_FORMATS, likewise
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
 
@@ -85,6 +86,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for the engine (default: PyTorch's choice)")
     p.add_argument("--ctx", type=int, help="context window in tokens (default: the model's trained context)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="weight format: 16-bit, or 4-bit nf4 / 8-bit int8 through bitsandbytes (default auto: nf4 on CUDA "
+                   "when bitsandbytes is installed, else fp16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,17 +211,17 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = run_synthetic_speed(args.synthetic, args.context, memory, decode_tokens=args.decode_tokens, device=args.device,
                                      n_threads=args.threads, gpu_mem_cap_gib=args.gpu_mem_cap_gib,
-                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full)
+                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=args.weights or "auto")
     elif args.bench == "speed":
         from edgectx.bench.speed import run_speed
 
         result = run_speed(resolve_model(args.model, load_config()), args.context, memory, decode_tokens=args.decode_tokens,
                            n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
-                           gpu_mem_cap_gib=args.gpu_mem_cap_gib)
+                           weights=args.weights or "auto", gpu_mem_cap_gib=args.gpu_mem_cap_gib)
     else:
         path = resolve_model(args.model, load_config())
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
-                             n_threads=threads)
+                             n_threads=threads, weights=args.weights or "auto")
         result = _run_quality_bench(args, engine, memory, threads)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -45,6 +45,7 @@ class Config:
     positions: str | None = None  # compact | original
     scorer: str | None = None  # auto | heads | attention | window
     snapshot_codec: str | None = None  # fp16 | int8 | int4 (default int4): how ingest and chat --doc store snapshots
+    weights: str | None = None  # auto | fp16 | nf4 | int8 (default auto); `--weights` overrides it
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for later versions
 
 
@@ -56,7 +57,7 @@ def load_config(path: Path | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"The config file {path} is not valid TOML ({e}): fix or delete it.") from None
-    known = {"model", "model_paths", "system", "device", "threads", "budget", "positions", "scorer", "snapshot_codec"}
+    known = {"model", "model_paths", "system", "device", "threads", "budget", "positions", "scorer", "snapshot_codec", "weights"}
     paths = raw.get("model_paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise UsageError(f"In {path}, model_paths must be a list of strings.")
@@ -70,5 +71,6 @@ def load_config(path: Path | None = None) -> Config:
         positions=raw.get("positions"),
         scorer=raw.get("scorer"),
         snapshot_codec=raw.get("snapshot_codec"),
+        weights=raw.get("weights"),
         extra={k: v for k, v in raw.items() if k not in known},
     )

@@ -34,6 +34,7 @@ from edgectx.memory import ContextMemory
 from edgectx.memory_config import MemoryConfig
 from edgectx.memory_snapshot import CODECS as SNAPSHOT_CODECS
 from edgectx.memory_snapshot import load_memory, memory_meta, memory_sections
+from edgectx.quant import resolve_weights
 from edgectx.rope import Rope
 from edgectx.sampling import Sampler, SamplingParams
 from edgectx.scoring import AttentionMassScorer, EvictionScorer, WindowScorer
@@ -120,6 +121,7 @@ class Engine:
         self._heads: RetainingHeads | None = None
         self.tokenizer, self.template = tokenizer, template
         self.device, self.dtype = device, dtype
+        self.weights = "fp16"  # the linear layers' format (Engine.load sets it: fp16, nf4 or int8)
         self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
         self.last_stats = GenerationStats()
         self.tokens: list[int] = []  # the token ids held in memory, in order
@@ -142,11 +144,13 @@ class Engine:
     @classmethod
     def load(cls, path: Path, device: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
              progress: Progress | None = None, memory_config: MemoryConfig | None = None,
-             heads_path: Path | None = None) -> "Engine":
+             heads_path: Path | None = None, weights: str = "auto") -> "Engine":
+        """`weights`: auto | fp16 | nf4 | int8 (nf4/int8 through bitsandbytes; auto = nf4 on CUDA when installed)."""
         if n_threads:
             torch.set_num_threads(n_threads)
         dev = pick_device(device)
         dtype = default_dtype(dev)
+        weights = resolve_weights(dev, weights)  # a missing bitsandbytes fails here, before the long load
         gguf_file = open_gguf(path)
         spec = read_spec(gguf_file)
         tokenizer = Tokenizer(gguf_file.path)
@@ -155,9 +159,11 @@ class Engine:
             bos_token=tokenizer.token_text(tokenizer.bos_id),
             eos_token=tokenizer.token_text(tokenizer.eos_id),
         )
-        model = load_model(gguf_file, dev, dtype, progress=progress)
-        return cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config,
-                   fingerprint=weights_fingerprint(gguf_file), heads_path=heads_path)
+        model = load_model(gguf_file, dev, dtype, progress=progress, weights=weights)
+        engine = cls(gguf_file.path, model, spec, tokenizer, template, dev, dtype, n_ctx, memory_config,
+                     fingerprint=weights_fingerprint(gguf_file), heads_path=heads_path)
+        engine.weights = weights
+        return engine
 
     def compile_decode(self) -> CompiledDecode:
         """Run one-token steps through a compiled graph from now on; the first such step compiles it."""

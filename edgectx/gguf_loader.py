@@ -12,6 +12,7 @@ architecture uses the half-split rotation (and pre-RoPE projections match Huggin
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,8 @@ from torch import nn
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.quant import linear_factory
+from edgectx.quant import linear_factory, resolve_weights
+from edgectx.quant.gguf_dequant import SUPPORTED_TYPES, dequantize_blocks
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
@@ -134,19 +136,36 @@ def _tensor(g: GGUFFile, name: str):
     return t
 
 
-def dequantize(g: GGUFFile, name: str) -> torch.Tensor:
-    """A tensor as float32 in its logical shape (rows, cols), via the gguf package's reference dequantizer."""
+def dequantize(g: GGUFFile, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """A tensor as float32 in its logical shape (rows, cols), decoded by torch on `device` (default the CPU):
+    the raw block bytes travel to the device and are decoded there (edgectx.quant.gguf_dequant)."""
+    t = _tensor(g, name)
+    if t.tensor_type not in SUPPORTED_TYPES:
+        raise _unsupported(g, name, t)
+    shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dimensions innermost first
+    with warnings.catch_warnings():  # the memory map is read-only; the bytes are only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(t.data.reshape(-1).view(np.uint8))
+    return dequantize_blocks(raw.to(device or "cpu"), t.tensor_type, shape)
+
+
+def dequantize_reference(g: GGUFFile, name: str) -> torch.Tensor:
+    """The same tensor through the gguf package's numpy reference dequantizer (slower; the oracle)."""
     from gguf import quants
 
     t = _tensor(g, name)
     try:
         array = quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise UnsupportedModelError(f"{g.path.name} stores {name} as {t.tensor_type.name}, a type edgectx cannot read yet.") from None
+        raise _unsupported(g, name, t) from None
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not array.flags.writeable:  # F32 tensors come straight from the read-only memory map
         array = array.copy()
     return torch.from_numpy(array)
+
+
+def _unsupported(g: GGUFFile, name: str, t) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{g.path.name} stores {name} as {t.tensor_type.name}, a type edgectx cannot read yet.")
 
 
 def _optional_vector(g: GGUFFile, name: str) -> tuple[float, ...] | None:
@@ -161,28 +180,32 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int) -> dict[str, torch.Tensor]:
+def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     p = f"blk.{i}."
+
+    def get(name: str) -> torch.Tensor:
+        return dequantize(g, p + name, device)
+
     if p + "attn_qkv.weight" in g.tensors:
-        wqkv = dequantize(g, p + "attn_qkv.weight")
-        bqkv = dequantize(g, p + "attn_qkv.bias") if spec.qkv_bias else None
+        wqkv = get("attn_qkv.weight")
+        bqkv = get("attn_qkv.bias") if spec.qkv_bias else None
     else:
-        wq, wk, wv = (dequantize(g, p + f"attn_{n}.weight") for n in "qkv")
+        wq, wk, wv = (get(f"attn_{n}.weight") for n in "qkv")
         if spec.arch in ("llama", "mistral"):
             wq, wk = _unpermute(wq, spec.n_heads), _unpermute(wk, spec.n_kv_heads)
         wqkv = torch.cat([wq, wk, wv])
-        bqkv = torch.cat([dequantize(g, p + f"attn_{n}.bias") for n in "qkv"]) if spec.qkv_bias else None
+        bqkv = torch.cat([get(f"attn_{n}.bias") for n in "qkv"]) if spec.qkv_bias else None
     if p + "ffn_gate.weight" in g.tensors:
-        w_gate_up = torch.cat([dequantize(g, p + "ffn_gate.weight"), dequantize(g, p + "ffn_up.weight")])
+        w_gate_up = torch.cat([get("ffn_gate.weight"), get("ffn_up.weight")])
     else:
-        w_gate_up = dequantize(g, p + "ffn_up.weight")  # phi3: gate and up already fused, gate first
+        w_gate_up = get("ffn_up.weight")  # phi3: gate and up already fused, gate first
     out = {
-        "attn_norm.weight": dequantize(g, p + "attn_norm.weight"),
-        "ffn_norm.weight": dequantize(g, p + "ffn_norm.weight"),
+        "attn_norm.weight": get("attn_norm.weight"),
+        "ffn_norm.weight": get("ffn_norm.weight"),
         "attn.wqkv.weight": wqkv,
-        "attn.wo.weight": dequantize(g, p + "attn_output.weight"),
+        "attn.wo.weight": get("attn_output.weight"),
         "ffn.w_gate_up.weight": w_gate_up,
-        "ffn.w_down.weight": dequantize(g, p + "ffn_down.weight"),
+        "ffn.w_down.weight": get("ffn_down.weight"),
     }
     if bqkv is not None:
         out["attn.wqkv.bias"] = bqkv
@@ -202,27 +225,34 @@ def load_model(
     dtype: torch.dtype,
     make_linear: LinearFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: str = "auto",
 ) -> Transformer:
-    """Build the model layer by layer (peak memory: the model plus one layer of float32 weights).
+    """Build the model layer by layer (peak memory: the model plus one layer of float32 weights), decoding
+    each GGUF tensor on `device`.
 
     `make_linear(weight, bias)` turns float32 weights into a module (a packed or quantized linear);
-    by default `edgectx.quant.linear_factory`'s choice for the device.
+    by default `edgectx.quant.linear_factory`'s choice for the device and `weights` (auto | fp16 | nf4 |
+    int8). The output projection stays 16-bit under nf4/int8, as transformers' bitsandbytes loading does:
+    its logits are the sampled distribution itself.
     """
     spec = read_spec(g)
-    make_linear = make_linear or linear_factory(device, dtype)
+    make_head = make_linear
+    if make_linear is None:
+        make_linear = linear_factory(device, dtype, weights)
+        make_head = linear_factory(device, dtype, "fp16") if resolve_weights(device, weights) != "fp16" else make_linear
     with torch.device("meta"):
         model = Transformer(spec)
 
     def param(t: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
 
-    embed = dequantize(g, "token_embd.weight")
+    embed = dequantize(g, "token_embd.weight", device)
     model.embed.weight = param(embed)
-    model.norm.weight = param(dequantize(g, "output_norm.weight"))
-    model.lm_head = make_linear(embed if spec.tied_embeddings else dequantize(g, "output.weight"), None)
+    model.norm.weight = param(dequantize(g, "output_norm.weight", device))
+    model.lm_head = make_head(embed if spec.tied_embeddings else dequantize(g, "output.weight", device), None)
     del embed
     for i, block in enumerate(model.layers):
-        w = _layer_weights(g, spec, i)
+        w = _layer_weights(g, spec, i, device)
         block.attn_norm.weight = param(w["attn_norm.weight"])
         block.ffn_norm.weight = param(w["ffn_norm.weight"])
         block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))

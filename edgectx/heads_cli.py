@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
         raise UsageError(f"--seq-len {args.seq_len} is past {path.name}'s trained context ({trained}).")
     settings = TrainSettings(hidden=args.hidden, tokens=args.tokens, steps=args.steps, seq_len=args.seq_len or min(4096, trained),
                              offset=args.offset, span=args.span)
-    engine = Engine.load(path, device=args.device, n_ctx=settings.seq_len, n_threads=args.threads)
+    engine = Engine.load(path, device=args.device, n_ctx=settings.seq_len, n_threads=args.threads, weights=args.weights or "auto")
     ids = engine.tokenizer.encode(text, add_bos=False, special=False)
     ids = spread_sequences(ids, settings.n_tokens(engine.spec), settings.seq_len)
     if len(ids) < 2 * settings.seq_len:

@@ -41,7 +41,7 @@ def load_engine(args: Namespace, config: Config, status: Console) -> Engine:
     path = resolve_model(args.model, config)
     with status.status(f"Loading {path.name} ..."):
         engine = Engine.load(path, device=args.device or config.device, n_ctx=args.ctx, n_threads=args.threads or config.threads,
-                             memory_config=memory_config_from(args, config))
+                             memory_config=memory_config_from(args, config), weights=args.weights or config.weights or "auto")
     status.print(f"[dim]{engine.spec.describe()} on {engine.device.type}[/dim]", highlight=False)
     return engine
 

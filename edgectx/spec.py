@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "phi3")
 
+# Bits per weight of a transformer block's linear layers in each weight format (edgectx.quant), scales
+# included: nf4 = 4-bit codes + a uint8 absmax per 64 weights + an fp32 absmax per 256 of those (QLoRA's
+# double quantization, bitsandbytes' default here); int8 = 8-bit codes, plus an fp32 scale per output row.
+WEIGHT_FORMAT_BITS = {"fp16": 16.0, "int8": 8.0, "nf4": 4.0 + 8 / 64 + 32 / (64 * 256)}
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -82,6 +87,25 @@ class ModelSpec:
         embed = self.vocab_size * self.dim
         output = 0 if self.tied_embeddings else embed
         return self.n_layers * per_layer + embed + output + self.dim
+
+    @property
+    def block_linear_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(out, in) of one block's fused linears: wqkv, wo, w_gate_up, w_down."""
+        return ((self.q_dim + 2 * self.kv_dim, self.dim), (self.dim, self.q_dim),
+                (2 * self.ffn_dim, self.dim), (self.dim, self.ffn_dim))
+
+    def weight_bytes(self, weights: str = "fp16", dense_bytes: int = 2) -> int:
+        """Bytes the loaded model holds with its block linears in `weights` (fp16 | int8 | nf4). The output
+        projection is always a 16-bit linear (a separate copy even when tied); embeddings, norms and biases
+        stay in the compute dtype, `dense_bytes` each (4 for float32 on a CPU)."""
+        if weights not in WEIGHT_FORMAT_BITS:
+            raise ValueError(f"weight formats are {', '.join(WEIGHT_FORMAT_BITS)}, not {weights!r}")
+        n_linear = sum(o * i for o, i in self.block_linear_shapes)
+        rows = sum(o for o, _ in self.block_linear_shapes)
+        block = n_linear * WEIGHT_FORMAT_BITS[weights] / 8 + (4 * rows if weights == "int8" else 0)
+        bias = self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0
+        dense = self.vocab_size * self.dim + self.dim + self.n_layers * (2 * self.dim + bias)
+        return int(self.n_layers * block) + 2 * self.vocab_size * self.dim + dense * dense_bytes
 
     def describe(self) -> str:
         return (

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from edgectx.errors import UsageError
+
 _packed_by_handle: dict[int, torch.ScriptObject] = {}
 _next_handle = itertools.count()
 
@@ -64,11 +66,36 @@ class PackedFp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16-packed"
 
 
-def linear_factory(device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | None], nn.Module]:
-    """The linear to build for `device`: fp16-packed on CPUs with FBGEMM, else nn.Linear in `dtype`."""
+WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")
+
+
+def resolve_weights(device: torch.device, weights: str = "auto") -> str:
+    """The concrete format for `weights` on `device`: "auto" is nf4 on CUDA with bitsandbytes, else fp16
+    (16-bit: fp16-packed on x86 CPUs, nn.Linear in the compute dtype on GPUs). Asking for nf4 or int8
+    without bitsandbytes raises its one-sentence UsageError here, before anything loads."""
+    if weights not in WEIGHT_FORMATS:
+        raise UsageError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}.")
+    from edgectx.quant.bnb_linear import bnb_available, import_bnb
+
+    if weights in ("nf4", "int8"):
+        import_bnb()
+    if weights != "auto":
+        return weights
+
+    return "nf4" if device.type == "cuda" and bnb_available() else "fp16"
+
+
+def linear_factory(device: torch.device, dtype: torch.dtype,
+                   weights: str = "auto") -> Callable[[torch.Tensor, torch.Tensor | None], nn.Module]:
+    """The linear to build for `device` and `weights` (auto | fp16 | nf4 | int8): bitsandbytes Linear4bit /
+    Linear8bitLt for nf4 / int8, else fp16-packed on CPUs with FBGEMM, else nn.Linear in `dtype`."""
+    kind = resolve_weights(device, weights)
+    if kind in ("nf4", "int8"):
+        from edgectx.quant.bnb_linear import bnb_linear_factory
+
+        return bnb_linear_factory(kind, device, dtype)
     if device.type == "cpu" and dtype == torch.float32 and fp16_packing_available():
         return PackedFp16Linear
-
     def make(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         with torch.device("meta"):
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)

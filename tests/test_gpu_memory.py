@@ -186,3 +186,17 @@ def test_bench_speed_synthetic_rejects_unknown_names_and_caps_without_cuda(monke
         run(["bench", "speed", "--synthetic", "tiny", "--device", "cpu", "--gpu-mem-cap-gib", "24"])
     with pytest.raises(UsageError, match="--full goes with --synthetic"):
         run(["bench", "speed", "--full"])
+
+
+def test_bench_speed_synthetic_with_the_real_tiny_model(capsys):
+    from edgectx.synthetic import SYNTHETIC
+
+    assert run(["bench", "speed", "--synthetic", "tiny", "--context", "300", "--decode-tokens", "2", "--budget", "256",
+                "--device", "cpu", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    spec = SYNTHETIC["tiny"]
+    assert result["weights"] == "fp16" and result["bandwidth_gbs"] is None and result["weight_read_floor_ms"] is None
+    assert result["weight_bytes"] == spec.weight_bytes("fp16", dense_bytes=4)  # the spec's own figure, on a CPU
+    row = result["runs"][0]
+    assert row["edgectx"] is None and row["edgectx_memory"]["decode_floor_ratio"] is None
+    assert row["edgectx_memory"]["host_kv_bytes"] == 302 * spec.kv_bytes_per_token(2)

@@ -42,8 +42,10 @@ def test_core_never_imports_textual_or_tui():
 
 
 def test_quant_and_kernels_never_import_the_engine():
+    # edgectx.errors is a leaf (no imports): quant raises its one-sentence UsageError for a missing bitsandbytes
+    allowed = ("edgectx.quant", "edgectx.kernels", "edgectx.errors")
     for folder in ("quant", "kernels"):
-        engine_side = {n for n in _imports(folder) if n.startswith("edgectx.") and not n.startswith(("edgectx.quant", "edgectx.kernels"))}
+        engine_side = {n for n in _imports(folder) if n.startswith("edgectx.") and not n.startswith(allowed)}
         assert not engine_side, (folder, engine_side)
 
 

@@ -92,7 +92,8 @@ def run_tui(args, config) -> int:
     def load_engine(progress):
         path = resolve_model(args.model, config)
         return Engine.load(path, device=args.device or config.device, n_ctx=args.ctx, n_threads=args.threads or config.threads,
-                           progress=progress, memory_config=memory_config_from(args, config))
+                           progress=progress, memory_config=memory_config_from(args, config),
+                           weights=args.weights or config.weights or "auto")
 
     settings = Settings(system=args.system or config.system, codec=args.codec or config.snapshot_codec or "int4")
     with ConversationStore() as store:

@@ -64,7 +64,8 @@ def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> di
 
 
 def _measure(kind: str, path: str, device: str | None, n_threads: int, context: int, decode_tokens: int,
-             memory: dict | None, text_file: str | None, compile_decode: bool, gpu_mem_cap_gib: float | None = None) -> dict:
+             memory: dict | None, text_file: str | None, compile_decode: bool, weights: str = "auto",
+             gpu_mem_cap_gib: float | None = None) -> dict:
     """One engine at one length, in a child process: returns its throughput, KV bytes and peak RSS (and GPU bytes)."""
     torch.set_num_threads(n_threads)
     dev = pick_device(device) if kind != "llama_cpp" else None  # llama.cpp's memory is not PyTorch's to cap or see
@@ -83,7 +84,8 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         ref.close()
     else:
         config = MemoryConfig(**memory) if memory else None
-        engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config)
+        engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config,
+                             weights=weights)
         compiled = engine.compile_decode() if compile_decode and config is None else None
         ids = corpus_tokens(engine.tokenizer, context, text_file)
         _edgectx_run(engine, ids[:WARMUP_TOKENS], 2)
@@ -97,7 +99,7 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
               device: str | None = None, text_file: str | None = None, compile_decode: bool = True,
-              gpu_mem_cap_gib: float | None = None) -> dict:
+              weights: str = "auto", gpu_mem_cap_gib: float | None = None) -> dict:
     spec = read_spec(open_gguf(path))
     spawn = multiprocessing.get_context("spawn")
     runs = []
@@ -110,7 +112,7 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
             with spawn.Pool(1) as pool:
                 row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
                                                   memory.to_dict() if kind == "edgectx_memory" else None, text_file,
-                                                  compile_decode, gpu_mem_cap_gib))
+                                                  compile_decode, weights, gpu_mem_cap_gib))
         theirs = row["llama_cpp"]
         for kind, prefix in (("edgectx", ""), ("edgectx_memory", "memory_")):
             mine = row.get(kind)

@@ -24,6 +24,7 @@ from edgectx.device_memory import free_device_bytes, memory_cap, peak_device_byt
 from edgectx.engine import Engine, default_dtype, pick_device
 from edgectx.errors import UsageError
 from edgectx.memory_config import MemoryConfig
+from edgectx.quant import resolve_weights
 from edgectx.spec import ModelSpec
 
 WARMUP_TOKENS = 64
@@ -151,7 +152,7 @@ def _guarded(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: 
 
 def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64,
                         device: str | None = None, n_threads: int | None = None, gpu_mem_cap_gib: float | None = None,
-                        bandwidth_gbs: float | None = None, full: bool = False) -> dict:
+                        bandwidth_gbs: float | None = None, full: bool = False, weights: str = "auto") -> dict:
     from edgectx.synthetic import SYNTHETIC, build_synthetic
 
     if name not in SYNTHETIC:
@@ -162,7 +163,8 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
     if gpu_mem_cap_gib is not None:
         set_memory_cap(dev, int(gpu_mem_cap_gib * 2**30))  # before anything is allocated
     dtype = default_dtype(dev)
-    model, spec = build_synthetic(name, dev, dtype)
+    weights = resolve_weights(dev, weights)  # "auto": nf4 on CUDA (bitsandbytes), 16-bit elsewhere
+    model, spec = build_synthetic(name, dev, dtype, weights=weights)
     all_bytes, read_bytes = weight_bytes(model)
     bandwidth = bandwidth_gbs or gpu_bandwidth_gbs(dev)
     floor_ms = read_bytes / (bandwidth * 1e9) * 1e3 if bandwidth else None
@@ -193,7 +195,7 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
             row["edgectx_memory_error"] = memory_rows
         runs.append(row)
     return {
-        "model": f"synthetic {name}", "synthetic": name, "spec": spec.describe(),
+        "model": f"synthetic {name}", "synthetic": name, "spec": spec.describe(), "weights": weights,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(dtype).removeprefix("torch."),
         "decode_tokens": decode_tokens, "budget_tokens": memory.budget_tokens, "cache_capacity_blocks": cache_blocks,
         "gpu_mem_cap_bytes": memory_cap(dev), "weight_bytes": all_bytes, "weight_read_bytes": read_bytes,
