@@ -55,8 +55,9 @@ class BlockCache:
     evicted), so device memory is flat from then on however long the context grows. Plan, then copy:
     `fetch` picks the slots of a whole retrieval first, then copies every missing block. On CUDA the
     copies run on `copy_stream` (one per ContextMemory) from pinned host memory, asynchronously, and
-    `ready()` makes the compute stream wait for them (an event): compute queued between the two, such
-    as rotating the chunk's queries and keys, overlaps the copies. On the CPU the copies are plain.
+    `ready()` makes the compute stream wait for them (an event) just before the blocks are gathered into
+    the attention context: the retrieval's bookkeeping on the compute stream and the host's own work run
+    beside the copies, and no step waits on the host for a copy. On the CPU the copies are plain.
     """
 
     def __init__(self, capacity: int, device: torch.device, dtype: torch.dtype,

