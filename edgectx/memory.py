@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from edgectx.block_store import HostBlockStore
-from edgectx.kv import grouped_attention
 from edgectx.device_memory import cache_capacity_blocks
+from edgectx.kv import grouped_attention
 from edgectx.memory_config import MemoryConfig
 from edgectx.memory_tiers import Assembly, Resident
 from edgectx.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
@@ -50,7 +50,6 @@ class LayerMemory:
         self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
                                     host_dtype=getattr(torch, c.host_dtype))
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.dtype)
-        # One retrieval may need top_k blocks for each KV head at once: the pool must hold them all.
         self.cache = BlockCache(memory.cache_blocks, memory.device, memory.dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head

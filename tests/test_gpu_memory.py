@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edgectx import device_memory
-from edgectx.bench.synthetic_speed import full_attention_bytes, plan_full, weight_bytes
+from edgectx.bench.synthetic_speed import full_attention_bytes, plan_full
 from edgectx.cli import run
 from edgectx.engine import Engine
 from edgectx.errors import UsageError
