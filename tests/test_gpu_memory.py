@@ -212,6 +212,9 @@ def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
         device_memory._caps.clear()
     result = json.loads(capsys.readouterr().out)
     assert result["gpu_mem_cap_bytes"] == 2 << 30 and result["weights"] in ("nf4", "fp16")
+    from edgectx.synthetic import SYNTHETIC
+
+    assert result["weight_bytes"] == pytest.approx(SYNTHETIC["tiny"].weight_bytes(result["weights"], 2), rel=0.01)
     assert 4 <= result["cache_capacity_blocks"] <= device_memory.AUTO_CACHE_MAX_BLOCKS
     for r in result["runs"]:
         for engine in ("edgectx_memory", "edgectx"):

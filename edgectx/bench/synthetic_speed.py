@@ -170,6 +170,7 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
     floor_ms = read_bytes / (bandwidth * 1e9) * 1e3 if bandwidth else None
     # Engine without tokenizer or template: this benchmark feeds token ids and reads logits only.
     engine = Engine(Path(f"synthetic-{name}"), model, spec, None, None, dev, dtype, memory_config=memory)
+    engine.weights = weights
     memory_rows = _guarded(engine, contexts, decode_tokens, floor_ms)
     cache_blocks = engine.memory.cache_blocks  # as "auto" sized it, after the weights
     full_rows: list[dict] | str = []
