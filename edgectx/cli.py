@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     reopen.add_argument("--next-tokens", type=int, default=512, help="tokens teacher-forced after the restore (default 512)")
     reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
     speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
-    speed.add_argument("--synthetic", metavar="NAME", help="random 4-bit weights with this model's shapes, no download "
+    speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
                        "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
     speed.add_argument("--full", action="store_true", help="with --synthetic: full attention too, where it fits")
     speed.add_argument("--gpu-mem-cap-gib", type=float, help="cap this process's GPU memory (e.g. 24 to act as an RTX 4090)")
