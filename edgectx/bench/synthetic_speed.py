@@ -4,10 +4,10 @@ Random weights with the real shapes (`edgectx.synthetic`, 4-bit on a GPU) and ra
 tokenizer, no GGUF, hence no llama.cpp reference. One prefill runs up to each requested context in turn
 (sorted); at each, `decode_tokens` greedy tokens are decoded and timed, and count toward the next
 context. Per context and engine: `prefill_s` (prefill time so far, decode excluded), `prefill_tok_s`,
-`decode_ms_per_token`, `peak_gpu_bytes` (high-water mark so far, weights included; `peak_gpu_reserved_bytes`:
-what PyTorch held), and
-`decode_floor_ratio`: decode time over the weight-read floor, the time to read every weight the step reads
-once at the GPU's memory bandwidth (`weight_read_bytes / bandwidth`). Full attention (`--full`) runs only
+`decode_ms_per_token`, `peak_gpu_bytes` (high-water mark so far, weights included;
+`peak_gpu_reserved_bytes`: what PyTorch held), and `decode_floor_ratio`: decode time over the weight-read
+floor, the time to read every weight the step reads once at the GPU's memory bandwidth
+(`weight_read_bytes / bandwidth`). Full attention (`--full`) runs only
 up to the contexts its KV cache fits in: the bytes are estimated before anything is allocated. Both
 engines decode eagerly (no compiled decode step), so their decode times compare like for like.
 
