@@ -221,3 +221,21 @@ def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
             e = r[engine]
             assert 0 < e["peak_gpu_bytes"] <= e["peak_gpu_reserved_bytes"] <= 2 << 30
             assert e["decode_ms_per_token"] > 0
+
+
+def test_bench_speed_synthetic_keeps_the_contexts_measured_before_running_out_of_memory(monkeypatch, capsys):
+    _fake_synthetic(monkeypatch)
+    prefill = Engine.prefill
+
+    def tight(engine, ids, **kwargs):  # full attention "runs out of GPU memory" past 500 tokens
+        if engine.memory_config is None and engine.memory.n_tokens + len(ids) > 500:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return prefill(engine, ids, **kwargs)
+
+    monkeypatch.setattr(Engine, "prefill", tight)
+    assert run(["bench", "speed", "--synthetic", "tiny", "--context", "300,700", "--decode-tokens", "2", "--budget", "256",
+                "--full", "--device", "cpu", "--threads", "1", "--json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["runs"]
+    assert first["edgectx"]["context"] == 300 and "edgectx_skipped" not in first
+    assert second["edgectx"] is None and second["edgectx_skipped"] == "out of GPU memory after 300 tokens"
+    assert second["edgectx_memory"]["context"] == 700 and "edgectx_memory_error" not in second

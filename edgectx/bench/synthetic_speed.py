@@ -100,8 +100,9 @@ def _random_ids(n: int, vocab_size: int, gen: torch.Generator) -> list[int]:
     return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
 
 
-def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: float | None, seed: int = 0) -> list[dict]:
-    """Prefill up to each context in turn, decoding `decode_tokens` at each; one row per context."""
+def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: float | None, rows: list[dict],
+         seed: int = 0) -> None:
+    """Prefill up to each context in turn, decoding `decode_tokens` at each; appends one row per context."""
     device, vocab = engine.device, engine.spec.vocab_size
     gen = torch.Generator().manual_seed(seed)
     engine.reset()
@@ -109,7 +110,7 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
     engine.forward([0])
     engine.reset()
     reset_peak(device)
-    rows, prefill_s, prefilled = [], 0.0, 0
+    prefill_s, prefilled = 0.0, 0
     for context in sorted(contexts):
         n_new = context - engine.memory.n_tokens
         if n_new > 0:
@@ -140,16 +141,18 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
             "device_kv_bytes": stats["device_kv_bytes"],
             "host_kv_bytes": stats["host_kv_bytes"],
         })
-    return rows
 
 
-def _guarded(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: float | None) -> list[dict] | str:
-    """`_run`'s rows, or one sentence when it ran out of GPU memory."""
+def _guarded(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: float | None) -> tuple[list[dict], str | None]:
+    """`_run`'s rows, and one sentence if it ran out of GPU memory before the last context."""
+    rows: list[dict] = []
     try:
-        return _run(engine, contexts, decode_tokens, floor_ms)
+        _run(engine, contexts, decode_tokens, floor_ms, rows)
     except torch.OutOfMemoryError:
         engine.reset()
-        return f"out of GPU memory on the way to {max(contexts)} tokens"
+        reached = f" after {rows[-1]['context']} tokens" if rows else ""
+        return rows, f"out of GPU memory{reached}"
+    return rows, None
 
 
 def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64,
@@ -173,10 +176,9 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
     # Engine without tokenizer or template: this benchmark feeds token ids and reads logits only.
     engine = Engine(Path(f"synthetic-{name}"), model, spec, None, None, dev, dtype, memory_config=memory)
     engine.weights = weights
-    memory_rows = _guarded(engine, contexts, decode_tokens, floor_ms)
+    memory_rows, memory_error = _guarded(engine, contexts, decode_tokens, floor_ms)
     cache_blocks = engine.memory.cache_blocks  # as "auto" sized it, after the weights
-    full_rows: list[dict] | str = []
-    skipped: dict[int, str] = {}
+    full_rows, full_error, skipped = [], None, {}
     if full:
         engine.configure_memory(None, n_ctx=max(contexts) + decode_tokens * len(contexts) + 16)
         _sync(dev)
@@ -185,17 +187,14 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
         elem = torch.empty(0, dtype=dtype).element_size()
         run_contexts, skipped = plan_full(spec, contexts, decode_tokens, elem, memory.chunk_tokens, free_device_bytes(dev))
         if run_contexts:
-            full_rows = _guarded(engine, run_contexts, decode_tokens, floor_ms)
+            full_rows, full_error = _guarded(engine, run_contexts, decode_tokens, floor_ms)
     runs = []
     for context in sorted(contexts):
-        row = {"context": context, "edgectx_memory": _row(memory_rows, context), "edgectx": None}
-        if full:
-            row["edgectx"] = _row(full_rows, context)
-            reason = skipped.get(context) or (full_rows if isinstance(full_rows, str) else None)
-            if reason and row["edgectx"] is None:
-                row["edgectx_skipped"] = reason
-        if isinstance(memory_rows, str):
-            row["edgectx_memory_error"] = memory_rows
+        row = {"context": context, "edgectx_memory": _row(memory_rows, context), "edgectx": _row(full_rows, context)}
+        if row["edgectx_memory"] is None:
+            row["edgectx_memory_error"] = memory_error
+        if full and row["edgectx"] is None:
+            row["edgectx_skipped"] = skipped.get(context) or full_error
         runs.append(row)
     return {
         "model": f"synthetic {name}", "synthetic": name, "spec": spec.describe(), "weights": weights,
@@ -207,7 +206,5 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
     }
 
 
-def _row(rows: list[dict] | str, context: int) -> dict | None:
-    if isinstance(rows, str):
-        return None
+def _row(rows: list[dict], context: int) -> dict | None:
     return next((r for r in rows if r["context"] == context), None)
