@@ -2,9 +2,11 @@
 
 InfLLM keeps the whole context in CPU memory in blocks and brings back the few that matter; this is
 that store. Tokens are appended in order and kept in fixed-size segments (no reallocation of the whole
-store as it grows, so a 128K context never needs twice its memory). Each completed block gets a
-representative key (the mean of its keys per KV head, in the device's dtype) that retrieval scores
-queries against; representatives live on the device.
+store as it grows, so a 128K context never needs twice its memory). A segment is laid out block-major,
+(blocks, K|V, n_kv_heads, block_size, head_dim), so one block's K and V are one contiguous slab, laid out
+as a device cache slot: bringing a block back is a single copy, and on CUDA (segments in pinned memory)
+an asynchronous one. Each completed block gets a representative key (the mean of its keys per KV head,
+in the device's dtype) that retrieval scores queries against; representatives live on the device.
 
     store = HostBlockStore(n_kv_heads=3, head_dim=64, block_size=128, device=torch.device("cpu"))
     store.append(k, v)           # (n_kv_heads, T, head_dim) each, pre-RoPE
@@ -23,11 +25,17 @@ class HostBlockStore:
                  host_dtype: torch.dtype = torch.float16, repr_dtype: torch.dtype = torch.float16):
         self.n_kv_heads, self.head_dim, self.block_size = n_kv_heads, head_dim, block_size
         self.device, self.host_dtype, self.repr_dtype = device, host_dtype, repr_dtype
-        self.segment_tokens = SEGMENT_BLOCKS * block_size
-        self.pin = device.type == "cuda"  # pinned host memory makes host-to-device copies asynchronous
-        self.segments: list[torch.Tensor] = []  # each (2, n_kv_heads, segment_tokens, head_dim): K then V
+        self.segment_blocks = SEGMENT_BLOCKS
+        # Pinned (page-locked) host memory is what lets a host-to-device copy run asynchronously; CPU-only
+        # builds cannot pin, and a CPU device has nothing to copy to.
+        self.pin = device.type == "cuda" and torch.cuda.is_available()
+        self.segments: list[torch.Tensor] = []  # each (segment_blocks, 2, n_kv_heads, block_size, head_dim)
         self.n_tokens = 0
         self.representatives = torch.empty(0, n_kv_heads, head_dim, device=device, dtype=repr_dtype)
+
+    @property
+    def segment_tokens(self) -> int:
+        return self.segment_blocks * self.block_size
 
     @property
     def n_blocks(self) -> int:
@@ -35,8 +43,15 @@ class HostBlockStore:
         return self.n_tokens // self.block_size
 
     def _new_segment(self) -> torch.Tensor:
-        shape = (2, self.n_kv_heads, self.segment_tokens, self.head_dim)
+        shape = (self.segment_blocks, 2, self.n_kv_heads, self.block_size, self.head_dim)
         return torch.empty(shape, dtype=self.host_dtype, pin_memory=self.pin)
+
+    def _slab(self, block: int) -> torch.Tensor:
+        """Block `block`'s storage, (2, n_kv_heads, block_size, head_dim), contiguous; allocated on demand."""
+        seg, b = divmod(block, self.segment_blocks)
+        if seg == len(self.segments):
+            self.segments.append(self._new_segment())
+        return self.segments[seg][b]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append (n_kv_heads, T, head_dim) pre-RoPE keys and values; completes blocks and their representatives."""
@@ -44,43 +59,43 @@ class HostBlockStore:
         kv = torch.stack((k, v)).to("cpu", self.host_dtype)  # (2, n_kv, T, d)
         written, total = 0, kv.shape[2]
         while written < total:
-            seg, offset = divmod(self.n_tokens, self.segment_tokens)
-            if seg == len(self.segments):
-                self.segments.append(self._new_segment())
-            n = min(total - written, self.segment_tokens - offset)
-            self.segments[seg][:, :, offset : offset + n] = kv[:, :, written : written + n]
+            block, offset = divmod(self.n_tokens, self.block_size)
+            n = min(total - written, self.block_size - offset)
+            self._slab(block)[:, :, offset : offset + n] = kv[:, :, written : written + n]
             written += n
             self.n_tokens += n
         if self.n_blocks > done_blocks:
-            reps = [self._block_kv(b)[0].float().mean(dim=1) for b in range(done_blocks, self.n_blocks)]
+            reps = [self._slab(b)[0].float().mean(dim=1) for b in range(done_blocks, self.n_blocks)]
             new = torch.stack(reps).to(self.device, self.repr_dtype)  # (new_blocks, n_kv, d)
             self.representatives = torch.cat((self.representatives, new))
 
-    def _block_kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seg, offset = divmod(block * self.block_size, self.segment_tokens)
-        kv = self.segments[seg][:, :, offset : offset + self.block_size]
-        return kv[0], kv[1]
+    def slab(self, block: int) -> torch.Tensor:
+        """A completed block's K and V as one contiguous (2, n_kv_heads, block_size, head_dim) view of host memory."""
+        if not 0 <= block < self.n_blocks:
+            raise IndexError(f"block {block} is not a completed block (have {self.n_blocks})")
+        return self._slab(block)
 
     def block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A completed block's (K, V), each (n_kv_heads, block_size, head_dim), views of host memory."""
-        if not 0 <= block < self.n_blocks:
-            raise IndexError(f"block {block} is not a completed block (have {self.n_blocks})")
-        return self._block_kv(block)
+        kv = self.slab(block)
+        return kv[0], kv[1]
 
     def tokens(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens start..end (any range within the store), each (n_kv_heads, end - start, head_dim)."""
         if not 0 <= start <= end <= self.n_tokens:
             raise IndexError(f"tokens {start}..{end} outside the store's {self.n_tokens}")
-        parts_k, parts_v = [], []
+        parts = []
         pos = start
         while pos < end:
-            seg, offset = divmod(pos, self.segment_tokens)
-            n = min(end - pos, self.segment_tokens - offset)
-            parts_k.append(self.segments[seg][0, :, offset : offset + n])
-            parts_v.append(self.segments[seg][1, :, offset : offset + n])
+            block, offset = divmod(pos, self.block_size)
+            n = min(end - pos, self.block_size - offset)
+            parts.append(self._slab(block)[:, :, offset : offset + n])  # (2, n_kv, n, d)
             pos += n
-        empty = torch.empty(self.n_kv_heads, 0, self.head_dim, dtype=self.host_dtype)
-        return (torch.cat(parts_k, dim=1) if parts_k else empty), (torch.cat(parts_v, dim=1) if parts_v else empty)
+        if not parts:
+            empty = torch.empty(self.n_kv_heads, 0, self.head_dim, dtype=self.host_dtype)
+            return empty, empty.clone()
+        kv = torch.cat(parts, dim=2)
+        return kv[0], kv[1]
 
     def truncate(self, n_tokens: int) -> None:
         """Forget tokens from `n_tokens` on; segments past the end are released."""

@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     reopen.add_argument("--next-tokens", type=int, default=512, help="tokens teacher-forced after the restore (default 512)")
     reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
     speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
+    speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
+                       "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
+    speed.add_argument("--full", action="store_true", help="with --synthetic: full attention too, where it fits")
+    speed.add_argument("--gpu-mem-cap-gib", type=float, help="cap this process's GPU memory (e.g. 24 to act as an RTX 4090)")
+    speed.add_argument("--bandwidth-gbs", type=float, help="GPU memory bandwidth for the weight-read floor "
+                       "(default: from the GPU's name: H100 SXM 3350, H100 PCIe 2000, RTX 4090 1008)")
     return parser
 
 
@@ -202,16 +208,25 @@ def _bench(args: argparse.Namespace) -> int:
     from edgectx.models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
-    path = resolve_model(args.model, load_config())
-    if args.bench in ("speed", "conformance") and path.is_dir():
+    path = None if getattr(args, "synthetic", None) else resolve_model(args.model, load_config())
+    if args.bench in ("speed", "conformance") and path is not None and path.is_dir():
         raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
-                         "Hugging Face directory, so pass a .gguf file of the model.")
+                         "Hugging Face directory, so pass a .gguf file of the model (or --synthetic NAME).")
     memory = memory_config_from(args) if args.bench not in ("conformance", "fidelity") else None
-    if args.bench == "speed":
+    if args.bench == "speed" and args.full and not args.synthetic:
+        raise UsageError("--full goes with --synthetic: on a GGUF, bench speed runs full attention wherever the model's context allows.")
+    if args.bench == "speed" and args.synthetic:
+        from edgectx.bench.synthetic_speed import run_synthetic_speed
+
+        result = run_synthetic_speed(args.synthetic, args.context, memory, decode_tokens=args.decode_tokens, device=args.device,
+                                     n_threads=args.threads, gpu_mem_cap_gib=args.gpu_mem_cap_gib,
+                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=args.weights or "auto")
+    elif args.bench == "speed":
         from edgectx.bench.speed import run_speed
 
-        result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens, n_threads=threads,
-                           device=args.device, text_file=args.text, compile_decode=not args.eager, weights=args.weights or "auto")
+        result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
+                           n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
+                           weights=args.weights or "auto", gpu_mem_cap_gib=args.gpu_mem_cap_gib)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
                              n_threads=threads, weights=args.weights or "auto")

@@ -24,10 +24,11 @@ import torch
 
 from edgectx import kernels
 from edgectx.block_store import HostBlockStore
+from edgectx.device_memory import cache_capacity_blocks
 from edgectx.kv import grouped_attention
 from edgectx.memory_config import MemoryConfig
 from edgectx.memory_tiers import Assembly, Resident
-from edgectx.retrieval import BlockCache, RetrievalRecord, select_blocks
+from edgectx.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
 from edgectx.rope import Rope
 from edgectx.scoring import AttentionMassScorer, EvictionScorer
 from edgectx.spec import ModelSpec
@@ -50,8 +51,7 @@ class LayerMemory:
         self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
                                     host_dtype=getattr(torch, c.host_dtype))
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.dtype)
-        # One retrieval may need top_k blocks for each KV head at once: the pool must hold them all.
-        self.cache = BlockCache(max(c.cache_blocks, c.top_k_blocks * s.n_kv_heads), memory.device, memory.dtype)
+        self.cache = BlockCache(memory.cache_blocks, memory.device, memory.dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
         self.steps_since_retrieval = 0
@@ -71,6 +71,7 @@ class LayerMemory:
         # Only blocks wholly older than the window: newer tokens are resident in every head anyway.
         n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
         blocks, probs = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks)
+        blocks = blocks.cpu()  # the host reads the ids anyway (to copy blocks); later steps compare them for free
         if blocks.numel():
             m.record.add(blocks, probs)
         self.selection, self.steps_since_retrieval = blocks, 0
@@ -90,19 +91,23 @@ class LayerMemory:
         k, v, idx = r.k[:, :n_resident], r.v[:, :n_resident], r.idx[:, :n_resident]
         valid = None
         if selection.numel():
-            fetched = {b: self.cache.fetch(b, self.store) for b in selection.unique().tolist()}
-            per_head = selection.tolist()
-            bk = torch.stack([torch.cat([fetched[b][0][h] for b in blocks]) for h, blocks in enumerate(per_head)])
-            bv = torch.stack([torch.cat([fetched[b][1][h] for b in blocks]) for h, blocks in enumerate(per_head)])
+            # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.
+            selection = selection.cpu()  # block ids live on the host (they name host memory)
+            wanted = selection.unique()  # sorted block ids
+            slots = torch.tensor(self.cache.fetch(wanted.tolist(), self.store))
+            slot_of = slots[torch.searchsorted(wanted, selection)]  # (n_kv, k) the slot of each head's blocks
+            blocks_d, slots_d = upload(torch.stack((selection, slot_of)), m.device).unbind(0)  # (n_kv, k) each
             offsets = torch.arange(c.block_size, device=m.device)
-            bidx = (selection.to(m.device)[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
-            k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
+            bidx = (blocks_d[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
             picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
-            picked.scatter_(1, selection.to(m.device), True)
+            picked.scatter_(1, blocks_d, True)
             resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp(max=self.store.n_blocks)
             duplicate = picked.gather(1, resident_blocks)  # resident copies of retrieved tokens
             if bool(duplicate.any()):
-                valid = torch.cat((~duplicate, torch.ones_like(idx[:, n_resident:], dtype=torch.bool)), dim=1)
+                valid = torch.cat((~duplicate, torch.ones_like(bidx, dtype=torch.bool)), dim=1)
+            self.cache.ready()
+            bk, bv = self.cache.kv(slots_d, torch.arange(r.n_kv, device=m.device)[:, None])  # (n_kv, k * block_size, d)
+            k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
         if c.positions == "compact":
             present = torch.unique(idx if valid is None else idx[valid])  # sorted original indices
             positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
@@ -241,6 +246,10 @@ class ContextMemory:
         self.config = config or MemoryConfig()
         self.scorer = scorer or AttentionMassScorer()
         self.record = RetrievalRecord(self.config.block_size)
+        # On CUDA, block copies from the pinned host store run on their own stream, beside the compute.
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # One retrieval may need top_k blocks for each KV head at once: every layer's pool must hold them all.
+        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, dtype), self.config.top_k_blocks * spec.n_kv_heads)
         self._n_tokens = 0
         self._pending = 0
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
@@ -289,6 +298,7 @@ class ContextMemory:
             "window_bytes": window * token_bytes,
             "retained_bytes": retained * token_bytes,
             "cached_blocks": len(self.layers[0].cache.blocks),
+            "cache_capacity_blocks": self.cache_blocks,  # per layer; "auto" sizes it from free device memory
             "evicted_tokens": n - first.n,
             "host_tokens": self.layers[0].store.n_tokens,
             "device_resident_bytes": resident_bytes,

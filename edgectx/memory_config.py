@@ -26,7 +26,9 @@ class MemoryConfig:
     n_local: int = 512  # newest tokens, always kept: local coherence
     block_size: int = 128  # host-store block and retrieval unit (InfLLM)
     top_k_blocks: int = 4  # blocks retrieved per layer for each query chunk or decode step
-    cache_blocks: int = 16  # LRU block cache per layer on the device, in blocks; >= top_k_blocks
+    # LRU block cache per layer on the device, in blocks (>= top_k_blocks); "auto": 16 on a CPU, sized from the
+    # free memory on a GPU (edgectx.device_memory.cache_capacity_blocks)
+    cache_blocks: int | str = "auto"
     chunk_tokens: int = 512  # prefill chunk; eviction runs after each one
     positions: str = "compact"  # "compact": selected context renumbered 0..N-1; "original": true indices
     n_observe: int = 512  # recent queries whose attention mass scores eviction candidates: a whole chunk
@@ -44,7 +46,10 @@ class MemoryConfig:
             raise UsageError(f"scorer must be one of {', '.join(SCORERS)}, not {self.scorer!r}.")
         if min(self.block_size, self.chunk_tokens, self.n_local, self.retrieve_every, self.evict_every) < 1:
             raise UsageError("block_size, chunk_tokens, n_local, retrieve_every and evict_every must be positive.")
-        if min(self.n_sink, self.top_k_blocks, self.n_observe) < 0 or self.cache_blocks < self.top_k_blocks:
+        if self.cache_blocks != "auto" and (not isinstance(self.cache_blocks, int) or isinstance(self.cache_blocks, bool)):
+            raise UsageError(f"cache_blocks must be a block count or 'auto', not {self.cache_blocks!r}.")
+        fixed_cache = self.cache_blocks if self.cache_blocks != "auto" else self.top_k_blocks
+        if min(self.n_sink, self.top_k_blocks, self.n_observe) < 0 or fixed_cache < self.top_k_blocks:
             raise UsageError("n_sink, top_k_blocks and n_observe must be >= 0, and cache_blocks >= top_k_blocks.")
         if self.n_retain < 0:
             raise UsageError(

@@ -173,7 +173,7 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
     r.rebuild([tuple(t.to(r.device, r.dtype) for t in (rk, rv)) + (idx.to(r.device), score.to(r.device))],
               headroom=m["resident_capacity"] - n)
 
-    layer.selection = rd.blocks("selection", store.n_blocks, c.top_k_blocks).to(layer.memory.device)
+    layer.selection = rd.blocks("selection", store.n_blocks, c.top_k_blocks)  # on the host, as retrieval keeps it
     layer.evicted, layer.steps_since_retrieval, layer.version = m["evicted"], m["steps_since_retrieval"], m["version"]
     if observes:
         q = rd.tensor("q_recent", (layer.q_recent.shape[0], None, d))
@@ -181,10 +181,11 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
         layer.q_recent = q.to(layer.memory.device, layer.memory.dtype)
 
     cached = rd.tensor("cache.blocks", (None,), torch.int64).tolist()
-    rd.check(len(set(cached)) == len(cached) <= layer.cache.capacity and all(0 <= b < store.n_blocks for b in cached),
+    rd.check(len(set(cached)) == len(cached) and all(0 <= b < store.n_blocks for b in cached),
              "its block cache lists blocks it cannot hold")
-    for block in cached:  # oldest use first, so the LRU order comes back as it was
-        layer.cache.fetch(block, store)
+    # Oldest use first, so the LRU order comes back as it was; a smaller cache ("auto" sized it from this
+    # GPU's free memory) keeps the most recent. The cache's contents never change the logits.
+    layer.cache.fetch(cached[-layer.cache.capacity :], store)
     _load_assembly(rd, layer, m["asm"])
     layer.cache.hits, layer.cache.misses = m["cache_hits"], m["cache_misses"]
 
@@ -205,7 +206,7 @@ def _load_assembly(rd: "_Reader", layer: LayerMemory, m: dict | None) -> None:
     rd.check(m["n_resident"] <= r.n, "its assembled context starts past its resident tokens")
     length = selection.shape[1] * layer.memory.config.block_size + r.n  # blocks, and every resident token
     rd.check(m["length"] == length and m["capacity"] >= length, "its assembled context does not match its resident tokens")
-    asm = layer.reassemble(selection.to(layer.memory.device), m["n_resident"], m["capacity"])
+    asm = layer.reassemble(selection, m["n_resident"], m["capacity"])
     rd.check(asm.next_pos == m["next_pos"] and asm.capacity == m["capacity"],
              "its assembled context does not rebuild to the recorded positions")
 

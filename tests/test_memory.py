@@ -159,7 +159,7 @@ def test_memory_config_rejects_a_budget_too_small_for_its_tiers():
 
 def test_block_store_round_trips_across_segments():
     store = HostBlockStore(n_kv_heads=2, head_dim=8, block_size=4, device=torch.device("cpu"), host_dtype=torch.float32)
-    store.segment_tokens = 12  # three blocks per segment, so appends cross segments
+    store.segment_blocks = 3  # 12 tokens per segment, so appends cross segments
     k = torch.randn(2, 30, 8)
     for s in range(0, 30, 7):
         store.append(k[:, s : s + 7], -k[:, s : s + 7])

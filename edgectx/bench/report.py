@@ -17,7 +17,22 @@ def _fmt(value) -> str:
 
 def print_report(kind: str, result: dict) -> None:
     console = Console()
-    if kind == "speed":
+    if kind == "speed" and "synthetic" in result:
+        floor = result["weight_read_floor_ms"]
+        table = Table("context", "engine", "prefill s", "prefill tok/s", "decode ms/token", "decode / floor", "peak GPU MiB",
+                      title=f"{result['model']} ({result['weights']}) on {result['device']}, weights {result['weight_bytes'] / 2**20:,.0f} MiB, "
+                      f"floor {'-' if floor is None else f'{floor:.2f}'} ms/token")
+        for r in result["runs"]:
+            for engine, label in (("edgectx_memory", "memory"), ("edgectx", "full")):
+                e = r.get(engine)
+                if e:
+                    peak = "-" if e["peak_gpu_bytes"] is None else f"{e['peak_gpu_bytes'] / 2**20:,.0f}"
+                    tok_s, ratio = e["prefill_tok_s"], e["decode_floor_ratio"]
+                    table.add_row(str(r["context"]), label, f"{e['prefill_s']:.2f}", "-" if tok_s is None else f"{tok_s:.1f}",
+                                  f"{e['decode_ms_per_token']:.2f}", "-" if ratio is None else f"{ratio:.1f}x", peak)
+                elif r.get(f"{engine}_skipped") or r.get(f"{engine}_error"):
+                    table.add_row(str(r["context"]), label, r.get(f"{engine}_skipped") or r[f"{engine}_error"])
+    elif kind == "speed":
         table = Table("context", "engine", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio",
                       "device KV MiB", "peak RSS MiB", title=f"{result['model']}, {result['threads']} threads")
         for r in result["runs"]:

@@ -4,7 +4,9 @@ Same GGUF, same real text, same thread count. Prefill reads `context` tokens fro
 generates `decode_tokens` greedy tokens one at a time at that depth. Three engines per length:
 llama.cpp (full attention, n_ctx just large enough), edgectx with full attention (up to the model's
 trained context) and edgectx with the long-context memory (`edgectx_memory`). Each runs in a fresh
-child process, so `peak_rss_bytes` is that engine's own. Ratios are edgectx / llama.cpp.
+child process, so `peak_rss_bytes` is that engine's own (and on CUDA `peak_gpu_bytes`, allocated, and
+`peak_gpu_reserved_bytes`, held by PyTorch; None on a CPU). Ratios are edgectx / llama.cpp.
+`--gpu-mem-cap-gib` caps each edgectx child's GPU memory; `--synthetic` runs edgectx.bench.synthetic_speed.
 edgectx's full-attention decode runs compiled (`Engine.compile_decode`) unless `--eager`; its
 warm-up pays the compile, reported as `decode_compile_s` (None when decode ran eager).
 
@@ -23,7 +25,8 @@ import torch
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.reference import LlamaCppReference
 from edgectx.bench.rss import peak_rss_bytes
-from edgectx.engine import Engine
+from edgectx.device_memory import peak_device_bytes, set_memory_cap
+from edgectx.engine import Engine, pick_device
 from edgectx.gguf_loader import open_gguf, read_spec
 from edgectx.memory_config import MemoryConfig
 
@@ -61,9 +64,13 @@ def _llama_run(ref: LlamaCppReference, ids: list[int], decode_tokens: int) -> di
 
 
 def _measure(kind: str, path: str, device: str | None, n_threads: int, context: int, decode_tokens: int,
-             memory: dict | None, text_file: str | None, compile_decode: bool, weights: str = "auto") -> dict:
-    """One engine at one length, in a child process: returns its throughput, KV bytes and peak RSS."""
+             memory: dict | None, text_file: str | None, compile_decode: bool, weights: str = "auto",
+             gpu_mem_cap_gib: float | None = None) -> dict:
+    """One engine at one length, in a child process: returns its throughput, KV bytes and peak RSS (and GPU bytes)."""
     torch.set_num_threads(n_threads)
+    dev = pick_device(device) if kind != "llama_cpp" else None  # llama.cpp's memory is not PyTorch's to cap or see
+    if gpu_mem_cap_gib is not None and dev is not None:
+        set_memory_cap(dev, int(gpu_mem_cap_gib * 2**30))
     n_ctx = context + decode_tokens + 16
     if kind == "llama_cpp":
         from edgectx.tokenizer import Tokenizer
@@ -84,13 +91,15 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         _edgectx_run(engine, ids[:WARMUP_TOKENS], 2)
         result = _edgectx_run(engine, ids, decode_tokens)
         result["decode_compile_s"] = compiled and compiled.compile_s
+    peak = peak_device_bytes(dev) if dev is not None else None
+    result["peak_gpu_bytes"], result["peak_gpu_reserved_bytes"] = (peak["allocated"], peak["reserved"]) if peak else (None, None)
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
               device: str | None = None, text_file: str | None = None, compile_decode: bool = True,
-              weights: str = "auto") -> dict:
+              weights: str = "auto", gpu_mem_cap_gib: float | None = None) -> dict:
     spec = read_spec(open_gguf(path))
     spawn = multiprocessing.get_context("spawn")
     runs = []
@@ -103,7 +112,7 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
             with spawn.Pool(1) as pool:
                 row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
                                                   memory.to_dict() if kind == "edgectx_memory" else None, text_file,
-                                                  compile_decode, weights))
+                                                  compile_decode, weights, gpu_mem_cap_gib))
         theirs = row["llama_cpp"]
         for kind, prefix in (("edgectx", ""), ("edgectx_memory", "memory_")):
             mine = row.get(kind)

@@ -1,0 +1,241 @@
+"""Block retrieval through the device cache returns exactly the host store's blocks (one batch of copies per
+retrieval, asynchronous on CUDA); "auto" sizes the cache from free device memory; `bench speed --synthetic`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from edgectx import device_memory
+from edgectx.bench.synthetic_speed import full_attention_bytes, plan_full
+from edgectx.cli import run
+from edgectx.engine import Engine
+from edgectx.errors import UsageError
+from edgectx.memory_config import MemoryConfig
+from edgectx.model import Transformer
+from edgectx.spec import ModelSpec
+from tiny_gguf import write_tiny_gguf
+
+SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
+                     chunk_tokens=64, n_observe=16, retrieve_every=4, evict_every=16)
+LLAMA_8B = ModelSpec(arch="llama", n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+                     vocab_size=128256, context_length=131072)
+
+
+class PlainCache:
+    """The reference: every fetched block copied to its own tensor, each head's blocks concatenated in Python."""
+
+    def __init__(self):
+        self.held: list[torch.Tensor] = []
+        self.hits = self.misses = 0
+        self.capacity = 1 << 30
+        self.blocks: list[int] = []
+
+    def fetch(self, blocks, store):
+        first = len(self.held)
+        self.held += [store.slab(b).clone() for b in blocks]
+        return list(range(first, len(self.held)))
+
+    def ready(self):
+        pass
+
+    def kv(self, slots, heads):
+        pick = [[self.held[s][:, h] for s in row] for h, row in enumerate(slots.tolist())]  # (2, block_size, d) each
+        return tuple(torch.stack([torch.cat([p[i] for p in row]) for row in pick]).to(slots.device) for i in (0, 1))
+
+    def clear(self):
+        pass
+
+
+def _logits(path, device: str, config: MemoryConfig, patch=None) -> tuple[torch.Tensor, Engine]:
+    engine = Engine.load(path, device=device, memory_config=config, weights="fp16")
+    for layer in engine.memory.layers:
+        if patch:
+            patch(layer)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 900)]
+    out = [engine.forward(ids[s : s + 64], all_logits=True) for s in range(0, len(ids), 64)]
+    for _ in range(20):  # decode: retrievals every 4 steps
+        out.append(engine.forward([int(out[-1][-1].argmax())], all_logits=True))
+    return torch.cat(out).float().cpu(), engine
+
+
+def _plain(layer):
+    layer.cache = PlainCache()
+
+
+def test_retrieval_through_a_churning_cache_equals_plain_copies(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    cached, engine = _logits(path, "cpu", SMALL)
+    plain, _ = _logits(path, "cpu", SMALL, patch=_plain)
+    cache = engine.memory.layers[0].cache
+    assert engine.stats()["evicted_tokens"] > 600 and engine.memory.layers[0].store.n_blocks == 28
+    assert cache.capacity == 4 and cache.hits > 0 and cache.misses > 2 * cache.capacity  # slots were reused
+    assert torch.equal(cached, plain)
+
+
+@pytest.mark.gpu
+def test_async_retrieval_on_cuda_matches_synchronous_copies(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    asynchronous, engine = _logits(path, "cuda", SMALL)
+    layer = engine.memory.layers[0]
+    assert layer.store.segments[0].is_pinned() and layer.cache.copy_stream is not None and layer.cache.misses > 8
+
+    def synchronous(layer):
+        layer.cache.copy_stream = None  # plain copies on the compute stream
+
+    synced, _ = _logits(path, "cuda", SMALL, patch=synchronous)
+    plain, _ = _logits(path, "cuda", SMALL, patch=_plain)
+    assert bool(asynchronous.isfinite().all())
+    assert torch.equal(asynchronous, synced) and torch.equal(asynchronous, plain)
+
+
+def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cuda(monkeypatch):
+    from edgectx.memory import ContextMemory
+    from edgectx.rope import Rope
+
+    spec = ModelSpec(arch="llama", n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=10,
+                     context_length=4096)
+    cpu = torch.device("cpu")
+    memory = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig())
+    assert MemoryConfig().cache_blocks == "auto" and memory.cache_blocks == 16 == memory.layers[1].cache.capacity
+    assert memory.stats()["cache_capacity_blocks"] == 16
+    fixed = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig(cache_blocks=40))
+    assert fixed.cache_blocks == 40
+
+    cuda = torch.device("cuda", 0)
+    free = {"bytes": 8 << 30}
+    monkeypatch.setattr(device_memory, "free_device_bytes", lambda device: free["bytes"])
+    # 8 GiB - 3 * (2048 + 512) tokens * 128 KiB - 1 GiB headroom, a quarter of it, in 16 MiB blocks (all layers)
+    assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 97
+    free["bytes"] = 40 << 30
+    assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 256
+    free["bytes"] = 1 << 30
+    assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 4  # top_k_blocks
+
+
+def test_full_attention_estimate_matches_the_kv_cache_and_skips_what_does_not_fit(tmp_path):
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    engine = Engine.load(path, device="cpu", n_ctx=1024)
+    engine.prefill([i % 258 for i in range(700)], chunk_tokens=64)
+    engine.forward([1])
+    held = sum(t.numel() * t.element_size() for layer in engine.memory.layers for t in (layer.k, layer.v))
+    s = engine.spec
+    layer_token_bytes = 2 * s.kv_dim * 4
+    scratch = s.n_heads * 64 * 1024 * 4
+    assert held == s.n_layers * 1024 * layer_token_bytes  # capacity doubled to 1024
+    assert full_attention_bytes(s, 701, 4, 64) == held + 512 * layer_token_bytes + scratch
+
+    # Llama-3.1-8B in bf16: 32K (+64 decoded) grows the cache to 64K tokens, 8 GiB; 128K would need 32 GiB.
+    assert full_attention_bytes(LLAMA_8B, 32768 + 64, 2, 512) == (8 << 30) + (128 << 20) + (2 << 30)
+    run_contexts, skipped = plan_full(LLAMA_8B, [131072, 32768], 64, 2, 512, free_bytes=19 << 30)
+    assert run_contexts == [32768] and list(skipped) == [131072] and "GiB" in skipped[131072]
+
+
+TINY = ModelSpec(arch="llama", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=300,
+                 context_length=512)
+
+
+def _fake_synthetic(monkeypatch):
+    """A stand-in for edgectx.synthetic: one tiny spec, a Transformer with random weights."""
+    def build_synthetic(name, device, dtype, weights=None):
+        torch.manual_seed(0)
+        return Transformer(TINY).to(device, dtype).eval(), TINY
+
+    module = types.ModuleType("edgectx.synthetic")
+    module.SYNTHETIC, module.build_synthetic = {"tiny": TINY}, build_synthetic
+    monkeypatch.setitem(sys.modules, "edgectx.synthetic", module)
+
+
+def test_bench_speed_synthetic_on_cpu_reports_speed_floor_and_memory(monkeypatch, capsys):
+    _fake_synthetic(monkeypatch)
+    assert run(["bench", "speed", "--synthetic", "tiny", "--context", "700,300", "--decode-tokens", "4", "--budget", "256",
+                "--chunk", "128", "--full", "--device", "cpu", "--threads", "1", "--bandwidth-gbs", "10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = Transformer(TINY)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert result["weight_bytes"] == params and result["weight_read_bytes"] == params - TINY.vocab_size * TINY.dim * 4
+    assert result["weight_read_floor_ms"] == pytest.approx(result["weight_read_bytes"] / 10e9 * 1e3)
+    assert result["bandwidth_source"] == "flag" and result["cache_capacity_blocks"] == 16
+    assert [r["context"] for r in result["runs"]] == [300, 700]
+    for r in result["runs"]:
+        for engine in ("edgectx_memory", "edgectx"):
+            e = r[engine]
+            assert e["peak_gpu_bytes"] is None and e["peak_gpu_reserved_bytes"] is None
+            assert e["decode_ms_per_token"] > 0 and e["prefill_s"] > 0
+            assert e["decode_floor_ratio"] == pytest.approx(e["decode_ms_per_token"] / result["weight_read_floor_ms"])
+        # each engine holds the context and the 4 tokens decoded there: the memory on the host (fp16), full
+        # attention on the device (float32 on a CPU)
+        assert r["edgectx_memory"]["host_kv_bytes"] == (r["context"] + 4) * TINY.kv_bytes_per_token(2)
+        assert r["edgectx"]["device_kv_bytes"] == (r["context"] + 4) * TINY.kv_bytes_per_token(4)
+    last = result["runs"][-1]
+    # prefilled: 300, then 700 - 304 (the 4 decoded tokens count toward the next context)
+    assert last["edgectx_memory"]["prefill_tok_s"] == pytest.approx(696 / last["edgectx_memory"]["prefill_s"])
+
+
+def test_bench_speed_synthetic_rejects_unknown_names_and_caps_without_cuda(monkeypatch):
+    _fake_synthetic(monkeypatch)
+    with pytest.raises(UsageError, match="No synthetic model named 'llama-9': choose one of tiny"):
+        run(["bench", "speed", "--synthetic", "llama-9", "--device", "cpu"])
+    with pytest.raises(UsageError, match="needs a CUDA device"):
+        run(["bench", "speed", "--synthetic", "tiny", "--device", "cpu", "--gpu-mem-cap-gib", "24"])
+    with pytest.raises(UsageError, match="--full goes with --synthetic"):
+        run(["bench", "speed", "--full"])
+
+
+def test_bench_speed_synthetic_with_the_real_tiny_model(capsys):
+    from edgectx.synthetic import SYNTHETIC
+
+    assert run(["bench", "speed", "--synthetic", "tiny", "--context", "300", "--decode-tokens", "2", "--budget", "256",
+                "--device", "cpu", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    spec = SYNTHETIC["tiny"]
+    assert result["weights"] == "fp16" and result["bandwidth_gbs"] is None and result["weight_read_floor_ms"] is None
+    assert result["weight_bytes"] == spec.weight_bytes("fp16", dense_bytes=4)  # the spec's own figure, on a CPU
+    row = result["runs"][0]
+    assert row["edgectx"] is None and row["edgectx_memory"]["decode_floor_ratio"] is None
+    assert row["edgectx_memory"]["host_kv_bytes"] == 302 * spec.kv_bytes_per_token(2)
+
+
+@pytest.mark.gpu
+def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
+    cuda = torch.device("cuda")
+    try:
+        assert run(["bench", "speed", "--synthetic", "tiny", "--context", "600,1200", "--decode-tokens", "4", "--budget", "256",
+                    "--full", "--device", "cuda", "--gpu-mem-cap-gib", "2", "--json"]) == 0
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda)
+        device_memory._caps.clear()
+    result = json.loads(capsys.readouterr().out)
+    assert result["gpu_mem_cap_bytes"] == 2 << 30 and result["weights"] in ("nf4", "fp16")
+    from edgectx.synthetic import SYNTHETIC
+
+    assert result["weight_bytes"] == pytest.approx(SYNTHETIC["tiny"].weight_bytes(result["weights"], 2), rel=0.01)
+    assert 4 <= result["cache_capacity_blocks"] <= device_memory.AUTO_CACHE_MAX_BLOCKS
+    for r in result["runs"]:
+        for engine in ("edgectx_memory", "edgectx"):
+            e = r[engine]
+            assert 0 < e["peak_gpu_bytes"] <= e["peak_gpu_reserved_bytes"] <= 2 << 30
+            assert e["decode_ms_per_token"] > 0
+
+
+def test_bench_speed_synthetic_keeps_the_contexts_measured_before_running_out_of_memory(monkeypatch, capsys):
+    _fake_synthetic(monkeypatch)
+    prefill = Engine.prefill
+
+    def tight(engine, ids, **kwargs):  # full attention "runs out of GPU memory" past 500 tokens
+        if engine.memory_config is None and engine.memory.n_tokens + len(ids) > 500:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return prefill(engine, ids, **kwargs)
+
+    monkeypatch.setattr(Engine, "prefill", tight)
+    assert run(["bench", "speed", "--synthetic", "tiny", "--context", "300,700", "--decode-tokens", "2", "--budget", "256",
+                "--full", "--device", "cpu", "--threads", "1", "--json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)["runs"]
+    assert first["edgectx"]["context"] == 300 and "edgectx_skipped" not in first
+    assert second["edgectx"] is None and second["edgectx_skipped"] == "out of GPU memory after 300 tokens"
+    assert second["edgectx_memory"]["context"] == 700 and "edgectx_memory_error" not in second
