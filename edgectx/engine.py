@@ -200,6 +200,7 @@ class Engine:
         return self._next_logits
 
     def reset(self) -> None:
+        self.memory = None  # free the old memory first: an "auto" block cache is sized from free device memory
         self.memory = self.new_memory()
         self.tokens = []
         self._next_logits = None
