@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_args(tui)
     tui.add_argument("--system", help="system prompt for new conversations")
     tui.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
+    # Sampling as `chat` takes it; unset flags fall back to the config file, then to chat's defaults.
+    tui.add_argument("--temperature", type=float, help="0 for greedy (default 0.7)")
+    tui.add_argument("--top-k", type=int, help="default 40")
+    tui.add_argument("--top-p", type=float, help="default 0.9")
+    tui.add_argument("--repeat-penalty", type=float, help="default 1.1")
+    tui.add_argument("--seed", type=int, help="fix the sampling seed for reproducible answers")
+    tui.add_argument("--max-tokens", type=int, help="longest answer in tokens (default 512)")
 
     models = sub.add_parser("models", help="list GGUF models found on this machine")
     models.add_argument("--json", action="store_true")

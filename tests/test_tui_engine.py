@@ -68,7 +68,7 @@ async def test_real_engine_answer_document_and_resume(tmp_path):
             (conversation,) = store.list_conversations()
             assert stored(store, conversation.id) == [("user", "What is it about?"), answer]
             assert [d.path for d in store.documents.attached(conversation.id)] == [str(doc)]
-            assert "tokens in context" in app.chat.query_one(StatusBar).text
+            assert "tok in context" in app.chat.query_one(StatusBar).full_text
 
         second = app_for(model, store)
         async with second.run_test() as pilot:

@@ -1,9 +1,11 @@
-"""The chat screen: the conversation list, the transcript, a progress row, the prompt and the status bar.
+"""The chat screen: the conversation list with its search, the transcript with citations and the passage
+panel, a progress row, the prompt and the status bar.
 
 Engine work (loading the model, answering, opening documents) runs one job at a time in a thread worker
 (`_job`) that calls the bridge; the worker reports back only through this screen's messages (`Piece`,
 `Progressed`, `Problem`, `JobDone`, `JobFailed`), so widgets are touched on the UI thread alone. Esc sets
 the job's cancel flag: an answer stops at the next token (and is kept), a read stops at the next chunk.
+While the user types, the status bar says how much of the next prompt is already in memory (debounced).
 """
 
 from __future__ import annotations
@@ -17,21 +19,24 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Label
+from textual.widgets import Footer, Input, Label
 
 from edgectx.engine import Cancelled
 from edgectx.errors import EdgectxError
 from edgectx.store_export import UNTITLED
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.prompts import Confirm, TextPrompt
+from edgectx.tui.widgets.citations import CitationList, PassagePanel
 from edgectx.tui.widgets.progress import WorkProgress
 from edgectx.tui.widgets.prompt import PromptInput
 from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
-from edgectx.tui.widgets.transcript import AssistantMessage, Transcript
+from edgectx.tui.widgets.transcript import AssistantMessage, Transcript, UserMessage
 
 LONG_PROMPT_TOKENS = 2048  # a prompt this long to prefill gets the progress row
 BUSY = "Wait for the current task to finish, or press Esc to stop it."
+PLAN_DELAY_S = 0.25  # the cached / to-prefill figure is computed once typing pauses this long
+EDITING = "Editing the last message: Enter resends it in its place, Esc cancels"
 
 
 class ChatScreen(Screen):
@@ -72,16 +77,20 @@ class ChatScreen(Screen):
         self._cancel = threading.Event()
         self._answer: AssistantMessage | None = None
         self._pending_resume: int | None = None
+        self.editing = False  # the prompt holds the last user message, to resend in its place
+        self._plan_timer = None
 
     def compose(self) -> ComposeResult:
         with Horizontal():
             with Vertical(id="sidebar"):
                 yield Label("Conversations", classes="pane-title")
+                yield Input(placeholder="search (Ctrl+F)", id="search")
                 yield ConversationList()
             with Vertical(id="chat"):
                 yield Transcript()
                 yield WorkProgress()
                 yield PromptInput(id="prompt")
+            yield PassagePanel()
         yield StatusBar()
         yield Footer()
 
@@ -126,15 +135,90 @@ class ChatScreen(Screen):
         self.post_message(self.Problem(sentence))
 
     def cancel(self) -> None:
-        """Esc: stop the answer or the read in progress (loading the model cannot be stopped)."""
+        """Esc: stop the answer or the read in progress (loading the model cannot be stopped); else leave editing."""
         if self.busy in ("send", "attach", "resume"):
             self._cancel.set()
+        elif self.editing:
+            self._stop_editing()
+            self.query_one(PromptInput).clear()
 
     # -- actions the app binds ---------------------------------------------------------------------
 
     async def new_conversation(self) -> None:
         if self._ready() and self._start("new", self.bridge.new_conversation):
+            self._stop_editing()
             await self.query_one(Transcript).show([])
+
+    async def regenerate(self) -> None:
+        """Answer the last user message again, in place of its answer."""
+        if not self._ready():
+            return
+        last = self.bridge.last_user_message()
+        if last is None:
+            self.say("There is no answer to regenerate yet: send a message first.", severity="warning")
+            return
+        await self._resend(last, regenerate=True)
+
+    def edit_last(self) -> None:
+        """Put the last user message in the prompt; sending it replaces that message and its answer."""
+        last = self.bridge.last_user_message() if self.bridge.ready else None
+        if last is None:
+            self.say("There is no message to edit yet: send one first.", severity="warning")
+            return
+        prompt = self.query_one(PromptInput)
+        prompt.text = last
+        prompt.move_cursor(prompt.document.end)
+        prompt.border_title = EDITING
+        self.editing = True
+        prompt.focus()
+
+    def _stop_editing(self) -> None:
+        self.editing = False
+        self.query_one(PromptInput).border_title = None
+
+    async def _resend(self, text: str, regenerate: bool) -> None:
+        def job():
+            return self.bridge.redo(None if regenerate else text, on_piece=lambda p: self.post_message(self.Piece(p)),
+                                    cancel=self._cancel.is_set, progress=self._progress)
+
+        if self._start("send", job):
+            transcript = self.query_one(Transcript)
+            await transcript.drop_last_turn()
+            await transcript.add_user(text)
+            self._answer = await transcript.start_answer()
+        elif not regenerate:
+            self.query_one(PromptInput).text = text
+
+    def copy(self) -> None:
+        """Copy the focused message, else the last answer, to the clipboard (OSC 52: works over SSH too)."""
+        focused = self.app.focused
+        message = focused if isinstance(focused, (UserMessage, AssistantMessage)) else self.query_one(Transcript).last_answer()
+        if message is None or not message.text:
+            self.say("Nothing to copy yet: no answer is shown.", severity="warning")
+            return
+        self.app.copy_to_clipboard(message.text)
+        what = "message" if isinstance(message, UserMessage) else "answer"
+        self.say(f"Copied the {what} ({len(message.text):,} characters) to the clipboard.")
+
+    def sources(self) -> None:
+        """Move to the last answer's citations (Enter opens one in the side panel)."""
+        citations = self.query_one(Transcript).last_citations()
+        if citations is None:
+            self.say("The last answer cites no passages: only answers about attached documents that retrieved "
+                     "from the memory have sources.", severity="warning")
+            return
+        citations.focus()
+        citations.scroll_visible()
+
+    def search(self) -> None:
+        self.query_one("#search", Input).focus()
+
+    def switch_model(self, path: Path) -> None:
+        if self._start("switch", lambda: self.bridge.switch_model(path, progress=self._progress)):
+            self.query_one(WorkProgress).begin(f"Loading {path.name}", unit="layers", cancel_key=None)
+
+    def set_budget(self, budget: int | str) -> None:
+        self._start("budget", lambda: self.bridge.set_budget(budget))
 
     def attach(self) -> None:
         if self._ready():
@@ -213,8 +297,13 @@ class ChatScreen(Screen):
 
     @on(PromptInput.Submitted)
     async def _send(self, event: PromptInput.Submitted) -> None:
+        self.query_one(StatusBar).plan = None
         if not self._ready():
             self.query_one(PromptInput).text = event.text  # keep what the user typed
+            return
+        if self.editing:
+            self._stop_editing()
+            await self._resend(event.text, regenerate=False)
             return
         transcript = self.query_one(Transcript)
 
@@ -227,6 +316,35 @@ class ChatScreen(Screen):
             return
         await transcript.add_user(event.text)
         self._answer = await transcript.start_answer()
+
+    @on(PromptInput.Changed)
+    def _typed(self, event: PromptInput.Changed) -> None:
+        if self._plan_timer is not None:
+            self._plan_timer.stop()
+        self._plan_timer = self.set_timer(PLAN_DELAY_S, self._show_plan)
+
+    def _show_plan(self) -> None:
+        """How many tokens of the next prompt are in memory already, and how many it would prefill."""
+        bar = self.query_one(StatusBar)
+        text = self.query_one(PromptInput).text
+        if self.busy is not None or not self.bridge.ready:
+            return  # the engine's tokens are changing under a job; the figure comes when typing resumes
+        try:
+            bar.plan = self.bridge.plan(text)
+        except EdgectxError:
+            bar.plan = None
+
+    @on(Input.Changed, "#search")
+    async def _search(self, event: Input.Changed) -> None:
+        await self.refresh_sidebar()
+
+    @on(Input.Submitted, "#search")
+    def _search_done(self, event: Input.Submitted) -> None:
+        self.query_one(ConversationList).focus()
+
+    @on(CitationList.Opened)
+    def _open_citation(self, event: CitationList.Opened) -> None:
+        self.query_one(PassagePanel).show(event.citation)
 
     def say(self, sentence: str, *, title: str = "", severity: str = "information", timeout: float | None = None) -> None:
         """A notification; never parsed as markup, since sentences carry paths and error text."""
@@ -286,8 +404,14 @@ class ChatScreen(Screen):
             self.say(event.result, title="Document ready")
         elif event.kind == "delete" and self.bridge.conversation_id is None:
             await transcript.show([])
+        elif event.kind in ("switch", "budget"):
+            await transcript.show([])
+            await transcript.add_notice(f"Loaded {event.result}" if event.kind == "switch" else
+                                        f"Memory budget: {self.bridge.settings.budget} tokens; a new conversation is open.")
+            if event.kind == "switch":
+                self.app.model_switched(self.bridge.engine.path)
         self.query_one(StatusBar).show(self.bridge.model_name, event.stats,
-                                       event.result if event.kind == "send" else None)
+                                       event.result if event.kind == "send" else None, snapshot=self.bridge.snapshot_state)
         await self.refresh_sidebar()
 
     @on(JobFailed)
@@ -298,6 +422,8 @@ class ChatScreen(Screen):
             await self._finish_answer(stopped=False)
         if event.kind == "load":
             self.query_one(StatusBar).show("no model loaded", {})
+        if event.kind == "switch" and self.bridge.ready:
+            event.sentence += f" {self.bridge.model_name} stays loaded."
         self.say(event.sentence, title="Error", severity="error", timeout=15)
         await self.refresh_sidebar()
 
@@ -305,8 +431,18 @@ class ChatScreen(Screen):
         if self._answer is not None:
             await self._answer.finish()
             self._answer = None
+        transcript = self.query_one(Transcript)
         if stopped:
-            await self.query_one(Transcript).add_notice("(stopped: the answer so far is kept)")
+            await transcript.add_notice("(stopped: the answer so far is kept)")
+        citations = self.bridge.citations()
+        if citations:
+            await transcript.add_citations(citations)
 
     async def refresh_sidebar(self) -> None:
-        await self.query_one(ConversationList).show(self.bridge.conversations(), self.bridge.conversation_id)
+        query = self.query_one("#search", Input).value
+        try:
+            conversations = self.bridge.conversations(query)
+        except EdgectxError as e:
+            self.say(str(e), title="Error", severity="error")
+            return
+        await self.query_one(ConversationList).show(conversations, self.bridge.conversation_id)
