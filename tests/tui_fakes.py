@@ -26,6 +26,12 @@ class FakeTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
+    def piece(self, token_id: int) -> bytes:
+        return chr(token_id).encode("utf-8")
+
+    def token_text(self, token_id: int) -> str:
+        return chr(token_id)
+
 
 class FakeTemplate:
     def render(self, messages, add_generation_prompt: bool = True) -> str:
