@@ -100,7 +100,7 @@ class Bridge:
         if self._load_model is None:
             raise UsageError("This edgectx cannot switch models while running: restart it with --model.")
         engine = self._load_model(Path(path), progress)
-        self.engine = engine
+        self.engine, self.model_path = engine, Path(path)
         self.new_conversation()
         return f"{engine.path.name}: {engine.spec.describe()} on {engine.device.type}"
 

@@ -181,13 +181,18 @@ class ChatScreen(Screen):
             return self.bridge.redo(None if regenerate else text, on_piece=lambda p: self.post_message(self.Piece(p)),
                                     cancel=self._cancel.is_set, progress=self._progress)
 
-        if self._start("send", job):
-            transcript = self.query_one(Transcript)
-            await transcript.drop_last_turn()
-            await transcript.add_user(text)
-            self._answer = await transcript.start_answer()
-        elif not regenerate:
-            self.query_one(PromptInput).text = text
+        if self.busy is not None:
+            self.say(BUSY, severity="warning")
+            if not regenerate:
+                self.query_one(PromptInput).text = text
+            return
+        # The answer's widget exists before the job starts: the app's key handler runs this outside the
+        # screen's message queue, so the first pieces could otherwise arrive before it.
+        transcript = self.query_one(Transcript)
+        await transcript.drop_last_turn()
+        await transcript.add_user(text)
+        self._answer = await transcript.start_answer()
+        self._start("send", job)
 
     def copy(self) -> None:
         """Copy the focused message, else the last answer, to the clipboard (OSC 52: works over SSH too)."""
@@ -409,7 +414,7 @@ class ChatScreen(Screen):
             await transcript.add_notice(f"Loaded {event.result}" if event.kind == "switch" else
                                         f"Memory budget: {self.bridge.settings.budget} tokens; a new conversation is open.")
             if event.kind == "switch":
-                self.app.model_switched(self.bridge.engine.path)
+                self.app.model_switched(self.bridge.model_path)
         self.query_one(StatusBar).show(self.bridge.model_name, event.stats,
                                        event.result if event.kind == "send" else None, snapshot=self.bridge.snapshot_state)
         await self.refresh_sidebar()
