@@ -148,12 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     longppl = bench_sub.add_parser("longppl", help="NLL by position bucket far past the trained context")
     memory = bench_sub.add_parser("memory", help="device and host KV bytes as the context grows")
     reopen = bench_sub.add_parser("reopen", help="snapshot size, restore vs prefill time, and quality after a restore")
-    for p in (conf, speed, fidelity, longppl, memory, reopen):
+    latency = bench_sub.add_parser("tui-latency", help="TUI key-press latency while a long document is read")
+    for p in (conf, speed, fidelity, longppl, memory, reopen, latency):
         _model_args(p)
         p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    for p in (speed, longppl, memory, reopen):
+    for p in (speed, longppl, memory, reopen, latency):
         _memory_args(p, allow_full=False)
+    latency.add_argument("--context", type=int, default=32768, help="tokens of text to read (default 32768)")
+    latency.add_argument("--presses", type=int, default=20, help="key presses to time during the read (default 20)")
     _memory_args(fidelity, allow_full=False, lists=True)
     for p in (fidelity, longppl, memory, reopen):
         p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
@@ -200,6 +203,14 @@ def _bench(args: argparse.Namespace) -> int:
     from edgectx.models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
+    if args.bench == "tui-latency":
+        from edgectx.tui.app import run_latency_bench  # imports textual: only for this bench
+
+        result = run_latency_bench(args)
+        print(json.dumps(result, indent=2) if args.json else
+              f"{result['presses']} key presses during a {result['context_tokens']:,}-token read ({result['ingest_s']} s): "
+              f"median {result.get('median_ms')} ms, max {result.get('max_ms')} ms")
+        return 0
     path = resolve_model(args.model, load_config())
     memory = memory_config_from(args) if args.bench not in ("conformance", "fidelity") else None
     if args.bench == "speed":

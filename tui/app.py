@@ -11,6 +11,7 @@ config's `[keys]` table remaps it (`regenerate = "ctrl+r"`); the help screen sho
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
@@ -28,6 +29,11 @@ from edgectx.tui.screens.help import HelpScreen
 from edgectx.tui.screens.models import ModelScreen
 from edgectx.tui.screens.settings import SettingsScreen, parse_settings
 from edgectx.tui.widgets.sidebar import ConversationList
+
+# How soon a thread waiting for the GIL gets it (Python's default is 5 ms). The engine's worker holds it between
+# torch calls; each turn of the UI's event loop gives it up and waits to get it back, so a shorter interval keeps
+# a key press during a long read near the idle latency (tests/test_tui_latency.py measures it).
+SWITCH_INTERVAL_S = 0.001
 
 CHAT_ACTIONS = {"new_conversation", "attach", "export", "rename", "stop", "conversations", "regenerate", "edit_last",
                 "copy", "sources", "search", "models", "settings"}
@@ -73,6 +79,8 @@ class EdgectxApp(App):
         return self.chat
 
     def on_mount(self) -> None:
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         theme = self.config.theme
         if theme and theme in self.available_themes:
             self.theme = theme
@@ -80,6 +88,9 @@ class EdgectxApp(App):
             self._startup_warnings.append(f"The config's theme {theme!r} is not one of Textual's themes: the default is used.")
         for warning in self._startup_warnings:
             self.chat.say(warning, severity="warning", timeout=10)
+
+    def on_unmount(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
 
     def watch_theme(self, theme: str) -> None:
         """Keep the theme chosen (Settings, or the palette's "Change theme") for next time."""
@@ -226,6 +237,21 @@ def run_tui(args, config) -> int:
         app = EdgectxApp(bridge, config=config)
         app.run()
     return 0
+
+
+def run_latency_bench(args) -> dict:
+    """`edgectx bench tui-latency` (edgectx.tui.latency): key-press latency in the TUI during a long read."""
+    from edgectx.cli import memory_config_from
+    from edgectx.config import load_config
+    from edgectx.engine import Engine
+    from edgectx.models import resolve_model
+    from edgectx.tui.latency import run_tui_latency
+
+    config = load_config()
+    path = resolve_model(args.model, config)
+    load = lambda: Engine.load(path, device=args.device, n_threads=args.threads,  # noqa: E731
+                               memory_config=memory_config_from(args, config))
+    return run_tui_latency(load, args.context, presses=args.presses, text_file=args.text)
 
 
 def _first(*values):
