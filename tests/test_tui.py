@@ -334,5 +334,5 @@ async def test_memory_gauge_shows_the_engines_stats(store):
         await settle(pilot, app)
         text = app.chat.query_one(StatusBar).full_text
         assert "fake-model.gguf" in text and "5,000 tok in context" in text
-        assert "[██████░░░░░░] 1,024/2,048 on device" in text
-        assert "KV 2.0 MiB device, 8.0 MiB host" in text
+        assert "[█████░░░░░] 1,024/2,048 on device" in text
+        assert "KV 2.0 MiB dev, 8.0 MiB host" in text

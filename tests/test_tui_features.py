@@ -321,5 +321,5 @@ def test_the_status_line_fits_120_columns_and_never_shows_more_than_the_budget()
     full = status_line(model, stats, answer, plan=(131_072, 17), snapshot="snapshot restored")
     assert len(full) > 118
     line = status_line(model, stats, answer, plan=(131_072, 17), snapshot="snapshot restored", width=118)
-    assert len(line) <= 118 and "[████████████] 2,048/2,048 on device" in line and "131,072 cached / 17 to prefill" in line
+    assert len(line) <= 118 and "[██████████] 2,048/2,048 on device" in line and "131,072 cached / 17 to prefill" in line
     assert "3,072" not in line  # 131,072 - 128,000 resident, clamped to the budget

@@ -8,8 +8,8 @@ out, least important first, so it never wraps.
     bar = StatusBar()
     bar.show("smollm2.gguf", engine.stats(), snapshot="snapshot restored")
     bar.plan = (5000, 12)
-    # "smollm2.gguf · 5,000 tok in context · [██████░░░░░░] 1,024/2,048 on device · KV 2.0 MiB device, 8.0 MiB host
-    #  · 5,000 cached / 12 to prefill"
+    # "smollm2.gguf · 5,000 tok in context · [█████░░░░░] 1,024/2,048 on device · KV 2.0 MiB dev, 8.0 MiB host
+    #  · snapshot restored · 5,000 cached / 12 to prefill"
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from textual.reactive import reactive
 from textual.widgets import Static
 
-GAUGE_CELLS = 12
+GAUGE_CELLS = 10
 MODEL_CHARS = 28
 
 
@@ -50,7 +50,7 @@ def status_parts(model: str, stats: dict, answer=None, plan: tuple[int, int] | N
         budget = stats.get("context_tokens", 0)
         meter = f"[{gauge(tokens, budget)}] {tokens:,}/{budget:,} context"
     parts = [(5, short(model)), (1, f"{tokens:,} tok in context"), (0, meter),
-             (2, f"KV {mib(stats.get('device_kv_bytes', 0))} device, {mib(stats.get('host_kv_bytes', 0))} host")]
+             (2, f"KV {mib(stats.get('device_kv_bytes', 0))} dev, {mib(stats.get('host_kv_bytes', 0))} host")]
     if snapshot:
         parts.append((3, snapshot))
     if plan is not None:
