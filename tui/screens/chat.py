@@ -2,7 +2,7 @@
 panel, a progress row, the prompt and the status bar.
 
 Engine work (loading the model, answering, opening documents) runs one job at a time in a thread worker
-(`_job`) that calls the bridge; the worker reports back only through this screen's messages (`Piece`,
+(`_job`, edgectx.tui.screens.jobs) that calls the bridge; the worker reports back only through messages (`Piece`,
 `Progressed`, `Problem`, `JobDone`, `JobFailed`), so widgets are touched on the UI thread alone. Esc sets
 the job's cancel flag: an answer stops at the next token (and is kept), a read stops at the next chunk.
 While the user types, the status bar says how much of the next prompt is already in memory (debounced).
@@ -12,62 +12,32 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label
 
-from edgectx.engine import Cancelled
 from edgectx.errors import EdgectxError
 from edgectx.store_export import UNTITLED
 from edgectx.tui.bridge import Bridge
+from edgectx.tui.screens.jobs import JobRunner
 from edgectx.tui.screens.prompts import Confirm, TextPrompt
 from edgectx.tui.widgets.citations import CitationList, PassagePanel
 from edgectx.tui.widgets.progress import WorkProgress
 from edgectx.tui.widgets.prompt import PromptInput
 from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
-from edgectx.tui.widgets.transcript import AssistantMessage, Transcript, UserMessage
+from edgectx.tui.screens.turns import BUSY, TurnActions
+from edgectx.tui.widgets.transcript import AssistantMessage, Transcript
 
 LONG_PROMPT_TOKENS = 2048  # a prompt this long to prefill gets the progress row
-BUSY = "Wait for the current task to finish, or press Esc to stop it."
 PLAN_DELAY_S = 0.25  # the cached / to-prefill figure is computed once typing pauses this long
-EDITING = "Editing the last message: Enter resends it in its place, Esc cancels"
 
 
-class ChatScreen(Screen):
+class ChatScreen(JobRunner, TurnActions, Screen):
     AUTO_FOCUS = "PromptInput"
-
-    class Piece(Message):
-        def __init__(self, text: str):
-            super().__init__()
-            self.text = text
-
-    class Progressed(Message):
-        def __init__(self, done: int, total: int):
-            super().__init__()
-            self.done, self.total = done, total
-
-    class Problem(Message):
-        """A problem the job got past (a damaged snapshot read again), in one sentence."""
-
-        def __init__(self, sentence: str):
-            super().__init__()
-            self.sentence = sentence
-
-    class JobDone(Message):
-        def __init__(self, kind: str, result, stats: dict, cancelled: bool):
-            super().__init__()
-            self.kind, self.result, self.stats, self.cancelled = kind, result, stats, cancelled
-
-    class JobFailed(Message):
-        def __init__(self, kind: str, sentence: str):
-            super().__init__()
-            self.kind, self.sentence = kind, sentence
 
     def __init__(self, bridge: Bridge, export_dir: Path | None = None):
         super().__init__()
@@ -100,40 +70,6 @@ class ChatScreen(Screen):
         self.query_one(WorkProgress).begin("Loading the model", unit="layers", cancel_key=None)
         self._start("load", lambda: self.bridge.load(progress=self._progress))
 
-    # -- jobs --------------------------------------------------------------------------------------
-
-    def _start(self, kind: str, job: Callable[[], object]) -> bool:
-        if self.busy is not None:
-            self.say(BUSY, severity="warning")
-            return False
-        self.busy = kind
-        self._cancel.clear()
-        self._job(kind, job)
-        return True
-
-    @work(thread=True, group="engine")
-    def _job(self, kind: str, job: Callable[[], object]) -> None:
-        try:
-            result, cancelled = job(), self._cancel.is_set()
-        except Cancelled:
-            result, cancelled = None, True
-        except EdgectxError as e:
-            self.post_message(self.JobFailed(kind, str(e)))
-            return
-        except MemoryError:
-            self.post_message(self.JobFailed(kind, "Out of memory: try a smaller model, a smaller --budget or a shorter document."))
-            return
-        except Exception as e:  # a bug: say so in one line and keep the app running
-            self.post_message(self.JobFailed(kind, f"Unexpected error ({type(e).__name__}: {e}); please report it."))
-            return
-        self.post_message(self.JobDone(kind, result, self.bridge.stats(), cancelled))
-
-    def _progress(self, done: int, total: int) -> None:
-        self.post_message(self.Progressed(done, total))
-
-    def _problem(self, sentence: str) -> None:
-        self.post_message(self.Problem(sentence))
-
     def cancel(self) -> None:
         """Esc: stop the answer or the read in progress (loading the model cannot be stopped); else leave editing."""
         if self.busy in ("send", "attach", "resume"):
@@ -148,72 +84,6 @@ class ChatScreen(Screen):
         if self._ready() and self._start("new", self.bridge.new_conversation):
             self._stop_editing()
             await self.query_one(Transcript).show([])
-
-    async def regenerate(self) -> None:
-        """Answer the last user message again, in place of its answer."""
-        if not self._ready():
-            return
-        last = self.bridge.last_user_message()
-        if last is None:
-            self.say("There is no answer to regenerate yet: send a message first.", severity="warning")
-            return
-        await self._resend(last, regenerate=True)
-
-    def edit_last(self) -> None:
-        """Put the last user message in the prompt; sending it replaces that message and its answer."""
-        last = self.bridge.last_user_message() if self.bridge.ready else None
-        if last is None:
-            self.say("There is no message to edit yet: send one first.", severity="warning")
-            return
-        prompt = self.query_one(PromptInput)
-        prompt.text = last
-        prompt.move_cursor(prompt.document.end)
-        prompt.border_title = EDITING
-        self.editing = True
-        prompt.focus()
-
-    def _stop_editing(self) -> None:
-        self.editing = False
-        self.query_one(PromptInput).border_title = None
-
-    async def _resend(self, text: str, regenerate: bool) -> None:
-        def job():
-            return self.bridge.redo(None if regenerate else text, on_piece=lambda p: self.post_message(self.Piece(p)),
-                                    cancel=self._cancel.is_set, progress=self._progress)
-
-        if self.busy is not None:
-            self.say(BUSY, severity="warning")
-            if not regenerate:
-                self.query_one(PromptInput).text = text
-            return
-        # The answer's widget exists before the job starts: the app's key handler runs this outside the
-        # screen's message queue, so the first pieces could otherwise arrive before it.
-        transcript = self.query_one(Transcript)
-        await transcript.drop_last_turn()
-        await transcript.add_user(text)
-        self._answer = await transcript.start_answer()
-        self._start("send", job)
-
-    def copy(self) -> None:
-        """Copy the focused message, else the last answer, to the clipboard (OSC 52: works over SSH too)."""
-        focused = self.app.focused
-        message = focused if isinstance(focused, (UserMessage, AssistantMessage)) else self.query_one(Transcript).last_answer()
-        if message is None or not message.text:
-            self.say("Nothing to copy yet: no answer is shown.", severity="warning")
-            return
-        self.app.copy_to_clipboard(message.text)
-        what = "message" if isinstance(message, UserMessage) else "answer"
-        self.say(f"Copied the {what} ({len(message.text):,} characters) to the clipboard.")
-
-    def sources(self) -> None:
-        """Move to the last answer's citations (Enter opens one in the side panel)."""
-        citations = self.query_one(Transcript).last_citations()
-        if citations is None:
-            self.say("The last answer cites no passages: only answers about attached documents that retrieved "
-                     "from the memory have sources.", severity="warning")
-            return
-        citations.focus()
-        citations.scroll_visible()
 
     def search(self) -> None:
         self.query_one("#search", Input).focus()
@@ -363,25 +233,25 @@ class ChatScreen(Screen):
 
     # -- what the workers report -------------------------------------------------------------------
 
-    @on(Piece)
-    async def _piece(self, event: Piece) -> None:
+    @on(JobRunner.Piece)
+    async def _piece(self, event: JobRunner.Piece) -> None:
         if self._answer is not None:
             await self._answer.write(event.text)
 
-    @on(Progressed)
-    def _progressed(self, event: Progressed) -> None:
+    @on(JobRunner.Progressed)
+    def _progressed(self, event: JobRunner.Progressed) -> None:
         row = self.query_one(WorkProgress)
         if self.busy == "send" and not row.active and event.total >= LONG_PROMPT_TOKENS:
             row.begin("Reading the prompt")  # a long prompt: the documents read again after a stopped attach
         if event.total and row.active:
             row.advance(event.done, event.total)
 
-    @on(Problem)
-    def _warned(self, event: Problem) -> None:
+    @on(JobRunner.Problem)
+    def _warned(self, event: JobRunner.Problem) -> None:
         self.say(event.sentence, severity="warning", timeout=10)
 
-    @on(JobDone)
-    async def _done(self, event: JobDone) -> None:
+    @on(JobRunner.JobDone)
+    async def _done(self, event: JobRunner.JobDone) -> None:
         self.busy = None
         self.query_one(WorkProgress).end()
         transcript = self.query_one(Transcript)
@@ -419,8 +289,8 @@ class ChatScreen(Screen):
                                        event.result if event.kind == "send" else None, snapshot=self.bridge.snapshot_state)
         await self.refresh_sidebar()
 
-    @on(JobFailed)
-    async def _failed(self, event: JobFailed) -> None:
+    @on(JobRunner.JobFailed)
+    async def _failed(self, event: JobRunner.JobFailed) -> None:
         self.busy = None
         self.query_one(WorkProgress).end()
         if event.kind == "send":
