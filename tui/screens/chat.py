@@ -285,6 +285,7 @@ class ChatScreen(JobRunner, TurnActions, Screen):
                                         f"Memory budget: {self.bridge.settings.budget} tokens; a new conversation is open.")
             if event.kind == "switch":
                 self.app.model_switched(self.bridge.model_path)
+        self.query_one(PromptInput).border_subtitle = self.bridge.model_name or None  # also when the status line is narrow
         self.query_one(StatusBar).show(self.bridge.model_name, event.stats,
                                        event.result if event.kind == "send" else None, snapshot=self.bridge.snapshot_state)
         await self.refresh_sidebar()
