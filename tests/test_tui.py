@@ -222,7 +222,9 @@ async def test_command_palette_has_the_main_actions(store):
     async with app.run_test() as pilot:
         await settle(pilot, app)
         titles = [c.title for c in app.get_system_commands(app.chat)]
-        for title in ("New conversation", "Attach document", "Export conversation", "Help: keys"):
+        for title in ("New conversation", "Attach document", "Export conversation", "Help: keys", "Regenerate answer",
+                      "Edit last message", "Copy answer", "Sources", "Search conversations", "Models", "Settings",
+                      "Theme"):  # Theme: Textual's own theme picker
             assert title in titles
 
 
