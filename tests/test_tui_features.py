@@ -323,3 +323,16 @@ def test_the_status_line_fits_120_columns_and_never_shows_more_than_the_budget()
     line = status_line(model, stats, answer, plan=(131_072, 17), snapshot="snapshot restored", width=118)
     assert len(line) <= 118 and "[██████████] 2,048/2,048 on device" in line and "131,072 cached / 17 to prefill" in line
     assert "3,072" not in line  # 131,072 - 128,000 resident, clamped to the budget
+
+
+def test_a_message_stopped_before_its_answer_leaves_the_store_as_the_chat(store):
+    bridge = Bridge(lambda progress: FakeEngine(answer=["ok"]), store)
+    bridge.load()
+    bridge.send("never answered", on_piece=lambda p: None, cancel=lambda: True)
+    assert store.list_conversations() == [] and bridge.conversation_id is None
+    bridge.send("first", on_piece=lambda p: None, cancel=lambda: False)
+    bridge.send("stopped while read", on_piece=lambda p: None, cancel=lambda: True)
+    assert stored(store, bridge.conversation_id) == [("user", "first"), ("assistant", "ok")]
+    assert [m["content"] for m in bridge.chat.messages] == ["first", "ok"]
+    bridge.redo("first, edited", on_piece=lambda p: None, cancel=lambda: False)
+    assert stored(store, bridge.conversation_id) == [("user", "first, edited"), ("assistant", "ok")]

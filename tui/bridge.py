@@ -160,8 +160,12 @@ class Bridge:
                 on_piece(piece)
         except Cancelled:
             # Stopped while reading the prompt: the chat took the message back, and so does the store.
-            if self.conversation_id is not None:
-                self.store.delete_last(self.conversation_id, 1)
+            conversation_id = self.conversation_id
+            if conversation_id is not None:
+                self.store.delete_last(conversation_id, 1)
+                if not self.store.messages(conversation_id):  # it was the first: no conversation yet after all
+                    self.store.delete_conversation(conversation_id)
+                    self.recorder.new_conversation()
         finally:
             stats = engine.last_stats
             if pieces or (stats is not before and stats.generated_tokens):

@@ -176,9 +176,13 @@ class ChatScreen(JobRunner, TurnActions, Screen):
         if not self._ready():
             self.query_one(PromptInput).text = event.text  # keep what the user typed
             return
-        if self.editing:
+        if self.editing and self.busy is None:
             self._stop_editing()
             await self._resend(event.text, regenerate=False)
+            return
+        if self.editing:  # still editing: keep the text until the running job ends
+            self.say(BUSY, severity="warning")
+            self.query_one(PromptInput).text = event.text
             return
         transcript = self.query_one(Transcript)
 
