@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from edgectx.errors import UsageError
 from edgectx.tui.widgets.prompt import PromptInput
 
 KEYS = "abcdefghijklmnopqrstuvwxyz"
@@ -90,6 +91,8 @@ def run_tui_latency(load_engine, context_tokens: int, presses: int = 20, text_fi
                     send_key(app, "enter", "\r")
                     t0 = time.perf_counter()
                     while app.chat.busy != "attach":
+                        if time.perf_counter() - t0 > 60:
+                            raise UsageError("The document was not read (the app refused it): nothing to measure.")
                         await asyncio.sleep(0.01)
                     await asyncio.sleep(1.0)  # into the read proper
                     times = await time_presses(pilot, app, presses, lambda: app.chat.busy == "attach",
