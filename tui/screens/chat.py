@@ -292,6 +292,8 @@ class ChatScreen(JobRunner, TurnActions, Screen):
         self.query_one(PromptInput).border_subtitle = self.bridge.model_name or None  # also when the status line is narrow
         self.query_one(StatusBar).show(self.bridge.model_name, event.stats,
                                        event.result if event.kind == "send" else None, snapshot=self.bridge.snapshot_state)
+        if self.query_one(PromptInput).text.strip():
+            self._show_plan()  # typed during the job: the memory it was figured against has changed
         await self.refresh_sidebar()
 
     @on(JobRunner.JobFailed)
