@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_args(tui)
     tui.add_argument("--system", help="system prompt for new conversations")
     tui.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
+    # Sampling as `chat` takes it; unset flags fall back to the config file, then to chat's defaults.
+    tui.add_argument("--temperature", type=float, help="0 for greedy (default 0.7)")
+    tui.add_argument("--top-k", type=int, help="default 40")
+    tui.add_argument("--top-p", type=float, help="default 0.9")
+    tui.add_argument("--repeat-penalty", type=float, help="default 1.1")
+    tui.add_argument("--seed", type=int, help="fix the sampling seed for reproducible answers")
+    tui.add_argument("--max-tokens", type=int, help="longest answer in tokens (default 512)")
 
     models = sub.add_parser("models", help="list GGUF models found on this machine")
     models.add_argument("--json", action="store_true")
@@ -150,12 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     longppl = bench_sub.add_parser("longppl", help="NLL by position bucket far past the trained context")
     memory = bench_sub.add_parser("memory", help="device and host KV bytes as the context grows")
     reopen = bench_sub.add_parser("reopen", help="snapshot size, restore vs prefill time, and quality after a restore")
-    for p in (conf, speed, fidelity, longppl, memory, reopen):
+    latency = bench_sub.add_parser("tui-latency", help="TUI key-press latency while a long document is read")
+    for p in (conf, speed, fidelity, longppl, memory, reopen, latency):
         _model_args(p)
         p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    for p in (speed, longppl, memory, reopen):
+    for p in (speed, longppl, memory, reopen, latency):
         _memory_args(p, allow_full=False)
+    latency.add_argument("--context", type=int, default=32768, help="tokens of text to read (default 32768)")
+    latency.add_argument("--presses", type=int, default=20, help="key presses to time during the read (default 20)")
     _memory_args(fidelity, allow_full=False, lists=True)
     for p in (fidelity, longppl, memory, reopen):
         p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
@@ -208,6 +218,14 @@ def _bench(args: argparse.Namespace) -> int:
     from edgectx.models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
+    if args.bench == "tui-latency":
+        from edgectx.tui.app import run_latency_bench  # imports textual: only for this bench
+
+        result = run_latency_bench(args)
+        print(json.dumps(result, indent=2) if args.json else
+              f"{result['presses']} key presses during a {result['context_tokens']:,}-token read ({result['ingest_s']} s): "
+              f"median {result.get('median_ms')} ms, max {result.get('max_ms')} ms")
+        return 0
     path = None if getattr(args, "synthetic", None) else resolve_model(args.model, load_config())
     if args.bench in ("speed", "conformance") and path is not None and path.is_dir():
         raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
@@ -220,16 +238,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = run_synthetic_speed(args.synthetic, args.context, memory, decode_tokens=args.decode_tokens, device=args.device,
                                      n_threads=args.threads, gpu_mem_cap_gib=args.gpu_mem_cap_gib,
-                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=args.weights or "auto")
+                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=args.weights or load_config().weights or "auto")
     elif args.bench == "speed":
         from edgectx.bench.speed import run_speed
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
                            n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
-                           weights=args.weights or "auto", gpu_mem_cap_gib=args.gpu_mem_cap_gib)
+                           weights=args.weights or load_config().weights or "auto", gpu_mem_cap_gib=args.gpu_mem_cap_gib)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
-                             n_threads=threads, weights=args.weights or "auto")
+                             n_threads=threads, weights=args.weights or load_config().weights or "auto")
         result = _run_quality_bench(args, engine, memory, threads)
     if args.json:
         print(json.dumps(result, indent=2))

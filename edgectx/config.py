@@ -2,10 +2,13 @@
 
 Data (conversations, snapshots) lives under platformdirs' user data dir, or `$EDGECTX_HOME` when set;
 the config file under the user config dir, or `$EDGECTX_CONFIG`. A missing config file is an empty
-config; a malformed one is a clear error naming the file.
+config; a malformed one (bad TOML, or a value of the wrong kind) is a clear error naming the file.
+The TUI's settings screen writes it back with `save_config`: only the keys it changes, the others
+(unknown ones too) kept, through a temporary file renamed over the old one.
 
     cfg = load_config()
     cfg.model_paths  # extra GGUF files or folders listed by `edgectx models`
+    save_config({"temperature": 0.2, "keys": {"regenerate": "ctrl+r"}})
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from pathlib import Path
 
 import platformdirs
 
+from edgectx.config_toml import dumps_toml
 from edgectx.errors import UsageError
 
 APP = "edgectx"
+CODECS = ("fp16", "int8", "int4")
+WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # edgectx.quant.WEIGHT_FORMATS, without importing torch here
 
 
 def data_dir() -> Path:
@@ -46,31 +52,91 @@ class Config:
     scorer: str | None = None  # auto | heads | attention | window
     snapshot_codec: str | None = None  # fp16 | int8 | int4 (default int4): how ingest and chat --doc store snapshots
     weights: str | None = None  # auto | fp16 | nf4 | int8 (default auto); `--weights` overrides it
+    temperature: float | None = None  # sampling defaults of the TUI (the flags override them); None: built-in
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    theme: str | None = None  # the TUI's Textual theme
+    keys: dict = field(default_factory=dict)  # TUI action -> key(s), e.g. {"regenerate": "ctrl+r"}
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for later versions
+
+
+def _number(value, name: str, kind: type, low: float, high: float | None, path: Path):
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        what = "a number" if kind is float else "a whole number"
+        raise UsageError(f"In {path}, {name} must be {what} {span} (got {value!r}).")
+    return kind(value)
+
+
+def _validated(raw: dict, path: Path) -> Config:
+    known = {f for f in Config.__dataclass_fields__ if f != "extra"}
+    paths = raw.get("model_paths", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise UsageError(f"In {path}, model_paths must be a list of strings.")
+    for name in ("model", "system", "device", "positions", "scorer", "theme", "weights"):
+        if name in raw and not isinstance(raw[name], str):
+            raise UsageError(f"In {path}, {name} must be a string (got {raw[name]!r}).")
+    weights = raw.get("weights")
+    if weights is not None and weights not in WEIGHT_FORMATS:
+        raise UsageError(f"In {path}, weights must be one of {', '.join(WEIGHT_FORMATS)} (got {weights!r}).")
+    codec = raw.get("snapshot_codec")
+    if codec is not None and codec not in CODECS:
+        raise UsageError(f"In {path}, snapshot_codec must be one of {', '.join(CODECS)} (got {codec!r}).")
+    budget = raw.get("budget")
+    if budget is not None and budget != "full" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 64):
+        raise UsageError(f"In {path}, budget must be a token count of at least 64, or \"full\" (got {budget!r}).")
+    keys = raw.get("keys", {})
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in keys.items()):
+        raise UsageError(f'In {path}, [keys] must map action names to keys, e.g. regenerate = "ctrl+r".')
+    numbers = {"temperature": (float, 0.0, 5.0), "top_p": (float, 0.0, 1.0), "top_k": (int, 0, None),
+               "max_tokens": (int, 1, None), "threads": (int, 1, None)}
+    checked = {name: _number(raw[name], name, *spec, path) for name, spec in numbers.items() if raw.get(name) is not None}
+    return Config(
+        model=raw.get("model"), model_paths=tuple(paths), system=raw.get("system"), device=raw.get("device", "auto"),
+        budget=budget, positions=raw.get("positions"), scorer=raw.get("scorer"), snapshot_codec=codec,
+        weights=weights, theme=raw.get("theme"), keys=dict(keys), **checked,
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def _read_raw(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"The config file {path} is not valid TOML ({e}): fix or delete it.") from None
 
 
 def load_config(path: Path | None = None) -> Config:
     path = path or config_path()
-    if not path.exists():
-        return Config()
+    return _validated(_read_raw(path), path)
+
+
+def save_config(changes: dict, path: Path | None = None) -> Config:
+    """Set the given keys (None removes one) in the config file, keeping every other key; returns the new config.
+
+    The result is validated before anything is written, so a bad value raises UsageError and the file stays
+    as it was; the new file replaces the old one by rename, so a crash leaves one or the other, whole."""
+    path = path or config_path()
+    raw = _read_raw(path)
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    config = _validated(raw, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"The config file {path} is not valid TOML ({e}): fix or delete it.") from None
-    known = {"model", "model_paths", "system", "device", "threads", "budget", "positions", "scorer", "snapshot_codec", "weights"}
-    paths = raw.get("model_paths", [])
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise UsageError(f"In {path}, model_paths must be a list of strings.")
-    return Config(
-        model=raw.get("model"),
-        model_paths=tuple(paths),
-        system=raw.get("system"),
-        device=raw.get("device", "auto"),
-        threads=raw.get("threads"),
-        budget=raw.get("budget"),
-        positions=raw.get("positions"),
-        scorer=raw.get("scorer"),
-        snapshot_codec=raw.get("snapshot_codec"),
-        weights=raw.get("weights"),
-        extra={k: v for k, v in raw.items() if k not in known},
-    )
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(dumps_toml(raw))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"Cannot write the config file {path}: {e.strerror}.") from None
+    return config

@@ -64,7 +64,7 @@ async def test_send_streams_the_answer_and_stores_both_messages(store):
         assert stored(store, conversation.id) == [("user", "Hi there"), ("assistant", "Hello **world**!")]
         assert app.chat.query_one(PromptInput).text == ""  # sent and cleared
         assert app.chat.query_one(ConversationList).conversation_ids == [conversation.id]
-        assert "last answer 3 tokens" in app.chat.query_one(StatusBar).text
+        assert "last answer 3 tok," in app.chat.query_one(StatusBar).full_text
 
 
 async def test_ctrl_j_inserts_a_newline_and_question_mark_is_typed(store):
@@ -222,7 +222,9 @@ async def test_command_palette_has_the_main_actions(store):
     async with app.run_test() as pilot:
         await settle(pilot, app)
         titles = [c.title for c in app.get_system_commands(app.chat)]
-        for title in ("New conversation", "Attach document", "Export conversation", "Help: keys"):
+        for title in ("New conversation", "Attach document", "Export conversation", "Help: keys", "Regenerate answer",
+                      "Edit last message", "Copy answer", "Sources", "Search conversations", "Models", "Settings",
+                      "Theme"):  # Theme: Textual's own theme picker
             assert title in titles
 
 
@@ -332,7 +334,7 @@ async def test_memory_gauge_shows_the_engines_stats(store):
     app = make_app(store, FakeEngine(stats=stats))
     async with app.run_test() as pilot:
         await settle(pilot, app)
-        text = app.chat.query_one(StatusBar).text
-        assert "fake-model.gguf" in text and "5,000 tokens in context" in text
-        assert "[██████░░░░░░] 1,024/2,048 budget on device" in text
-        assert "KV 2.0 MiB device, 8.0 MiB host" in text
+        text = app.chat.query_one(StatusBar).full_text
+        assert "fake-model.gguf" in text and "5,000 tok in context" in text
+        assert "[█████░░░░░] 1,024/2,048 on device" in text
+        assert "KV 2.0 MiB dev, 8.0 MiB host" in text

@@ -49,7 +49,7 @@ async def test_real_engine_answer_document_and_resume(tmp_path):
         app = app_for(model, store)
         async with app.run_test() as pilot:
             await settle(pilot, app)
-            assert "tiny.gguf" in app.chat.query_one(StatusBar).text
+            assert "tiny.gguf" in app.chat.query_one(StatusBar).full_text and app.chat.query_one(PromptInput).border_subtitle == "tiny.gguf"
             await pilot.press("ctrl+o")
             await pilot.pause()
             await pilot.press(*str(doc), "enter")
@@ -68,7 +68,16 @@ async def test_real_engine_answer_document_and_resume(tmp_path):
             (conversation,) = store.list_conversations()
             assert stored(store, conversation.id) == [("user", "What is it about?"), answer]
             assert [d.path for d in store.documents.attached(conversation.id)] == [str(doc)]
-            assert "tokens in context" in app.chat.query_one(StatusBar).text
+            assert "tok in context" in app.chat.query_one(StatusBar).full_text
+            # Citations come from what the memory retrieved; they point into notes.md and nowhere else.
+            for citation in app.chat.bridge.citations():
+                assert citation.file == "notes.md" and citation.text in doc.read_text()
+            # Regenerate: the same answer (greedy), the memory cut back to the prompt, the store unchanged in size.
+            await pilot.press("ctrl+r")
+            await settle(pilot, app)
+            assert engine.last_stats.reused_tokens == engine.last_stats.prompt_tokens - 1
+            assert shown(app)[-1] == answer
+            assert stored(store, conversation.id) == [("user", "What is it about?"), answer]
 
         second = app_for(model, store)
         async with second.run_test() as pilot:

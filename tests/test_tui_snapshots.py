@@ -1,5 +1,6 @@
-"""Snapshot tests of the TUI's layout (pytest-textual-snapshot): the chat screen after one answer, and the
-help screen. After a deliberate layout change, review and refresh them with `pytest --snapshot-update`."""
+"""Snapshot tests of the TUI's layout (pytest-textual-snapshot): the chat screen after one answer, the help
+screen, and the memory gauge in the status bar while a message is typed ("N cached / M to prefill").
+After a deliberate layout change, review and refresh them with `pytest --snapshot-update`."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from edgectx.store import ConversationStore
 from edgectx.tui.app import EdgectxApp
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.widgets.prompt import PromptInput
+from edgectx.tui.widgets.status import StatusBar
 
 pytest.importorskip("pytest_textual_snapshot")
 
 ANSWER = ["Here is **bold** text and a list:\n\n", "- one\n- two\n\n", "```python\nprint('hi')\n```\n"]
 STATS = {"tokens": 5000, "budget_tokens": 2048, "evicted_tokens": 3976, "device_kv_bytes": 2 * 2**20,
-         "host_kv_bytes": 8 * 2**20}
+         "host_kv_bytes": 8 * 2**20}  # fixed figures; the cached / to-prefill figure comes from the fake's tokens
 SIZE = (110, 30)
 
 
@@ -48,6 +50,20 @@ async def _answered(pilot) -> None:
 
 def test_main_screen(app, snap_compare):
     assert snap_compare(app, terminal_size=SIZE, run_before=_answered)
+
+
+def test_memory_gauge(app, snap_compare):
+    async def run_before(pilot) -> None:
+        await _answered(pilot)
+        await pilot.press(*"And the next question?")
+        bar = pilot.app.chat.query_one(StatusBar)
+        for _ in range(100):
+            if bar.plan is not None:
+                break
+            await pilot.pause(0.02)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 30), run_before=run_before)
 
 
 def test_help_screen(app, snap_compare):

@@ -26,6 +26,12 @@ class FakeTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
+    def piece(self, token_id: int) -> bytes:
+        return chr(token_id).encode("utf-8")
+
+    def token_text(self, token_id: int) -> str:
+        return chr(token_id)
+
 
 class FakeTemplate:
     def render(self, messages, add_generation_prompt: bool = True) -> str:
@@ -40,7 +46,9 @@ class FakeEngine:
         self.fingerprint = "f" * 64
         self.spec = SimpleNamespace(describe=lambda: "fake, 0M parameters")
         self.device = SimpleNamespace(type="cpu")
-        self.memory_config = None
+        self.memory_config = SimpleNamespace(chunk_tokens=512)  # documents need a memory: the fake "has" one
+        self.retrieved: list[dict] = []  # what each answer reports as retrieved (GenerationStats.retrieved)
+        self.chunk_busy_s = 0.0  # prefill: Python work per chunk, holding the GIL, as a long read's loop does
         self.tokenizer, self.template = FakeTokenizer(), FakeTemplate()
         self.answer = answer if answer is not None else ["Hello", " **world**", "!"]
         self.piece_delay_s = piece_delay_s
@@ -74,6 +82,28 @@ class FakeEngine:
             stats.generated_tokens += 1
             self.started.set()
             yield piece
+        stats.retrieved = list(self.retrieved)
+
+    def prefill(self, ids, chunk_tokens=512, progress=None, cancel=None):
+        for start in range(0, len(ids), chunk_tokens):
+            if cancel and cancel():
+                raise Cancelled("Cancelled; the tokens read so far stay in memory.")
+            end = time.perf_counter() + self.chunk_busy_s
+            while time.perf_counter() < end:
+                pass
+            self.tokens += ids[start : start + chunk_tokens]
+            if progress:
+                progress(min(start + chunk_tokens, len(ids)), len(ids))
+
+    def snapshot(self, path, codec="int4"):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"fake snapshot")
+        return SimpleNamespace(path=path, snapshot_bytes=13)
+
+    def configure_memory(self, memory_config, n_ctx=None):
+        self.memory_config = memory_config
+        self.reset()
 
     def stats(self) -> dict:
         if self.fixed_stats is not None:

@@ -1,68 +1,43 @@
-"""The chat screen: the conversation list, the transcript, a progress row, the prompt and the status bar.
+"""The chat screen: the conversation list with its search, the transcript with citations and the passage
+panel, a progress row, the prompt and the status bar.
 
 Engine work (loading the model, answering, opening documents) runs one job at a time in a thread worker
-(`_job`) that calls the bridge; the worker reports back only through this screen's messages (`Piece`,
+(`_job`, edgectx.tui.screens.jobs) that calls the bridge; the worker reports back only through messages (`Piece`,
 `Progressed`, `Problem`, `JobDone`, `JobFailed`), so widgets are touched on the UI thread alone. Esc sets
 the job's cancel flag: an answer stops at the next token (and is kept), a read stops at the next chunk.
+While the user types, the status bar says how much of the next prompt is already in memory (debounced).
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Label
+from textual.widgets import Footer, Input, Label
 
-from edgectx.engine import Cancelled
 from edgectx.errors import EdgectxError
 from edgectx.store_export import UNTITLED
 from edgectx.tui.bridge import Bridge
+from edgectx.tui.screens.jobs import JobRunner
 from edgectx.tui.screens.prompts import Confirm, TextPrompt
+from edgectx.tui.widgets.citations import CitationList, PassagePanel
 from edgectx.tui.widgets.progress import WorkProgress
 from edgectx.tui.widgets.prompt import PromptInput
 from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
+from edgectx.tui.screens.turns import BUSY, TurnActions
 from edgectx.tui.widgets.transcript import AssistantMessage, Transcript
 
 LONG_PROMPT_TOKENS = 2048  # a prompt this long to prefill gets the progress row
-BUSY = "Wait for the current task to finish, or press Esc to stop it."
+PLAN_DELAY_S = 0.25  # the cached / to-prefill figure is computed once typing pauses this long
 
 
-class ChatScreen(Screen):
+class ChatScreen(JobRunner, TurnActions, Screen):
     AUTO_FOCUS = "PromptInput"
-
-    class Piece(Message):
-        def __init__(self, text: str):
-            super().__init__()
-            self.text = text
-
-    class Progressed(Message):
-        def __init__(self, done: int, total: int):
-            super().__init__()
-            self.done, self.total = done, total
-
-    class Problem(Message):
-        """A problem the job got past (a damaged snapshot read again), in one sentence."""
-
-        def __init__(self, sentence: str):
-            super().__init__()
-            self.sentence = sentence
-
-    class JobDone(Message):
-        def __init__(self, kind: str, result, stats: dict, cancelled: bool):
-            super().__init__()
-            self.kind, self.result, self.stats, self.cancelled = kind, result, stats, cancelled
-
-    class JobFailed(Message):
-        def __init__(self, kind: str, sentence: str):
-            super().__init__()
-            self.kind, self.sentence = kind, sentence
 
     def __init__(self, bridge: Bridge, export_dir: Path | None = None):
         super().__init__()
@@ -72,16 +47,20 @@ class ChatScreen(Screen):
         self._cancel = threading.Event()
         self._answer: AssistantMessage | None = None
         self._pending_resume: int | None = None
+        self.editing = False  # the prompt holds the last user message, to resend in its place
+        self._plan_timer = None
 
     def compose(self) -> ComposeResult:
         with Horizontal():
             with Vertical(id="sidebar"):
                 yield Label("Conversations", classes="pane-title")
+                yield Input(placeholder="search (Ctrl+F)", id="search")
                 yield ConversationList()
             with Vertical(id="chat"):
                 yield Transcript()
                 yield WorkProgress()
                 yield PromptInput(id="prompt")
+            yield PassagePanel()
         yield StatusBar()
         yield Footer()
 
@@ -91,50 +70,30 @@ class ChatScreen(Screen):
         self.query_one(WorkProgress).begin("Loading the model", unit="layers", cancel_key=None)
         self._start("load", lambda: self.bridge.load(progress=self._progress))
 
-    # -- jobs --------------------------------------------------------------------------------------
-
-    def _start(self, kind: str, job: Callable[[], object]) -> bool:
-        if self.busy is not None:
-            self.say(BUSY, severity="warning")
-            return False
-        self.busy = kind
-        self._cancel.clear()
-        self._job(kind, job)
-        return True
-
-    @work(thread=True, group="engine")
-    def _job(self, kind: str, job: Callable[[], object]) -> None:
-        try:
-            result, cancelled = job(), self._cancel.is_set()
-        except Cancelled:
-            result, cancelled = None, True
-        except EdgectxError as e:
-            self.post_message(self.JobFailed(kind, str(e)))
-            return
-        except MemoryError:
-            self.post_message(self.JobFailed(kind, "Out of memory: try a smaller model, a smaller --budget or a shorter document."))
-            return
-        except Exception as e:  # a bug: say so in one line and keep the app running
-            self.post_message(self.JobFailed(kind, f"Unexpected error ({type(e).__name__}: {e}); please report it."))
-            return
-        self.post_message(self.JobDone(kind, result, self.bridge.stats(), cancelled))
-
-    def _progress(self, done: int, total: int) -> None:
-        self.post_message(self.Progressed(done, total))
-
-    def _problem(self, sentence: str) -> None:
-        self.post_message(self.Problem(sentence))
-
     def cancel(self) -> None:
-        """Esc: stop the answer or the read in progress (loading the model cannot be stopped)."""
+        """Esc: stop the answer or the read in progress (loading the model cannot be stopped); else leave editing."""
         if self.busy in ("send", "attach", "resume"):
             self._cancel.set()
+        elif self.editing:
+            self._stop_editing()
+            self.query_one(PromptInput).clear()
 
     # -- actions the app binds ---------------------------------------------------------------------
 
     async def new_conversation(self) -> None:
         if self._ready() and self._start("new", self.bridge.new_conversation):
+            self._stop_editing()
             await self.query_one(Transcript).show([])
+
+    def search(self) -> None:
+        self.query_one("#search", Input).focus()
+
+    def switch_model(self, path: Path) -> None:
+        if self._start("switch", lambda: self.bridge.switch_model(path, progress=self._progress)):
+            self.query_one(WorkProgress).begin(f"Loading {path.name}", unit="layers", cancel_key=None)
+
+    def set_budget(self, budget: int | str) -> None:
+        self._start("budget", lambda: self.bridge.set_budget(budget))
 
     def attach(self) -> None:
         if self._ready():
@@ -213,8 +172,17 @@ class ChatScreen(Screen):
 
     @on(PromptInput.Submitted)
     async def _send(self, event: PromptInput.Submitted) -> None:
+        self.query_one(StatusBar).plan = None
         if not self._ready():
             self.query_one(PromptInput).text = event.text  # keep what the user typed
+            return
+        if self.editing and self.busy is None:
+            self._stop_editing()
+            await self._resend(event.text, regenerate=False)
+            return
+        if self.editing:  # still editing: keep the text until the running job ends
+            self.say(BUSY, severity="warning")
+            self.query_one(PromptInput).text = event.text
             return
         transcript = self.query_one(Transcript)
 
@@ -228,6 +196,35 @@ class ChatScreen(Screen):
         await transcript.add_user(event.text)
         self._answer = await transcript.start_answer()
 
+    @on(PromptInput.Changed)
+    def _typed(self, event: PromptInput.Changed) -> None:
+        if self._plan_timer is not None:
+            self._plan_timer.stop()
+        self._plan_timer = self.set_timer(PLAN_DELAY_S, self._show_plan)
+
+    def _show_plan(self) -> None:
+        """How many tokens of the next prompt are in memory already, and how many it would prefill."""
+        bar = self.query_one(StatusBar)
+        text = self.query_one(PromptInput).text
+        if self.busy is not None or not self.bridge.ready:
+            return  # the engine's tokens are changing under a job; the figure comes when typing resumes
+        try:
+            bar.plan = self.bridge.plan(text)
+        except EdgectxError:
+            bar.plan = None
+
+    @on(Input.Changed, "#search")
+    async def _search(self, event: Input.Changed) -> None:
+        await self.refresh_sidebar()
+
+    @on(Input.Submitted, "#search")
+    def _search_done(self, event: Input.Submitted) -> None:
+        self.query_one(ConversationList).focus()
+
+    @on(CitationList.Opened)
+    def _open_citation(self, event: CitationList.Opened) -> None:
+        self.query_one(PassagePanel).show(event.citation)
+
     def say(self, sentence: str, *, title: str = "", severity: str = "information", timeout: float | None = None) -> None:
         """A notification; never parsed as markup, since sentences carry paths and error text."""
         self.notify(sentence, title=title, severity=severity, timeout=timeout, markup=False)
@@ -240,25 +237,25 @@ class ChatScreen(Screen):
 
     # -- what the workers report -------------------------------------------------------------------
 
-    @on(Piece)
-    async def _piece(self, event: Piece) -> None:
+    @on(JobRunner.Piece)
+    async def _piece(self, event: JobRunner.Piece) -> None:
         if self._answer is not None:
             await self._answer.write(event.text)
 
-    @on(Progressed)
-    def _progressed(self, event: Progressed) -> None:
+    @on(JobRunner.Progressed)
+    def _progressed(self, event: JobRunner.Progressed) -> None:
         row = self.query_one(WorkProgress)
         if self.busy == "send" and not row.active and event.total >= LONG_PROMPT_TOKENS:
             row.begin("Reading the prompt")  # a long prompt: the documents read again after a stopped attach
         if event.total and row.active:
             row.advance(event.done, event.total)
 
-    @on(Problem)
-    def _warned(self, event: Problem) -> None:
+    @on(JobRunner.Problem)
+    def _warned(self, event: JobRunner.Problem) -> None:
         self.say(event.sentence, severity="warning", timeout=10)
 
-    @on(JobDone)
-    async def _done(self, event: JobDone) -> None:
+    @on(JobRunner.JobDone)
+    async def _done(self, event: JobRunner.JobDone) -> None:
         self.busy = None
         self.query_one(WorkProgress).end()
         transcript = self.query_one(Transcript)
@@ -286,18 +283,29 @@ class ChatScreen(Screen):
             self.say(event.result, title="Document ready")
         elif event.kind == "delete" and self.bridge.conversation_id is None:
             await transcript.show([])
+        elif event.kind in ("switch", "budget"):
+            await transcript.show([])
+            await transcript.add_notice(f"Loaded {event.result}" if event.kind == "switch" else
+                                        f"Memory budget: {self.bridge.settings.budget} tokens; a new conversation is open.")
+            if event.kind == "switch":
+                self.app.model_switched(self.bridge.model_path)
+        self.query_one(PromptInput).border_subtitle = self.bridge.model_name or None  # also when the status line is narrow
         self.query_one(StatusBar).show(self.bridge.model_name, event.stats,
-                                       event.result if event.kind == "send" else None)
+                                       event.result if event.kind == "send" else None, snapshot=self.bridge.snapshot_state)
+        if self.query_one(PromptInput).text.strip():
+            self._show_plan()  # typed during the job: the memory it was figured against has changed
         await self.refresh_sidebar()
 
-    @on(JobFailed)
-    async def _failed(self, event: JobFailed) -> None:
+    @on(JobRunner.JobFailed)
+    async def _failed(self, event: JobRunner.JobFailed) -> None:
         self.busy = None
         self.query_one(WorkProgress).end()
         if event.kind == "send":
             await self._finish_answer(stopped=False)
         if event.kind == "load":
             self.query_one(StatusBar).show("no model loaded", {})
+        if event.kind == "switch" and self.bridge.ready:
+            event.sentence += f" {self.bridge.model_name} stays loaded."
         self.say(event.sentence, title="Error", severity="error", timeout=15)
         await self.refresh_sidebar()
 
@@ -305,8 +313,18 @@ class ChatScreen(Screen):
         if self._answer is not None:
             await self._answer.finish()
             self._answer = None
+        transcript = self.query_one(Transcript)
         if stopped:
-            await self.query_one(Transcript).add_notice("(stopped: the answer so far is kept)")
+            await transcript.add_notice("(stopped: the answer so far is kept)")
+        citations = self.bridge.citations()
+        if citations:
+            await transcript.add_citations(citations)
 
     async def refresh_sidebar(self) -> None:
-        await self.query_one(ConversationList).show(self.bridge.conversations(), self.bridge.conversation_id)
+        query = self.query_one("#search", Input).value
+        try:
+            conversations = self.bridge.conversations(query)
+        except EdgectxError as e:
+            self.say(str(e), title="Error", severity="error")
+            return
+        await self.query_one(ConversationList).show(conversations, self.bridge.conversation_id)

@@ -1,6 +1,7 @@
-"""The help screen: every key binding the app has, read from the bindings themselves, plus the prompt's keys.
+"""The help screen: every key binding the app has, as remapped by the config's `[keys]` table, plus the keys
+that belong to widgets. F1, ? or Esc closes it.
 
-F1, ? or Esc closes it.
+    HelpScreen(app.BINDINGS, keymap={"regenerate": "f5"})  # "F5  Regenerate the last answer"
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from textual.widgets import DataTable, Label
 WIDGET_KEYS = [
     ("Enter", "send (in the prompt); open the conversation (in the sidebar)"),
     ("Ctrl+J / Shift+Enter", "new line in the prompt"),
+    ("Esc (editing, passage)", "leave editing the last message; close the passage panel"),
     ("Delete / d", "delete the highlighted conversation (in the sidebar)"),
-    ("Tab / Shift+Tab", "move between the list, the transcript (arrows scroll it) and the prompt"),
+    ("Tab / Shift+Tab", "move between search, list, messages (to copy one), sources and prompt"),
     ("Ctrl+P", "command palette: new conversation, attach, export, help, ..."),
     ("Ctrl+Q", "quit"),
 ]
@@ -38,9 +40,10 @@ def key_label(keys: str) -> str:
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,f1,question_mark,q", "dismiss", "Close help")]
 
-    def __init__(self, bindings: list[Binding]):
+    def __init__(self, bindings: list[Binding], keymap: dict[str, str] | None = None):
         super().__init__()
-        self.rows = [(key_label(b.key), b.description) for b in bindings if b.description] + WIDGET_KEYS
+        keymap = keymap or {}
+        self.rows = [(key_label(keymap.get(b.id, b.key)), b.description) for b in bindings if b.description] + WIDGET_KEYS
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog help"):
@@ -49,4 +52,5 @@ class HelpScreen(ModalScreen[None]):
             table.add_columns("key", "what it does")
             table.add_rows(self.rows)
             yield table
-            yield Label("Esc, F1 or ? closes this screen", classes="dialog-hint")
+            yield Label("Esc, F1 or ? closes this screen · remap keys in the config file's [keys] table, "
+                        'e.g. regenerate = "f5"', classes="dialog-hint")

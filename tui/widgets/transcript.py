@@ -1,5 +1,6 @@
 """The conversation as it reads: user messages, assistant answers rendered as Markdown (streamed as they
-arrive), and dim notices (documents opened, an answer stopped).
+arrive), dim notices (documents opened, an answer stopped) and the citations under an answer.
+Messages take the focus (Tab, or a click), so the copy key can act on the one chosen.
 
     transcript = Transcript()
     await transcript.show([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "**Hello**"}])
@@ -12,8 +13,12 @@ from __future__ import annotations
 from textual.containers import VerticalScroll
 from textual.widgets import Markdown, Static
 
+from edgectx.tui.widgets.citations import CitationList
+
 
 class UserMessage(Static):
+    can_focus = True
+
     def __init__(self, text: str):
         super().__init__(text, markup=False)
         self.text = text
@@ -21,6 +26,8 @@ class UserMessage(Static):
 
 class AssistantMessage(Markdown):
     """An answer; `text` is everything received so far, also while it streams."""
+
+    can_focus = True
 
     def __init__(self, text: str = ""):
         super().__init__(text)
@@ -50,6 +57,8 @@ class Transcript(VerticalScroll):
     Transcript { height: 1fr; padding: 0 1; }
     UserMessage { margin: 1 0 0 8; padding: 0 1; background: $boost; border-left: thick $accent; }
     AssistantMessage { margin: 1 8 0 0; padding: 0 1; }
+    UserMessage:focus { background: $accent 20%; }
+    AssistantMessage:focus { background: $accent 10%; }
     Notice { margin: 1 0 0 0; color: $text-muted; }
     """
 
@@ -68,6 +77,24 @@ class Transcript(VerticalScroll):
 
     async def add_notice(self, text: str) -> Notice:
         return await self._add(Notice(text))
+
+    async def add_citations(self, citations) -> CitationList:
+        return await self._add(CitationList(citations))
+
+    async def drop_last_turn(self) -> None:
+        """Remove the last user message and everything after it (the turn being regenerated or edited)."""
+        users = [w for w in self.children if isinstance(w, UserMessage)]
+        if users:
+            after = self.children[self.children.index(users[-1]):]
+            await self.remove_children(list(after))
+
+    def last_answer(self) -> AssistantMessage | None:
+        answers = [w for w in self.children if isinstance(w, AssistantMessage)]
+        return answers[-1] if answers else None
+
+    def last_citations(self) -> CitationList | None:
+        lists = [w for w in self.children if isinstance(w, CitationList)]
+        return lists[-1] if lists else None
 
     async def start_answer(self) -> AssistantMessage:
         self.anchor()  # follow the answer as it grows, until the user scrolls away
