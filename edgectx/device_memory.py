@@ -79,9 +79,15 @@ def cache_capacity_blocks(config: MemoryConfig, spec: ModelSpec, device: torch.d
     free = free_device_bytes(device)
     if free is None:
         return CPU_CACHE_BLOCKS
-    token_bytes = spec.kv_bytes_per_token(torch.empty(0, dtype=dtype).element_size())  # K and V, every layer
+    return auto_cache_blocks(config, spec, free, torch.empty(0, dtype=dtype).element_size())
+
+
+def auto_cache_blocks(config: MemoryConfig, spec: ModelSpec, free_bytes: int, elem_bytes: int = 2) -> int:
+    """The "auto" cache on a GPU with `free_bytes` left once the weights are loaded (also what `edgectx plan`
+    assumes)."""
+    token_bytes = spec.kv_bytes_per_token(elem_bytes)  # K and V, every layer
     # The resident tiers and the assembled context hold about a budget and a chunk each, with room to grow.
     tiers_bytes = 3 * (config.budget_tokens + config.chunk_tokens) * token_bytes
-    usable = free - tiers_bytes - ACTIVATION_HEADROOM_BYTES
+    usable = free_bytes - tiers_bytes - ACTIVATION_HEADROOM_BYTES
     n_blocks = int(AUTO_CACHE_FRACTION * usable) // (config.block_size * token_bytes)
     return max(config.top_k_blocks, min(n_blocks, AUTO_CACHE_MAX_BLOCKS))

@@ -45,15 +45,21 @@ class DeviceKV:
         return self.resident_bytes + self.block_cache_bytes + self.work_bytes + self.repr_bytes
 
 
-def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: int = 2) -> DeviceKV:
-    """Device bytes of a ContextMemory holding `n_tokens` (past the budget, after a prefill in chunks)."""
+CPU_CACHE_BLOCKS = 16  # edgectx.device_memory.CPU_CACHE_BLOCKS (that module imports torch)
+
+
+def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: int = 2,
+              cache_blocks: int | None = None) -> DeviceKV:
+    """Device bytes of a ContextMemory holding `n_tokens` (past the budget, after a prefill in chunks).
+    `cache_blocks`: what an "auto" block cache came to (default: the CPU's fixed count)."""
     c, n_kv, d, layers = config, spec.n_kv_heads, spec.head_dim, spec.n_layers
     headroom = max(c.chunk_tokens, c.evict_every) + 1  # what Resident.keep and Assembly leave for the next chunk
     if n_tokens <= c.budget_tokens:  # nothing evicted yet: every token resident, no retrieval
         resident_tokens, retrieved, capacity = n_tokens, 0, 0
     else:
         resident_tokens, retrieved = c.resident_tokens, c.top_k_blocks * c.block_size
-        capacity = max(c.cache_blocks, c.top_k_blocks * n_kv)  # LayerMemory's BlockCache size
+        chosen = c.cache_blocks if c.cache_blocks != "auto" else cache_blocks or CPU_CACHE_BLOCKS
+        capacity = max(chosen, c.top_k_blocks * n_kv)  # LayerMemory's BlockCache size
     kv_token = 2 * d * elem_bytes  # one token's K and V in one KV head
     resident = layers * n_kv * (resident_tokens + headroom) * (kv_token + INDEX_BYTES + SCORE_BYTES)
     cache = layers * capacity * n_kv * c.block_size * kv_token
@@ -123,7 +129,10 @@ def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: Me
     if config is None:
         tiers, kv_bytes, host, reserved, keys = None, context_tokens * spec.kv_bytes_per_token(elem_bytes), 0, 0, context_tokens
     else:
-        tiers = device_kv(spec, config, context_tokens, elem_bytes)
+        from edgectx.device_memory import auto_cache_blocks  # imports torch: not at the CLI's start
+
+        free_after_weights = gpu_bytes - spec.weight_bytes(weights, dense_bytes=elem_bytes) - RUNTIME_BYTES
+        tiers = device_kv(spec, config, context_tokens, elem_bytes, auto_cache_blocks(config, spec, free_after_weights, elem_bytes))
         kv_bytes, host = tiers.total_bytes, context_tokens * kv_token
         from edgectx.block_store import SEGMENT_BLOCKS  # imports torch: not at the CLI's start
 
@@ -185,9 +194,10 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print_plan(plan)
     if not plan.fits_device:
+        nf4 = "" if plan.weights == "nf4" else "--weights nf4, "
         raise PlanDoesNotFit(
             f"{name} at {args.context:,} tokens needs {plan.device_total_bytes / GIB:.1f} GiB on the GPU but {args.gpu_mem_gib:g} GiB "
-            "were given: try --weights nf4, a smaller --budget, or a shorter --context.")
+            f"were given: try {nf4}a smaller --budget, or a shorter --context.")
     if not plan.fits_host:
         raise PlanDoesNotFit(
             f"The host block store for {args.context:,} tokens needs {plan.host_reserved_bytes / GIB:.1f} GiB of RAM but "

@@ -108,3 +108,19 @@ def test_the_cli_still_starts_without_importing_torch():
     code = "import sys, edgectx.cli; edgectx.cli.build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_gpu_plan_sizes_the_auto_block_cache_as_the_memory_does(capsys):
+    from edgectx.device_memory import AUTO_CACHE_MAX_BLOCKS, auto_cache_blocks
+    from edgectx.synthetic import synthetic_spec
+
+    spec, config = synthetic_spec("llama-3.1-8b"), MemoryConfig()
+    code, out, _ = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24",
+                         "--weights", "nf4", "--json")
+    plan = json.loads(out)
+    free = 24 * GIB - spec.weight_bytes("nf4") - plan["runtime_bytes"]
+    blocks = auto_cache_blocks(config, spec, free)
+    assert code == 0 and blocks == AUTO_CACHE_MAX_BLOCKS  # 24 GiB leaves room for the largest cache
+    assert plan["device_kv"]["block_cache_bytes"] == spec.n_layers * blocks * spec.n_kv_heads * 128 * 2 * 128 * 2
+    tight = auto_cache_blocks(config, spec, 2 * GIB)  # a nearly full card: the cache shrinks to what fits
+    assert config.top_k_blocks <= tight < AUTO_CACHE_MAX_BLOCKS
