@@ -20,7 +20,7 @@ from edgectx.spec import ModelSpec
 
 CPU_CACHE_BLOCKS = 16  # the block cache per layer off the GPU: four retrievals' worth at the default top-k
 AUTO_CACHE_FRACTION = 0.25  # of the memory left once the memory's tiers and the activations have room
-AUTO_CACHE_MAX_BLOCKS = 256  # 32K tokens per layer at block_size 128: retrieval never revisits more than that
+AUTO_CACHE_MAX_BLOCKS = 128  # 16K tokens per layer at block_size 128 (2 GiB for an 8B model): 4 retrievals of every KV head
 ACTIVATION_HEADROOM_BYTES = 1 << 30  # a prefill chunk's activations, logits and attention scratch
 
 _caps: dict[int, int] = {}  # device index -> the cap set on it, in bytes
@@ -73,7 +73,7 @@ def reset_peak(device: torch.device) -> None:
 
 def cache_capacity_blocks(config: MemoryConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> int:
     """Blocks per layer for the LRU block cache: the config's count, or for "auto" on CUDA a quarter of the
-    memory left (after the weights, the memory's own tiers and activation headroom), at most 256."""
+    memory left (after the weights, the memory's own tiers and activation headroom), at most 128."""
     if config.cache_blocks != "auto":
         return config.cache_blocks
     free = free_device_bytes(device)

@@ -113,7 +113,7 @@ def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cu
     # 8 GiB - 3 * (2048 + 512) tokens * 128 KiB - 1 GiB headroom, a quarter of it, in 16 MiB blocks (all layers)
     assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 97
     free["bytes"] = 40 << 30
-    assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 256
+    assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == device_memory.AUTO_CACHE_MAX_BLOCKS == 128
     free["bytes"] = 1 << 30
     assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 4  # top_k_blocks
 
