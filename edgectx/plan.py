@@ -186,7 +186,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
         path = resolve_model(args.model, config)
         spec, name = open_model(path).spec, path.name  # a GGUF's metadata or a directory's config.json
-    weights = resolve_weights(torch.device("cuda"), args.weights or config.weights or "auto", spec.weight_bytes("fp16"))
+    weights = args.weights or config.weights or "auto"
+    if weights == "auto":  # a format asked for by name is planned without bitsandbytes installed here
+        weights = resolve_weights(torch.device("cuda"), weights, spec.weight_bytes("fp16"))
     host = int(args.host_mem_gib * GIB) if args.host_mem_gib else host_ram_bytes()
     plan = plan_memory(spec, args.context, int(args.gpu_mem_gib * GIB), memory_config_from(args, config), weights, host, name)
     if args.json:

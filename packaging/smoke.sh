@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the sdist and wheel, install the wheel with pipx into a throwaway PIPX_HOME (torch held to the
 # CPU build by packaging/cpu-constraints.txt), then run `edgectx --version`, a one-shot chat, `edgectx heads info`,
-# and `edgectx ingest` of a small file followed by `chat --doc` restoring it, from it.
+# `edgectx ingest` of a small file followed by `chat --doc` restoring it, and `edgectx plan`, from it.
 # Usage: bash packaging/smoke.sh        (run from any directory; needs python3 with venv)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,4 +31,7 @@ reopened=$(cd "$work" && EDGECTX_HOME="$work/home" "$work/bin/edgectx" chat --do
            --temperature 0 --max-tokens 16 2>&1)
 echo "chat --doc: $reopened"
 grep -q "restored" <<<"$reopened" || { echo "smoke: chat --doc did not restore the ingested snapshot" >&2; exit 1; }
-echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads, ingest and chat --doc)"
+plan=$("$work/bin/edgectx" plan --synthetic llama-3.1-8b --context 131072 --gpu-mem-gib 24 --weights nf4 --host-mem-gib 64)
+echo "$plan"
+grep -q "of 24 GiB: fits" <<<"$plan" || { echo "smoke: edgectx plan did not plan Llama-3.1-8B at 128K in 24 GiB" >&2; exit 1; }
+echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads, ingest and chat --doc, plan)"
