@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.quant import linear_factories
+from edgectx.model_assembly import LinearFactory, assemble_model
 from edgectx.quant.gguf_dequant import SUPPORTED_TYPES, dequantize_blocks
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
@@ -217,9 +216,6 @@ def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | 
     return out
 
 
-LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module]
-
-
 def load_model(
     g: GGUFFile,
     device: torch.device,
@@ -237,27 +233,8 @@ def load_model(
     its logits are the sampled distribution itself.
     """
     spec = read_spec(g)
-    make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
-    with torch.device("meta"):
-        model = Transformer(spec)
-
-    def param(t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
-
-    embed = dequantize(g, "token_embd.weight", device)
-    model.embed.weight = param(embed)
-    model.norm.weight = param(dequantize(g, "output_norm.weight", device))
-    model.lm_head = make_head(embed if spec.tied_embeddings else dequantize(g, "output.weight", device), None)
-    del embed
-    for i, block in enumerate(model.layers):
-        w = _layer_weights(g, spec, i, device)
-        block.attn_norm.weight = param(w["attn_norm.weight"])
-        block.ffn_norm.weight = param(w["ffn_norm.weight"])
-        block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))
-        block.attn.wo = make_linear(w["attn.wo.weight"], None)
-        block.ffn.w_gate_up = make_linear(w["ffn.w_gate_up.weight"], None)
-        block.ffn.w_down = make_linear(w["ffn.w_down.weight"], None)
-        if progress:
-            progress(i + 1, spec.n_layers)
-    return model.eval()
+    head = None if spec.tied_embeddings else lambda: dequantize(g, "output.weight", device)
+    return assemble_model(spec, device, dtype, dequantize(g, "token_embd.weight", device),
+                          dequantize(g, "output_norm.weight", device), head, lambda i: _layer_weights(g, spec, i, device),
+                          make_linear, weights, progress)
 

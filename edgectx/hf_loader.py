@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.quant import linear_factories
+from edgectx.model_assembly import LinearFactory, assemble_model
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -247,7 +246,7 @@ def load_model(
     hf: HFDir,
     device: torch.device,
     dtype: torch.dtype,
-    make_linear: Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module] | None = None,
+    make_linear: LinearFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
     weights: str = "auto",
 ) -> Transformer:
@@ -257,26 +256,6 @@ def load_model(
     `edgectx.quant.linear_factories`' choice for the device and `weights`, as for GGUF models.
     """
     spec = read_spec(hf)
-    make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
-    with torch.device("meta"):
-        model = Transformer(spec)
-
-    def param(t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
-
-    embed = hf.tensor("model.embed_tokens.weight")
-    model.embed.weight = param(embed)
-    model.norm.weight = param(hf.tensor("model.norm.weight"))
-    model.lm_head = make_head(embed if spec.tied_embeddings else hf.tensor("lm_head.weight"), None)
-    del embed
-    for i, block in enumerate(model.layers):
-        w = _layer_weights(hf, spec, i)
-        block.attn_norm.weight = param(w["attn_norm.weight"])
-        block.ffn_norm.weight = param(w["ffn_norm.weight"])
-        block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))
-        block.attn.wo = make_linear(w["attn.wo.weight"], None)
-        block.ffn.w_gate_up = make_linear(w["ffn.w_gate_up.weight"], None)
-        block.ffn.w_down = make_linear(w["ffn.w_down.weight"], None)
-        if progress:
-            progress(i + 1, spec.n_layers)
-    return model.eval()
+    head = None if spec.tied_embeddings else lambda: hf.tensor("lm_head.weight")
+    return assemble_model(spec, device, dtype, hf.tensor("model.embed_tokens.weight"), hf.tensor("model.norm.weight"),
+                          head, lambda i: _layer_weights(hf, spec, i), make_linear, weights, progress)

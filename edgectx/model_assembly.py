@@ -1,0 +1,60 @@
+"""Fill a `Transformer` with loaded weights, layer by layer: what the GGUF and the Hugging Face loaders share.
+
+A loader reads its format's tensors into the model's fused layout (wqkv, w_gate_up; float32, on the load
+device) and hands them here; the linears are built by `edgectx.quant.linear_factories` for the device and
+weight format (fp16-packed on x86 CPUs, bitsandbytes nf4/int8 on request), the output projection 16-bit.
+Peak memory: the model plus one layer of float32 weights.
+
+    model = assemble_model(spec, device, dtype, embed, norm, head=None, layer_weights=read_layer)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgectx.model import Transformer
+from edgectx.quant import linear_factories
+from edgectx.spec import ModelSpec
+
+LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module]
+
+
+def assemble_model(
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    embed: torch.Tensor,
+    norm: torch.Tensor,
+    head: Callable[[], torch.Tensor] | None,
+    layer_weights: Callable[[int], dict[str, torch.Tensor]],
+    make_linear: LinearFactory | None = None,
+    weights: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> Transformer:
+    """`head()` reads the untied output projection (None: tied to `embed`); `layer_weights(i)` returns layer i's
+    attn_norm/ffn_norm/attn.wqkv/attn.wo/ffn.w_gate_up/ffn.w_down weights (and attn.wqkv.bias if any)."""
+    make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
+    with torch.device("meta"):
+        model = Transformer(spec)
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+    model.embed.weight = param(embed)
+    model.norm.weight = param(norm)
+    model.lm_head = make_head(embed if head is None else head(), None)
+    del embed
+    for i, block in enumerate(model.layers):
+        w = layer_weights(i)
+        block.attn_norm.weight = param(w["attn_norm.weight"])
+        block.ffn_norm.weight = param(w["ffn_norm.weight"])
+        block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))
+        block.attn.wo = make_linear(w["attn.wo.weight"], None)
+        block.ffn.w_gate_up = make_linear(w["ffn.w_gate_up.weight"], None)
+        block.ffn.w_down = make_linear(w["ffn.w_down.weight"], None)
+        if progress:
+            progress(i + 1, spec.n_layers)
+    return model.eval()
