@@ -338,3 +338,32 @@ async def test_memory_gauge_shows_the_engines_stats(store):
         assert "fake-model.gguf" in text and "5,000 tok in context" in text
         assert "[█████░░░░░] 1,024/2,048 on device" in text
         assert "KV 2.0 MiB dev, 8.0 MiB host" in text
+
+
+def test_path_completion_extends_to_what_every_match_shares(tmp_path):
+    from edgectx.tui.screens.prompts import complete_path
+
+    (tmp_path / "report-2025.pdf").write_bytes(b"%PDF")
+    (tmp_path / "report-2026.md").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / ".hidden.txt").write_text("x")
+    base = f"{tmp_path}/"
+    assert complete_path(base + "rep") == base + "report-202"  # two matches: their shared part only
+    assert complete_path(base + "report-2026") == base + "report-2026.md"
+    assert complete_path(base + "no") == base + "notes/"  # a folder gets its slash
+    assert complete_path(base + "report-202") is None  # nothing more to add
+    assert complete_path(base + "zzz") is None and complete_path(f"{tmp_path}/missing/x") is None
+    assert complete_path(base + ".hi") == base + ".hidden.txt"  # hidden names only when asked for with a dot
+
+
+async def test_attach_prompt_completes_the_path_with_tab(store, tmp_path):
+    doc = tmp_path / "quarterly-notes.md"
+    doc.write_text("# Notes\n\nSome text.\n")
+    app = make_app(store)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        await pilot.press(*f"{tmp_path}/quar", "tab", "enter")
+        await settle(pilot, app)
+        assert app.chat.query_one(Transcript).messages[-1][1].startswith("quarterly-notes.md: read ")

@@ -97,7 +97,8 @@ class ChatScreen(JobRunner, TurnActions, Screen):
 
     def attach(self) -> None:
         if self._ready():
-            self.app.push_screen(TextPrompt("Attach a document (text, Markdown, code or PDF)", placeholder="path/to/file"),
+            self.app.push_screen(TextPrompt("Attach a document (text, Markdown, code or PDF)", placeholder="path/to/file",
+                                            paths=True),
                                  self._attach_path)
 
     def _attach_path(self, path: str | None) -> None:
