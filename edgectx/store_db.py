@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,10 +155,14 @@ def _sentences(path: Path) -> Iterator[None]:
 
 def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
     """Every edgectx database carries APPLICATION_ID; only an empty one may lack it (it is about to get it)."""
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if app_id == APPLICATION_ID or (app_id == 0 and version == 0 and
-                                    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0):
+    conn.execute("BEGIN")  # one consistent view: another edgectx may be creating the schema right now
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        n_objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    finally:
+        conn.execute("COMMIT")
+    if app_id == APPLICATION_ID or (app_id == 0 and version == 0 and n_objects == 0):
         return
     raise StoreError(f"{path} is another program's SQLite database, not edgectx's: move it away or point EDGECTX_HOME elsewhere.")
 
@@ -209,12 +214,28 @@ class Database:
                 # Before anything is changed: a file that is not SQLite fails here, and foreign or newer ones are left alone.
                 _refuse_foreign(self.conn, self.path)
                 _refuse_newer(self.conn.execute("PRAGMA user_version").fetchone()[0], len(migrations), self.path)
-                self.conn.execute("PRAGMA journal_mode = WAL")
-                self.conn.execute("PRAGMA synchronous = FULL")
-                _migrate(self.conn, self.path, migrations)
+                self._set_up(migrations)
             except BaseException:
                 self.conn.close()
                 raise
+
+    def _set_up(self, migrations: Sequence[Migration]) -> None:
+        """WAL mode and the schema. Connections racing to set up a new file can get SQLITE_BUSY at once, without
+        the busy timeout (SQLite does not wait where waiting could deadlock), so the setup is retried until then."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                self.conn.execute("PRAGMA synchronous = FULL")
+                _migrate(self.conn, self.path, migrations)
+                return
+            except sqlite3.OperationalError as e:
+                if self.conn.in_transaction:
+                    self.conn.rollback()
+                text = str(e).lower()
+                if not ("locked" in text or "busy" in text) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
