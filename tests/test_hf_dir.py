@@ -222,3 +222,16 @@ def test_snapshots_are_keyed_by_the_directory_fingerprint(pair, tmp_path):
     assert torch.equal(reopened.next_logits, live.next_logits)
     with pytest.raises(SnapshotError, match="another model"):  # the same weights as GGUF hash differently
         Engine.load(gguf_path, device="cpu", memory_config=config).restore(info.path)
+
+
+def test_a_directory_is_quantized_on_load_like_a_gguf(pair):
+    bnb = pytest.importorskip("bitsandbytes")
+    hf_dir, gguf_path = pair("qwen2-json-bias")
+    ids = list(range(5, 205))
+    for weights, kind in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)):
+        from_dir = Engine.load(hf_dir, device="cpu", weights=weights)
+        from_gguf = Engine.load(gguf_path, device="cpu", weights=weights)
+        assert from_dir.weights == weights and isinstance(from_dir.model.layers[0].attn.wqkv, kind)
+        assert not isinstance(from_dir.model.lm_head, kind)  # the output projection stays 16-bit
+        # Same weights, same quantizer: the two sources still agree once both are quantized.
+        assert torch.allclose(_logits(from_dir, ids, (200,)), _logits(from_gguf, ids, (200,)), atol=1e-3, rtol=0)
