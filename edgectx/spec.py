@@ -108,7 +108,8 @@ class ModelSpec:
         return int(self.n_layers * block) + 2 * self.vocab_size * self.dim + dense * dense_bytes
 
     def describe(self) -> str:
+        millions = self.num_params / 1e6
         return (
-            f"{self.arch}, {self.num_params / 1e6:,.0f}M parameters, {self.n_layers} layers, dim {self.dim}, {self.n_heads} heads "
+            f"{self.arch}, {millions:,.{0 if millions >= 10 else 2}f}M parameters, {self.n_layers} layers, dim {self.dim}, {self.n_heads} heads "
             f"({self.n_kv_heads} KV), vocab {self.vocab_size}, trained context {self.context_length}"
         )
