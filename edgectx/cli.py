@@ -18,11 +18,10 @@ import json
 import sys
 
 from edgectx import __version__
+from edgectx.config import CODECS as SNAPSHOT_CODECS
+from edgectx.config import WEIGHT_FORMATS
 from edgectx.errors import EdgectxError, UsageError
 from edgectx.memory_config import POSITIONS, SCORERS, MemoryConfig
-
-SNAPSHOT_CODECS = ("fp16", "int8", "int4")  # edgectx.memory_snapshot.CODECS, without importing torch here
-WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # edgectx.quant.WEIGHT_FORMATS, likewise
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
 
@@ -226,7 +225,9 @@ def _bench(args: argparse.Namespace) -> int:
               f"{result['presses']} key presses during a {result['context_tokens']:,}-token read ({result['ingest_s']} s): "
               f"median {result.get('median_ms')} ms, max {result.get('max_ms')} ms")
         return 0
-    path = None if getattr(args, "synthetic", None) else resolve_model(args.model, load_config())
+    config = load_config()
+    weights = args.weights or config.weights or "auto"
+    path = None if getattr(args, "synthetic", None) else resolve_model(args.model, config)
     if args.bench in ("speed", "conformance") and path is not None and path.is_dir():
         raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
                          "Hugging Face directory, so pass a .gguf file of the model (or --synthetic NAME).")
@@ -238,16 +239,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = run_synthetic_speed(args.synthetic, args.context, memory, decode_tokens=args.decode_tokens, device=args.device,
                                      n_threads=args.threads, gpu_mem_cap_gib=args.gpu_mem_cap_gib,
-                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=args.weights or load_config().weights or "auto")
+                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=weights)
     elif args.bench == "speed":
         from edgectx.bench.speed import run_speed
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
                            n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
-                           weights=args.weights or load_config().weights or "auto", gpu_mem_cap_gib=args.gpu_mem_cap_gib)
+                           weights=weights, gpu_mem_cap_gib=args.gpu_mem_cap_gib)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
-                             n_threads=threads, weights=args.weights or load_config().weights or "auto")
+                             n_threads=threads, weights=weights)
         result = _run_quality_bench(args, engine, memory, threads)
     if args.json:
         print(json.dumps(result, indent=2))

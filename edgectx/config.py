@@ -25,7 +25,7 @@ from edgectx.errors import UsageError
 
 APP = "edgectx"
 CODECS = ("fp16", "int8", "int4")
-WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # edgectx.quant.WEIGHT_FORMATS, without importing torch here
+WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # also edgectx.quant.WEIGHT_FORMATS (quant imports no config)
 
 
 def data_dir() -> Path:

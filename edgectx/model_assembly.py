@@ -10,11 +10,13 @@ Peak memory: the model plus one layer of float32 weights.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from edgectx.errors import ModelFileError
 from edgectx.model import Transformer
 from edgectx.quant import linear_factories
 from edgectx.spec import ModelSpec
@@ -33,9 +35,11 @@ def assemble_model(
     make_linear: LinearFactory | None = None,
     weights: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    origin: tuple[Path, str] = (Path("model"), "the model's settings"),
 ) -> Transformer:
     """`head()` reads the untied output projection (None: tied to `embed`); `layer_weights(i)` returns layer i's
-    attn_norm/ffn_norm/attn.wqkv/attn.wo/ffn.w_gate_up/ffn.w_down weights (and attn.wqkv.bias if any)."""
+    attn_norm/ffn_norm/attn.wqkv/attn.wo/ffn.w_gate_up/ffn.w_down weights (and attn.wqkv.bias if any).
+    `origin` (the file, where its shapes come from) names a layer whose shapes disagree with `spec`."""
     make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
     with torch.device("meta"):
         model = Transformer(spec)
@@ -49,6 +53,7 @@ def assemble_model(
     del embed
     for i, block in enumerate(model.layers):
         w = layer_weights(i)
+        _check_shapes(spec, i, w, origin)
         block.attn_norm.weight = param(w["attn_norm.weight"])
         block.ffn_norm.weight = param(w["ffn_norm.weight"])
         block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))
@@ -58,3 +63,11 @@ def assemble_model(
         if progress:
             progress(i + 1, spec.n_layers)
     return model.eval()
+
+
+def _check_shapes(spec: ModelSpec, i: int, w: dict[str, torch.Tensor], origin: tuple[Path, str]) -> None:
+    expected = {"attn.wqkv.weight": (spec.q_dim + 2 * spec.kv_dim, spec.dim), "ffn.w_gate_up.weight": (2 * spec.ffn_dim, spec.dim),
+                "attn.wo.weight": (spec.dim, spec.q_dim), "ffn.w_down.weight": (spec.dim, spec.ffn_dim)}
+    for name, shape in expected.items():
+        if tuple(w[name].shape) != shape:
+            raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {tuple(w[name].shape)}, expected {shape} from {origin[1]}.")

@@ -45,3 +45,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def anyio_backend():
+    """The TUI's async Pilot tests run on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture
+def store():
+    """An empty conversation store in the isolated data dir (test_store.py has its own, on a given path)."""
+    from edgectx.store import ConversationStore
+
+    with ConversationStore() as s:
+        yield s

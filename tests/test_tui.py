@@ -13,7 +13,6 @@ from tui_fakes import FakeEngine, RecordingApp, settle, shown, stored, wait_for
 
 from edgectx.engine import Cancelled
 from edgectx.errors import ModelFileError
-from edgectx.store import ConversationStore
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.help import HelpScreen
 from edgectx.tui.widgets.progress import WorkProgress
@@ -23,17 +22,6 @@ from edgectx.tui.widgets.status import StatusBar
 from edgectx.tui.widgets.transcript import Transcript
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def store():
-    with ConversationStore() as s:
-        yield s
 
 
 def make_app(store, engine=None, export_dir=None, bridge=None) -> RecordingApp:

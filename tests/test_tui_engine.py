@@ -19,11 +19,6 @@ from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
 from edgectx.tui.widgets.transcript import Transcript
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def bridge_for(model, store) -> Bridge:
     memory = MemoryConfig.for_budget(512, chunk_tokens=128)
     settings = Settings(sampling=SamplingParams(temperature=0), max_tokens=8)

@@ -13,12 +13,11 @@ from tui_fakes import FakeEngine, RecordingApp, settle, shown, stored, wait_for
 from edgectx.config import Config, config_path, load_config
 from edgectx.errors import ModelFileError
 from edgectx.models import ModelEntry
-from edgectx.store import ConversationStore
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.help import HelpScreen
 from edgectx.tui.screens.models import ModelScreen
 from edgectx.tui.screens.settings import SettingsScreen
-from edgectx.tui.widgets.citations import CitationList, PassagePanel
+from edgectx.tui.widgets.citations import PassagePanel
 from edgectx.tui.widgets.prompt import PromptInput
 from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar, status_line
@@ -26,17 +25,6 @@ from edgectx.tui.widgets.transcript import Transcript, UserMessage
 
 pytestmark = pytest.mark.anyio
 WIDE = (120, 40)
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def store():
-    with ConversationStore() as s:
-        yield s
 
 
 def make_app(store, engine=None, config=None, **bridge_kwargs) -> RecordingApp:

@@ -18,11 +18,6 @@ from edgectx.tui.latency import send_key, summary, time_presses
 from edgectx.tui.widgets.progress import WorkProgress
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_key_presses_are_answered_quickly_during_a_32k_token_read(tmp_path):
     doc = tmp_path / "long.txt"
