@@ -33,6 +33,10 @@ def add_parser(sub, model_args) -> None:
     train.add_argument("--seq-len", type=int, help="full-attention sequence length for labels (default 4096, or the trained context if shorter)")
     train.add_argument("--offset", type=int, default=512, help="first later query a label counts (default 512; 0 = Locret's)")
     train.add_argument("--span", type=int, default=1024, help="later queries a label counts (default 1024)")
+    # The choices are heads_train.LABELS, not imported here: that module pulls in torch.
+    train.add_argument("--label", choices=("logit", "logprob"), default="logit",
+                       help="what a label measures: the max attention logit later queries give a token (logit, Locret's), "
+                            "or that logit minus each query's log-normalizer, i.e. its log attention probability (logprob)")
     train.add_argument("--json", action="store_true", help="print the training report as JSON")
     imp.add_argument("file", help="Locret's heads: a state dict with layers.N.self_attn.fc1/fc2.weight")
     imp.add_argument("--out", help="where to write the converted heads (default: the data dir)")
@@ -68,7 +72,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
     if args.seq_len and args.seq_len > trained:
         raise UsageError(f"--seq-len {args.seq_len} is past {path.name}'s trained context ({trained}).")
     settings = TrainSettings(hidden=args.hidden, tokens=args.tokens, steps=args.steps, seq_len=args.seq_len or min(4096, trained),
-                             offset=args.offset, span=args.span)
+                             offset=args.offset, span=args.span, label=args.label)
     engine = Engine.load(path, device=args.device, n_ctx=settings.seq_len, n_threads=args.threads, weights=args.weights or "auto")
     ids = engine.tokenizer.encode(text, add_bos=False, special=False)
     ids = spread_sequences(ids, settings.n_tokens(engine.spec), settings.seq_len)

@@ -39,6 +39,7 @@ from edgectx.kv import FullKVCache
 
 # Features kept in RAM for training (fp16), at most: sets the default token count for large models.
 FEATURE_RAM_BYTES = 4 << 30
+LABELS = ("logit", "logprob")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class TrainSettings:
     seq_len: int = 4096  # full-attention sequences the labels come from (within the trained context)
     offset: int = 512  # first later query counted in a label (the local window: nearer ones see it anyway)
     span: int = 1024  # later queries counted from `offset` on
+    label: str = "logit"  # "logit": the max pre-softmax logit (Locret); "logprob": minus each query's log-normalizer
     skip_first: int = 64  # sequence starts (attention sinks, always kept) are not trained on
     heldout: float = 0.125  # share of sequences kept out of training for the loss curve
     steps: int = 1200
@@ -64,6 +66,8 @@ class TrainSettings:
                              f"{self.skip_first + self.offset + self.span + self.window}.")
         if min(self.hidden, self.steps, self.batch, self.window, self.span, self.eval_every) < 1 or self.offset < 0:
             raise UsageError("hidden, steps, batch, window, span and eval_every must be positive, and offset >= 0.")
+        if self.label not in LABELS:
+            raise UsageError(f"label must be one of {', '.join(LABELS)}, not {self.label!r}.")
         if not 0 < self.heldout < 1:
             raise UsageError("heldout must be a fraction between 0 and 1.")
 
@@ -92,18 +96,33 @@ class _LabellingLayer:
         k_rot = self.inner.k[:, :n]
         n_kv, head_dim = k_rot.shape[0], k_rot.shape[2]
         qg = q_rot.reshape(n_kv, -1, n, head_dim)  # (n_kv, group, n, d)
+        lse = _log_normalizers(qg, k_rot) if s.label == "logprob" else None  # (n_kv, group, n)
         labels = []
         # Key blocks bound the (group, n, block) logits; queries i with offset <= i - j < offset + span.
         for start in range(keep.start, keep.stop, 512):
             stop = min(start + 512, keep.stop)
             q_lo, q_hi = start + s.offset, stop + s.offset + s.span - 1
             logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, q_lo:q_hi], k_rot[:, start:stop]) / math.sqrt(head_dim)
+            if lse is not None:
+                logits = logits - lse[:, :, q_lo:q_hi, None]
             i = torch.arange(q_lo, q_hi)[:, None]
             j = torch.arange(start, stop)[None, :]
             valid = (i - j >= s.offset) & (i - j < s.offset + s.span)
             labels.append(logits.float().masked_fill(~valid, -torch.inf).amax(dim=(1, 2)))  # (n_kv, block)
         o.labels.append(torch.cat(labels, dim=1).T.contiguous())  # (kept, n_kv)
         return out
+
+
+def _log_normalizers(qg: torch.Tensor, k_rot: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Each query's causal log-sum-exp of attention logits (n_kv, group, n): log p = logit - lse."""
+    n, head_dim = qg.shape[2], qg.shape[3]
+    out = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, start:stop], k_rot[:, :stop]).float() / math.sqrt(head_dim)
+        causal = torch.arange(start, stop)[:, None] >= torch.arange(stop)[None, :]
+        out.append(torch.logsumexp(logits.masked_fill(~causal, -torch.inf), dim=-1))
+    return torch.cat(out, dim=2)
 
 
 class _LabellingCache(FullKVCache):
