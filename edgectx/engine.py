@@ -182,7 +182,7 @@ class Engine:
             return AttentionMassScorer()
         heads = self.heads()
         if heads is not None:
-            return HeadsScorer(heads, pool=(self.memory_config or MemoryConfig()).heads_pool)
+            return HeadsScorer(heads)
         if name == "heads":
             raise HeadsError(f"{self.path.name} has no retaining heads: train them with `edgectx heads train`, "
                              "or use --scorer attention.")

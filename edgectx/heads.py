@@ -79,26 +79,17 @@ def qkv_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 class HeadsScorer:
-    """Eviction scores from retaining heads: static per token, fixed once computed (Locret).
-
-    With `pool` > 1 each token's score is the mean of the heads' predictions over `pool` neighbouring
-    tokens of its chunk (fewer at the chunk's edges), as SnapKV pools attention votes: a token in an
-    important passage is kept with its neighbours rather than alone. Tokens decoded one at a time are
-    scored alone. Deterministic per chunk, so a restored snapshot continues exactly as the live memory.
-    """
+    """Eviction scores from retaining heads: static per token, fixed once computed (Locret)."""
 
     name = "heads"
     observes = False
 
-    def __init__(self, heads: RetainingHeads, pool: int = 1):
-        self.heads, self.pool = heads, pool
+    def __init__(self, heads: RetainingHeads):
+        self.heads = heads
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         x = qkv_features(q, k, v).to(self.heads.fc1.dtype)
-        scores = self.heads.layer_scores(layer, x).T.float()  # (n_kv, T)
-        if self.pool > 1 and scores.shape[1] > 1:
-            scores = F.avg_pool1d(scores[None], self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)[0]
-        return scores
+        return self.heads.layer_scores(layer, x).T.float()
 
     def update(self, stored: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
         return stored

@@ -38,9 +38,6 @@ class MemoryConfig:
     host_dtype: str = "float16"  # the host store's precision: halves its RAM at 128K with no measured loss
     scorer: str = "auto"  # eviction scores: "heads" (Locret retaining heads), "attention" (attention mass from
     # the observation window), "window" (recency, as StreamingLLM); "auto" = heads when the model has them
-    heads_pool: int = 7  # the heads' scores are averaged over this many neighbouring tokens of a chunk, as SnapKV
-    # pools its votes: a retained token keeps some context (measured on held-out typing.py at 8192, budget 512:
-    # top-1 agreement 0.8833 with 7 vs 0.8760 unpooled; 1 turns it off)
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
@@ -52,8 +49,6 @@ class MemoryConfig:
         if self.cache_blocks != "auto" and (not isinstance(self.cache_blocks, int) or isinstance(self.cache_blocks, bool)):
             raise UsageError(f"cache_blocks must be a block count or 'auto', not {self.cache_blocks!r}.")
         fixed_cache = self.cache_blocks if self.cache_blocks != "auto" else self.top_k_blocks
-        if self.heads_pool < 1 or self.heads_pool % 2 == 0:
-            raise UsageError(f"heads_pool must be an odd number of tokens (1 = no pooling), not {self.heads_pool}.")
         if min(self.n_sink, self.top_k_blocks, self.n_observe) < 0 or fixed_cache < self.top_k_blocks:
             raise UsageError("n_sink, top_k_blocks and n_observe must be >= 0, and cache_blocks >= top_k_blocks.")
         if self.n_retain < 0:

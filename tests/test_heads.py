@@ -10,7 +10,6 @@ import torch
 
 from cli_helpers import assert_one_sentence, run_cli
 from edgectx.engine import Engine
-from edgectx.errors import UsageError
 from edgectx.heads import HeadsError, HeadsInfo, HeadsScorer, RetainingHeads, import_locret, load_heads, save_heads
 from edgectx.heads_train import TrainSettings, collect, evaluate, fit, standardize
 from edgectx.memory import ContextMemory
@@ -134,30 +133,6 @@ def test_heads_scores_decide_eviction(tiny):
         # Compared as scores: layer 0's features are position-free, so repeated tokens tie and either may stay.
         assert len(middle) == config.n_retain
         assert torch.equal(scores[h, middle].sort().values, best.sort().values)
-
-
-def test_pooled_heads_scores_average_neighbours_within_a_chunk(tiny):
-    torch.manual_seed(1)
-    heads = RetainingHeads(tiny.spec, 16)
-    s = tiny.spec
-    q, k, v = torch.randn(s.n_heads, 9, s.head_dim), torch.randn(s.n_kv_heads, 9, s.head_dim), torch.randn(s.n_kv_heads, 9, s.head_dim)
-    raw = HeadsScorer(heads).new_token_scores(0, q, k, v, 0)
-    pooled = HeadsScorer(heads, pool=3).new_token_scores(0, q, k, v, 0)
-    assert pooled.shape == raw.shape
-    torch.testing.assert_close(pooled[:, 4], raw[:, 3:6].mean(dim=1))
-    torch.testing.assert_close(pooled[:, 0], raw[:, :2].mean(dim=1))  # the chunk's edge: only the neighbours it has
-    torch.testing.assert_close(pooled[:, 8], raw[:, 7:].mean(dim=1))
-    one = HeadsScorer(heads, pool=3).new_token_scores(0, q[:, :1], k[:, :1], v[:, :1], 9)
-    torch.testing.assert_close(one, raw[:, :1])  # a decoded token is scored alone
-    tiny._heads = heads  # the engine builds its heads scorer with the memory config's pooling
-    try:
-        tiny.configure_memory(MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, heads_pool=5))
-        assert tiny.scorer("heads").pool == 5
-    finally:
-        tiny._heads = None
-        tiny.configure_memory(None)
-    with pytest.raises(UsageError, match="odd"):
-        MemoryConfig(heads_pool=4)
 
 
 def test_window_scorer_keeps_the_newest(tiny):
