@@ -93,6 +93,7 @@ def test_long_context_benches_on_a_tiny_model(tmp_path):
     assert exact["top1_agreement"] == 1.0 and abs(exact["nll_rel_diff"]) < 1e-5 and exact["evicted_tokens"] == 0
     tight = json.loads(run_cli("bench", "fidelity", "--context", "500", "--budget", "256", *common).stdout)
     assert tight["evicted_tokens"] > 0 and tight["budget_tokens"] == 256 and 0 < tight["top1_agreement"] <= 1
+    assert tight["elapsed_s"] > 0
     ppl = run_cli("bench", "longppl", "--context", "600", "--budget", "256", "--full-max", "300", *common)
     assert ppl.returncode == 0, ppl.stderr
     ppl = json.loads(ppl.stdout)

@@ -10,6 +10,8 @@ the budget fills are identical by construction, so agreement is also reported pa
 
 from __future__ import annotations
 
+import time
+
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.teacher import run_header, teacher_forced
 from edgectx.engine import Engine
@@ -26,7 +28,9 @@ def run_fidelity(engine: Engine, context: int, configs: MemoryConfig | list[Memo
     runs = []
     for config in configs:
         engine.configure_memory(config)
+        t0 = time.perf_counter()
         top_mem, nll_mem, stats = teacher_forced(engine, ids, config.chunk_tokens)
+        elapsed = time.perf_counter() - t0
         agree = top_full == top_mem
         past = slice(config.budget_tokens, None)
         full_mean, mem_mean = float(nll_full.mean()), float(nll_mem.mean())
@@ -41,6 +45,7 @@ def run_fidelity(engine: Engine, context: int, configs: MemoryConfig | list[Memo
             if context > config.budget_tokens else 0.0,
             "evicted_tokens": stats["evicted_tokens"],
             "device_kv_bytes": stats["device_kv_bytes"],
+            "elapsed_s": round(elapsed, 2),  # the teacher-forced pass: what the scorer's own work costs shows here
             "memory_config": config.to_dict(),
         })
     if len(runs) == 1:
