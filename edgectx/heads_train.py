@@ -7,7 +7,10 @@ queries, maximised over the query heads of its KV group. The queries counted are
 `offset` to `offset + span` tokens later. With `offset` = the memory's local window (512), the label
 measures what eviction actually decides: whether queries still want the token after it has left the
 window (nearer queries see it in the window anyway, and their large, positional logits would
-otherwise dominate the maximum); `--offset 0` gives Locret's all-later-queries label.
+otherwise dominate the maximum); `--offset 0` gives Locret's all-later-queries label. `--label logprob`
+subtracts each query's log-normalizer first, so the label is the token's largest log attention
+probability: a better eviction target (evicting by the true labels of held-out typing.py, budget 512:
+top-1 agreement 0.898 vs 0.891 for logits) that the heads, however, learn less well.
 
 The heads (one MLP per layer, trained all at once as a batched matmul) then fit these labels with
 SmoothL1 plus a small smoothness term between neighbouring tokens' predictions, AdamW, on windows of
