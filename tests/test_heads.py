@@ -48,6 +48,16 @@ def test_training_lowers_heldout_loss_and_folds_the_input_scale(tiny):
     assert after["heldout_loss"] == pytest.approx(curve[-1]["heldout_loss"], rel=1e-4)
 
 
+def test_logprob_labels_are_log_attention_probabilities(tiny):
+    from dataclasses import replace
+
+    ids = _ids(2 * 512)
+    _, logits = collect(tiny, ids, SMALL_TRAIN)
+    _, logprobs = collect(tiny, ids, replace(SMALL_TRAIN, label="logprob"))
+    assert logits.max() > 0  # raw logits: unbounded, some positive here
+    assert logprobs.max() <= 1e-5 and logprobs.min() > -60  # log probabilities: never above 0, and finite
+
+
 def test_heads_file_round_trip_and_refusals(tiny, tmp_path):
     heads = RetainingHeads(tiny.spec, 16)
     path = save_heads(heads, tmp_path / "h.safetensors", HeadsInfo(tiny.fingerprint, "tiny.gguf", "trained", {"x": 1}))
