@@ -48,11 +48,14 @@ def _budget(text: str) -> int | str:
     return value
 
 
+BENCH_SCORERS = SCORERS + ("oracle", "oracle-logprob")  # edgectx.bench.oracle: eviction by the true labels
+
+
 def _scorers(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in SCORERS]
+    bad = [v for v in values if v not in BENCH_SCORERS]
     if bad or not values:
-        raise argparse.ArgumentTypeError(f"scorers are {', '.join(SCORERS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"scorers are {', '.join(BENCH_SCORERS)}; got {text!r}")
     return values
 
 
@@ -66,7 +69,8 @@ def _memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: boo
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
     p.add_argument("--scorer", type=_scorers if lists else None, choices=None if lists else SCORERS,
                    help="eviction scores: Locret retaining heads, attention mass, or recency (window) "
-                   f"(default auto: heads when the model has them){several}")
+                   f"(default auto: heads when the model has them){several}"
+                   + ("; oracle / oracle-logprob: the true labels heads learn, read from the future (a ceiling)" if lists else ""))
 
 
 def memory_config_from(args: argparse.Namespace, config=None) -> MemoryConfig | None:
@@ -267,9 +271,11 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
     if args.bench == "fidelity":
         from edgectx.bench.fidelity import run_fidelity
 
-        configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=args.chunk, scorer=scorer)
-                   for budget in args.budget or [DEFAULT_BUDGET] for scorer in args.scorer or ["auto"]]
-        return run_fidelity(engine, args.context, configs, text_file=args.text, corpus=args.corpus or "stdlib")
+        runs = [(budget, scorer) for budget in args.budget or [DEFAULT_BUDGET] for scorer in args.scorer or ["auto"]]
+        configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=args.chunk,
+                                           scorer=scorer if scorer in SCORERS else "auto") for budget, scorer in runs]
+        oracles = [None if scorer in SCORERS else scorer for _, scorer in runs]
+        return run_fidelity(engine, args.context, configs, text_file=args.text, corpus=args.corpus or "stdlib", oracles=oracles)
     if args.bench == "longppl":
         from edgectx.bench.longppl import run_longppl
 

@@ -126,9 +126,12 @@ class Engine:
         self.tokens: list[int] = []  # the token ids held in memory, in order
         self.configure_memory(memory_config, n_ctx)
 
-    def configure_memory(self, memory_config: MemoryConfig | None, n_ctx: int | None = None) -> None:
-        """Switch between the long-context memory (a config) and plain full attention (None); resets the chat."""
+    def configure_memory(self, memory_config: MemoryConfig | None, n_ctx: int | None = None,
+                         scorer: EvictionScorer | None = None) -> None:
+        """Switch between the long-context memory (a config) and plain full attention (None); resets the chat.
+        `scorer` replaces the one the config names (benchmarks hand in their own)."""
         self.memory_config = memory_config
+        self.scorer_override = scorer
         self.n_ctx = n_ctx or (self.spec.context_length if memory_config is None else MEMORY_MAX_TOKENS)
         self.rope = self._rope_for(memory_config, self.n_ctx)
         self.reset()
@@ -192,7 +195,7 @@ class Engine:
         if self.memory_config is None:
             return FullKVCache(self.spec, self.rope, self.device, self.dtype)
         return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config,
-                             scorer=self.scorer(self.memory_config.scorer))
+                             scorer=self.scorer_override or self.scorer(self.memory_config.scorer))
 
     @property
     def next_logits(self) -> torch.Tensor | None:

@@ -99,24 +99,35 @@ class _LabellingLayer:
         k_rot = self.inner.k[:, :n]
         n_kv, head_dim = k_rot.shape[0], k_rot.shape[2]
         qg = q_rot.reshape(n_kv, -1, n, head_dim)  # (n_kv, group, n, d)
-        lse = _log_normalizers(qg, k_rot) if s.label == "logprob" else None  # (n_kv, group, n)
-        labels = []
-        # Key blocks bound the (group, n, block) logits; queries i with offset <= i - j < offset + span.
-        for start in range(keep.start, keep.stop, 512):
-            stop = min(start + 512, keep.stop)
-            q_lo, q_hi = start + s.offset, stop + s.offset + s.span - 1
-            logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, q_lo:q_hi], k_rot[:, start:stop]) / math.sqrt(head_dim)
-            if lse is not None:
-                logits = logits - lse[:, :, q_lo:q_hi, None]
-            i = torch.arange(q_lo, q_hi)[:, None]
-            j = torch.arange(start, stop)[None, :]
-            valid = (i - j >= s.offset) & (i - j < s.offset + s.span)
-            labels.append(logits.float().masked_fill(~valid, -torch.inf).amax(dim=(1, 2)))  # (n_kv, block)
-        o.labels.append(torch.cat(labels, dim=1).T.contiguous())  # (kept, n_kv)
+        lse = log_normalizers(qg, k_rot) if s.label == "logprob" else None  # (n_kv, group, n)
+        labels = causal_importance(qg, k_rot, keep.start, keep.stop, s.offset, s.span, lse)  # (n_kv, kept)
+        o.labels.append(labels.T.contiguous())  # (kept, n_kv)
         return out
 
 
-def _log_normalizers(qg: torch.Tensor, k_rot: torch.Tensor, block: int = 512) -> torch.Tensor:
+def causal_importance(qg: torch.Tensor, k_rot: torch.Tensor, first: int, last: int, offset: int, span: int,
+                      lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels (n_kv, last - first) of keys first..last-1: the largest logit (minus the query's `lse`, if
+    given) from queries i with offset <= i - j < offset + span, over the KV group's query heads; -inf for
+    a key no such query reaches (the sequence ends first). qg (n_kv, group, n, d) and k_rot rotated."""
+    n, head_dim = qg.shape[2], qg.shape[3]
+    labels = []
+    # Key blocks bound the (group, queries, block) logits.
+    for start in range(first, last, 512):
+        stop = min(start + 512, last)
+        q_lo, q_hi = min(n, start + offset), min(n, stop + offset + span - 1)
+        logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, q_lo:q_hi], k_rot[:, start:stop]).float() / math.sqrt(head_dim)
+        if lse is not None:
+            logits = logits - lse[:, :, q_lo:q_hi, None]
+        i = torch.arange(q_lo, q_hi)[:, None]
+        j = torch.arange(start, stop)[None, :]
+        valid = (i - j >= offset) & (i - j < offset + span)
+        labels.append(logits.masked_fill(~valid, -torch.inf).amax(dim=(1, 2)) if q_hi > q_lo
+                      else torch.full((qg.shape[0], stop - start), -torch.inf))
+    return torch.cat(labels, dim=1)
+
+
+def log_normalizers(qg: torch.Tensor, k_rot: torch.Tensor, block: int = 512) -> torch.Tensor:
     """Each query's causal log-sum-exp of attention logits (n_kv, group, n): log p = logit - lse."""
     n, head_dim = qg.shape[2], qg.shape[3]
     out = []

@@ -94,6 +94,9 @@ def test_long_context_benches_on_a_tiny_model(tmp_path):
     tight = json.loads(run_cli("bench", "fidelity", "--context", "500", "--budget", "256", *common).stdout)
     assert tight["evicted_tokens"] > 0 and tight["budget_tokens"] == 256 and 0 < tight["top1_agreement"] <= 1
     assert tight["elapsed_s"] > 0
+    both = run_cli("bench", "fidelity", "--context", "500", "--budget", "256", "--scorer", "window,oracle", *common)
+    assert both.returncode == 0, both.stderr
+    assert [r["scorer"] for r in json.loads(both.stdout)["runs"]] == ["window", "oracle"]
     ppl = run_cli("bench", "longppl", "--context", "600", "--budget", "256", "--full-max", "300", *common)
     assert ppl.returncode == 0, ppl.stderr
     ppl = json.loads(ppl.stdout)

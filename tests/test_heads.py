@@ -58,6 +58,22 @@ def test_logprob_labels_are_log_attention_probabilities(tiny):
     assert logprobs.max() <= 1e-5 and logprobs.min() > -60  # log probabilities: never above 0, and finite
 
 
+def test_oracle_scores_are_the_training_labels(tiny):
+    from edgectx.bench.oracle import UNREACHED, oracle_scorer
+
+    ids, s = _ids(512), SMALL_TRAIN
+    _, labels = collect(tiny, ids, s)  # (L, 1, kept, n_kv) for tokens skip_first .. 512 - offset - span
+    tiny.configure_memory(None)
+    oracle = oracle_scorer(tiny, ids, "oracle", offset=s.offset, span=s.span)
+    kept = slice(s.skip_first, 512 - s.offset - s.span)
+    for layer in range(tiny.spec.n_layers):
+        torch.testing.assert_close(oracle.labels[layer][:, kept], labels[layer, 0].T)
+        assert bool((oracle.labels[layer][:, 512 - s.offset :] == UNREACHED).all())  # no later query: kept
+        assert bool((oracle.labels[layer][:, : 512 - s.offset] < UNREACHED).all())
+    first = oracle.new_token_scores(1, None, torch.empty(2, 5, 1), None, 100)
+    torch.testing.assert_close(first, oracle.labels[1][:, 100:105])
+
+
 def test_heads_file_round_trip_and_refusals(tiny, tmp_path):
     heads = RetainingHeads(tiny.spec, 16)
     path = save_heads(heads, tmp_path / "h.safetensors", HeadsInfo(tiny.fingerprint, "tiny.gguf", "trained", {"x": 1}))

@@ -6,6 +6,7 @@ the budget fills are identical by construction, so agreement is also reported pa
 
     edgectx bench fidelity --context 8192 --budget 2048 --json
     edgectx bench fidelity --budget 2048,1024,512 --scorer window,attention,heads --json  # nine runs, one full pass
+    edgectx bench fidelity --budget 512 --scorer heads,oracle --json  # the heads vs the labels they learn
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ from __future__ import annotations
 import time
 
 from edgectx.bench.corpus import corpus_tokens
+from edgectx.bench.oracle import oracle_scorer
 from edgectx.bench.teacher import run_header, teacher_forced
 from edgectx.engine import Engine
 from edgectx.memory_config import MemoryConfig
 
 
 def run_fidelity(engine: Engine, context: int, configs: MemoryConfig | list[MemoryConfig], text_file: str | None = None,
-                 corpus: str = "stdlib") -> dict:
-    """One config: a flat result. Several (budgets x scorers): full attention runs once, then `runs` has one each."""
+                 corpus: str = "stdlib", oracles: list[str | None] | None = None) -> dict:
+    """One config: a flat result. Several (budgets x scorers): full attention runs once, then `runs` has one each.
+    `oracles[i]`, when given, names an edgectx.bench.oracle scorer that replaces config i's."""
     configs = [configs] if isinstance(configs, MemoryConfig) else list(configs)
+    oracles = oracles or [None] * len(configs)
     ids = corpus_tokens(engine.tokenizer, context + 1, text_file, corpus=corpus)
     engine.configure_memory(None, n_ctx=context + 1)
     top_full, nll_full, _ = teacher_forced(engine, ids, configs[0].chunk_tokens)
+    oracle_scorers = {name: oracle_scorer(engine, ids[:-1], name) for name in dict.fromkeys(oracles) if name}
     runs = []
-    for config in configs:
-        engine.configure_memory(config)
+    for config, oracle in zip(configs, oracles):
+        engine.configure_memory(config, scorer=oracle_scorers.get(oracle))
         t0 = time.perf_counter()
         top_mem, nll_mem, stats = teacher_forced(engine, ids, config.chunk_tokens)
         elapsed = time.perf_counter() - t0
@@ -36,6 +41,7 @@ def run_fidelity(engine: Engine, context: int, configs: MemoryConfig | list[Memo
         full_mean, mem_mean = float(nll_full.mean()), float(nll_mem.mean())
         runs.append({
             **run_header(engine, context, config, text_file, corpus),
+            **({"scorer": oracle} if oracle else {}),
             "top1_agreement": float(agree.mean()),
             "top1_agreement_past_budget": float(agree[past].mean()) if context > config.budget_tokens else 1.0,
             "nll_full": full_mean,
