@@ -86,22 +86,22 @@ class TrainSettings:
 class _LabellingLayer:
     """Full attention for one layer, recording the heads' inputs and their causal-importance labels."""
 
-    def __init__(self, inner, owner: "_LabellingCache"):
+    def __init__(self, inner, owner: "LabellingCache"):
         self.inner, self.owner = inner, owner
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         o, s = self.owner, self.owner.settings
         out = self.inner.attend(q, k, v)
         n = q.shape[1]
-        keep = slice(s.skip_first, n - s.offset - s.span)
-        o.features.append(qkv_features(q, k, v)[keep].to(torch.float16))
+        keep = slice(0, n) if o.every_token else slice(s.skip_first, n - s.offset - s.span)
+        if not o.every_token:
+            o.features.append(qkv_features(q, k, v)[keep].to(torch.float16))
         q_rot = o.rope.rotate(q, *o.rope_tables)  # positions 0..n-1 (one sequence from empty)
         k_rot = self.inner.k[:, :n]
         n_kv, head_dim = k_rot.shape[0], k_rot.shape[2]
         qg = q_rot.reshape(n_kv, -1, n, head_dim)  # (n_kv, group, n, d)
         lse = log_normalizers(qg, k_rot) if s.label == "logprob" else None  # (n_kv, group, n)
-        labels = causal_importance(qg, k_rot, keep.start, keep.stop, s.offset, s.span, lse)  # (n_kv, kept)
-        o.labels.append(labels.T.contiguous())  # (kept, n_kv)
+        o.labels.append(causal_importance(qg, k_rot, keep.start, keep.stop, s.offset, s.span, lse))  # (n_kv, kept)
         return out
 
 
@@ -119,11 +119,11 @@ def causal_importance(qg: torch.Tensor, k_rot: torch.Tensor, first: int, last: i
         logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, q_lo:q_hi], k_rot[:, start:stop]).float() / math.sqrt(head_dim)
         if lse is not None:
             logits = logits - lse[:, :, q_lo:q_hi, None]
-        i = torch.arange(q_lo, q_hi)[:, None]
-        j = torch.arange(start, stop)[None, :]
+        i = torch.arange(q_lo, q_hi, device=qg.device)[:, None]
+        j = torch.arange(start, stop, device=qg.device)[None, :]
         valid = (i - j >= offset) & (i - j < offset + span)
         labels.append(logits.masked_fill(~valid, -torch.inf).amax(dim=(1, 2)) if q_hi > q_lo
-                      else torch.full((qg.shape[0], stop - start), -torch.inf))
+                      else torch.full((qg.shape[0], stop - start), -torch.inf, device=qg.device))
     return torch.cat(labels, dim=1)
 
 
@@ -134,17 +134,21 @@ def log_normalizers(qg: torch.Tensor, k_rot: torch.Tensor, block: int = 512) -> 
     for start in range(0, n, block):
         stop = min(start + block, n)
         logits = torch.einsum("hgqd,hkd->hgqk", qg[:, :, start:stop], k_rot[:, :stop]).float() / math.sqrt(head_dim)
-        causal = torch.arange(start, stop)[:, None] >= torch.arange(stop)[None, :]
+        causal = torch.arange(start, stop, device=qg.device)[:, None] >= torch.arange(stop, device=qg.device)[None, :]
         out.append(torch.logsumexp(logits.masked_fill(~causal, -torch.inf), dim=-1))
     return torch.cat(out, dim=2)
 
 
-class _LabellingCache(FullKVCache):
-    def __init__(self, engine: Engine, settings: TrainSettings):
+class LabellingCache(FullKVCache):
+    """A full-attention cache for one sequence from empty that labels its tokens at every layer: those
+    with a whole label span (and their features, for training), or `every_token` (labels only; -inf
+    where no counted query reaches the token)."""
+
+    def __init__(self, engine: Engine, settings: TrainSettings, every_token: bool = False):
         super().__init__(engine.spec, engine.rope, engine.device, engine.dtype)
-        self.settings = settings
-        self.features: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
+        self.settings, self.every_token = settings, every_token
+        self.features: list[torch.Tensor] = []  # per layer (kept, in) fp16
+        self.labels: list[torch.Tensor] = []  # per layer (n_kv, kept)
         self.layers = [_LabellingLayer(layer, self) for layer in self.layers]
 
 
@@ -179,12 +183,12 @@ def collect(engine: Engine, ids: list[int], settings: TrainSettings,
     labels = torch.empty(spec.n_layers, n_seq, kept, spec.n_kv_heads)
     with torch.inference_mode():
         for i in range(n_seq):
-            cache = _LabellingCache(engine, settings)
+            cache = LabellingCache(engine, settings)
             chunk = torch.tensor(ids[i * settings.seq_len : (i + 1) * settings.seq_len], device=engine.device)
             cache.begin(len(chunk))
             engine.model(chunk, cache)
             for layer, (f, y) in enumerate(zip(cache.features, cache.labels)):
-                feats[layer, i], labels[layer, i] = f.cpu(), y.cpu()
+                feats[layer, i], labels[layer, i] = f.cpu(), y.T.cpu()
             del cache
             if progress:
                 progress("reading", (i + 1) * settings.seq_len, n_seq * settings.seq_len, {})

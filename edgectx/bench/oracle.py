@@ -14,36 +14,10 @@ from __future__ import annotations
 import torch
 
 from edgectx.engine import Engine
-from edgectx.heads_train import TrainSettings, log_normalizers, causal_importance
-from edgectx.kv import FullKVCache
+from edgectx.heads_train import LabellingCache, TrainSettings
 
 ORACLES = {"oracle": "logit", "oracle-logprob": "logprob"}
 UNREACHED = 1e9  # tokens no counted query reaches (the text ends first): kept, as the newest are anyway
-
-
-class _LabellingLayer:
-    def __init__(self, inner, cache: "_LabellingCache"):
-        self.inner, self.cache = inner, cache
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        c, s = self.cache, self.cache.settings
-        out = self.inner.attend(q, k, v)
-        n = q.shape[1]
-        q_rot = c.rope.rotate(q, *c.rope_tables)
-        k_rot = self.inner.k[:, :n]
-        qg = q_rot.reshape(k_rot.shape[0], -1, n, k_rot.shape[2])  # (n_kv, group, n, d)
-        lse = log_normalizers(qg, k_rot) if s.label == "logprob" else None
-        labels = causal_importance(qg, k_rot, 0, n, s.offset, s.span, lse)
-        c.labels.append(torch.where(torch.isfinite(labels), labels, UNREACHED).to(c.device))
-        return out
-
-
-class _LabellingCache(FullKVCache):
-    def __init__(self, engine: Engine, settings: TrainSettings):
-        super().__init__(engine.spec, engine.rope, engine.device, engine.dtype)
-        self.settings = settings
-        self.labels: list[torch.Tensor] = []  # per layer (n_kv, n)
-        self.layers = [_LabellingLayer(layer, self) for layer in self.layers]
 
 
 class OracleScorer:
@@ -66,8 +40,9 @@ def oracle_scorer(engine: Engine, ids: list[int], name: str = "oracle", offset: 
     defaults = TrainSettings()
     settings = TrainSettings(offset=defaults.offset if offset is None else offset, span=span or defaults.span,
                              label=ORACLES[name], seq_len=max(defaults.seq_len, (offset or 0) + (span or 0) + 1024))
-    cache = _LabellingCache(engine, settings)
+    cache = LabellingCache(engine, settings, every_token=True)
     with torch.inference_mode():
         cache.begin(len(ids))
         engine.model(torch.tensor(ids, device=engine.device), cache)
-    return OracleScorer(name, cache.labels)
+    labels = [torch.where(torch.isfinite(y), y, UNREACHED) for y in cache.labels]
+    return OracleScorer(name, labels)
