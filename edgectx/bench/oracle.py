@@ -6,7 +6,7 @@ attention probability), and the scorer hands those labels to the memory as the t
 the future, so it exists only here: it is what perfect retaining heads for that label would do, the
 ceiling that tells a label worth learning from heads that learn it badly.
 
-    scorer = oracle_scorer(engine, ids, label="logit")  # engine in full attention; ids as the bench reads them
+    scorer = oracle_scorer(engine, ids, "oracle-logprob")  # engine in full attention; ids as the bench reads them
 """
 
 from __future__ import annotations
