@@ -22,7 +22,7 @@ import torch
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.model_assembly import LinearFactory, assemble_model
+from edgectx.model_assembly import LayerWeights, LinearFactory, assemble_model
 from edgectx.quant.gguf_dequant import SUPPORTED_TYPES, dequantize_blocks
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
@@ -180,7 +180,7 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | None = None) -> LayerWeights:
     p = f"blk.{i}."
 
     def get(name: str) -> torch.Tensor:
@@ -199,17 +199,8 @@ def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | 
         w_gate_up = torch.cat([get("ffn_gate.weight"), get("ffn_up.weight")])
     else:
         w_gate_up = get("ffn_up.weight")  # phi3: gate and up already fused, gate first
-    out = {
-        "attn_norm.weight": get("attn_norm.weight"),
-        "ffn_norm.weight": get("ffn_norm.weight"),
-        "attn.wqkv.weight": wqkv,
-        "attn.wo.weight": get("attn_output.weight"),
-        "ffn.w_gate_up.weight": w_gate_up,
-        "ffn.w_down.weight": get("ffn_down.weight"),
-    }
-    if bqkv is not None:
-        out["attn.wqkv.bias"] = bqkv
-    return out
+    return LayerWeights(get("attn_norm.weight"), get("ffn_norm.weight"), wqkv, get("attn_output.weight"), w_gate_up,
+                        get("ffn_down.weight"), bqkv)
 
 
 def load_model(

@@ -22,7 +22,7 @@ import torch
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model import Transformer
-from edgectx.model_assembly import LinearFactory, assemble_model
+from edgectx.model_assembly import LayerWeights, LinearFactory, assemble_model
 from edgectx.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -216,7 +216,7 @@ def read_spec(hf: HFDir) -> ModelSpec:
     )
 
 
-def _layer_weights(hf: HFDir, spec: ModelSpec, i: int) -> dict[str, torch.Tensor]:
+def _layer_weights(hf: HFDir, spec: ModelSpec, i: int) -> LayerWeights:
     p = f"model.layers.{i}."
     t = hf.tensor
     if spec.arch == "phi3":  # fused already: qkv in Q, K, V order, gate_up gate first
@@ -224,17 +224,9 @@ def _layer_weights(hf: HFDir, spec: ModelSpec, i: int) -> dict[str, torch.Tensor
     else:
         wqkv = torch.cat([t(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         w_gate_up = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")])
-    out = {
-        "attn_norm.weight": t(p + "input_layernorm.weight"),
-        "ffn_norm.weight": t(p + "post_attention_layernorm.weight"),
-        "attn.wqkv.weight": wqkv,
-        "attn.wo.weight": t(p + "self_attn.o_proj.weight"),
-        "ffn.w_gate_up.weight": w_gate_up,
-        "ffn.w_down.weight": t(p + "mlp.down_proj.weight"),
-    }
-    if spec.qkv_bias:
-        out["attn.wqkv.bias"] = torch.cat([t(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-    return out
+    bqkv = torch.cat([t(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None
+    return LayerWeights(t(p + "input_layernorm.weight"), t(p + "post_attention_layernorm.weight"), wqkv,
+                        t(p + "self_attn.o_proj.weight"), w_gate_up, t(p + "mlp.down_proj.weight"), bqkv)
 
 
 def load_model(

@@ -10,6 +10,7 @@ Peak memory: the model plus one layer of float32 weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,19 @@ from edgectx.spec import ModelSpec
 LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module]
 
 
+@dataclass
+class LayerWeights:
+    """One layer's weights in the model's fused layout, float32 on the load device."""
+
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    wqkv: torch.Tensor  # Q, K, V rows, Hugging Face's (half-split RoPE) layout
+    wo: torch.Tensor
+    w_gate_up: torch.Tensor  # gate rows, then up
+    w_down: torch.Tensor
+    bqkv: torch.Tensor | None = None
+
+
 def assemble_model(
     spec: ModelSpec,
     device: torch.device,
@@ -31,14 +45,13 @@ def assemble_model(
     embed: torch.Tensor,
     norm: torch.Tensor,
     head: Callable[[], torch.Tensor] | None,
-    layer_weights: Callable[[int], dict[str, torch.Tensor]],
+    layer_weights: Callable[[int], LayerWeights],
     make_linear: LinearFactory | None = None,
     weights: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     origin: tuple[Path, str] = (Path("model"), "the model's settings"),
 ) -> Transformer:
-    """`head()` reads the untied output projection (None: tied to `embed`); `layer_weights(i)` returns layer i's
-    attn_norm/ffn_norm/attn.wqkv/attn.wo/ffn.w_gate_up/ffn.w_down weights (and attn.wqkv.bias if any).
+    """`head()` reads the untied output projection (None: tied to `embed`); `layer_weights(i)` reads layer i.
     `origin` (the file, where its shapes come from) names a layer whose shapes disagree with `spec`."""
     make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
     with torch.device("meta"):
@@ -54,20 +67,21 @@ def assemble_model(
     for i, block in enumerate(model.layers):
         w = layer_weights(i)
         _check_shapes(spec, i, w, origin)
-        block.attn_norm.weight = param(w["attn_norm.weight"])
-        block.ffn_norm.weight = param(w["ffn_norm.weight"])
-        block.attn.wqkv = make_linear(w["attn.wqkv.weight"], w.get("attn.wqkv.bias"))
-        block.attn.wo = make_linear(w["attn.wo.weight"], None)
-        block.ffn.w_gate_up = make_linear(w["ffn.w_gate_up.weight"], None)
-        block.ffn.w_down = make_linear(w["ffn.w_down.weight"], None)
+        block.attn_norm.weight = param(w.attn_norm)
+        block.ffn_norm.weight = param(w.ffn_norm)
+        block.attn.wqkv = make_linear(w.wqkv, w.bqkv)
+        block.attn.wo = make_linear(w.wo, None)
+        block.ffn.w_gate_up = make_linear(w.w_gate_up, None)
+        block.ffn.w_down = make_linear(w.w_down, None)
         if progress:
             progress(i + 1, spec.n_layers)
     return model.eval()
 
 
-def _check_shapes(spec: ModelSpec, i: int, w: dict[str, torch.Tensor], origin: tuple[Path, str]) -> None:
-    expected = {"attn.wqkv.weight": (spec.q_dim + 2 * spec.kv_dim, spec.dim), "ffn.w_gate_up.weight": (2 * spec.ffn_dim, spec.dim),
-                "attn.wo.weight": (spec.dim, spec.q_dim), "ffn.w_down.weight": (spec.dim, spec.ffn_dim)}
-    for name, shape in expected.items():
-        if tuple(w[name].shape) != shape:
-            raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {tuple(w[name].shape)}, expected {shape} from {origin[1]}.")
+def _check_shapes(spec: ModelSpec, i: int, w: LayerWeights, origin: tuple[Path, str]) -> None:
+    expected = {"attn.wqkv.weight": (w.wqkv, (spec.q_dim + 2 * spec.kv_dim, spec.dim)),
+                "ffn.w_gate_up.weight": (w.w_gate_up, (2 * spec.ffn_dim, spec.dim)),
+                "attn.wo.weight": (w.wo, (spec.dim, spec.q_dim)), "ffn.w_down.weight": (w.w_down, (spec.dim, spec.ffn_dim))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {tuple(tensor.shape)}, expected {shape} from {origin[1]}.")
