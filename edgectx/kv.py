@@ -60,6 +60,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.reshape(n_heads, n_tokens, head_dim)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`grouped_attention` for T queries at positions 0..T-1 over their own T keys, causally: without a
+    mask tensor the fused kernel skips the blocks above the diagonal (half the work of a long prefill)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+
+
 def causal_mask(n_past: int, n_new: int, sliding_window: int, device: torch.device) -> torch.Tensor | None:
     """(n_new, n_past + n_new) bool mask: query i (at n_past + i) sees keys j <= n_past + i (within the window)."""
     if n_new == 1 and (not sliding_window or n_past < sliding_window):
@@ -99,6 +105,8 @@ class _FullLayer:
         qk = o.rope.rotate(torch.cat((q, k)), *o.rope_tables)  # one rotation for queries and keys
         self.k[:, start:end] = qk[n_heads:]
         self.v[:, start:end] = v
+        if o.from_empty:
+            return causal_attention(qk[:n_heads], self.k[:, :end], self.v[:, :end])
         return grouped_attention(qk[:n_heads], self.k[:, :end], self.v[:, :end], o.mask)
 
 
@@ -110,6 +118,7 @@ class FullKVCache:
         self._n_tokens = 0
         self._pending = 0
         self.mask: torch.Tensor | None = None
+        self.from_empty = False  # this chunk starts the sequence and sees all of itself: plain causal attention
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.layers = [_FullLayer(self) for _ in range(spec.n_layers)]
 
@@ -122,6 +131,7 @@ class FullKVCache:
         positions = torch.arange(self._n_tokens, self._n_tokens + n_new, device=self.device)
         self.rope_tables = self.rope.tables(positions, self.dtype)
         self.mask = causal_mask(self._n_tokens, n_new, self.spec.sliding_window, self.device)
+        self.from_empty = self._n_tokens == 0 and n_new > 1 and (not self.spec.sliding_window or n_new <= self.spec.sliding_window)
 
     def commit(self) -> None:
         self._n_tokens += self._pending

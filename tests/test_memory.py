@@ -173,3 +173,22 @@ def test_block_store_round_trips_across_segments():
     assert store.n_blocks == 3 and len(store.segments) == 2 and store.representatives.shape[0] == 3
     with pytest.raises(IndexError):
         store.block(3)
+
+
+def test_causal_prefill_from_empty_matches_the_masked_kernel():
+    from edgectx.kv import causal_attention, causal_mask, grouped_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(h, 300, 16, generator=gen) for h in (6, 2, 2))
+    expected = grouped_attention(q, k, v, causal_mask(0, 300, 0, torch.device("cpu")))
+    assert torch.allclose(causal_attention(q, k, v), expected, atol=1e-5)
+    # The first token sees only itself: a kernel that ignored causality would not give back its value.
+    assert torch.allclose(causal_attention(q, k, v)[:, 0], v.repeat_interleave(3, dim=0)[:, 0], atol=1e-5)
+
+
+def test_one_chunk_prefill_matches_chunked_full_attention(engine):
+    ids = corpus_tokens(engine.tokenizer, 300)
+    engine.configure_memory(None)
+    whole = _teacher_forced(engine, ids, 300)  # one chunk from empty: the unmasked causal kernel
+    chunked = _teacher_forced(engine, ids, 100)  # later chunks: the masked kernel over past + new keys
+    assert torch.allclose(whole, chunked, atol=1e-3), (whole - chunked).abs().max()
