@@ -37,6 +37,8 @@ def add_parser(sub, model_args) -> None:
     train.add_argument("--label", choices=("logit", "logprob"), default="logit",
                        help="what a label measures: the max attention logit later queries give a token (logit, Locret's), "
                             "or that logit minus each query's log-normalizer, i.e. its log attention probability (logprob)")
+    train.add_argument("--cache", metavar="DIR", help="keep each sequence's features and labels in DIR (about 150 MB per "
+                       "4096 tokens for the embedded model): a rerun on the same text and label settings reads nothing again")
     train.add_argument("--json", action="store_true", help="print the training report as JSON")
     imp.add_argument("file", help="Locret's heads: a state dict with layers.N.self_attn.fc1/fc2.weight")
     imp.add_argument("--out", help="where to write the converted heads (default: the data dir)")
@@ -56,6 +58,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
     import torch
 
     from edgectx.heads import save_heads, user_heads_path
+    from edgectx.heads_cache import SequenceCache
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -78,6 +81,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
     ids = spread_sequences(ids, settings.n_tokens(engine.spec), settings.seq_len)
     if len(ids) < 2 * settings.seq_len:
         raise UsageError(f"The text has {len(ids)} tokens; training needs at least {2 * settings.seq_len}: pass more text.")
+    cache = SequenceCache(Path(args.cache), engine.fingerprint, settings) if args.cache else None
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
@@ -92,12 +96,12 @@ def _train(args: argparse.Namespace, path: Path) -> int:
                 info = f"held-out loss {figures['heldout_loss']:.3f}, top-10% recall {figures['heldout_recall']:.3f}" if figures else None
                 bar.update(training, completed=done, **({"info": info} if info else {}))
 
-        result = train_heads(engine, ids, settings, progress=report)
+        result = train_heads(engine, ids, settings, progress=report, cache=cache)
     out = Path(args.out).expanduser() if args.out else user_heads_path(engine.fingerprint)
     save_heads(result.heads, out, result.info(engine))
     report_data = {"model": engine.path.name, "out": str(out), "collect_s": result.collect_s, "train_s": result.train_s,
                    "train_tokens": result.train_tokens, "heldout_tokens": result.heldout_tokens, "curve": result.curve,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "cached_sequences": cache.hits if cache else 0}
     if args.json:
         print(json.dumps(report_data, indent=2))
     else:

@@ -27,6 +27,7 @@ important tenth of tokens the heads rank in their own top tenth, as Locret repor
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from edgectx.engine import Engine
 from edgectx.errors import UsageError
+from edgectx.heads_cache import SequenceCache
 from edgectx.heads import HeadsInfo, RetainingHeads, qkv_features
 from edgectx.kv import FullKVCache
 
@@ -172,9 +174,10 @@ class TrainResult:
 Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, figures)
 
 
-def collect(engine: Engine, ids: list[int], settings: TrainSettings,
-            progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (n_layers, n_seq, kept, in) fp16 and labels (n_layers, n_seq, kept, n_kv) from full-attention passes."""
+def collect(engine: Engine, ids: list[int], settings: TrainSettings, progress: Progress | None = None,
+            cache: SequenceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (n_layers, n_seq, kept, in) fp16 and labels (n_layers, n_seq, kept, n_kv) from full-attention
+    passes, or from `cache` for sequences read before (and saved there when read now)."""
     n_seq = len(ids) // settings.seq_len
     spec = engine.spec
     kept = settings.seq_len - settings.skip_first - settings.offset - settings.span
@@ -183,16 +186,30 @@ def collect(engine: Engine, ids: list[int], settings: TrainSettings,
     labels = torch.empty(spec.n_layers, n_seq, kept, spec.n_kv_heads)
     with torch.inference_mode():
         for i in range(n_seq):
-            cache = LabellingCache(engine, settings)
-            chunk = torch.tensor(ids[i * settings.seq_len : (i + 1) * settings.seq_len], device=engine.device)
-            cache.begin(len(chunk))
-            engine.model(chunk, cache)
-            for layer, (f, y) in enumerate(zip(cache.features, cache.labels)):
-                feats[layer, i], labels[layer, i] = f.cpu(), y.T.cpu()
-            del cache
+            seq = ids[i * settings.seq_len : (i + 1) * settings.seq_len]
+            hit = cache.load(seq, feats[:, i].shape, labels[:, i].shape) if cache else None
+            if hit:
+                feats[:, i], labels[:, i] = hit
+            else:
+                feats[:, i], labels[:, i] = _read_sequence(engine, seq, settings)
+                if cache:
+                    cache.save(seq, feats[:, i], labels[:, i])
             if progress:
                 progress("reading", (i + 1) * settings.seq_len, n_seq * settings.seq_len, {})
     return feats, labels
+
+
+def _read_sequence(engine: Engine, seq: list[int], settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full-attention pass: features (n_layers, kept, in) fp16 and labels (n_layers, kept, n_kv)."""
+    cache = LabellingCache(engine, settings)
+    cache.begin(len(seq))
+    engine.model(torch.tensor(seq, device=engine.device), cache)
+    out = torch.stack(cache.features).cpu(), torch.stack(cache.labels).transpose(1, 2).cpu()
+    # The cache's layers point back at it: a cycle that only the garbage collector frees, and each one
+    # holds a sequence's features; collect it now rather than hold dozens at once.
+    del cache
+    gc.collect()
+    return out
 
 
 def feature_rms(x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +294,8 @@ def fold_scale(heads: RetainingHeads, scale: torch.Tensor) -> None:
     heads.fc1.div_(scale)
 
 
-def train_heads(engine: Engine, ids: list[int], settings: TrainSettings, progress: Progress | None = None) -> TrainResult:
+def train_heads(engine: Engine, ids: list[int], settings: TrainSettings, progress: Progress | None = None,
+                cache: SequenceCache | None = None) -> TrainResult:
     n_seq = len(ids) // settings.seq_len
     n_heldout = max(1, round(n_seq * settings.heldout))
     if n_seq - n_heldout < 1:
@@ -285,7 +303,7 @@ def train_heads(engine: Engine, ids: list[int], settings: TrainSettings, progres
                          f"(two sequences of --seq-len {settings.seq_len}); pass more text.")
     torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
-    feats, labels = collect(engine, ids[: n_seq * settings.seq_len], settings, progress)
+    feats, labels = collect(engine, ids[: n_seq * settings.seq_len], settings, progress, cache)
     collect_s = time.perf_counter() - t0
     # The held-out sequences are the text's last ones: other files than most of the training text.
     train_x, test_x = feats[:, : n_seq - n_heldout], feats[:, n_seq - n_heldout :]

@@ -48,6 +48,37 @@ def test_training_lowers_heldout_loss_and_folds_the_input_scale(tiny):
     assert after["heldout_loss"] == pytest.approx(curve[-1]["heldout_loss"], rel=1e-4)
 
 
+def test_cache_gives_back_what_reading_gave_and_rereads_damaged_files(tiny, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from edgectx.heads_cache import SequenceCache
+
+    ids = _ids(2 * 512)
+    cache = SequenceCache(tmp_path, tiny.fingerprint, SMALL_TRAIN)
+    read = collect(tiny, ids, SMALL_TRAIN, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 2) and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+    def no_reading(*args):
+        raise AssertionError("a cached sequence was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(tiny, "model", no_reading)
+        again = SequenceCache(tmp_path, tiny.fingerprint, SMALL_TRAIN)
+        cached = collect(tiny, ids, SMALL_TRAIN, cache=again)
+    assert again.hits == 2
+    assert torch.equal(read[0], cached[0]) and torch.equal(read[1], cached[1])
+    # Other label settings or another model name other files; a damaged file is read again and replaced.
+    assert SequenceCache(tmp_path, tiny.fingerprint, replace(SMALL_TRAIN, span=32)).path(ids[:512]) != cache.path(ids[:512])
+    assert SequenceCache(tmp_path, "other", SMALL_TRAIN).path(ids[:512]) != cache.path(ids[:512])
+    damaged = cache.path(ids[:512])
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    third = SequenceCache(tmp_path, tiny.fingerprint, SMALL_TRAIN)
+    reread = collect(tiny, ids, SMALL_TRAIN, cache=third)
+    assert (third.hits, third.misses) == (1, 1)
+    assert torch.equal(reread[0], read[0]) and SequenceCache(tmp_path, tiny.fingerprint, SMALL_TRAIN).load(
+        ids[:512], tuple(read[0][:, 0].shape), tuple(read[1][:, 0].shape)) is not None
+
+
 def test_logprob_labels_are_log_attention_probabilities(tiny):
     from dataclasses import replace
 
@@ -182,10 +213,13 @@ def test_heads_cli_train_info_and_bench(tmp_path):
     info = run_cli("heads", "info", *common)
     assert info.returncode == 0 and "no retaining heads" in info.stdout
     train = run_cli("heads", "train", *common, "--text", str(text), "--seq-len", "512", "--offset", "32", "--span", "64",
-                    "--hidden", "16", "--steps", "20", "--tokens", "1536", "--json")
+                    "--hidden", "16", "--steps", "20", "--tokens", "1536", "--cache", str(tmp_path / "cache"), "--json")
     assert train.returncode == 0, train.stderr
     report = json.loads(train.stdout)
-    assert report["curve"][-1]["step"] == 20 and report["heldout_tokens"] > 0
+    assert report["curve"][-1]["step"] == 20 and report["heldout_tokens"] > 0 and report["cached_sequences"] == 0
+    again = run_cli("heads", "train", *common, "--text", str(text), "--seq-len", "512", "--offset", "32", "--span", "64",
+                    "--hidden", "16", "--steps", "20", "--tokens", "1536", "--cache", str(tmp_path / "cache"), "--json")
+    assert json.loads(again.stdout)["cached_sequences"] == 3  # 1536 tokens = 3 sequences of 512, none read again
     info = json.loads(run_cli("heads", "info", *common, "--json").stdout)
     assert info["heads"] == report["out"] and info["source"] == "trained" and info["hidden"] == 16
     bench = run_cli("bench", "fidelity", "--model", str(model), "--text", str(text), "--context", "600", "--budget", "256,512",
@@ -201,6 +235,10 @@ def test_heads_cli_refuses_bad_input(tmp_path):
     binary = tmp_path / "blob.bin"
     binary.write_bytes(bytes(range(256)) * 40)
     assert_one_sentence(run_cli("heads", "train", "--model", str(model), "--text", str(binary)), "binary")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(32 + (i * 7919 + i // 5) % 90) for i in range(6000)))
+    assert_one_sentence(run_cli("heads", "train", "--model", str(model), "--text", str(text), "--seq-len", "512", "--offset",
+                                "32", "--span", "64", "--steps", "5", "--cache", str(binary)), "not a directory")
     assert_one_sentence(run_cli("heads", "import", str(tmp_path / "missing.pt"), "--model", str(model)), "not found")
     notes = tmp_path / "notes.pt"
     notes.write_text("not a checkpoint")
