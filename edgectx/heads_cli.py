@@ -37,6 +37,8 @@ def add_parser(sub, model_args) -> None:
     train.add_argument("--label", choices=("logit", "logprob"), default="logit",
                        help="what a label measures: the max attention logit later queries give a token (logit, Locret's), "
                             "or that logit minus each query's log-normalizer, i.e. its log attention probability (logprob)")
+    train.add_argument("--top-weight", type=float, default=1.0,
+                       help="extra weight on the errors of tokens more important than average (default 1; 0 = Locret's plain SmoothL1)")
     train.add_argument("--cache", metavar="DIR", help="keep each sequence's features and labels in DIR (about 150 MB per "
                        "4096 tokens for the embedded model): a rerun on the same text and label settings reads nothing again")
     train.add_argument("--json", action="store_true", help="print the training report as JSON")
@@ -75,7 +77,8 @@ def _train(args: argparse.Namespace, path: Path) -> int:
     if args.seq_len and args.seq_len > trained:
         raise UsageError(f"--seq-len {args.seq_len} is past {path.name}'s trained context ({trained}).")
     settings = TrainSettings(hidden=args.hidden, tokens=args.tokens, steps=args.steps, seq_len=args.seq_len or min(4096, trained),
-                             offset=args.offset, span=args.span, label=args.label)
+                             offset=args.offset, span=args.span, label=args.label,
+                             top_weight=args.top_weight)
     engine = Engine.load(path, device=args.device, n_ctx=settings.seq_len, n_threads=args.threads, weights=args.weights or "auto")
     ids = engine.tokenizer.encode(text, add_bos=False, special=False)
     ids = spread_sequences(ids, settings.n_tokens(engine.spec), settings.seq_len)

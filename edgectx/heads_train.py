@@ -14,7 +14,9 @@ top-1 agreement 0.898 vs 0.891 for logits) that the heads, however, learn less w
 
 The heads (one MLP per layer, trained all at once as a batched matmul) then fit these labels with
 SmoothL1 plus a small smoothness term between neighbouring tokens' predictions, AdamW, on windows of
-consecutive tokens. Inputs are scaled per feature by their RMS during training; the scale is folded
+consecutive tokens. Errors on tokens more important than average weigh more (`top_weight`): eviction
+only asks which tokens are the most important (held-out argparse.py, budget 1024: top-1 agreement
+0.9216 against 0.9199 unweighted, with heads trained on the same 105K tokens). Inputs are scaled per feature by their RMS during training; the scale is folded
 into fc1 when saving, so the file holds plain Locret-shaped fc1/fc2 weights. Labels are standardized
 per layer and KV head (eviction ranks tokens within one head of one layer, so an affine change per
 head changes nothing it decides, and the fit starts near the answer instead of ten logits away). A held-out share of the
@@ -62,6 +64,9 @@ class TrainSettings:
     window: int = 256  # consecutive tokens per window (the smoothness term needs neighbours)
     lr: float = 1e-3
     smooth: float = 0.0025  # weight of the neighbour smoothness term (Locret's value)
+    # Each token's error weighs 1 + top_weight * (its standardized label, if above the mean): eviction only asks
+    # which tokens are the most important, so errors among the unimportant bulk matter less (0 = Locret's loss).
+    top_weight: float = 1.0
     eval_every: int = 100
     seed: int = 0
 
@@ -69,8 +74,8 @@ class TrainSettings:
         if self.seq_len < self.skip_first + self.offset + self.span + self.window:
             raise UsageError(f"--seq-len {self.seq_len} leaves no tokens with a full label span: it must exceed "
                              f"{self.skip_first + self.offset + self.span + self.window}.")
-        if min(self.hidden, self.steps, self.batch, self.window, self.span, self.eval_every) < 1 or self.offset < 0:
-            raise UsageError("hidden, steps, batch, window, span and eval_every must be positive, and offset >= 0.")
+        if min(self.hidden, self.steps, self.batch, self.window, self.span, self.eval_every) < 1 or min(self.offset, self.top_weight) < 0:
+            raise UsageError("hidden, steps, batch, window, span and eval_every must be positive, and offset and top_weight >= 0.")
         if self.label not in LABELS:
             raise UsageError(f"label must be one of {', '.join(LABELS)}, not {self.label!r}.")
         if not 0 < self.heldout < 1:
@@ -220,9 +225,11 @@ def feature_rms(x: torch.Tensor) -> torch.Tensor:
     return (sum_sq / (x.shape[1] * x.shape[2])).sqrt().clamp(min=1e-6)[:, None, :]
 
 
-def _losses(pred: torch.Tensor, target: torch.Tensor, smooth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """pred/target (L, B, W, n_kv): the SmoothL1 fit and the total loss with the neighbour smoothness term."""
-    fit = F.smooth_l1_loss(pred, target)
+def _losses(pred: torch.Tensor, target: torch.Tensor, smooth: float, top_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred/target (L, B, W, n_kv), targets standardized: the weighted SmoothL1 fit and the total loss with
+    the neighbour smoothness term."""
+    weight = 1 + top_weight * target.clamp(min=0)
+    fit = (F.smooth_l1_loss(pred, target, reduction="none") * weight).mean() / weight.mean()
     return fit, fit + smooth * F.mse_loss(pred[:, :, 1:], pred[:, :, :-1])
 
 
@@ -269,7 +276,7 @@ def fit(heads: RetainingHeads, train_x: torch.Tensor, train_y: torch.Tensor, tes
         x = torch.stack([train_x[:, s, r] for s, r in zip(seqs.tolist(), rows)], dim=1).float() / scale[:, None]
         y = torch.stack([train_y[:, s, r] for s, r in zip(seqs.tolist(), rows)], dim=1)  # (L, B, W, n_kv)
         pred = heads(x.reshape(n_layers, -1, x.shape[-1])).reshape(y.shape)
-        fit_loss, loss = _losses(pred, y, settings.smooth)
+        fit_loss, loss = _losses(pred, y, settings.smooth, settings.top_weight)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)

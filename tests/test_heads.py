@@ -79,6 +79,18 @@ def test_cache_gives_back_what_reading_gave_and_rereads_damaged_files(tiny, tmp_
         ids[:512], tuple(read[0][:, 0].shape), tuple(read[1][:, 0].shape)) is not None
 
 
+def test_top_weight_makes_errors_on_important_tokens_cost_more():
+    from edgectx.heads_train import _losses
+
+    target = torch.tensor([-1.0, 0.0, 3.0]).reshape(1, 1, 3, 1)
+    miss_top = target - torch.tensor([0.0, 0.0, 0.5]).reshape(1, 1, 3, 1)  # the same error, on the important token
+    miss_low = target - torch.tensor([0.5, 0.0, 0.0]).reshape(1, 1, 3, 1)  # or on an unimportant one
+    plain = torch.nn.functional.smooth_l1_loss(miss_top, target)
+    assert _losses(miss_top, target, 0.0, 0.0)[0] == pytest.approx(float(plain))
+    assert _losses(miss_low, target, 0.0, 0.0)[0] == pytest.approx(float(plain))
+    assert _losses(miss_top, target, 0.0, 1.0)[0] > 2 * _losses(miss_low, target, 0.0, 1.0)[0]
+
+
 def test_logprob_labels_are_log_attention_probabilities(tiny):
     from dataclasses import replace
 
