@@ -50,18 +50,14 @@ class SequenceCache:
         """The sequence's (features fp16, labels fp32), or None if it is not cached or its file is unusable."""
         from safetensors.torch import load_file
 
-        path = self.path(ids)
-        try:
-            data = load_file(str(path))
+        try:  # missing, truncated, damaged or foreign: read the sequence again and overwrite the file
+            data = load_file(str(self.path(ids)))
             features, labels = data["features"], data["labels"]
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        except Exception:  # truncated, damaged or foreign file: read the sequence again and overwrite it
-            self.misses += 1
-            return None
-        if (tuple(features.shape) != feature_shape or features.dtype != torch.float16
-                or tuple(labels.shape) != label_shape or labels.dtype != torch.float32):
+            usable = (tuple(features.shape) == feature_shape and features.dtype == torch.float16
+                      and tuple(labels.shape) == label_shape and labels.dtype == torch.float32)
+        except Exception:
+            usable = False
+        if not usable:
             self.misses += 1
             return None
         self.hits += 1

@@ -16,8 +16,9 @@ The heads (one MLP per layer, trained all at once as a batched matmul) then fit 
 SmoothL1 plus a small smoothness term between neighbouring tokens' predictions, AdamW, on windows of
 consecutive tokens. Errors on tokens more important than average weigh more (`top_weight`): eviction
 only asks which tokens are the most important (heads trained on the same 105K tokens, held-out
-argparse.py and typing.py at budgets 1024 and 512: NLL lower in all four cases, top-1 within 0.3 points). Inputs are scaled per feature by their RMS during training; the scale is folded
-into fc1 when saving, so the file holds plain Locret-shaped fc1/fc2 weights. Labels are standardized
+argparse.py and typing.py at budgets 1024 and 512: NLL lower in all four cases, top-1 within 0.3
+points). Inputs are scaled per feature by their RMS during training; the scale is folded into fc1
+when saving, so the file holds plain Locret-shaped fc1/fc2 weights. Labels are standardized
 per layer and KV head (eviction ranks tokens within one head of one layer, so an affine change per
 head changes nothing it decides, and the fit starts near the answer instead of ten logits away). A held-out share of the
 sequences (never trained on) gives the loss curve and the top-10% recall (how many of the truly most

@@ -130,8 +130,9 @@ class FullKVCache:
         self._pending = n_new
         positions = torch.arange(self._n_tokens, self._n_tokens + n_new, device=self.device)
         self.rope_tables = self.rope.tables(positions, self.dtype)
-        self.mask = causal_mask(self._n_tokens, n_new, self.spec.sliding_window, self.device)
-        self.from_empty = self._n_tokens == 0 and n_new > 1 and (not self.spec.sliding_window or n_new <= self.spec.sliding_window)
+        window = self.spec.sliding_window
+        self.from_empty = self._n_tokens == 0 and n_new > 1 and (not window or n_new <= window)
+        self.mask = None if self.from_empty else causal_mask(self._n_tokens, n_new, window, self.device)
 
     def commit(self) -> None:
         self._n_tokens += self._pending
