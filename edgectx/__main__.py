@@ -1,5 +1,5 @@
 """`python -m edgectx` runs the `edgectx` command."""
 
-from edgectx.cli import main
+from edgectx.cli.main import main
 
 main()

@@ -13,19 +13,20 @@ The TUI's settings screen writes it back with `save_config`: only the keys it ch
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
 
-from edgectx.config_toml import dumps_toml
 from edgectx.errors import UsageError
+from edgectx.quant.formats import SNAPSHOT_CODECS, WEIGHT_FORMATS
 
 APP = "edgectx"
-CODECS = ("fp16", "int8", "int4")
-WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # also edgectx.quant.WEIGHT_FORMATS (quant imports no config)
 
 
 def data_dir() -> Path:
@@ -82,8 +83,8 @@ def _validated(raw: dict, path: Path) -> Config:
     if weights is not None and weights not in WEIGHT_FORMATS:
         raise UsageError(f"In {path}, weights must be one of {', '.join(WEIGHT_FORMATS)} (got {weights!r}).")
     codec = raw.get("snapshot_codec")
-    if codec is not None and codec not in CODECS:
-        raise UsageError(f"In {path}, snapshot_codec must be one of {', '.join(CODECS)} (got {codec!r}).")
+    if codec is not None and codec not in SNAPSHOT_CODECS:
+        raise UsageError(f"In {path}, snapshot_codec must be one of {', '.join(SNAPSHOT_CODECS)} (got {codec!r}).")
     budget = raw.get("budget")
     if budget is not None and budget != "full" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 64):
         raise UsageError(f"In {path}, budget must be a token count of at least 64, or \"full\" (got {budget!r}).")
@@ -140,3 +141,43 @@ def save_config(changes: dict, path: Path | None = None) -> Config:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"Cannot write the config file {path}: {e.strerror}.") from None
     return config
+
+
+# -- writing TOML (Python's tomllib only reads): strings, numbers, booleans, lists of those, and tables of them,
+# which is all a config holds; the output reads back equal with tomllib.
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(name: str) -> str:
+    return name if _BARE_KEY.match(name) else _string(name)
+
+
+def _string(text: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes, except that TOML has no \/ (json never emits it).
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
+        return repr(value)
+    if isinstance(value, str):
+        return _string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: tables inside tables
+        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps_toml(data: dict) -> str:
+    plain = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [f"[{_key(k)}]\n" + "".join(f"{_key(kk)} = {_value(vv)}\n" for kk, vv in v.items())
+              for k, v in data.items() if isinstance(v, dict)]
+    return "\n".join(["\n".join(plain) + "\n" if plain else ""] + tables).lstrip("\n")

@@ -23,24 +23,24 @@ from typing import Callable, Iterator
 
 import torch
 
-from edgectx.chat_template import ChatTemplate
-from edgectx.decode import CompiledDecode
+from edgectx.model.chat_template import ChatTemplate
+from edgectx.model.decode import CompiledDecode
 from edgectx.errors import EdgectxError, SnapshotError, UsageError
-from edgectx.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
-from edgectx.kv import FullKVCache, KVMemory
-from edgectx.memory import ContextMemory
-from edgectx.memory_config import MemoryConfig
-from edgectx.memory_snapshot import CODECS as SNAPSHOT_CODECS
-from edgectx.memory_snapshot import load_memory, memory_meta, memory_sections
-from edgectx.model_source import open_model
-from edgectx.quant import resolve_weights
-from edgectx.rope import Rope
-from edgectx.sampling import Sampler, SamplingParams
-from edgectx.scoring import AttentionMassScorer, EvictionScorer, WindowScorer
-from edgectx.snapshot_file import open_snapshot, read_header, write_snapshot
-from edgectx.spec import ModelSpec
-from edgectx.stops import StopMatcher
-from edgectx.tokenizer import TextTokenizer
+from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
+from edgectx.model.kv import FullKVCache, KVMemory
+from edgectx.memory.context import ContextMemory
+from edgectx.memory.config import MemoryConfig
+from edgectx.quant.formats import SNAPSHOT_CODECS
+from edgectx.memory.state import load_memory, memory_meta, memory_sections
+from edgectx.model.source import open_model
+from edgectx.quant.linear import resolve_weights
+from edgectx.model.rope import Rope
+from edgectx.model.sampling import Sampler, SamplingParams
+from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer, WindowScorer
+from edgectx.snapshot.file import open_snapshot, read_header, write_snapshot
+from edgectx.model.spec import ModelSpec
+from edgectx.model.stops import StopMatcher
+from edgectx.model.tokenizer import TextTokenizer
 
 Progress = Callable[[int, int], None]
 Cancel = Callable[[], bool]
@@ -313,7 +313,7 @@ class Engine:
     def snapshot(self, path: Path | str, codec: str = "int4") -> SnapshotInfo:
         """Write the long-context memory, its token ids and the next-token logits to `path`, atomically.
         `codec`: "fp16" (lossless: a restore continues bit for bit), "int8" or "int4" (the host store
-        quantized, KIVI-style; see edgectx.memory_snapshot)."""
+        quantized, KIVI-style; see edgectx.memory.state)."""
         if not isinstance(self.memory, ContextMemory):
             raise UsageError("Only the long-context memory can be saved as a snapshot: set a --budget instead of 'full'.")
         if codec not in SNAPSHOT_CODECS:

@@ -1,6 +1,6 @@
 """Block scoring for retrieval (InfLLM) in Triton: a query chunk against every block's representative key.
 
-The rule is edgectx.retrieval.select_blocks': per KV head, the chunk's mean pre-RoPE query summed over the
+The rule is edgectx.memory.retrieval.select_blocks': per KV head, the chunk's mean pre-RoPE query summed over the
 head's query group, dotted with each block's representative key, divided by sqrt(d) * group. Program
 (h, t) reduces the group's queries to that one vector and scores a tile of BLOCK_B blocks against it, in
 float32 whatever the input dtype. The torch oracle is

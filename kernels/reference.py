@@ -3,7 +3,7 @@
 Each function states the exact arithmetic its kernel implements, in float32 whatever the input dtype, so a
 kernel can be checked on any device (and these run where Triton does not). Rotary tables are the half
 tables of a half-split ("NEOX") rotation: `cos`, `sin` of shape (n_positions, rope_dim // 2), with any
-attention factor (YaRN mscale) already folded in, as `edgectx.rope.Rope` builds them.
+attention factor (YaRN mscale) already folded in, as `edgectx.model.rope.Rope` builds them.
 
     out = decode_attention_reference(q, k_pre, v, positions=pos, q_position=511, cos=cos, sin=sin)
     scores = block_scores_reference(q, representatives, n_eligible=40)   # (n_kv, 40)
@@ -68,7 +68,7 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def block_scores_reference(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int) -> torch.Tensor:
     """Retrieval scores (n_kv, n_eligible) of the first `n_eligible` blocks, in float32.
 
-    The rule of edgectx.retrieval.select_blocks: the chunk's mean pre-RoPE query (q: n_heads, T, d), summed
+    The rule of edgectx.memory.retrieval.select_blocks: the chunk's mean pre-RoPE query (q: n_heads, T, d), summed
     over each KV head's query group, dotted with the block's representative key (representatives:
     n_blocks, n_kv, d), divided by sqrt(d) * group.
     """

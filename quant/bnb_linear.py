@@ -96,8 +96,9 @@ def linear_weight_bytes(layer: nn.Module) -> int:
 
 def _state_bytes(state) -> int:
     tensors = [state.absmax, state.code]
-    if state.state2 is not None:
-        tensors += [state.state2.absmax, state.state2.code]
-    if state.offset is not None:
+    nested = getattr(state, "state2", None)  # bitsandbytes 0.50.2 sets state2 and offset only when nested
+    if nested is not None:
+        tensors += [nested.absmax, nested.code]
+    if getattr(state, "offset", None) is not None:
         tensors.append(state.offset)
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

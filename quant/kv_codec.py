@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-CODECS = ("fp16", "int8", "int4")
+from edgectx.quant.formats import SNAPSHOT_CODECS as CODECS
+
 KINDS = ("key", "value")
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = 64  # int4 at 64: 4.5 bits per value with the fp16 stats; at 32, 5 bits (see the tests' size table)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from edgectx.errors import UsageError
+from edgectx.quant.formats import WEIGHT_FORMATS
 
 _packed_by_handle: dict[int, torch.ScriptObject] = {}
 _next_handle = itertools.count()
@@ -66,7 +67,6 @@ class PackedFp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16-packed"
 
 
-WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")
 # "auto" quantizes to nf4 only models whose 16-bit weights pass this size (about 1B parameters): below it
 # 4 bits save little memory and cost a lot of quality (SmolLM2-135M: top-1 vs fp16 falls to 0.73).
 AUTO_NF4_MIN_BYTES = 2 << 30

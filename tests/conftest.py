@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     # session can run Triton on a CPU anyway.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from edgectx.models import embedded_model_path  # noqa: E402
+from edgectx.model.discover import embedded_model_path  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def anyio_backend():
 @pytest.fixture
 def store():
     """An empty conversation store in the isolated data dir (test_store.py has its own, on a given path)."""
-    from edgectx.store import ConversationStore
+    from edgectx.store.conversations import ConversationStore
 
     with ConversationStore() as s:
         yield s

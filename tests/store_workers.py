@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from edgectx.store import ConversationStore
+from edgectx.store.conversations import ConversationStore
 
 
 def payload(writer: str, i: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
-from edgectx.gguf_loader import open_gguf, read_spec
+from edgectx.model.gguf import open_gguf, read_spec
 from cli_helpers import assert_one_sentence, run_cli
 from tiny_gguf import write_tiny_gguf
 

@@ -10,7 +10,7 @@ import torch
 
 from edgectx.engine import Engine
 from edgectx.errors import UsageError
-from edgectx.quant import linear_factory, resolve_weights
+from edgectx.quant.linear import linear_factory, resolve_weights
 from edgectx.quant.bnb_linear import linear_weight_bytes
 from tiny_gguf import write_tiny_gguf
 
@@ -93,7 +93,7 @@ def test_auto_picks_nf4_on_cuda_for_big_models_when_bitsandbytes_is_there():
 
 
 def test_cli_reports_missing_bitsandbytes(tiny, monkeypatch, capsys):
-    from edgectx.cli import main
+    from edgectx.cli.main import main
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(SystemExit) as exit_info:
@@ -117,8 +117,8 @@ def test_nf4_on_cuda_matches_16_bit(tiny):
 
 def test_config_file_sets_the_weight_format(tmp_path, tiny):
     from edgectx.config import load_config
-    from edgectx.repl import load_engine
-    from edgectx.cli import build_parser
+    from edgectx.cli.options import load_engine
+    from edgectx.cli.main import build_parser
     from rich.console import Console
 
     path = tmp_path / "config.toml"

@@ -7,11 +7,11 @@ import pytest
 
 from tiny_gguf import write_tiny_gguf
 
-from edgectx.chat import ChatSession
+from edgectx.chat.session import ChatSession
 from edgectx.engine import Engine
 from edgectx.errors import UsageError
-from edgectx.memory_config import MemoryConfig
-from edgectx.sampling import SamplingParams
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from tui_fakes import FakeEngine
 
-from edgectx.citations import cite
-from edgectx.doc_context import build_opening
-from edgectx.documents import Document
+from edgectx.chat.citations import cite
+from edgectx.chat.opening import build_opening
+from edgectx.chat.documents import Document
 
 TEXT = "".join(f"line {i} of the notes\n" for i in range(1, 41))
 

@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from edgectx.config import config_path, load_config, save_config
-from edgectx.config_toml import dumps_toml
+from edgectx.config import dumps_toml
 from edgectx.errors import UsageError
 
 

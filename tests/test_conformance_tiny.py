@@ -59,7 +59,7 @@ def test_logits_match_llama_cpp(tmp_path, case):
 
 def test_permuted_llama_differs_without_unpermute(tmp_path, monkeypatch):
     """Guard that the conformance test can fail: skipping the Q/K un-permutation must break agreement."""
-    import edgectx.gguf_loader as loader
+    import edgectx.model.gguf as loader
 
     monkeypatch.setattr(loader, "_unpermute", lambda w, n_heads: w)
     got, expected = _compare(write_tiny_gguf(tmp_path / "llama.gguf", arch="llama"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from edgectx.decode import cpp_compiler_available
+from edgectx.model.decode import cpp_compiler_available
 from edgectx.engine import Engine
 from tiny_gguf import write_tiny_gguf
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cli_helpers import assert_one_sentence, run_cli
-from edgectx.documents import char_span, page_of, read_document, token_char_offsets
+from edgectx.chat.documents import char_span, page_of, read_document, token_char_offsets
 from edgectx.errors import DocumentError
 from tiny_gguf import write_tiny_gguf
 
@@ -285,7 +285,7 @@ def _corrupt(data: bytes, edits: list[tuple[int, int]]) -> bytes:
 
 @pytest.fixture(scope="module")
 def tokenizer(embedded_model):
-    from edgectx.tokenizer import Tokenizer
+    from edgectx.model.tokenizer import Tokenizer
 
     return Tokenizer(embedded_model)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from edgectx.bench.corpus import corpus_tokens
-from edgectx.chat import ChatSession
+from edgectx.chat.session import ChatSession
 from edgectx.engine import Cancelled
-from edgectx.sampling import SamplingParams
+from edgectx.model.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
 

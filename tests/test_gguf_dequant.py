@@ -95,7 +95,7 @@ def test_cuda_matches_the_reference(qtype):
 
 
 def test_loader_decodes_the_embedded_model_as_the_reference_does(embedded_model):
-    from edgectx.gguf_loader import dequantize, dequantize_reference, open_gguf
+    from edgectx.model.gguf import dequantize, dequantize_reference, open_gguf
 
     g = open_gguf(embedded_model)
     for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight", "output_norm.weight"):
@@ -107,7 +107,7 @@ def test_loader_decodes_the_embedded_model_as_the_reference_does(embedded_model)
 
 def test_loader_refuses_an_unsupported_type_in_one_sentence(tmp_path):
     from edgectx.errors import UnsupportedModelError
-    from edgectx.gguf_loader import dequantize, open_gguf
+    from edgectx.model.gguf import dequantize, open_gguf
 
     path = tmp_path / "iq.gguf"
     w = gguf.GGUFWriter(str(path), "llama")

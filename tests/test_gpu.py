@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgectx.gguf_loader import load_model, open_gguf, read_spec
-from edgectx.kv import FullKVCache
-from edgectx.rope import Rope
+from edgectx.model.gguf import load_model, open_gguf, read_spec
+from edgectx.model.kv import FullKVCache
+from edgectx.model.rope import Rope
 from tiny_gguf import write_tiny_gguf
 
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgectx import device_memory
+from edgectx.memory import device as device_memory
 from edgectx.bench.synthetic_speed import full_attention_bytes, plan_full
-from edgectx.cli import run
+from edgectx.cli.main import run
 from edgectx.engine import Engine
 from edgectx.errors import UsageError
-from edgectx.memory_config import MemoryConfig
-from edgectx.model import Transformer
-from edgectx.spec import ModelSpec
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.transformer import Transformer
+from edgectx.model.spec import ModelSpec
 from tiny_gguf import write_tiny_gguf
 
 SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
@@ -95,8 +95,8 @@ def test_async_retrieval_on_cuda_matches_synchronous_copies(tmp_path):
 
 
 def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cuda(monkeypatch):
-    from edgectx.memory import ContextMemory
-    from edgectx.rope import Rope
+    from edgectx.memory.context import ContextMemory
+    from edgectx.model.rope import Rope
 
     spec = ModelSpec(arch="llama", n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=10,
                      context_length=4096)
@@ -141,14 +141,14 @@ TINY = ModelSpec(arch="llama", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, head
 
 
 def _fake_synthetic(monkeypatch):
-    """A stand-in for edgectx.synthetic: one tiny spec, a Transformer with random weights."""
+    """A stand-in for edgectx.model.synthetic: one tiny spec, a Transformer with random weights."""
     def build_synthetic(name, device, dtype, weights=None):
         torch.manual_seed(0)
         return Transformer(TINY).to(device, dtype).eval(), TINY
 
-    module = types.ModuleType("edgectx.synthetic")
+    module = types.ModuleType("edgectx.model.synthetic")
     module.SYNTHETIC, module.build_synthetic = {"tiny": TINY}, build_synthetic
-    monkeypatch.setitem(sys.modules, "edgectx.synthetic", module)
+    monkeypatch.setitem(sys.modules, "edgectx.model.synthetic", module)
 
 
 def test_bench_speed_synthetic_on_cpu_reports_speed_floor_and_memory(monkeypatch, capsys):
@@ -188,7 +188,7 @@ def test_bench_speed_synthetic_rejects_unknown_names_and_caps_without_cuda(monke
 
 
 def test_bench_speed_synthetic_with_the_real_tiny_model(capsys):
-    from edgectx.synthetic import SYNTHETIC
+    from edgectx.model.synthetic import SYNTHETIC
 
     assert run(["bench", "speed", "--synthetic", "tiny", "--context", "300", "--decode-tokens", "2", "--budget", "256",
                 "--device", "cpu", "--threads", "1", "--json"]) == 0
@@ -212,7 +212,7 @@ def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
         device_memory._caps.clear()
     result = json.loads(capsys.readouterr().out)
     assert result["gpu_mem_cap_bytes"] == 2 << 30 and result["weights"] in ("nf4", "fp16")
-    from edgectx.synthetic import SYNTHETIC
+    from edgectx.model.synthetic import SYNTHETIC
 
     assert result["weight_bytes"] == pytest.approx(SYNTHETIC["tiny"].weight_bytes(result["weights"], 2), rel=0.01)
     assert 4 <= result["cache_capacity_blocks"] <= device_memory.AUTO_CACHE_MAX_BLOCKS

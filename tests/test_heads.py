@@ -10,10 +10,10 @@ import torch
 
 from cli_helpers import assert_one_sentence, run_cli
 from edgectx.engine import Engine
-from edgectx.heads import HeadsError, HeadsInfo, HeadsScorer, RetainingHeads, import_locret, load_heads, save_heads
-from edgectx.heads_train import TrainSettings, collect, evaluate, fit, standardize
-from edgectx.memory import ContextMemory
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.heads import HeadsError, HeadsInfo, HeadsScorer, RetainingHeads, import_locret, load_heads, save_heads
+from edgectx.train.heads import TrainSettings, collect, evaluate, fit, standardize
+from edgectx.memory.context import ContextMemory
+from edgectx.memory.config import MemoryConfig
 from tiny_gguf import write_tiny_gguf
 
 SMALL_TRAIN = TrainSettings(hidden=32, seq_len=512, offset=32, span=64, skip_first=16, window=64, batch=4,
@@ -51,7 +51,7 @@ def test_training_lowers_heldout_loss_and_folds_the_input_scale(tiny):
 def test_cache_gives_back_what_reading_gave_and_rereads_damaged_files(tiny, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from edgectx.heads_cache import SequenceCache
+    from edgectx.train.cache import SequenceCache
 
     ids = _ids(2 * 512)
     cache = SequenceCache(tmp_path, tiny.fingerprint, SMALL_TRAIN)
@@ -80,7 +80,7 @@ def test_cache_gives_back_what_reading_gave_and_rereads_damaged_files(tiny, tmp_
 
 
 def test_top_weight_makes_errors_on_important_tokens_cost_more():
-    from edgectx.heads_train import _losses
+    from edgectx.train.heads import _losses
 
     target = torch.tensor([-1.0, 0.0, 3.0]).reshape(1, 1, 3, 1)
     miss_top = target - torch.tensor([0.0, 0.0, 0.5]).reshape(1, 1, 3, 1)  # the same error, on the important token

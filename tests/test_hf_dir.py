@@ -16,10 +16,10 @@ from cli_helpers import assert_one_sentence, run_cli
 from edgectx.config import load_config
 from edgectx.engine import Engine
 from edgectx.errors import ModelFileError, SnapshotError, UnsupportedModelError
-from edgectx.hf_loader import open_hf_dir, read_spec
-from edgectx.memory_config import MemoryConfig
-from edgectx.model_source import open_model
-from edgectx.models import discover, resolve_model
+from edgectx.model.hf import open_hf_dir, read_spec
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.source import open_model
+from edgectx.model.discover import discover, resolve_model
 from tiny_hf import training_text, write_tiny_pair
 
 CASES = {
@@ -83,7 +83,7 @@ def test_directory_and_gguf_give_the_same_tokens_and_logits(pair, case):
 
 def test_agreement_needs_the_gguf_permutation(pair, monkeypatch):
     """Guard: HF Q/K rows are not permuted, GGUF's are; loading the GGUF without undoing it must disagree."""
-    import edgectx.gguf_loader as loader
+    import edgectx.model.gguf as loader
 
     hf_dir, gguf_path = pair("llama-spm")
     monkeypatch.setattr(loader, "_unpermute", lambda w, n_heads: w)

@@ -10,10 +10,10 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from edgectx.hf_tokenizer import load_hf_tokenizer
-from edgectx.hf_tokenizer_config import read_tokenizer_settings
-from edgectx.model_source import ModelSource
-from edgectx.token_spans import token_char_offsets
+from edgectx.model.hf_tokenizer import load_hf_tokenizer
+from edgectx.model.hf_tokenizer_config import read_tokenizer_settings
+from edgectx.model.source import ModelSource
+from edgectx.chat.token_spans import token_char_offsets
 from tiny_gguf import CHATML
 from tiny_hf import train_bpe_json, train_metaspace_json, train_sentencepiece, training_text
 

@@ -18,13 +18,13 @@ import pytest
 from cli_helpers import assert_one_sentence, run_cli
 from tiny_gguf import write_tiny_gguf
 
-from edgectx.doc_context import build_opening
-from edgectx.documents import read_document
+from edgectx.chat.opening import build_opening
+from edgectx.chat.documents import read_document
 from edgectx.engine import Engine
-from edgectx.ingest_cli import byte_count
-from edgectx.memory_config import MemoryConfig
-from edgectx.snapshot_file import open_snapshot
-from edgectx.store import ConversationStore
+from edgectx.cli.ingest import byte_count
+from edgectx.memory.config import MemoryConfig
+from edgectx.snapshot.file import open_snapshot
+from edgectx.store.conversations import ConversationStore
 
 MEMORY = ("--budget", "512", "--chunk", "128")  # evicts after a few hundred tokens: snapshots hold every tier
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxes".split()
@@ -235,7 +235,7 @@ def test_two_processes_ingesting_the_same_file_share_one_snapshot(model, doc):
 _SNAPSHOT_WRITER = """
 import sys
 from edgectx.engine import Engine
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 engine = Engine.load(sys.argv[1], device="cpu", memory_config=MemoryConfig.for_budget(512, chunk_tokens=128))
 engine.prefill([(i * 7) % 200 + 3 for i in range(3000)])
 while True:

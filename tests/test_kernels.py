@@ -25,15 +25,15 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU, and Triton's interpreter is off (tests/conftest.py turns it on)", allow_module_level=True)
 
 from edgectx import kernels  # noqa: E402
-from edgectx.gguf_loader import load_model, open_gguf, read_spec  # noqa: E402
+from edgectx.model.gguf import load_model, open_gguf, read_spec  # noqa: E402
 from edgectx.kernels import block_scoring as scoring_mod  # noqa: E402
 from edgectx.kernels import decode_attention as decode_mod  # noqa: E402
 from edgectx.kernels.reference import block_scores_reference, decode_attention_reference  # noqa: E402
-from edgectx.memory import ContextMemory  # noqa: E402
-from edgectx.memory_config import MemoryConfig  # noqa: E402
-from edgectx.retrieval import select_blocks  # noqa: E402
-from edgectx.rope import Rope  # noqa: E402
-from edgectx.spec import ModelSpec  # noqa: E402
+from edgectx.memory.context import ContextMemory  # noqa: E402
+from edgectx.memory.config import MemoryConfig  # noqa: E402
+from edgectx.memory.retrieval import select_blocks  # noqa: E402
+from edgectx.model.rope import Rope  # noqa: E402
+from edgectx.model.spec import ModelSpec  # noqa: E402
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from edgectx.bench.corpus import corpus_tokens
-from edgectx.block_store import HostBlockStore
+from edgectx.memory.block_store import HostBlockStore
 from edgectx.engine import Cancelled
 from edgectx.errors import UsageError
-from edgectx.memory import ContextMemory
-from edgectx.memory_config import MemoryConfig
-from edgectx.rope import Rope
-from edgectx.spec import ModelSpec
+from edgectx.memory.context import ContextMemory
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.rope import Rope
+from edgectx.model.spec import ModelSpec
 
 SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
                      chunk_tokens=64, n_observe=16, retrieve_every=4, evict_every=16)
@@ -176,7 +176,7 @@ def test_block_store_round_trips_across_segments():
 
 
 def test_causal_prefill_from_empty_matches_the_masked_kernel():
-    from edgectx.kv import causal_attention, causal_mask, grouped_attention
+    from edgectx.model.kv import causal_attention, causal_mask, grouped_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(h, 300, 16, generator=gen) for h in (6, 2, 2))

@@ -16,11 +16,11 @@ from tiny_gguf import write_tiny_gguf
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.engine import Engine
 from edgectx.errors import SnapshotError, UsageError
-from edgectx.heads import HeadsInfo, RetainingHeads, save_heads
-from edgectx.memory_config import MemoryConfig
-from edgectx.memory_snapshot import memory_meta, memory_sections
-from edgectx.snapshot_file import open_snapshot, read_header, write_snapshot
-from edgectx.snapshot_sections import tensor_section
+from edgectx.memory.heads import HeadsInfo, RetainingHeads, save_heads
+from edgectx.memory.config import MemoryConfig
+from edgectx.memory.state import memory_meta, memory_sections
+from edgectx.snapshot.file import open_snapshot, read_header, write_snapshot
+from edgectx.snapshot.sections import tensor_section
 
 # Eviction after every 64-token chunk, retrieval of 2 blocks of 32 per KV head, decode evicting every 16 steps.
 SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
@@ -174,7 +174,7 @@ def test_an_int4_snapshot_is_its_host_store_plus_small_state(models, tmp_path):
     """The bytes an int4 snapshot may hold: the host store's int4 payload (sinks and window fp16), the
     representatives, resident indices and scores, the logits, the token ids and the header. Storing the
     resident K/V besides (192 tokens per KV head here, 49 KB in fp16) would break the bound."""
-    from edgectx.memory_snapshot import host_codec_options
+    from edgectx.memory.state import host_codec_options
     from edgectx.quant.kv_codec import payload_nbytes
 
     live = _engine(models[0])
@@ -336,10 +336,14 @@ def test_forged_memory_state_is_refused_with_one_sentence(models, tmp_path):
 
 
 def test_the_cli_offers_the_snapshot_codecs():
-    from edgectx.cli import SNAPSHOT_CODECS
-    from edgectx.memory_snapshot import CODECS
+    from edgectx.cli.main import build_parser
+    from edgectx.quant.kv_codec import CODECS
 
-    assert SNAPSHOT_CODECS == CODECS == ("fp16", "int8", "int4")
+    parser = build_parser()
+    for argv in (["chat"], ["tui"], ["ingest", "f"], ["bench", "reopen"]):
+        for codec in CODECS:
+            assert parser.parse_args(argv + ["--codec", codec]).codec == codec
+    assert CODECS == ("fp16", "int8", "int4")
 
 
 def test_what_cannot_be_snapshotted(models, tmp_path):

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from edgectx.gguf_loader import open_gguf, read_spec
-from edgectx.memory import ContextMemory
-from edgectx.memory_config import MemoryConfig
-from edgectx.plan import GIB, VALID_BYTES, device_kv, plan_memory
-from edgectx.rope import Rope
-from edgectx.scoring import WindowScorer
+from edgectx.model.gguf import open_gguf, read_spec
+from edgectx.memory.context import ContextMemory
+from edgectx.memory.config import MemoryConfig
+from edgectx.memory.plan import GIB, VALID_BYTES, device_kv, plan_memory
+from edgectx.model.rope import Rope
+from edgectx.memory.scoring import WindowScorer
 
 CPU = torch.device("cpu")
 
@@ -59,7 +59,7 @@ def test_device_and_host_figures_equal_what_the_memory_reports(embedded_spec):
 
 def _plan(capsys, *args: str) -> tuple[int, str, list[str]]:
     """Run `edgectx plan ARGS` in-process: (exit status, stdout, stderr lines)."""
-    from edgectx.cli import main
+    from edgectx.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", *args])
@@ -105,14 +105,14 @@ def test_the_cli_still_starts_without_importing_torch():
     import subprocess
     import sys
 
-    code = "import sys, edgectx.cli; edgectx.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, edgectx.cli.main; edgectx.cli.main.build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
     assert result.stdout.strip() == "False", result.stderr
 
 
 def test_gpu_plan_sizes_the_auto_block_cache_as_the_memory_does(capsys):
-    from edgectx.device_memory import AUTO_CACHE_MAX_BLOCKS, auto_cache_blocks
-    from edgectx.synthetic import synthetic_spec
+    from edgectx.memory.device import AUTO_CACHE_MAX_BLOCKS, auto_cache_blocks
+    from edgectx.model.synthetic import synthetic_spec
 
     spec, config = synthetic_spec("llama-3.1-8b"), MemoryConfig()
     code, out, _ = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24",

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgectx.errors import EdgectxError, SnapshotError
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 from edgectx.quant.kv_codec import decode_kv
-from edgectx.snapshot_file import FORMAT_VERSION, MAGIC, PREFIX, open_snapshot, read_header, write_snapshot
-from edgectx.snapshot_sections import bytes_section, tensor_section
-from edgectx.token_chain import common_prefix_chunks, token_chain
+from edgectx.snapshot.file import FORMAT_VERSION, MAGIC, PREFIX, open_snapshot, read_header, write_snapshot
+from edgectx.snapshot.sections import bytes_section, tensor_section
+from edgectx.snapshot.token_chain import common_prefix_chunks, token_chain
 
 FP = "ab" * 32
 
@@ -456,7 +456,7 @@ def test_disk_full_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("edgectx.snapshot_file.os.fsync", full)
+    monkeypatch.setattr("edgectx.snapshot.file.os.fsync", full)
     with pytest.raises(SnapshotError, match="disk is full") as info:
         _write(path, ids=IDS[:10])
     assert str(path) in str(info.value)
@@ -466,8 +466,8 @@ def test_disk_full_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
 _CHILD = textwrap.dedent("""
     import os, sys, time, torch
     from pathlib import Path
-    import edgectx.snapshot_file as sf
-    from edgectx.snapshot_sections import tensor_section
+    import edgectx.snapshot.file as sf
+    from edgectx.snapshot.sections import tensor_section
     path, stage = Path(sys.argv[1]), sys.argv[2]
     def hang(*a):
         Path(str(path) + ".marker").touch()

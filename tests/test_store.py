@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-import edgectx.store_db as store_db
+import edgectx.store.db as store_db
 from edgectx.config import data_dir
 from edgectx.errors import StoreError
-from edgectx.store import ConversationStore, fts_query
-from edgectx.store_export import conversation_dict, export_json, export_markdown
+from edgectx.store.conversations import ConversationStore, fts_query
+from edgectx.store.export import conversation_dict, export_json, export_markdown
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from edgectx.cli import main
-from edgectx.store import ConversationStore
+from edgectx.cli.main import main
+from edgectx.store.conversations import ConversationStore
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

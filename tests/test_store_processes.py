@@ -8,7 +8,7 @@ import signal
 import sqlite3
 
 import store_workers
-from edgectx.store import ConversationStore
+from edgectx.store.conversations import ConversationStore
 
 
 def _integrity_ok(path) -> bool:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from edgectx.errors import UsageError
-from edgectx.kv import FullKVCache
-from edgectx.memory import ContextMemory
-from edgectx.memory_config import MemoryConfig
-from edgectx.rope import Rope
-from edgectx.spec import ModelSpec
-from edgectx.synthetic import PUBLISHED_PARAMS, SYNTHETIC, build_synthetic, llama3_freq_factors, synthetic_spec
+from edgectx.model.kv import FullKVCache
+from edgectx.memory.context import ContextMemory
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.rope import Rope
+from edgectx.model.spec import ModelSpec
+from edgectx.model.synthetic import PUBLISHED_PARAMS, SYNTHETIC, build_synthetic, llama3_freq_factors, synthetic_spec
 
 CPU = torch.device("cpu")
 

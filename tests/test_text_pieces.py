@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgectx.chat_template import ChatTemplate, TemplateError
-from edgectx.sampling import Sampler, SamplingParams
-from edgectx.stops import StopMatcher
+from edgectx.model.chat_template import ChatTemplate, TemplateError
+from edgectx.model.sampling import Sampler, SamplingParams
+from edgectx.model.stops import StopMatcher
 
 
 def test_stop_string_split_across_pieces():

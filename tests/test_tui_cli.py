@@ -11,7 +11,7 @@ from tiny_gguf import write_tiny_gguf
 
 
 def test_help_lists_tui_and_does_not_import_textual():
-    code = ("import sys\nfrom edgectx.cli import run\ntry:\n    run(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom edgectx.cli.main import run\ntry:\n    run(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('textual loaded:', 'textual' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr
@@ -29,9 +29,9 @@ def test_bare_edgectx_in_a_pipe_runs_the_line_chat(tmp_path):
 
 
 def test_tui_sampling_flags_then_the_config_then_the_defaults():
-    from edgectx.cli import build_parser
+    from edgectx.cli.main import build_parser
     from edgectx.config import Config
-    from edgectx.tui.app import sampling_from
+    from edgectx.cli.options import sampling_from
 
     args = build_parser().parse_args(["tui", "--temperature", "0.1", "--top-k", "7", "--seed", "3", "--max-tokens", "64"])
     config = Config(temperature=0.9, top_p=0.5)

@@ -10,10 +10,11 @@ from tiny_gguf import write_tiny_gguf
 from tui_fakes import RecordingApp, settle, shown, stored
 
 from edgectx.engine import Cancelled, Engine
-from edgectx.memory_config import MemoryConfig
-from edgectx.sampling import SamplingParams
-from edgectx.store import ConversationStore
-from edgectx.tui.bridge import Bridge, Settings
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.sampling import SamplingParams
+from edgectx.store.conversations import ConversationStore
+from edgectx.chat.conversation import Settings
+from edgectx.tui.bridge import Bridge
 from edgectx.tui.widgets.prompt import PromptInput
 from edgectx.tui.widgets.sidebar import ConversationList
 from edgectx.tui.widgets.status import StatusBar
@@ -99,12 +100,12 @@ def test_a_stopped_attach_leaves_the_conversation_as_it_was(tmp_path):
         bridge = bridge_for(model, store)
         bridge.load()
         bridge.send("hello", on_piece=lambda piece: None, cancel=lambda: False)
-        before = list(bridge.chat.messages)
+        before = list(bridge.conversation.messages)
         chunks = []
         with pytest.raises(Cancelled):
             bridge.attach(bridge.read_document(str(_doc(tmp_path))), progress=lambda done, total: chunks.append(done),
                           cancel=lambda: len(chunks) >= 2)
-        assert len(chunks) == 2 and bridge.documents == [] and bridge.chat.messages == before
+        assert len(chunks) == 2 and bridge.conversation.documents == [] and bridge.conversation.messages == before
         conversation_id = bridge.conversation_id
         assert store.documents.attached(conversation_id) == []
 

@@ -12,7 +12,7 @@ from tui_fakes import FakeEngine, RecordingApp, settle, shown, stored, wait_for
 
 from edgectx.config import Config, config_path, load_config
 from edgectx.errors import ModelFileError
-from edgectx.models import ModelEntry
+from edgectx.model.discover import ModelEntry
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.help import HelpScreen
 from edgectx.tui.screens.models import ModelScreen
@@ -122,7 +122,7 @@ async def test_citations_under_the_answer_open_the_passage(store, tmp_path):
         await settle(pilot, app)
         assert app.chat.bridge.snapshot_state == "snapshot saved"
         assert "snapshot saved" in app.chat.query_one(StatusBar).full_text
-        opening = app.chat.bridge._opening
+        opening = app.chat.bridge.conversation.opening
         first, end = text.index("line 7:"), text.index("line 9:")
         engine.retrieved = [{"block": 3, "start_token": opening.offsets[0].index(first),
                              "end_token": opening.offsets[0].index(end), "score": 0.42},
@@ -321,6 +321,6 @@ def test_a_message_stopped_before_its_answer_leaves_the_store_as_the_chat(store)
     bridge.send("first", on_piece=lambda p: None, cancel=lambda: False)
     bridge.send("stopped while read", on_piece=lambda p: None, cancel=lambda: True)
     assert stored(store, bridge.conversation_id) == [("user", "first"), ("assistant", "ok")]
-    assert [m["content"] for m in bridge.chat.messages] == ["first", "ok"]
+    assert [m["content"] for m in bridge.conversation.messages] == ["first", "ok"]
     bridge.redo("first, edited", on_piece=lambda p: None, cancel=lambda: False)
     assert stored(store, bridge.conversation_id) == [("user", "first, edited"), ("assistant", "ok")]

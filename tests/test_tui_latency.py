@@ -12,7 +12,7 @@ import pytest
 
 from tui_fakes import FakeEngine, RecordingApp, settle
 
-from edgectx.store import ConversationStore
+from edgectx.store.conversations import ConversationStore
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.latency import send_key, summary, time_presses
 from edgectx.tui.widgets.progress import WorkProgress

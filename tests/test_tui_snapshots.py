@@ -8,7 +8,7 @@ import pytest
 
 from tui_fakes import FakeEngine
 
-from edgectx.store import ConversationStore
+from edgectx.store.conversations import ConversationStore
 from edgectx.tui.app import EdgectxApp
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.widgets.prompt import PromptInput

@@ -22,7 +22,7 @@ from textual.screen import Screen
 
 from edgectx.config import Config, config_path, save_config
 from edgectx.errors import UsageError
-from edgectx.sampling import SamplingParams
+from edgectx.model.sampling import SamplingParams
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.chat import ChatScreen
 from edgectx.tui.screens.help import HelpScreen
@@ -130,6 +130,12 @@ class EdgectxApp(App):
     def action_stop(self) -> None:
         self.chat.cancel()
 
+    async def action_quit(self) -> None:
+        """Ctrl+Q: stop the answer or the read in progress (the answer so far is stored), then exit."""
+        self.chat.quitting = True
+        await self.chat.stop_job()
+        self.exit()
+
     async def action_regenerate(self) -> None:
         await self.chat.regenerate()
 
@@ -211,57 +217,3 @@ class EdgectxApp(App):
             yield SystemCommand("Settings", "System prompt, sampling, memory budget, snapshot codec, theme",
                                 self.action_settings)
         yield SystemCommand("Help: keys", "Every key binding", self.action_help)
-
-
-def run_tui(args, config) -> int:
-    """`edgectx` in a terminal, and `edgectx tui`: load the model in the background and run the app."""
-    from edgectx.cli import memory_config_from
-    from edgectx.engine import Engine
-    from edgectx.models import discover, resolve_model
-    from edgectx.store import ConversationStore
-    from edgectx.tui.bridge import Settings
-
-    settings = Settings(system=args.system or config.system, codec=args.codec or config.snapshot_codec or "int4",
-                        sampling=sampling_from(args, config), budget=args.budget or config.budget,
-                        max_tokens=_first(args.max_tokens, config.max_tokens, 512))
-
-    def load_model(path, progress):
-        args.budget = settings.budget  # the settings screen may have changed it
-        return Engine.load(path, device=args.device or config.device, n_ctx=args.ctx, n_threads=args.threads or config.threads,
-                           progress=progress, memory_config=memory_config_from(args, config),
-                           weights=args.weights or config.weights or "auto")
-
-    app = None
-    with ConversationStore() as store:
-        bridge = Bridge(lambda progress: load_model(resolve_model(args.model, config), progress), store, settings,
-                        load_model=load_model, list_models=lambda: discover(app.config if app else config))
-        app = EdgectxApp(bridge, config=config)
-        app.run()
-    return 0
-
-
-def run_latency_bench(args) -> dict:
-    """`edgectx bench tui-latency` (edgectx.tui.latency): key-press latency in the TUI during a long read."""
-    from edgectx.cli import memory_config_from
-    from edgectx.config import load_config
-    from edgectx.engine import Engine
-    from edgectx.models import resolve_model
-    from edgectx.tui.latency import run_tui_latency
-
-    config = load_config()
-    path = resolve_model(args.model, config)
-    load = lambda: Engine.load(path, device=args.device, n_threads=args.threads,  # noqa: E731
-                               memory_config=memory_config_from(args, config))
-    return run_tui_latency(load, args.context, presses=args.presses, text_file=args.text)
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
-
-
-def sampling_from(args, config: Config) -> SamplingParams:
-    """The flags, then the config file, then the built-in defaults."""
-    d = SamplingParams()
-    return SamplingParams(temperature=_first(args.temperature, config.temperature, d.temperature),
-                          top_p=_first(args.top_p, config.top_p, d.top_p), top_k=_first(args.top_k, config.top_k, d.top_k),
-                          repeat_penalty=_first(args.repeat_penalty, d.repeat_penalty), seed=args.seed)

@@ -64,16 +64,14 @@ def summary(times: list[float]) -> dict:
             "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1)}
 
 
-def run_tui_latency(load_engine, context_tokens: int, presses: int = 20, text_file: str | None = None) -> dict:
-    """Attach `context_tokens` of text in the real app and time `presses` key presses during the read."""
-    from edgectx.bench.corpus import stdlib_text
-    from edgectx.store import ConversationStore
+def run_tui_latency(load_engine, source: str, context_tokens: int, presses: int = 20) -> dict:
+    """Attach the first `context_tokens` of `source` in the real app and time `presses` key presses during the read."""
+    from edgectx.store.conversations import ConversationStore
     from edgectx.tui.app import EdgectxApp
     from edgectx.tui.bridge import Bridge
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = load_engine()
-        source = Path(text_file).read_text(encoding="utf-8") if text_file else stdlib_text(min_chars=context_tokens * 6)
         ids = engine.tokenizer.encode(source)[:context_tokens]
         doc = Path(tmp) / "corpus.txt"
         doc.write_text(engine.tokenizer.decode(ids), encoding="utf-8")

@@ -17,7 +17,7 @@ from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.oracle import oracle_scorer
 from edgectx.bench.teacher import run_header, teacher_forced
 from edgectx.engine import Engine
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 
 
 def run_fidelity(engine: Engine, context: int, configs: MemoryConfig | list[MemoryConfig], text_file: str | None = None,

@@ -19,7 +19,7 @@ import torch
 
 from edgectx import kernels
 from edgectx.errors import UsageError
-from edgectx.kv import grouped_attention
+from edgectx.model.kv import grouped_attention
 
 
 def _time_ms(fn, repeats: int) -> float:

@@ -21,7 +21,7 @@ from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.rss import peak_rss_bytes
 from edgectx.bench.teacher import run_header, teacher_forced
 from edgectx.engine import Engine
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 
 
 def bucket_edges(context: int) -> list[int]:

@@ -15,7 +15,7 @@ from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.longppl import _progress
 from edgectx.bench.rss import peak_rss_bytes
 from edgectx.engine import Engine
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 
 
 def run_memory(engine: Engine, contexts: list[int], config: MemoryConfig, text_file: str | None = None,

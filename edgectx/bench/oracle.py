@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from edgectx.engine import Engine
-from edgectx.heads_train import LabellingCache, TrainSettings
+from edgectx.train.heads import LabellingCache, TrainSettings
 
 ORACLES = {"oracle": "logit", "oracle-logprob": "logprob"}
 UNREACHED = 1e9  # tokens no counted query reaches (the text ends first): kept, as the newest are anyway

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgectx.tokenizer import quiet_stderr
+from edgectx.model.tokenizer import quiet_stderr
 
 
 class LlamaCppReference:

@@ -20,7 +20,7 @@ import torch
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.teacher import run_header, score
 from edgectx.engine import Engine
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 
 
 def _twin(engine: Engine) -> Engine:

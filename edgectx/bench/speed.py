@@ -25,10 +25,10 @@ import torch
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.reference import LlamaCppReference
 from edgectx.bench.rss import peak_rss_bytes
-from edgectx.device_memory import peak_device_bytes, set_memory_cap
+from edgectx.memory.device import peak_device_bytes, set_memory_cap
 from edgectx.engine import Engine, pick_device
-from edgectx.gguf_loader import open_gguf, read_spec
-from edgectx.memory_config import MemoryConfig
+from edgectx.model.gguf import open_gguf, read_spec
+from edgectx.memory.config import MemoryConfig
 
 WARMUP_TOKENS = 64
 
@@ -73,7 +73,7 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         set_memory_cap(dev, int(gpu_mem_cap_gib * 2**30))
     n_ctx = context + decode_tokens + 16
     if kind == "llama_cpp":
-        from edgectx.tokenizer import Tokenizer
+        from edgectx.model.tokenizer import Tokenizer
 
         ids = corpus_tokens(Tokenizer(Path(path)), context, text_file)
         ref = LlamaCppReference(Path(path), n_ctx=n_ctx, n_threads=n_threads)

@@ -1,6 +1,6 @@
 """`edgectx bench speed --synthetic NAME`: speed and GPU memory of a real model's shapes, with no download.
 
-Random weights with the real shapes (`edgectx.synthetic`, 4-bit on a GPU) and random token ids: no
+Random weights with the real shapes (`edgectx.model.synthetic`, 4-bit on a GPU) and random token ids: no
 tokenizer, no GGUF, hence no llama.cpp reference. One prefill runs up to each requested context in turn
 (sorted); at each, `decode_tokens` greedy tokens are decoded and timed, and count toward the next
 context. Per context and engine: `prefill_s` (prefill time so far, decode excluded), `prefill_tok_s`,
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgectx.device_memory import free_device_bytes, memory_cap, peak_device_bytes, reset_peak, set_memory_cap
+from edgectx.memory.device import free_device_bytes, memory_cap, peak_device_bytes, reset_peak, set_memory_cap
 from edgectx.engine import Engine, default_dtype, pick_device
 from edgectx.errors import UsageError
-from edgectx.memory_config import MemoryConfig
-from edgectx.quant import resolve_weights
-from edgectx.spec import ModelSpec
+from edgectx.memory.config import MemoryConfig
+from edgectx.quant.linear import resolve_weights
+from edgectx.model.spec import ModelSpec
 
 WARMUP_TOKENS = 64
 # Peak memory bandwidth in GB/s by GPU name, most specific first (vendor datasheets).
@@ -158,7 +158,7 @@ def _guarded(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: 
 def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64,
                         device: str | None = None, n_threads: int | None = None, gpu_mem_cap_gib: float | None = None,
                         bandwidth_gbs: float | None = None, full: bool = False, weights: str = "auto") -> dict:
-    from edgectx.synthetic import SYNTHETIC, build_synthetic
+    from edgectx.model.synthetic import SYNTHETIC, build_synthetic
 
     if name not in SYNTHETIC:
         raise UsageError(f"No synthetic model named {name!r}: choose one of {', '.join(sorted(SYNTHETIC))}.")

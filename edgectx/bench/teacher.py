@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edgectx.engine import Engine
-from edgectx.memory_config import MemoryConfig
+from edgectx.memory.config import MemoryConfig
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

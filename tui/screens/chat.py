@@ -5,11 +5,14 @@ Engine work (loading the model, answering, opening documents) runs one job at a 
 (`_job`, edgectx.tui.screens.jobs) that calls the bridge; the worker reports back only through messages (`Piece`,
 `Progressed`, `Problem`, `JobDone`, `JobFailed`), so widgets are touched on the UI thread alone. Esc sets
 the job's cancel flag: an answer stops at the next token (and is kept), a read stops at the next chunk.
-While the user types, the status bar says how much of the next prompt is already in memory (debounced).
+Quitting and closing the conversation stop the job the same way, and wait for it (`stop_job`). A message sent
+while the model loads waits in the transcript and goes out once the model is ready. While the user types,
+the status bar says how much of the next prompt is already in memory (debounced).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label
 
 from edgectx.errors import EdgectxError
-from edgectx.store_export import UNTITLED
+from edgectx.store.export import UNTITLED
 from edgectx.tui.bridge import Bridge
 from edgectx.tui.screens.jobs import JobRunner
 from edgectx.tui.screens.prompts import Confirm, TextPrompt
@@ -33,6 +36,8 @@ from edgectx.tui.screens.turns import BUSY, TurnActions
 from edgectx.tui.widgets.transcript import AssistantMessage, Transcript
 
 LONG_PROMPT_TOKENS = 2048  # a prompt this long to prefill gets the progress row
+STOP_WAIT_S = 10.0  # how long quitting waits for a stopped job to hand back (an answer stops at its next token)
+QUEUED = "Loading the model: your message will be sent when it is ready."
 PLAN_DELAY_S = 0.25  # the cached / to-prefill figure is computed once typing pauses this long
 
 
@@ -47,6 +52,8 @@ class ChatScreen(JobRunner, TurnActions, Screen):
         self._cancel = threading.Event()
         self._answer: AssistantMessage | None = None
         self._pending_resume: int | None = None
+        self._queued: str | None = None  # a message sent while the model loads
+        self.quitting = False  # the app is closing: what jobs report back is no longer shown
         self.editing = False  # the prompt holds the last user message, to resend in its place
         self._plan_timer = None
 
@@ -78,9 +85,24 @@ class ChatScreen(JobRunner, TurnActions, Screen):
             self._stop_editing()
             self.query_one(PromptInput).clear()
 
+    async def stop_job(self) -> None:
+        """Stop the running job and wait until its worker has handed back: an answer keeps (and stores) what it
+        has, a read stops at its next chunk, a model load at its next layer. Quitting and closing the conversation
+        call this; so nothing outlives the app, and nothing writes into a store that is closing."""
+        self._queued = self._pending_resume = None
+        if self.busy is None:
+            return
+        self._cancel.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._job_ended()), STOP_WAIT_S)
+        except asyncio.TimeoutError:
+            pass  # a job that does not hand back (a very slow step): go on anyway
+
     # -- actions the app binds ---------------------------------------------------------------------
 
     async def new_conversation(self) -> None:
+        if self.busy in ("send", "attach", "resume"):
+            await self.stop_job()  # closing the conversation stops its answer (kept) or its read
         if self._ready() and self._start("new", self.bridge.new_conversation):
             self._stop_editing()
             await self.query_one(Transcript).show([])
@@ -155,6 +177,8 @@ class ChatScreen(JobRunner, TurnActions, Screen):
     @on(ConversationList.Opened)
     async def _open(self, event: ConversationList.Opened) -> None:
         conversation_id = event.conversation_id
+        if self.busy in ("send", "attach", "resume"):
+            await self.stop_job()  # closing the conversation stops its answer (kept) or its read
         if self.busy is not None:
             self.say(BUSY, severity="warning")
             return
@@ -174,6 +198,12 @@ class ChatScreen(JobRunner, TurnActions, Screen):
     @on(PromptInput.Submitted)
     async def _send(self, event: PromptInput.Submitted) -> None:
         self.query_one(StatusBar).plan = None
+        if self.busy == "load" and not self.bridge.ready and self._queued is None:
+            self._queued = event.text  # sent once the model is ready
+            transcript = self.query_one(Transcript)
+            await transcript.add_user(event.text)
+            await transcript.add_notice(QUEUED)
+            return
         if not self._ready():
             self.query_one(PromptInput).text = event.text  # keep what the user typed
             return
@@ -185,16 +215,21 @@ class ChatScreen(JobRunner, TurnActions, Screen):
             self.say(BUSY, severity="warning")
             self.query_one(PromptInput).text = event.text
             return
+        await self._send_text(event.text)
+
+    async def _send_text(self, text: str, shown: bool = False) -> None:
+        """Answer `text` in a job; `shown`: the transcript holds the message already (it waited for the model)."""
         transcript = self.query_one(Transcript)
 
         def job():
-            return self.bridge.send(event.text, on_piece=lambda p: self.post_message(self.Piece(p)),
+            return self.bridge.send(text, on_piece=lambda p: self.post_message(self.Piece(p)),
                                     cancel=self._cancel.is_set, progress=self._progress)
 
         if not self._start("send", job):
-            self.query_one(PromptInput).text = event.text
+            self.query_one(PromptInput).text = text
             return
-        await transcript.add_user(event.text)
+        if not shown:
+            await transcript.add_user(text)
         self._answer = await transcript.start_answer()
 
     @on(PromptInput.Changed)
@@ -258,15 +293,20 @@ class ChatScreen(JobRunner, TurnActions, Screen):
     @on(JobRunner.JobDone)
     async def _done(self, event: JobRunner.JobDone) -> None:
         self.busy = None
+        if self.quitting:
+            return
         self.query_one(WorkProgress).end()
         transcript = self.query_one(Transcript)
         if event.kind == "send":
             await self._finish_answer(stopped=event.cancelled)
+        elif event.kind == "load" and event.cancelled:
+            self.query_one(StatusBar).show("no model loaded", {})
         elif event.kind == "load":
             await transcript.add_notice(f"Loaded {event.result}")
             if self._pending_resume is not None:
                 self._resume(self._pending_resume)
                 self._pending_resume = None
+                return  # a message waiting for the model goes to the resumed conversation, once it is open
         elif event.kind == "resume" and event.cancelled:
             await transcript.show([])
             self.say("Stopped opening the conversation's documents: a new conversation is open instead.",
@@ -296,15 +336,24 @@ class ChatScreen(JobRunner, TurnActions, Screen):
         if self.query_one(PromptInput).text.strip():
             self._show_plan()  # typed during the job: the memory it was figured against has changed
         await self.refresh_sidebar()
+        if self._queued is not None and self.bridge.ready and self.busy is None:
+            text, self._queued = self._queued, None
+            if event.kind == "resume":  # the resumed conversation's transcript replaced the waiting message
+                await transcript.add_user(text)
+            await self._send_text(text, shown=True)
 
     @on(JobRunner.JobFailed)
     async def _failed(self, event: JobRunner.JobFailed) -> None:
         self.busy = None
+        if self.quitting:
+            return
         self.query_one(WorkProgress).end()
         if event.kind == "send":
             await self._finish_answer(stopped=False)
         if event.kind == "load":
             self.query_one(StatusBar).show("no model loaded", {})
+            if self._queued is not None:  # the message that waited for the model goes back into the box
+                self.query_one(PromptInput).text, self._queued = self._queued, None
         if event.kind == "switch" and self.bridge.ready:
             event.sentence += f" {self.bridge.model_name} stays loaded."
         self.say(event.sentence, title="Error", severity="error", timeout=15)

@@ -1,6 +1,7 @@
 """The chat screen's one-at-a-time engine jobs: a thread worker runs each and reports back only through
 messages (`Piece`, `Progressed`, `Problem`, `JobDone`, `JobFailed`), so widgets are touched on the UI
-thread alone. A mixin of ChatScreen (edgectx.tui.screens.chat), which handles the messages.
+thread alone. A mixin of ChatScreen (edgectx.tui.screens.chat), which handles the messages. `_job_ended`
+waits for the running job's thread, so a stopped job can be waited for before the app quits.
 
     self._start("attach", lambda: bridge.attach(doc, progress=self._progress, cancel=self._cancel.is_set))
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from textual import work
+from textual.worker import Worker, WorkerCancelled, WorkerFailed
 from textual.message import Message
 
 from edgectx.engine import Cancelled
@@ -45,14 +47,25 @@ class JobRunner:
             super().__init__()
             self.kind, self.sentence = kind, sentence
 
+    _worker: Worker | None = None
+
     def _start(self, kind: str, job: Callable[[], object]) -> bool:
         if self.busy is not None:
             self.say(BUSY, severity="warning")
             return False
         self.busy = kind
         self._cancel.clear()
-        self._job(kind, job)
+        self._worker = self._job(kind, job)
         return True
+
+    async def _job_ended(self) -> None:
+        """Wait until the job's thread has returned (its JobDone or JobFailed message may still be queued)."""
+        worker = self._worker
+        if worker is not None:
+            try:
+                await worker.wait()
+            except (WorkerCancelled, WorkerFailed):
+                pass
 
     @work(thread=True, group="engine")
     def _job(self, kind: str, job: Callable[[], object]) -> None:
@@ -72,6 +85,8 @@ class JobRunner:
         self.post_message(self.JobDone(kind, result, self.bridge.stats(), cancelled))
 
     def _progress(self, done: int, total: int) -> None:
+        if self._cancel.is_set() and self.busy in ("load", "switch"):
+            raise Cancelled("The model was not loaded: edgectx is closing.")  # loading stops at its next layer
         self.post_message(self.Progressed(done, total))
 
     def _problem(self, sentence: str) -> None:

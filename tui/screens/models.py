@@ -16,7 +16,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
-from edgectx.models import ModelEntry
+from edgectx.model.discover import ModelEntry
 
 
 class ModelScreen(ModalScreen[Path | None]):

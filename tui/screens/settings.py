@@ -16,7 +16,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Select, TextArea
 
-from edgectx.config import CODECS
+from edgectx.quant.formats import SNAPSHOT_CODECS
 from edgectx.errors import UsageError
 
 # field -> (label, kind); kind float/int parse numbers, "budget" takes a token count or "full".
@@ -69,7 +69,7 @@ class SettingsScreen(ModalScreen[dict | None]):
                     yield Input("" if value is None else str(value), id=name, placeholder="default")
             with Horizontal(classes="settings-row"):
                 yield Label("Snapshot codec", classes="settings-label")
-                yield Select([(f"{codec}{' (lossless)' if codec == 'fp16' else ''}", codec) for codec in CODECS],
+                yield Select([(f"{codec}{' (lossless)' if codec == 'fp16' else ''}", codec) for codec in SNAPSHOT_CODECS],
                              value=c.get("snapshot_codec") or "int4", allow_blank=False, id="snapshot_codec")
             with Horizontal(classes="settings-row"):
                 yield Label("Theme", classes="settings-label")

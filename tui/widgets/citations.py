@@ -18,7 +18,7 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView, Static
 
-from edgectx.citations import Citation
+from edgectx.chat.citations import Citation
 
 
 class CitationItem(ListItem):

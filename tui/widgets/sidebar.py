@@ -15,8 +15,8 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView
 
-from edgectx.store import Conversation
-from edgectx.store_export import UNTITLED
+from edgectx.store.conversations import Conversation
+from edgectx.store.export import UNTITLED
 
 
 def when_text(seconds: float) -> str:

@@ -1,0 +1,139 @@
+"""`edgectx bench ...`: conformance to llama.cpp, speed, long-context fidelity, memory, reopening, TUI latency.
+
+Each bench lives in edgectx.bench; this module parses its flags, loads the engine, runs it and prints a
+report (or JSON with --json).
+
+    edgectx bench conformance --tokens 4096 --json
+    edgectx bench fidelity --context 8192 --budget 2048,1024 --scorer attention,heads
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from edgectx.cli.options import DEFAULT_BUDGET, add_memory_args, add_model_args, memory_config_from, token_counts
+from edgectx.errors import UsageError
+from edgectx.memory.config import SCORERS, MemoryConfig
+from edgectx.quant.formats import SNAPSHOT_CODECS
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="measure conformance to llama.cpp, speed, long-context fidelity and memory")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    conf = bench_sub.add_parser("conformance", help="teacher-forced top-1 agreement and NLL vs llama.cpp")
+    speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s vs llama.cpp, full attention and memory")
+    fidelity = bench_sub.add_parser("fidelity", help="the long-context memory vs full attention, teacher-forced")
+    longppl = bench_sub.add_parser("longppl", help="NLL by position bucket far past the trained context")
+    memory = bench_sub.add_parser("memory", help="device and host KV bytes as the context grows")
+    reopen = bench_sub.add_parser("reopen", help="snapshot size, restore vs prefill time, and quality after a restore")
+    latency = bench_sub.add_parser("tui-latency", help="TUI key-press latency while a long document is read")
+    for p in (conf, speed, fidelity, longppl, memory, reopen, latency):
+        add_model_args(p)
+        p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
+        p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    for p in (speed, longppl, memory, reopen, latency):
+        add_memory_args(p, allow_full=False)
+    latency.add_argument("--context", type=int, default=32768, help="tokens of text to read (default 32768)")
+    latency.add_argument("--presses", type=int, default=20, help="key presses to time during the read (default 20)")
+    add_memory_args(fidelity, allow_full=False, lists=True)
+    for p in (fidelity, longppl, memory, reopen):
+        p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
+    conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
+    speed.add_argument("--context", type=token_counts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
+    speed.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded at each depth (default 64)")
+    fidelity.add_argument("--context", type=int, default=8192, help="tokens of text (default 8192)")
+    longppl.add_argument("--context", type=int, default=131072, help="tokens of text (default 131072)")
+    longppl.add_argument("--full-max", type=int, default=16384, help="score full attention up to here (default 16384; 0 skips it)")
+    memory.add_argument("--contexts", type=token_counts, default=[8192, 32768, 131072], help="comma-separated lengths")
+    reopen.add_argument("--context", type=int, default=32768, help="tokens of text to prefill and snapshot (default 32768)")
+    reopen.add_argument("--codec", choices=SNAPSHOT_CODECS, default="int4", help="snapshot codec (default int4; fp16 is lossless)")
+    reopen.add_argument("--next-tokens", type=int, default=512, help="tokens teacher-forced after the restore (default 512)")
+    reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
+    speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
+    speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
+                       "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
+    speed.add_argument("--full", action="store_true", help="with --synthetic: full attention too, where it fits")
+    speed.add_argument("--gpu-mem-cap-gib", type=float, help="cap this process's GPU memory (e.g. 24 to act as an RTX 4090)")
+    speed.add_argument("--bandwidth-gbs", type=float, help="GPU memory bandwidth for the weight-read floor "
+                       "(default: from the GPU's name: H100 SXM 3350, H100 PCIe 2000, RTX 4090 1008)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgectx.config import load_config
+    from edgectx.engine import Engine
+    from edgectx.model.discover import resolve_model
+
+    threads = args.threads or torch.get_num_threads()
+    if args.bench == "tui-latency":
+        from edgectx.cli.tui import run_latency_bench  # imports textual: only for this bench
+
+        result = run_latency_bench(args)
+        print(json.dumps(result, indent=2) if args.json else
+              f"{result['presses']} key presses during a {result['context_tokens']:,}-token read ({result['ingest_s']} s): "
+              f"median {result.get('median_ms')} ms, max {result.get('max_ms')} ms")
+        return 0
+    config = load_config()
+    weights = args.weights or config.weights or "auto"
+    path = None if getattr(args, "synthetic", None) else resolve_model(args.model, config)
+    if args.bench in ("speed", "conformance") and path is not None and path.is_dir():
+        raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
+                         "Hugging Face directory, so pass a .gguf file of the model (or --synthetic NAME).")
+    memory = memory_config_from(args) if args.bench not in ("conformance", "fidelity") else None
+    if args.bench == "speed" and args.full and not args.synthetic:
+        raise UsageError("--full goes with --synthetic: on a GGUF, bench speed runs full attention wherever the model's context allows.")
+    if args.bench == "speed" and args.synthetic:
+        from edgectx.bench.synthetic_speed import run_synthetic_speed
+
+        result = run_synthetic_speed(args.synthetic, args.context, memory, decode_tokens=args.decode_tokens, device=args.device,
+                                     n_threads=args.threads, gpu_mem_cap_gib=args.gpu_mem_cap_gib,
+                                     bandwidth_gbs=args.bandwidth_gbs, full=args.full, weights=weights)
+    elif args.bench == "speed":
+        from edgectx.bench.speed import run_speed
+
+        result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
+                           n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
+                           weights=weights, gpu_mem_cap_gib=args.gpu_mem_cap_gib)
+    else:
+        engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
+                             n_threads=threads, weights=weights)
+        result = _run_quality_bench(args, engine, memory, threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        from edgectx.bench.report import print_report
+
+        print_report(args.bench, result)
+    return 0
+
+
+def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | None, threads: int) -> dict:
+    if args.bench == "conformance":
+        from edgectx.bench.conformance import run_conformance
+
+        return run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads)
+    if args.bench == "fidelity":
+        from edgectx.bench.fidelity import run_fidelity
+
+        runs = [(budget, scorer) for budget in args.budget or [DEFAULT_BUDGET] for scorer in args.scorer or ["auto"]]
+        configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=args.chunk,
+                                           scorer=scorer if scorer in SCORERS else "auto") for budget, scorer in runs]
+        oracles = [None if scorer in SCORERS else scorer for _, scorer in runs]
+        return run_fidelity(engine, args.context, configs, text_file=args.text, corpus=args.corpus or "stdlib", oracles=oracles)
+    if args.bench == "longppl":
+        from edgectx.bench.longppl import run_longppl
+
+        return run_longppl(engine, args.context, memory, full_max=args.full_max, text_file=args.text,
+                           corpus=args.corpus or "docs", quiet=args.json)
+    if args.bench == "reopen":
+        from edgectx.bench.reopen import run_reopen
+
+        if args.context < 1 or args.next_tokens < 2:
+            raise UsageError("--context must be at least 1 token and --next-tokens at least 2.")
+        return run_reopen(engine, args.context, memory, codec=args.codec, next_tokens=args.next_tokens, text_file=args.text,
+                          corpus=args.corpus or "docs", snapshot_path=args.snapshot)
+    from edgectx.bench.memory import run_memory
+
+    return run_memory(engine, args.contexts, memory, text_file=args.text, corpus=args.corpus or "docs", quiet=args.json)

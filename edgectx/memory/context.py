@@ -1,0 +1,311 @@
+"""ContextMemory: a fixed device KV budget over an unbounded context (Locret eviction + InfLLM retrieval).
+
+Per layer, the device holds the *resident* tokens, sorted by original index per KV head: the first
+`n_sink` tokens, the newest `n_local` (the window) and the `n_retain` older tokens per KV head that the
+eviction scorer ranks highest. Every token's pre-RoPE K and V also go to a host block store; once
+anything has been evicted, each query chunk (or every `retrieve_every` decode steps) retrieves the
+top-k blocks by representative key into an LRU block cache. Attention runs over
+`resident + retrieved blocks + the chunk`, with keys rotated at their assigned positions
+(`compact`: the selected context renumbered 0..N-1 in original order; `original`: true indices).
+Until the context outgrows `budget_tokens` nothing is evicted or retrieved: exactly full attention.
+
+Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
+length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
+
+    memory = ContextMemory(spec, rope, device, dtype, MemoryConfig(budget_tokens=2048))
+    memory.begin(len(chunk)); logits = model(chunk, memory); memory.commit()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgectx import kernels
+from edgectx.memory.block_store import HostBlockStore
+from edgectx.memory.device import cache_capacity_blocks
+from edgectx.model.kv import grouped_attention
+from edgectx.memory.config import MemoryConfig
+from edgectx.memory.tiers import Assembly, Resident
+from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
+from edgectx.model.rope import Rope
+from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer
+from edgectx.model.spec import ModelSpec
+
+
+@dataclass
+class _Pending:
+    k: torch.Tensor  # (n_kv, T, d) pre-RoPE
+    v: torch.Tensor
+    q: torch.Tensor  # (n_heads, T, d) pre-RoPE, kept for the next observation window
+    scores: torch.Tensor  # (n_kv, T) the scorer's scores for the new tokens
+    observed: torch.Tensor | None  # (n_kv, assembled + T) attention mass from the observation window
+    evict: bool
+
+
+class LayerMemory:
+    def __init__(self, memory: "ContextMemory", layer: int):
+        self.memory, self.layer = memory, layer
+        s, c = memory.spec, memory.config
+        self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
+                                    host_dtype=getattr(torch, c.host_dtype))
+        self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.dtype)
+        self.cache = BlockCache(memory.cache_blocks, memory.device, memory.dtype, copy_stream=memory.copy_stream)
+        self.evicted = False  # once True, the device no longer holds every token: retrieval is on
+        self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
+        self.steps_since_retrieval = 0
+        self.q_recent = torch.empty(s.n_heads, 0, s.head_dim, device=memory.device, dtype=memory.dtype)
+        self.asm: Assembly | None = None
+        self.version = 0  # bumped whenever the resident set changes other than by appending
+        self._pending: _Pending | None = None
+
+    # -- plan ---------------------------------------------------------------------------------------
+
+    def _retrieve(self, q: torch.Tensor) -> torch.Tensor:
+        m, c = self.memory, self.memory.config
+        if not self.evicted or c.top_k_blocks == 0:
+            return self.selection[:, :0]
+        if q.shape[1] == 1 and self.asm is not None and self.steps_since_retrieval < c.retrieve_every:
+            return self.selection
+        # Only blocks wholly older than the window: newer tokens are resident in every head anyway.
+        n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
+        blocks, probs = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks)
+        blocks = blocks.cpu()  # the host reads the ids anyway (to copy blocks); later steps compare them for free
+        if blocks.numel():
+            m.record.add(blocks, probs)
+        self.selection, self.steps_since_retrieval = blocks, 0
+        return blocks
+
+    def _assemble(self, selection: torch.Tensor) -> Assembly:
+        key = (self.version, tuple(selection.flatten().tolist()))
+        if self.asm is None or self.asm.key != key:
+            self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens)
+        return self.asm
+
+    def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int) -> Assembly:
+        """The attention context from resident columns [0, n_resident) and the retrieved blocks, with
+        `n_tokens` tokens in memory (what `original` positions continue from)."""
+        m, c = self.memory, self.memory.config
+        r = self.resident
+        k, v, idx = r.k[:, :n_resident], r.v[:, :n_resident], r.idx[:, :n_resident]
+        valid = None
+        if selection.numel():
+            # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.
+            selection = selection.cpu()  # block ids live on the host (they name host memory)
+            wanted = selection.unique()  # sorted block ids
+            slots = torch.tensor(self.cache.fetch(wanted.tolist(), self.store))
+            slot_of = slots[torch.searchsorted(wanted, selection)]  # (n_kv, k) the slot of each head's blocks
+            blocks_d, slots_d = upload(torch.stack((selection, slot_of)), m.device).unbind(0)  # (n_kv, k) each
+            offsets = torch.arange(c.block_size, device=m.device)
+            bidx = (blocks_d[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
+            picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
+            picked.scatter_(1, blocks_d, True)
+            resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp(max=self.store.n_blocks)
+            duplicate = picked.gather(1, resident_blocks)  # resident copies of retrieved tokens
+            if bool(duplicate.any()):
+                valid = torch.cat((~duplicate, torch.ones_like(bidx, dtype=torch.bool)), dim=1)
+            self.cache.ready()
+            bk, bv = self.cache.kv(slots_d, torch.arange(r.n_kv, device=m.device)[:, None])  # (n_kv, k * block_size, d)
+            k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
+        if c.positions == "compact":
+            present = torch.unique(idx if valid is None else idx[valid])  # sorted original indices
+            positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
+        else:
+            positions, next_pos = idx, n_tokens
+        k_rot = m.rope.rotate(k, *m.rope.tables(positions, m.dtype))
+        headroom = max(c.chunk_tokens, c.evict_every) + 1
+        return Assembly(k_rot, v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
+
+    def reassemble(self, selection: torch.Tensor, n_resident: int, capacity: int) -> Assembly:
+        """Rebuild the attention context as `attend` left it (a restored snapshot): built from resident
+        columns [0, n_resident) and the blocks `selection`, then the resident tokens appended since
+        (every token committed since the build), rotated at the positions that followed. Same columns,
+        order, positions and capacity as the live one, hence the same logits."""
+        m, r = self.memory, self.resident
+        n_new = r.n - n_resident
+        key = (self.version, tuple(selection.flatten().tolist()))
+        asm = self._build(selection, key, n_resident, m.n_tokens - n_new)
+        asm.reserve(capacity)
+        if n_new:
+            positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
+            k_rot = m.rope.rotate(r.k[:, n_resident : r.n], *m.rope.tables(positions, m.dtype))
+            asm.write(asm.length, k_rot, r.v[:, n_resident : r.n], r.idx[:, n_resident : r.n])
+            asm.advance(n_new)
+        self.asm = asm
+        return asm
+
+    def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
+        """Attention mass (n_kv, n_keys) that the last `n_observe` queries put on each assembled key."""
+        m, c = self.memory, self.memory.config
+        q_obs = torch.cat((self.q_recent, q), dim=1)[:, -c.n_observe :]  # (n_heads, n_obs, d) pre-RoPE
+        n_obs, n_heads, head_dim = q_obs.shape[1], q_obs.shape[0], q_obs.shape[2]
+        last = asm.next_pos + q.shape[1]
+        q_rot = m.rope.rotate(q_obs, *m.rope.tables(torch.arange(last - n_obs, last, device=m.device), m.dtype))
+        n_kv = asm.k.shape[0]
+        qg = q_rot.reshape(n_kv, (n_heads // n_kv) * n_obs, head_dim)
+        logits = qg @ asm.k[:, :n_keys].transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
+        end_idx = m.n_tokens + q.shape[1]
+        q_idx = torch.arange(end_idx - n_obs, end_idx, device=m.device).repeat(n_heads // n_kv)  # (group * n_obs,)
+        allowed = asm.idx[:, None, :n_keys] <= q_idx[None, :, None]
+        if asm.valid is not None:
+            allowed = allowed & asm.valid[:, None, :n_keys]
+        probs = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+        return probs.sum(dim=1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m, c = self.memory, self.memory.config
+        n_heads, n_new = q.shape[0], q.shape[1]
+        asm = self._assemble(self._retrieve(q))
+        start = asm.length
+        positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
+        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.tables(positions, m.dtype))
+        chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
+        asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
+        end = start + n_new
+        if n_new == 1 and kernels.available(m.device):  # Triton flash-decoding on the GPU; CPU keeps SDPA
+            valid = None if asm.valid is None else asm.valid[:, :end]
+            out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
+        else:
+            out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
+        limit = c.resident_tokens if self.evicted else c.budget_tokens
+        evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
+        observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
+        scores = m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens)
+        self._pending = _Pending(k, v, q, scores, observed, evict)
+        return out
+
+    # -- commit -------------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        p, self._pending = self._pending, None
+        m, c = self.memory, self.memory.config
+        asm, r = self.asm, self.resident
+        n_new = p.k.shape[1]
+        self.store.append(p.k, p.v)
+        scores = p.scores
+        if p.observed is not None:
+            observed_resident = asm.resident_columns(p.observed[:, : asm.length])
+            r.score[:, : r.n] = m.scorer.update(r.score[:, : r.n], observed_resident)
+            scores = m.scorer.update(scores, p.observed[:, asm.length :])
+        idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device).expand(r.n_kv, -1)
+        r.append(p.k, p.v, idx, scores)
+        if m.scorer.observes:
+            self.q_recent = torch.cat((self.q_recent, p.q), dim=1)[:, -c.n_observe :]
+        if n_new == 1:
+            self.steps_since_retrieval += 1
+        if p.evict:
+            self._evict(m.n_tokens + n_new)
+        else:
+            asm.advance(n_new)
+
+    def _evict(self, n_total: int) -> None:
+        """Keep sinks, the window and the top `n_retain` older tokens per KV head; the rest live on in the host store."""
+        c, r = self.memory.config, self.resident
+        idx = r.idx[:, : r.n]
+        protected = (idx < c.n_sink) | (idx >= n_total - c.n_local)
+        n_keep = int(protected[0].sum()) + c.n_retain
+        if r.n > n_keep:
+            ranked = torch.where(protected, torch.inf, r.score[:, : r.n])
+            keep = torch.topk(ranked, n_keep, dim=1).indices.sort(dim=1).values  # (n_kv, n_keep) in original order
+            r.keep(keep, headroom=max(c.chunk_tokens, c.evict_every) + 1)
+            self.evicted = True
+        self.version += 1
+
+    def truncate(self, n_tokens: int) -> None:
+        c, r = self.memory.config, self.resident
+        self._pending = None
+        self.store.truncate(n_tokens)
+        self.cache.clear()
+        self.q_recent = self.q_recent[:, :0]
+        self.selection, self.asm = self.selection[:, :0], None
+        self.version += 1
+        counts = (r.idx[:, : r.n] < n_tokens).sum(dim=1)
+        if bool((counts == counts[0]).all()):
+            r.n = int(counts[0])  # the same prefix of every head: a plain cut, exact
+            return
+        # The cut falls among per-head retained tokens: rebuild sinks and window from the host store and keep
+        # each head's best surviving retained tokens (as many as every head has).
+        window_start = max(min(c.n_sink, n_tokens), n_tokens - c.n_local)
+        idx = r.idx[:, : r.n]
+        middle = (idx >= c.n_sink) & (idx < window_start)
+        n_mid = int(middle.sum(dim=1).min())
+        keep = torch.topk(torch.where(middle, r.score[:, : r.n], -torch.inf), n_mid, dim=1).indices.sort(dim=1).values
+        retained = r.gather(keep)
+        sink_k, sink_v = self.store.tokens(0, min(c.n_sink, n_tokens))
+        win_k, win_v = self.store.tokens(window_start, n_tokens)
+        r.rebuild([(sink_k, sink_v, 0), retained, (win_k, win_v, window_start)], headroom=c.chunk_tokens + 1)
+
+
+class ContextMemory:
+    """The KVMemory of a long conversation: one LayerMemory per layer, plus the retrieval record."""
+
+    def __init__(self, spec: ModelSpec, rope: Rope, device: torch.device, dtype: torch.dtype,
+                 config: MemoryConfig | None = None, scorer: EvictionScorer | None = None):
+        self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
+        self.config = config or MemoryConfig()
+        self.scorer = scorer or AttentionMassScorer()
+        self.record = RetrievalRecord(self.config.block_size)
+        # On CUDA, block copies from the pinned host store run on their own stream, beside the compute.
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # One retrieval may need top_k blocks for each KV head at once: every layer's pool must hold them all.
+        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, dtype), self.config.top_k_blocks * spec.n_kv_heads)
+        self._n_tokens = 0
+        self._pending = 0
+        self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    def begin(self, n_new: int) -> None:
+        self._pending = n_new
+
+    def commit(self) -> None:
+        for layer in self.layers:
+            layer.commit()
+        self._n_tokens += self._pending
+        self._pending = 0
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every token from `n_tokens` on (a regenerated or edited turn)."""
+        if n_tokens >= self._n_tokens:
+            return
+        for layer in self.layers:
+            layer.truncate(n_tokens)
+        self._n_tokens = n_tokens
+
+    def stats(self) -> dict:
+        c, n = self.config, self._n_tokens
+        first = self.layers[0].resident
+        idx = first.idx[0, : first.n]
+        window = int((idx >= max(min(c.n_sink, n), n - c.n_local)).sum())
+        sinks = min(c.n_sink, n)
+        resident_bytes = sum(l.resident.device_bytes for l in self.layers)
+        cache_bytes = sum(l.cache.device_bytes for l in self.layers)
+        work_bytes = sum(l.asm.device_bytes for l in self.layers if l.asm is not None)
+        repr_bytes = sum(l.store.repr_bytes for l in self.layers)
+        retained = first.n - sinks - window
+        token_bytes = self.spec.kv_bytes_per_token(first.k.element_size())  # K and V, all layers
+        return {
+            "tokens": n,
+            "budget_tokens": c.budget_tokens,
+            "scorer": self.scorer.name,
+            "sink_tokens": sinks,
+            "window_tokens": window,
+            "retained_tokens": retained,
+            "sink_bytes": sinks * token_bytes,
+            "window_bytes": window * token_bytes,
+            "retained_bytes": retained * token_bytes,
+            "cached_blocks": len(self.layers[0].cache.blocks),
+            "cache_capacity_blocks": self.cache_blocks,  # per layer; "auto" sizes it from free device memory
+            "evicted_tokens": n - first.n,
+            "host_tokens": self.layers[0].store.n_tokens,
+            "device_resident_bytes": resident_bytes,
+            "device_block_cache_bytes": cache_bytes,
+            "device_work_bytes": work_bytes,
+            "device_repr_bytes": repr_bytes,
+            "device_kv_bytes": resident_bytes + cache_bytes + work_bytes + repr_bytes,
+            "host_kv_bytes": sum(l.store.used_bytes for l in self.layers),
+            "host_reserved_bytes": sum(l.store.host_bytes for l in self.layers),  # whole 4096-token segments
+        }

@@ -1,0 +1,151 @@
+"""The memory arithmetic of a load and a prefill, before anything loads: will this model and context fit this GPU?
+
+Adds up what a load and a prefill to N tokens would hold, from a ModelSpec alone: the weights in the
+chosen format (ModelSpec.weight_bytes), the long-context memory's device tiers as ContextMemory allocates
+them (edgectx.memory.tiers.Resident, edgectx.memory.retrieval.BlockCache, the attention Assembly, block
+representatives), a prefill chunk's activations, and the host block store (every token's K and V in fp16).
+Full attention's KV comes with it for comparison. `edgectx plan` (edgectx.cli.plan) prints the plan.
+
+    plan = plan_memory(synthetic_spec("llama-3.1-8b"), 131072, 24 * GIB, MemoryConfig(), "nf4", host_ram_bytes())
+    plan.fits_device, plan.device_total_bytes
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from edgectx.errors import EdgectxError
+from edgectx.memory.config import MemoryConfig
+from edgectx.model.spec import ModelSpec
+
+GIB = 2**30
+RUNTIME_BYTES = 600 * 2**20  # CUDA context, cuBLAS workspaces and allocator slack: outside torch's own count
+INDEX_BYTES, SCORE_BYTES, VALID_BYTES = 8, 4, 1  # int64 token indices, float32 scores, bool duplicate mask
+
+
+class PlanDoesNotFit(EdgectxError):
+    """The model, context and budget asked for need more memory than the machine has."""
+
+
+@dataclass(frozen=True)
+class DeviceKV:
+    """The long-context memory's device bytes after a prefill to `n_tokens`, as ContextMemory.stats() reports them."""
+
+    resident_kv_bytes: int  # K and V of sinks + window + retained tokens (stats: sink + window + retained bytes)
+    resident_bytes: int  # the Resident buffers as allocated: + indices, scores, room for a chunk
+    block_cache_bytes: int  # the LRU pool of retrieved blocks, allocated whole at the first retrieval
+    work_bytes: int  # the assembled attention context (rotated keys): resident + retrieved blocks + a chunk
+    repr_bytes: int  # one fp16 representative key per block and KV head (grows with the context)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.block_cache_bytes + self.work_bytes + self.repr_bytes
+
+
+CPU_CACHE_BLOCKS = 16  # edgectx.memory.device.CPU_CACHE_BLOCKS (that module imports torch)
+
+
+def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: int = 2,
+              cache_blocks: int | None = None) -> DeviceKV:
+    """Device bytes of a ContextMemory holding `n_tokens` (past the budget, after a prefill in chunks).
+    `cache_blocks`: what an "auto" block cache came to (default: the CPU's fixed count)."""
+    c, n_kv, d, layers = config, spec.n_kv_heads, spec.head_dim, spec.n_layers
+    headroom = max(c.chunk_tokens, c.evict_every) + 1  # what Resident.keep and Assembly leave for the next chunk
+    if n_tokens <= c.budget_tokens:  # nothing evicted yet: every token resident, no retrieval
+        resident_tokens, retrieved, capacity = n_tokens, 0, 0
+    else:
+        resident_tokens, retrieved = c.resident_tokens, c.top_k_blocks * c.block_size
+        chosen = c.cache_blocks if c.cache_blocks != "auto" else cache_blocks or CPU_CACHE_BLOCKS
+        capacity = max(chosen, c.top_k_blocks * n_kv)  # LayerMemory's BlockCache size
+    kv_token = 2 * d * elem_bytes  # one token's K and V in one KV head
+    resident = layers * n_kv * (resident_tokens + headroom) * (kv_token + INDEX_BYTES + SCORE_BYTES)
+    cache = layers * capacity * n_kv * c.block_size * kv_token
+    work = layers * n_kv * (resident_tokens + retrieved + headroom) * (kv_token + INDEX_BYTES + (VALID_BYTES if retrieved else 0))
+    reprs = layers * (n_tokens // c.block_size) * n_kv * d * 2
+    return DeviceKV(resident_tokens * spec.kv_bytes_per_token(elem_bytes), resident, cache, work, reprs)
+
+
+def activation_bytes(spec: ModelSpec, config: MemoryConfig | None, chunk_tokens: int, context_keys: int,
+                     weights: str, elem_bytes: int = 2) -> int:
+    """Peak working memory of one layer's forward over a prefill chunk (an estimate of the largest live set):
+    residual stream and norm, Q/K/V and their rotations, the attention mask, the eviction scorer's float32
+    attention mass over the observation window, the SwiGLU intermediates, and under nf4/int8 one weight
+    dequantized to 16 bits (bitsandbytes does so for multi-token inputs)."""
+    s, t = spec, chunk_tokens
+    stream = 3 * t * s.dim * elem_bytes
+    qkv = t * (2 * s.q_dim + 3 * s.kv_dim) * elem_bytes
+    mask = (s.n_heads if config else s.group_size) * t * context_keys  # per-KV-head masks are expanded to every head
+    observe = 3 * s.n_heads * min(config.n_observe, t) * context_keys * 4 if config else 0
+    ffn = 4 * t * s.ffn_dim * elem_bytes
+    dequantized = max(o * i for o, i in s.block_linear_shapes) * elem_bytes if weights != "fp16" else 0
+    logits = s.vocab_size * 4
+    return stream + qkv + mask + max(observe, ffn) + dequantized + logits
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    model: str
+    weights: str  # fp16 | nf4 | int8
+    context_tokens: int
+    budget_tokens: int | None  # None: full attention
+    weight_bytes: int
+    device_kv: DeviceKV | None
+    device_kv_bytes: int  # the memory's device tiers, or full attention's cache
+    activation_bytes: int
+    runtime_bytes: int
+    full_kv_bytes: int  # full attention's fp16 KV at this context, for comparison
+    host_kv_bytes: int  # the host block store: every token's K and V in fp16
+    host_reserved_bytes: int  # the same in whole 4096-token segments, as allocated
+    gpu_bytes: int
+    host_ram_bytes: int
+
+    @property
+    def device_total_bytes(self) -> int:
+        return self.weight_bytes + self.device_kv_bytes + self.activation_bytes + self.runtime_bytes
+
+    @property
+    def fits_device(self) -> bool:
+        return self.device_total_bytes <= self.gpu_bytes
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_reserved_bytes <= self.host_ram_bytes
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(device_total_bytes=self.device_total_bytes, fits_device=self.fits_device, fits_host=self.fits_host)
+        if self.device_kv is not None:
+            out["device_kv"]["total_bytes"] = self.device_kv.total_bytes
+        return out
+
+
+def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: MemoryConfig | None, weights: str,
+                host_ram_bytes: int, model: str = "", elem_bytes: int = 2) -> MemoryPlan:
+    chunk = config.chunk_tokens if config else 512
+    kv_token = spec.kv_bytes_per_token(2)
+    if config is None:
+        tiers, kv_bytes, host, reserved, keys = None, context_tokens * spec.kv_bytes_per_token(elem_bytes), 0, 0, context_tokens
+    else:
+        from edgectx.memory.device import auto_cache_blocks  # imports torch: not at the CLI's start
+
+        free_after_weights = gpu_bytes - spec.weight_bytes(weights, dense_bytes=elem_bytes) - RUNTIME_BYTES
+        tiers = device_kv(spec, config, context_tokens, elem_bytes, auto_cache_blocks(config, spec, free_after_weights, elem_bytes))
+        kv_bytes, host = tiers.total_bytes, context_tokens * kv_token
+        from edgectx.memory.block_store import SEGMENT_BLOCKS  # imports torch: not at the CLI's start
+
+        segment = SEGMENT_BLOCKS * config.block_size
+        reserved = -(-context_tokens // segment) * segment * kv_token
+        keys = config.budget_tokens + chunk
+    return MemoryPlan(
+        model=model, weights=weights, context_tokens=context_tokens,
+        budget_tokens=config.budget_tokens if config else None,
+        weight_bytes=spec.weight_bytes(weights, dense_bytes=elem_bytes), device_kv=tiers, device_kv_bytes=kv_bytes,
+        activation_bytes=activation_bytes(spec, config, min(chunk, context_tokens), keys, weights, elem_bytes),
+        runtime_bytes=RUNTIME_BYTES, full_kv_bytes=context_tokens * kv_token, host_kv_bytes=host,
+        host_reserved_bytes=reserved, gpu_bytes=gpu_bytes, host_ram_bytes=host_ram_bytes,
+    )
+
+
+def host_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

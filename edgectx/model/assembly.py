@@ -1,0 +1,87 @@
+"""Fill a `Transformer` with loaded weights, layer by layer: what the GGUF and the Hugging Face loaders share.
+
+A loader reads its format's tensors into the model's fused layout (wqkv, w_gate_up; float32, on the load
+device) and hands them here; the linears are built by `edgectx.quant.linear_factories` for the device and
+weight format (fp16-packed on x86 CPUs, bitsandbytes nf4/int8 on request), the output projection 16-bit.
+Peak memory: the model plus one layer of float32 weights.
+
+    model = assemble_model(spec, device, dtype, embed, norm, head=None, layer_weights=read_layer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgectx.errors import ModelFileError
+from edgectx.model.transformer import Transformer
+from edgectx.quant.linear import linear_factories
+from edgectx.model.spec import ModelSpec
+
+LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module]
+
+
+@dataclass
+class LayerWeights:
+    """One layer's weights in the model's fused layout, float32 on the load device."""
+
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    wqkv: torch.Tensor  # Q, K, V rows, Hugging Face's (half-split RoPE) layout
+    wo: torch.Tensor
+    w_gate_up: torch.Tensor  # gate rows, then up
+    w_down: torch.Tensor
+    bqkv: torch.Tensor | None = None
+
+
+def assemble_model(
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    embed: torch.Tensor,
+    norm: torch.Tensor,
+    head: Callable[[], torch.Tensor] | None,
+    layer_weights: Callable[[int], LayerWeights],
+    make_linear: LinearFactory | None = None,
+    weights: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    origin: tuple[Path, str] = (Path("model"), "the model's settings"),
+) -> Transformer:
+    """`head()` reads the untied output projection (None: tied to `embed`); `layer_weights(i)` reads layer i.
+    `origin` (the file, where its shapes come from) names a layer whose shapes disagree with `spec`."""
+    make_linear, make_head = (make_linear, make_linear) if make_linear else linear_factories(device, dtype, weights)
+    with torch.device("meta"):
+        model = Transformer(spec)
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+    model.embed.weight = param(embed)
+    model.norm.weight = param(norm)
+    model.lm_head = make_head(embed if head is None else head(), None)
+    del embed
+    for i, block in enumerate(model.layers):
+        w = layer_weights(i)
+        _check_shapes(spec, i, w, origin)
+        block.attn_norm.weight = param(w.attn_norm)
+        block.ffn_norm.weight = param(w.ffn_norm)
+        block.attn.wqkv = make_linear(w.wqkv, w.bqkv)
+        block.attn.wo = make_linear(w.wo, None)
+        block.ffn.w_gate_up = make_linear(w.w_gate_up, None)
+        block.ffn.w_down = make_linear(w.w_down, None)
+        if progress:
+            progress(i + 1, spec.n_layers)
+    return model.eval()
+
+
+def _check_shapes(spec: ModelSpec, i: int, w: LayerWeights, origin: tuple[Path, str]) -> None:
+    expected = {"attn.wqkv.weight": (w.wqkv, (spec.q_dim + 2 * spec.kv_dim, spec.dim)),
+                "ffn.w_gate_up.weight": (w.w_gate_up, (2 * spec.ffn_dim, spec.dim)),
+                "attn.wo.weight": (w.wo, (spec.dim, spec.q_dim)), "ffn.w_down.weight": (w.w_down, (spec.dim, spec.ffn_dim))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {tuple(tensor.shape)}, expected {shape} from {origin[1]}.")

@@ -1,0 +1,147 @@
+"""The KV storage interface the model attends through, and its plain implementation: full attention.
+
+A `KVMemory` holds one `LayerKV` per layer. Per forward chunk the engine calls `begin(n_new)` (plan:
+positions and mask for the chunk), the model calls `layers[i].attend(q, k, v)` with pre-RoPE
+projections, and the engine calls `commit()` once every layer succeeded; a failed or cancelled
+forward leaves the memory as it was. The long-context memory (ContextMemory) implements the same
+interface with eviction, a host block store and retrieval.
+
+    memory = FullKVCache(spec, rope, device, dtype)
+    memory.begin(len(tokens)); logits = model(tokens, memory); memory.commit()
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from edgectx.model.rope import Rope
+from edgectx.model.spec import ModelSpec
+
+
+class LayerKV(Protocol):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (n_heads, T, head_dim), k and v (n_kv_heads, T, head_dim), all pre-RoPE -> (n_heads, T, head_dim)."""
+
+
+class KVMemory(Protocol):
+    layers: Sequence[LayerKV]
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def begin(self, n_new: int) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def truncate(self, n_tokens: int) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention with query heads grouped onto shared KV heads, without repeating K or V.
+
+    q (n_heads, T, d), k/v (n_kv, S, d), mask bool (True = attend): (T, S) shared by all heads, (n_kv, T, S)
+    per KV head, or None -> (n_heads, T, d).
+    """
+    n_heads, n_tokens, head_dim = q.shape
+    n_kv, n_keys = k.shape[0], k.shape[1]
+    group = n_heads // n_kv
+    qg = q.reshape(1, n_kv, group * n_tokens, head_dim)  # heads h*group..h*group+group-1 share KV head h
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, None].expand(n_kv, group, n_tokens, n_keys).reshape(1, n_kv, group * n_tokens, n_keys)
+    elif mask is not None and group > 1:
+        mask = mask.repeat(group, 1)  # (group * T, S)
+    # 4-D inputs take PyTorch's fused CPU kernel; 3-D ones fall back to the slower math path.
+    out = F.scaled_dot_product_attention(qg, k[None], v[None], attn_mask=mask)
+    return out.reshape(n_heads, n_tokens, head_dim)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`grouped_attention` for T queries at positions 0..T-1 over their own T keys, causally: without a
+    mask tensor the fused kernel skips the blocks above the diagonal (half the work of a long prefill)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+
+
+def causal_mask(n_past: int, n_new: int, sliding_window: int, device: torch.device) -> torch.Tensor | None:
+    """(n_new, n_past + n_new) bool mask: query i (at n_past + i) sees keys j <= n_past + i (within the window)."""
+    if n_new == 1 and (not sliding_window or n_past < sliding_window):
+        return None
+    q_pos = torch.arange(n_past, n_past + n_new, device=device)[:, None]
+    k_pos = torch.arange(n_past + n_new, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+class _FullLayer:
+    """One layer's keys (rotated once: positions never change under full attention) and values."""
+
+    def __init__(self, owner: "FullKVCache"):
+        self.owner = owner
+        self.k = torch.empty(owner.spec.n_kv_heads, 0, owner.spec.head_dim, device=owner.device, dtype=owner.dtype)
+        self.v = torch.empty_like(self.k)
+
+    def _reserve(self, n_total: int) -> None:
+        capacity = self.k.shape[1]
+        if n_total <= capacity:
+            return
+        new_capacity = max(n_total, 2 * capacity, 256)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = old.new_empty(old.shape[0], new_capacity, old.shape[2])
+            grown[:, :capacity] = old
+            setattr(self, name, grown)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        o = self.owner
+        start, end = o.n_tokens, o.n_tokens + q.shape[1]
+        self._reserve(end)
+        n_heads = q.shape[0]
+        qk = o.rope.rotate(torch.cat((q, k)), *o.rope_tables)  # one rotation for queries and keys
+        self.k[:, start:end] = qk[n_heads:]
+        self.v[:, start:end] = v
+        if o.from_empty:
+            return causal_attention(qk[:n_heads], self.k[:, :end], self.v[:, :end])
+        return grouped_attention(qk[:n_heads], self.k[:, :end], self.v[:, :end], o.mask)
+
+
+class FullKVCache:
+    """Every token's K and V on the device: exact full attention, memory growing with the context."""
+
+    def __init__(self, spec: ModelSpec, rope: Rope, device: torch.device, dtype: torch.dtype):
+        self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
+        self._n_tokens = 0
+        self._pending = 0
+        self.mask: torch.Tensor | None = None
+        self.from_empty = False  # this chunk starts the sequence and sees all of itself: plain causal attention
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.layers = [_FullLayer(self) for _ in range(spec.n_layers)]
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    def begin(self, n_new: int) -> None:
+        self._pending = n_new
+        positions = torch.arange(self._n_tokens, self._n_tokens + n_new, device=self.device)
+        self.rope_tables = self.rope.tables(positions, self.dtype)
+        window = self.spec.sliding_window
+        self.from_empty = self._n_tokens == 0 and n_new > 1 and (not window or n_new <= window)
+        self.mask = None if self.from_empty else causal_mask(self._n_tokens, n_new, window, self.device)
+
+    def commit(self) -> None:
+        self._n_tokens += self._pending
+        self._pending = 0
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every token from `n_tokens` on (a regenerated or edited turn)."""
+        self._n_tokens = min(self._n_tokens, n_tokens)
+
+    def stats(self) -> dict[str, int]:
+        kv_bytes = self._n_tokens * self.spec.kv_bytes_per_token(self.layers[0].k.element_size())
+        return {"tokens": self._n_tokens, "device_kv_bytes": kv_bytes, "host_kv_bytes": 0}

@@ -1,0 +1,87 @@
+"""Rotary position embeddings as llama.cpp computes them: base, linear and YaRN scaling, freq factors.
+
+Keys are cached before RoPE (see ARCHITECTURE.md, Positions), so the memory rotates them at attention
+time with whatever positions it assigns. All architectures use the half-split ("NEOX") layout here: the
+loader undoes the row permutation GGUF applies to llama Q/K weights, so one rotation serves all.
+
+    rope = Rope(spec, device=torch.device("cpu"))
+    q = rope.apply(q, torch.arange(16))  # q: (n_heads, 16, head_dim)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgectx.model.spec import ModelSpec
+
+
+def _yarn_corr_dim(n_dims: int, n_ctx_orig: int, n_rot: float, base: float) -> float:
+    return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+
+class Rope:
+    """Cos/sin tables grown on demand; `apply` rotates the first `rope_dim` dims of each head."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, long_context: bool = False):
+        self.rope_dim = spec.rope_dim
+        self.device = device
+        half = spec.rope_dim // 2
+        i = torch.arange(half, dtype=torch.float64)
+        inv_freq = spec.rope_base ** (-2.0 * i / spec.rope_dim)
+        factors = spec.rope_freq_factors_long if long_context and spec.rope_freq_factors_long else spec.rope_freq_factors
+        if factors is not None:
+            inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float64)
+        scaling = spec.rope_scaling
+        freq_scale = 1.0 / scaling.factor if scaling.kind in ("linear", "yarn") else 1.0
+        mscale = scaling.attn_factor
+        # ramp = 1 keeps a dimension's original frequency (extrapolate), 0 interpolates it by freq_scale.
+        ramp = torch.zeros(half, dtype=torch.float64)
+        if scaling.kind == "yarn":
+            n_ctx_orig = scaling.original_context or spec.context_length
+            low = max(0.0, math.floor(_yarn_corr_dim(spec.rope_dim, n_ctx_orig, scaling.beta_fast, spec.rope_base)))
+            high = min(spec.rope_dim - 1.0, math.ceil(_yarn_corr_dim(spec.rope_dim, n_ctx_orig, scaling.beta_slow, spec.rope_base)))
+            y = (i - low) / max(0.001, high - low)
+            ramp = 1.0 - y.clamp(0.0, 1.0)
+            mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+        # theta = p * inv_freq * (freq_scale * (1 - ramp) + ramp)
+        self._freq = inv_freq * (freq_scale * (1.0 - ramp) + ramp)  # (half,)
+        self._mscale = mscale
+        self._cos = torch.empty(0, half, device=device)
+        self._sin = torch.empty(0, half, device=device)
+
+    def _ensure(self, n_positions: int) -> None:
+        if n_positions <= self._cos.shape[0]:
+            return
+        size = max(n_positions, 2 * self._cos.shape[0], 4096)
+        theta = torch.arange(size, dtype=torch.float64)[:, None] * self._freq[None, :]  # (size, half)
+        self._cos = (torch.cos(theta) * self._mscale).to(torch.float32).to(self.device)
+        self._sin = (torch.sin(theta) * self._mscale).to(torch.float32).to(self.device)
+
+    @property
+    def n_positions(self) -> int:
+        """Positions the tables cover now. Each growth recomputes them whole, so a fresh Rope grown once
+        to this size has bit-identical tables (what a restored snapshot needs)."""
+        return self._cos.shape[0]
+
+    def reserve(self, n_positions: int) -> None:
+        self._ensure(n_positions)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed_sin) for `positions` (T,), each (T, rope_dim): cos repeated over both halves and
+        sin as [-sin, sin], so that rotation is `x * cos + swap_halves(x) * signed_sin` (3 ops, not 7)."""
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        cos, sin = self._cos[positions].to(dtype), self._sin[positions].to(dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (..., T, head_dim) at `positions` (T,), returning a new tensor."""
+        return self.rotate(x, *self.tables(positions, x.dtype))
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x (..., T, head_dim) with tables from `tables`."""
+        if self.rope_dim == x.shape[-1]:
+            return x * cos + x.roll(self.rope_dim // 2, dims=-1) * signed_sin
+        head, tail = x[..., : self.rope_dim], x[..., self.rope_dim :]
+        return torch.cat((head * cos + head.roll(self.rope_dim // 2, dims=-1) * signed_sin, tail), dim=-1)

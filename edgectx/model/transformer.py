@@ -1,0 +1,106 @@
+"""The decoder-only transformer (llama, mistral, qwen2, phi3 families) as a plain PyTorch module.
+
+The model knows nothing of caches, eviction or offload: each forward receives a `KVMemory` whose
+per-layer `attend(q, k, v)` takes pre-RoPE projections and returns the attention output (gpt-fast
+attaches caches from outside; so do we). Q/K/V and gate/up projections are fused at load time.
+Tensors carry no batch dimension: edgectx runs one conversation per engine.
+
+    model = Transformer(spec)
+    logits = model(tokens, memory)  # tokens (T,), logits (1, vocab) for the last position
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgectx.model.kv import KVMemory
+from edgectx.model.spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed as LayerNorm over [x, -x].
+
+    [x, -x] has mean 0 and variance mean(x^2), so LayerNorm's first half is exactly RMSNorm. On CPU
+    the fused LayerNorm kernel is 3-4x faster than `F.rms_norm`, which decomposes into ~8 ops
+    (measured 25 vs 90 us per decode call; 5 ms of a 44 ms decode step).
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dim = x.shape[-1]
+        doubled = torch.cat((self.weight, self.weight))
+        return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * dim,), doubled, None, self.eps)[..., :dim]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.wqkv = nn.Linear(spec.dim, spec.q_dim + 2 * spec.kv_dim, bias=spec.qkv_bias)
+        self.wo = nn.Linear(spec.q_dim, spec.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, layer_memory) -> torch.Tensor:
+        s = self.spec
+        n_tokens = x.shape[0]
+        q, k, v = self.wqkv(x).split((s.q_dim, s.kv_dim, s.kv_dim), dim=-1)
+        q = q.view(n_tokens, s.n_heads, s.head_dim).transpose(0, 1)  # (n_heads, T, head_dim)
+        k = k.view(n_tokens, s.n_kv_heads, s.head_dim).transpose(0, 1)  # (n_kv_heads, T, head_dim)
+        v = v.view(n_tokens, s.n_kv_heads, s.head_dim).transpose(0, 1)
+        out = layer_memory.attend(q, k, v)  # (n_heads, T, head_dim)
+        return self.wo(out.transpose(0, 1).reshape(n_tokens, s.q_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with gate and up fused into one projection (gate first, as llama.cpp's fused phi3 ffn_up)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.ffn_dim = spec.ffn_dim
+        self.w_gate_up = nn.Linear(spec.dim, 2 * spec.ffn_dim, bias=False)
+        self.w_down = nn.Linear(spec.ffn_dim, spec.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.ffn_dim, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.attn = Attention(spec)
+        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.ffn = FeedForward(spec)
+
+    def forward(self, x: torch.Tensor, layer_memory) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), layer_memory)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, memory: KVMemory, all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` (T,) through the model, appending them to `memory`.
+
+        Returns logits (T, vocab) with `all_logits`, else (1, vocab) for the last position only, which
+        spares prefill the largest matmul. The caller commits the memory once the forward succeeds.
+        """
+        x = self.embed(tokens)  # (T, dim)
+        for block, layer_memory in zip(self.layers, memory.layers):
+            x = block(x, layer_memory)
+        if not all_logits:
+            x = x[-1:]
+        return self.lm_head(self.norm(x)).float()

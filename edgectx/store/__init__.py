@@ -1,0 +1,3 @@
+"""The conversation store in SQLite: `db` (connection, migrations, errors as sentences), `conversations`
+(ConversationStore: conversations, messages, search), `documents` (documents read, attached to conversations),
+`snapshots` (the manifest of snapshot files) and `export` (Markdown and JSON)."""
