@@ -255,3 +255,12 @@ def test_heads_cli_refuses_bad_input(tmp_path):
     notes = tmp_path / "notes.pt"
     notes.write_text("not a checkpoint")
     assert_one_sentence(run_cli("heads", "import", str(notes), "--model", str(model)), "safely")
+
+
+def test_the_embedded_model_finds_its_shipped_heads(embedded_model):
+    """The package ships heads for SmolLM2 (edgectx/data/heads); `auto` eviction uses them."""
+    from edgectx.memory.heads import SHIPPED_DIR, find_heads
+    from edgectx.model.source import open_model
+
+    path = find_heads(open_model(embedded_model).fingerprint())
+    assert path is not None and path.parent == SHIPPED_DIR and path.is_file()

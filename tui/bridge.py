@@ -26,8 +26,7 @@ from edgectx.engine import Cancel, Engine, GenerationStats, Progress
 from edgectx.errors import UsageError
 from edgectx.memory.config import MemoryConfig
 from edgectx.model.discover import ModelEntry
-from edgectx.store.conversations import Conversation as StoredConversation
-from edgectx.store.conversations import ConversationStore
+from edgectx.store.conversations import ConversationStore, StoredConversation
 from edgectx.store.export import export_markdown
 
 class Bridge:

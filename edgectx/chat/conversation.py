@@ -27,8 +27,7 @@ from edgectx.chat.recorder import ChatRecorder, load_resumed
 from edgectx.chat.session import ChatSession
 from edgectx.engine import Cancel, Cancelled, Engine, GenerationStats, Progress
 from edgectx.model.sampling import SamplingParams
-from edgectx.store.conversations import Conversation as StoredConversation
-from edgectx.store.conversations import ConversationStore
+from edgectx.store.conversations import ConversationStore, StoredConversation
 
 Problem = Callable[[str], None]  # a problem the conversation got past, in one sentence
 OnPiece = Callable[[str], None]  # each piece of the answer as it is decoded

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from edgectx.chat.documents import Document, read_document
 from edgectx.engine import Engine, GenerationStats
 from edgectx.errors import DocumentError
-from edgectx.store.conversations import Conversation, ConversationStore
+from edgectx.store.conversations import ConversationStore, StoredConversation
 
 TITLE_CHARS = 60
 
@@ -32,7 +32,7 @@ class ChatRecorder:
     """Writes one chat's messages to the store; the conversation row is made at the first message."""
 
     def __init__(self, store: ConversationStore | None, engine: Engine, system: str | None,
-                 documents: list[Document], document_ids: list[int], conversation: Conversation | None = None):
+                 documents: list[Document], document_ids: list[int], conversation: StoredConversation | None = None):
         self.store, self.engine, self.system = store, engine, system
         self.documents, self.document_ids = documents, document_ids
         self.conversation = conversation
@@ -62,7 +62,7 @@ class ChatRecorder:
 
 @dataclass
 class Resumed:
-    conversation: Conversation
+    conversation: StoredConversation
     messages: list[dict[str, str]]  # user and assistant turns, oldest first
     documents: list[Document]  # those still on disk unchanged
     warnings: list[str]

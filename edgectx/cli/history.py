@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edgectx.errors import UsageError
-from edgectx.store.conversations import Conversation, ConversationStore
+from edgectx.store.conversations import ConversationStore, StoredConversation
 from edgectx.store.export import UNTITLED, export_json, export_markdown, iso_utc
 
 
@@ -28,7 +28,7 @@ def add_parsers(sub) -> None:
     export.add_argument("--out", "-o", metavar="FILE", help="write to FILE instead of standard output")
 
 
-def _entry(conversation: Conversation) -> dict:
+def _entry(conversation: StoredConversation) -> dict:
     return {"id": conversation.id, "title": conversation.title, "created": iso_utc(conversation.created_at),
             "updated": iso_utc(conversation.updated_at), "messages": conversation.n_messages, "model": conversation.model_name}
 

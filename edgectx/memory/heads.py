@@ -32,7 +32,7 @@ from edgectx.model.spec import ModelSpec
 
 FORMAT = "edgectx-retaining-heads"
 VERSION = 1
-SHIPPED_DIR = Path(__file__).parent / "data" / "heads"
+SHIPPED_DIR = Path(__file__).parents[1] / "data" / "heads"  # edgectx/data/heads, package data
 
 
 class HeadsError(EdgectxError):

@@ -37,7 +37,7 @@ _MESSAGE = "SELECT id, conversation_id, position, role, content, n_tokens, timin
 
 
 @dataclass(frozen=True)
-class Conversation:
+class StoredConversation:
     id: int
     title: str
     created_at: float  # Unix seconds
@@ -49,7 +49,7 @@ class Conversation:
     n_messages: int
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Conversation:
+    def from_row(cls, row: sqlite3.Row) -> StoredConversation:
         fields = {k: row[k] for k in row.keys() if k != "settings_json"}
         return cls(settings=json.loads(row["settings_json"]), **fields)
 
@@ -73,7 +73,7 @@ class Message:
 
 @dataclass(frozen=True)
 class SearchHit:
-    conversation: Conversation
+    conversation: StoredConversation
     snippet: str  # matched words in **bold**
     message_id: int | None  # the best-matching message; None when only the title matched
 
@@ -126,7 +126,7 @@ class ConversationStore:
     # Conversations
 
     def create_conversation(self, title: str = "", *, model_name: str | None = None, model_fingerprint: str | None = None,
-                            system_prompt: str | None = None, settings: dict | None = None) -> Conversation:
+                            system_prompt: str | None = None, settings: dict | None = None) -> StoredConversation:
         now = time.time()
         with self._db.write() as conn:
             cursor = conn.execute(
@@ -135,21 +135,21 @@ class ConversationStore:
                 (title, now, now, model_name, model_fingerprint, system_prompt, _json_object(settings, "settings")))
             return self._conversation(conn, cursor.lastrowid)
 
-    def get_conversation(self, conversation_id: int) -> Conversation:
+    def get_conversation(self, conversation_id: int) -> StoredConversation:
         with self._db.reading() as conn:
             return self._conversation(conn, conversation_id)
 
-    def list_conversations(self, limit: int | None = None) -> list[Conversation]:
+    def list_conversations(self, limit: int | None = None) -> list[StoredConversation]:
         """Most recently updated first."""
         rows = self._db.rows(_CONVERSATION + " ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", (-1 if limit is None else limit,))
-        return [Conversation.from_row(r) for r in rows]
+        return [StoredConversation.from_row(r) for r in rows]
 
-    def rename_conversation(self, conversation_id: int, title: str) -> Conversation:
+    def rename_conversation(self, conversation_id: int, title: str) -> StoredConversation:
         return self.update_conversation(conversation_id, title=title)
 
     def update_conversation(self, conversation_id: int, *, title: str | None = None, model_name: str | None = None,
                             model_fingerprint: str | None = None, system_prompt: str | None = None,
-                            settings: dict | None = None) -> Conversation:
+                            settings: dict | None = None) -> StoredConversation:
         """Change the fields given (None leaves a field as it is)."""
         changes = {"title": title, "model_name": model_name, "model_fingerprint": model_fingerprint, "system_prompt": system_prompt,
                    "settings_json": None if settings is None else _json_object(settings, "settings")}
@@ -241,15 +241,15 @@ class ConversationStore:
             rows = [row for i in range(0, len(ids), 500) for row in conn.execute(
                 _CONVERSATION + f" WHERE c.id IN ({', '.join('?' * len(ids[i : i + 500]))})", ids[i : i + 500])]
         rows.sort(key=lambda r: (r["updated_at"], r["id"]), reverse=True)
-        return [SearchHit(Conversation.from_row(r), *best[r["id"]]) for r in rows[:limit]]
+        return [SearchHit(StoredConversation.from_row(r), *best[r["id"]]) for r in rows[:limit]]
 
     # Helpers
 
-    def _conversation(self, conn: sqlite3.Connection, conversation_id: int) -> Conversation:
+    def _conversation(self, conn: sqlite3.Connection, conversation_id: int) -> StoredConversation:
         row = conn.execute(_CONVERSATION + " WHERE c.id = ?", (conversation_id,)).fetchone()
         if row is None:
             raise self._unknown(conversation_id)
-        return Conversation.from_row(row)
+        return StoredConversation.from_row(row)
 
     def _require(self, conn: sqlite3.Connection, conversation_id: int) -> None:
         if conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:

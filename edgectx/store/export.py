@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from edgectx.store.conversations import Conversation, ConversationStore, Message
+from edgectx.store.conversations import ConversationStore, Message, StoredConversation
 from edgectx.store.documents import StoredDocument
 
 FORMAT = "edgectx-conversation"
@@ -33,7 +33,7 @@ def iso_utc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _load(store: ConversationStore, conversation_id: int) -> tuple[Conversation, list[Message], list[StoredDocument]]:
+def _load(store: ConversationStore, conversation_id: int) -> tuple[StoredConversation, list[Message], list[StoredDocument]]:
     with store.reading():  # one consistent state even while another process appends
         return (store.get_conversation(conversation_id), store.messages(conversation_id),
                 store.documents.attached(conversation_id))

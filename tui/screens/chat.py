@@ -305,8 +305,7 @@ class ChatScreen(JobRunner, TurnActions, Screen):
             await transcript.add_notice(f"Loaded {event.result}")
             if self._pending_resume is not None:
                 self._resume(self._pending_resume)
-                self._pending_resume = None
-                return  # a message waiting for the model goes to the resumed conversation, once it is open
+                self._pending_resume = None  # a message waiting for the model goes out once this is open
         elif event.kind == "resume" and event.cancelled:
             await transcript.show([])
             self.say("Stopped opening the conversation's documents: a new conversation is open instead.",

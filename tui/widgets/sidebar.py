@@ -15,7 +15,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView
 
-from edgectx.store.conversations import Conversation
+from edgectx.store.conversations import StoredConversation
 from edgectx.store.export import UNTITLED
 
 
@@ -24,7 +24,7 @@ def when_text(seconds: float) -> str:
 
 
 class ConversationItem(ListItem):
-    def __init__(self, conversation: Conversation, current: bool):
+    def __init__(self, conversation: StoredConversation, current: bool):
         when = when_text(conversation.updated_at)
         title = conversation.title or UNTITLED
         n = conversation.n_messages
@@ -61,7 +61,7 @@ class ConversationList(ListView):
         item = self.highlighted_child
         return item.conversation.id if isinstance(item, ConversationItem) else None
 
-    async def show(self, conversations: list[Conversation], current_id: int | None) -> None:
+    async def show(self, conversations: list[StoredConversation], current_id: int | None) -> None:
         """Replace the list, keeping the highlight on the same conversation (else on the current one)."""
         keep = self.highlighted_id or current_id
         await self.clear()
