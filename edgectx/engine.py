@@ -30,6 +30,7 @@ from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_h
 from edgectx.model.kv import FullKVCache, KVMemory
 from edgectx.memory.context import ContextMemory
 from edgectx.memory.config import MemoryConfig
+from edgectx.memory.plan import available_ram_bytes
 from edgectx.quant.formats import SNAPSHOT_CODECS
 from edgectx.memory.state import load_memory, memory_meta, memory_sections
 from edgectx.model.source import open_model
@@ -108,6 +109,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 # Contexts the long-context memory accepts by default: the host store holds them in RAM (fp16 K and V;
 # about 23 GB per million tokens for the embedded model), far past what any document needs.
 MEMORY_MAX_TOKENS = 1 << 20
+UNEXPECTED = "an unexpected failure"  # in a SnapshotError that no explicit check raised (the fuzz tests look for it)
 
 
 class Engine:
@@ -330,7 +332,19 @@ class Engine:
         """Replace the conversation with the snapshot's. The engine adopts the snapshot's memory config
         (its tiers, budget and positions are what the saved state means); the context limit stays.
         A damaged snapshot, or one made for another model or scorer, raises SnapshotError and leaves
-        the engine as it was."""
+        the engine as it was. A snapshot is untrusted input (it may come from anyone): whatever goes wrong
+        while reading one ends in a SnapshotError, which `prefill_with_snapshot` answers by reading again."""
+        try:
+            return self._restore(path)
+        except SnapshotError:
+            raise
+        except MemoryError:
+            raise SnapshotError(f"{path} asks for more memory than this machine has: read the document again.") from None
+        except Exception as e:  # got past every check: still one sentence, and the caller's fallback
+            raise SnapshotError(f"{path} cannot be restored ({UNEXPECTED}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}): read the document again.") from None
+
+    def _restore(self, path: Path | str) -> RestoreInfo:
         t0 = time.perf_counter()
         with open_snapshot(path, expect_fingerprint=self.fingerprint) as snap:
             try:
@@ -338,9 +352,15 @@ class Engine:
             except (TypeError, EdgectxError):
                 raise SnapshotError(f"{snap.path} holds a memory config this edgectx cannot use: read the document again.") from None
             n_ctx = self.n_ctx if self.memory_config is not None else MEMORY_MAX_TOKENS
-            if snap.header.n_tokens > n_ctx:
-                raise SnapshotError(f"{snap.path} holds {snap.header.n_tokens} tokens but the context holds {n_ctx}: "
+            n_tokens = snap.header.n_tokens
+            if n_tokens > n_ctx:
+                raise SnapshotError(f"{snap.path} holds {n_tokens} tokens but the context holds {n_ctx}: "
                                     "raise the context limit to restore it.")
+            host_bytes = n_tokens * self.spec.kv_bytes_per_token(getattr(torch, config.host_dtype).itemsize)
+            if host_bytes > available_ram_bytes():
+                raise SnapshotError(f"{snap.path} holds {n_tokens:,} tokens, whose host store needs "
+                                    f"{host_bytes / 2**30:.1f} GiB: more RAM than is free now.")
+            tokens = snap.tokens().tolist()  # checked against the token chain before any KV is read
             rope = self._rope_for(config, n_ctx)  # fresh: load_memory grows its tables as the live ones were
             try:
                 scorer = self.scorer(config.scorer)
@@ -348,7 +368,6 @@ class Engine:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
             memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer)
             logits = load_memory(snap, memory)
-            tokens = snap.tokens().tolist()
         self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
         self.tokens, self._next_logits = tokens, logits
         return RestoreInfo(len(tokens), time.perf_counter() - t0)

@@ -250,9 +250,13 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path.write_text("secret")
     path.chmod(0)
     if os.geteuid() == 0:  # root reads anything: make the open fail as it would for a user
-        def denied(self, *args, **kwargs):
-            raise PermissionError(13, "Permission denied", str(self))
-        monkeypatch.setattr(Path, "open", denied)
+        real_open = os.open
+
+        def denied(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+        monkeypatch.setattr(os, "open", denied)
     refusal(path, "Permission denied", "chmod")
 
 

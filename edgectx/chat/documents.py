@@ -7,6 +7,10 @@ header; `Document.page_starts` maps a char offset back to its page. Anything tha
 (missing, a directory, unreadable, empty, binary, too large, an encrypted or damaged or scanned PDF) raises
 `DocumentError` with one sentence naming the file and what to do.
 
+A file is opened with O_NONBLOCK and fstat-ed before a byte is read, so nothing here blocks on opening. A pipe
+is read (`--text <(zcat a.gz)`) when a program writes to it; a named pipe that nothing opens for writing
+within PIPE_WRITER_WAIT_S is refused instead of waited on forever.
+
     doc = read_document("report.pdf")
     page_of(doc, doc.text.index("revenue"))  # -> 3
 """
@@ -15,9 +19,12 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import errno
 import hashlib
+import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,6 +68,8 @@ _SIGNATURES = (
     (b"GGUF", "a GGUF model"),
 )
 _ACCEPTED = "pass a text, Markdown, source code or PDF file"
+PIPE_WRITER_WAIT_S = 2.0  # a writer started with the command (`<(zcat a.gz)`) holds its end long before this
+_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -126,25 +135,71 @@ def _too_large(path: Path, n_bytes: int | None, max_bytes: int) -> DocumentError
 
 
 def _read_bytes(path: Path, max_bytes: int) -> bytes:
+    not_regular = DocumentError(f"{path} is not a regular file (a device or socket): {_ACCEPTED}.")
     try:
-        st = path.stat()
-        if stat.S_ISDIR(st.st_mode):
-            raise DocumentError(f"{path} is a directory: pass the files inside it.")
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):  # a pipe is fine: `--text <(zcat a.gz)`
-            raise DocumentError(f"{path} is not a regular file (a device or socket): {_ACCEPTED}.")
-        if st.st_size > max_bytes:
-            raise _too_large(path, st.st_size, max_bytes)
-        with path.open("rb") as f:
-            raw = f.read(max_bytes + 1)  # the file may have grown since stat, or be a pipe
+        # O_NONBLOCK: a plain open of a named pipe blocks until a writer appears, perhaps never
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise DocumentError(f"{path} not found: check the path.") from None
     except PermissionError:
         raise DocumentError(f"Permission denied reading {path}: make it readable (chmod u+r) or copy it somewhere readable.") from None
     except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket cannot be opened
+            raise not_regular from None
         raise DocumentError(f"Cannot read {path} ({e.strerror or e}): check that it is a readable file.") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise DocumentError(f"{path} is a directory: pass the files inside it.")
+        if stat.S_ISFIFO(st.st_mode):
+            first = _first_from_pipe(path, fd, max_bytes + 1)
+            raw = first + _read_up_to(fd, max_bytes + 1 - len(first))
+        elif stat.S_ISREG(st.st_mode):
+            if st.st_size > max_bytes:
+                raise _too_large(path, st.st_size, max_bytes)
+            raw = _read_up_to(fd, max_bytes + 1)  # the file may have grown since fstat
+        else:
+            raise not_regular
+    except OSError as e:
+        raise DocumentError(f"Cannot read {path} ({e.strerror or e}): check that it is a readable file.") from None
+    finally:
+        os.close(fd)
     if len(raw) > max_bytes:
         raise _too_large(path, None, max_bytes)
     return raw
+
+
+def _first_from_pipe(path: Path, fd: int, limit: int) -> bytes:
+    """What a pipe holds already, once a writer has opened it; then `fd` blocks again, as a pipe read should.
+    A non-blocking read tells the cases apart: bytes; EAGAIN (a writer, nothing written yet); or end of file
+    (no writer yet, or one that wrote nothing)."""
+    deadline = time.monotonic() + PIPE_WRITER_WAIT_S
+    while True:
+        try:
+            first = os.read(fd, min(limit, _READ_BYTES))
+        except BlockingIOError:
+            first = b""
+            break
+        if first:
+            break
+        if time.monotonic() > deadline:
+            raise DocumentError(f"{path} is a named pipe that nothing writes to: start the program that writes it first, "
+                                f"or {_ACCEPTED}.")
+        time.sleep(0.02)
+    os.set_blocking(fd, True)
+    return first
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    """Bytes from `fd` until end of file or `limit` (no buffer of `limit` bytes up front: the limit may be huge)."""
+    parts, n = [], 0
+    while n < limit:
+        piece = os.read(fd, min(limit - n, _READ_BYTES))
+        if not piece:
+            break
+        parts.append(piece)
+        n += len(piece)
+    return b"".join(parts)
 
 
 def _decode_text(path: Path, raw: bytes) -> str:

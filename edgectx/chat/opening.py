@@ -14,14 +14,17 @@ boundary gets its own snapshot, so `--doc a.pdf --doc b.md` reuses a.pdf's alone
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from edgectx.chat.documents import Document, token_char_offsets
 from edgectx.engine import Cancel, Engine, Progress
-from edgectx.errors import UsageError
+from edgectx.errors import SnapshotError, StoreError, UsageError
 from edgectx.store.conversations import ConversationStore
 from edgectx.snapshot.token_chain import token_chain
 
@@ -98,8 +101,11 @@ class Opened:
 
     @property
     def snapshot_state(self) -> str:
-        """What the status bar says: "snapshot restored" when nothing had to be read, else "snapshot saved"."""
-        return "snapshot restored" if self.restored_tokens and not self.prefilled_tokens else "snapshot saved"
+        """What the status bar says: "snapshot restored" when nothing had to be read, else "snapshot saved"
+        ("snapshot not saved" when none could be: a full disk, a read-only data dir)."""
+        if self.restored_tokens and not self.prefilled_tokens:
+            return "snapshot restored"
+        return "snapshot saved" if self.snapshots else "snapshot not saved"
 
     def summary(self, names: str) -> str:
         """What opening cost, as `chat --doc` and the TUI print it: "report.pdf: restored 98,304 tokens in 1.2 s"."""
@@ -107,7 +113,7 @@ class Opened:
             line = f"restored {self.restored_tokens:,} tokens in {self.elapsed_s:.1f} s"
             line += f", read {self.prefilled_tokens:,} more" if self.prefilled_tokens else ""
         else:
-            line = f"read {self.n_tokens:,} tokens in {self.elapsed_s:.1f} s (saved for next time)"
+            line = f"read {self.n_tokens:,} tokens in {self.elapsed_s:.1f} s" + (" (saved for next time)" if self.snapshots else "")
         return f"{names}: {line}"
 
 
@@ -119,29 +125,60 @@ def snapshot_file(fingerprint: str, ids: list[int], codec: str) -> str:
 def find_snapshot(engine: Engine, store: ConversationStore, ids: list[int]):
     """The manifest's snapshot of exactly `ids` for this model, if its file is there (its content is checked on restore)."""
     hit = store.snapshots.find(engine.fingerprint, token_chain(ids)[-1])
-    return hit if hit is not None and hit.n_tokens == len(ids) and store.snapshots.path_of(hit).is_file() else None
+    return hit if hit is not None and hit.n_tokens == len(ids) and store.snapshots.present(hit) else None
+
+
+def _report(on_problem: Callable[[str], None] | None, sentence: str) -> None:
+    if on_problem is not None:
+        on_problem(sentence)
+    else:
+        warnings.warn(sentence, RuntimeWarning, stacklevel=3)
 
 
 def open_documents(engine: Engine, store: ConversationStore, opening: Opening, codec: str = "int4",
                    progress: Progress | None = None, cancel: Cancel | None = None,
-                   on_problem: Callable[[str], None] | None = None) -> Opened:
+                   on_problem: Callable[[str], None] | None = None, must_save: bool = False) -> Opened:
     """Make the engine's memory hold `opening.ids`: restore the longest stored prefix, prefill the rest document
-    by document, snapshot each new boundary (atomically; then its manifest row). Records the documents."""
+    by document, snapshot each new boundary (atomically; then its manifest row). Records the documents.
+
+    A snapshot is a cache: one that cannot be saved (a full disk, a damaged manifest, a read-only data dir) is
+    reported in one sentence (`on_problem`, else a RuntimeWarning) and the documents are open all the same,
+    unless `must_save` (`edgectx ingest`, whose product the snapshot is): then the error is raised."""
     if engine.memory_config is None:
         raise UsageError("Documents need the long-context memory: drop --budget full.")
     t0 = time.perf_counter()
+    writable = not store.read_only  # a read-only data dir: snapshots are still looked up and restored, never saved
+    if not writable and must_save:
+        raise StoreError(f"The conversation database {store.path} is read-only: make it and its folder writable.")
     doc_ids = [store.documents.add_read(doc, tokenizer=engine.fingerprint, token_offsets=offsets).id
-               for doc, offsets in zip(opening.documents, opening.offsets)]
+               for doc, offsets in zip(opening.documents, opening.offsets)] if writable else []
     ends = opening.ends
     best = next(((end, hit) for end in reversed(ends)  # the longest stored prefix; looked up from the end
                  if (hit := find_snapshot(engine, store, opening.ids[:end])) is not None), (0, None))
     problem = None
-    written = []
+    written, skipped = [], []
     done = restored = 0
     total = len(opening.ids)
 
     def report_from(base: int) -> Progress:
         return lambda n_done, _n_total: progress(base + n_done, total) if progress is not None else None
+
+    def save(end: int) -> None:
+        if not writable:
+            if not skipped:
+                _report(on_problem, f"The conversation database {store.path} is read-only: the documents' snapshots "
+                                    "are not saved, so they are read again next time.")
+            skipped.append(end)
+            return
+        try:
+            written.append(_save(engine, store, opening.ids[:end], codec, _single(doc_ids, ends, end)))
+        except (SnapshotError, StoreError) as e:
+            if must_save:
+                raise
+            reason = str(e)
+            name = opening.documents[ends.index(end)].path.name
+            _report(on_problem, f"{name}: the snapshot was not saved, so it is read again next time: "
+                                f"{reason[:1].lower()}{reason[1:]}")
 
     end, hit = best
     if hit is not None:
@@ -149,30 +186,46 @@ def open_documents(engine: Engine, store: ConversationStore, opening: Opening, c
                                             cancel=cancel, on_problem=on_problem)
         problem, done = info.problem, end
         if info.reused_tokens == end:
-            store.snapshots.touch(hit.id)
+            if writable:
+                store.snapshots.touch(hit.id)
             restored = end
         else:  # damaged, stale or foreign: reported once, read again just now; replace it
-            store.snapshots.remove(hit.id)
-            written.append(_save(engine, store, opening.ids[:end], codec, _single(doc_ids, ends, end)))
+            if writable:
+                store.snapshots.remove(hit.id, on_problem)
+            save(end)
     else:
         engine.reset()
-    for end, doc_id in zip(ends, doc_ids):
+    for end in ends:
         if end <= done:
             continue
         engine.prefill(opening.ids[done:end], progress=report_from(done), cancel=cancel)
         done = end
-        written.append(_save(engine, store, opening.ids[:end], codec, _single(doc_ids, ends, end)))
+        save(end)
     return Opened(total, restored, total - restored, time.perf_counter() - t0, written, doc_ids, problem)
 
 
 def _single(doc_ids: list[int], ends: list[int], end: int) -> int | None:
     """The document a snapshot of the first `end` tokens holds alone, if it holds just one."""
-    return doc_ids[0] if end == ends[0] else None
+    return doc_ids[0] if doc_ids and end == ends[0] else None
 
 
 def _save(engine: Engine, store: ConversationStore, ids: list[int], codec: str, document_id: int | None) -> tuple[Path, int]:
+    """Write the snapshot, then its manifest row; raises SnapshotError or StoreError, leaving no unlisted file."""
     file = snapshot_file(engine.fingerprint, ids, codec)
-    info = engine.snapshot(store.snapshots.root / file, codec=codec)
-    store.snapshots.add(file, model_fingerprint=engine.fingerprint, codec=codec, n_tokens=len(ids),
-                        chain_hash=token_chain(ids)[-1], size_bytes=info.snapshot_bytes, document_id=document_id)
-    return info.path, info.snapshot_bytes
+    path = store.snapshots.inside(file)  # checked now: a symlinked folder must not carry the write out of the data dir
+    if path is None:
+        raise StoreError(f"{store.snapshots.root / file} leads outside the data dir {store.snapshots.root} "
+                         "(a symlinked folder): nothing was written there.")
+    try:
+        info = engine.snapshot(path, codec=codec)
+    except OSError as e:  # write_snapshot words its own; this is what is left (the size read after the write)
+        reason = "the disk is full; free some space and try again" if e.errno == errno.ENOSPC else e.strerror or e
+        raise SnapshotError(f"Cannot write the snapshot {path}: {reason}.") from None
+    try:
+        store.snapshots.add(file, model_fingerprint=engine.fingerprint, codec=codec, n_tokens=len(ids),
+                            chain_hash=token_chain(ids)[-1], size_bytes=info.snapshot_bytes, document_id=document_id)
+    except StoreError:
+        with contextlib.suppress(OSError):  # unlisted, it would only take space (on a disk that may well be full)
+            path.unlink(missing_ok=True)
+        raise
+    return store.snapshots.root / file, info.snapshot_bytes  # named as the manifest names it (`cache ls`)

@@ -73,6 +73,10 @@ def load_resumed(store: ConversationStore, conversation_id: int, max_bytes: int)
     messages = [{"role": m.role, "content": m.content} for m in store.messages(conversation_id) if m.role != "system"]
     documents, warnings = [], []
     for row in store.documents.attached(conversation_id):
+        if "\x00" in row.path:  # no file has such a name: the row is damaged
+            warnings.append(f"Conversation {conversation_id} names a document by a damaged path: the conversation goes on "
+                            "without it.")
+            continue
         try:
             doc = read_document(row.path, max_bytes=max_bytes)
         except DocumentError as e:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgectx.cli.options import DEFAULT_BUDGET, add_memory_args, add_model_args, memory_config_from, token_counts
+from edgectx.cli.options import (DEFAULT_BUDGET, MAX_TOKENS, add_memory_args, add_model_args, float_range, int_range,
+                                 memory_config_from, token_counts)
 from edgectx.errors import UsageError
 from edgectx.memory.config import SCORERS, MemoryConfig
 from edgectx.quant.formats import SNAPSHOT_CODECS
@@ -34,28 +35,28 @@ def add_parser(sub) -> None:
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
     for p in (speed, longppl, memory, reopen, latency):
         add_memory_args(p, allow_full=False)
-    latency.add_argument("--context", type=int, default=32768, help="tokens of text to read (default 32768)")
-    latency.add_argument("--presses", type=int, default=20, help="key presses to time during the read (default 20)")
+    latency.add_argument("--context", type=int_range(1, MAX_TOKENS), default=32768, help="tokens of text to read (default 32768)")
+    latency.add_argument("--presses", type=int_range(1, 10_000), default=20, help="key presses to time during the read (default 20)")
     add_memory_args(fidelity, allow_full=False, lists=True)
     for p in (fidelity, longppl, memory, reopen):
         p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
-    conf.add_argument("--tokens", type=int, default=4096, help="positions to compare (default 4096)")
+    conf.add_argument("--tokens", type=int_range(2, MAX_TOKENS), default=4096, help="positions to compare (default 4096)")
     speed.add_argument("--context", type=token_counts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
-    speed.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded at each depth (default 64)")
-    fidelity.add_argument("--context", type=int, default=8192, help="tokens of text (default 8192)")
-    longppl.add_argument("--context", type=int, default=131072, help="tokens of text (default 131072)")
-    longppl.add_argument("--full-max", type=int, default=16384, help="score full attention up to here (default 16384; 0 skips it)")
+    speed.add_argument("--decode-tokens", type=int_range(1, MAX_TOKENS), default=64, help="tokens decoded at each depth (default 64)")
+    fidelity.add_argument("--context", type=int_range(2, MAX_TOKENS), default=8192, help="tokens of text (default 8192)")
+    longppl.add_argument("--context", type=int_range(2, MAX_TOKENS), default=131072, help="tokens of text (default 131072)")
+    longppl.add_argument("--full-max", type=int_range(0, MAX_TOKENS), default=16384, help="score full attention up to here (default 16384; 0 skips it)")
     memory.add_argument("--contexts", type=token_counts, default=[8192, 32768, 131072], help="comma-separated lengths")
-    reopen.add_argument("--context", type=int, default=32768, help="tokens of text to prefill and snapshot (default 32768)")
+    reopen.add_argument("--context", type=int_range(1, MAX_TOKENS), default=32768, help="tokens of text to prefill and snapshot (default 32768)")
     reopen.add_argument("--codec", choices=SNAPSHOT_CODECS, default="int4", help="snapshot codec (default int4; fp16 is lossless)")
-    reopen.add_argument("--next-tokens", type=int, default=512, help="tokens teacher-forced after the restore (default 512)")
+    reopen.add_argument("--next-tokens", type=int_range(2, MAX_TOKENS), default=512, help="tokens teacher-forced after the restore (default 512)")
     reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
     speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
     speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
                        "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
     speed.add_argument("--full", action="store_true", help="with --synthetic: full attention too, where it fits")
-    speed.add_argument("--gpu-mem-cap-gib", type=float, help="cap this process's GPU memory (e.g. 24 to act as an RTX 4090)")
-    speed.add_argument("--bandwidth-gbs", type=float, help="GPU memory bandwidth for the weight-read floor "
+    speed.add_argument("--gpu-mem-cap-gib", type=float_range(0, above=True), help="cap this process's GPU memory (e.g. 24 to act as an RTX 4090)")
+    speed.add_argument("--bandwidth-gbs", type=float_range(0, above=True), help="GPU memory bandwidth for the weight-read floor "
                        "(default: from the GPU's name: H100 SXM 3350, H100 PCIe 2000, RTX 4090 1008)")
 
 
@@ -130,8 +131,6 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
     if args.bench == "reopen":
         from edgectx.bench.reopen import run_reopen
 
-        if args.context < 1 or args.next_tokens < 2:
-            raise UsageError("--context must be at least 1 token and --next-tokens at least 2.")
         return run_reopen(engine, args.context, memory, codec=args.codec, next_tokens=args.next_tokens, text_file=args.text,
                           corpus=args.corpus or "docs", snapshot_path=args.snapshot)
     from edgectx.bench.memory import run_memory

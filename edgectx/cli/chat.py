@@ -20,10 +20,10 @@ import sys
 from rich.console import Console
 
 from edgectx.cli.console import note, reading_progress, warn
-from edgectx.cli.options import (add_memory_args, add_model_args, add_sampling_args, load_engine, max_tokens_from,
-                                 sampling_from)
+from edgectx.cli.options import (MAX_ID, add_memory_args, add_model_args, add_sampling_args, file_mib, int_range,
+                                 load_engine, max_tokens_from, sampling_from)
 from edgectx.config import Config
-from edgectx.errors import UsageError
+from edgectx.errors import StoreError, UsageError
 from edgectx.quant.formats import SNAPSHOT_CODECS
 
 HELP = "Commands: /reset (new conversation over the same documents), /stats (memory tiers), /exit (or Ctrl-D). Ctrl-C stops an answer."
@@ -39,9 +39,9 @@ def add_parser(sub) -> None:
     chat.add_argument("--stop", action="append", default=[], help="stop when the answer contains this text (repeatable)")
     chat.add_argument("--doc", action="append", default=[], metavar="FILE",
                       help="chat about this file: restores its snapshot, or reads it and saves one (repeatable)")
-    chat.add_argument("--resume", type=int, metavar="ID", help="continue conversation ID (`edgectx history` lists them)")
+    chat.add_argument("--resume", type=int_range(1, MAX_ID), metavar="ID", help="continue conversation ID (`edgectx history` lists them)")
     chat.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
-    chat.add_argument("--max-file-mib", type=float, default=64.0, help="largest document to read, in MiB (default 64)")
+    chat.add_argument("--max-file-mib", type=file_mib, default=64.0, help="largest document to read, in MiB (default 64)")
     chat.add_argument("--no-history", action="store_true", help="do not save this chat's messages")
 
 
@@ -71,6 +71,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     with ConversationStore() as store:
         if args.resume is not None:
             store.get_conversation(args.resume)  # an unknown id is refused before the model loads
+        if store.read_only and not args.no_history:  # before the model too: its first message could not be saved
+            raise StoreError(f"The conversation database {store.path} is read-only: make it and its folder writable, "
+                             "or pass --no-history.")
         conversation = Conversation(load_engine(args, config, status), store, settings, record=not args.no_history)
         if args.resume is not None:
             _resume(conversation, args.resume, docs, status)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from edgectx.chat.documents import DEFAULT_MAX_BYTES, read_document
-from edgectx.cli.options import add_model_args
+from edgectx.cli.options import MAX_TOKENS, add_model_args, file_mib, float_range, int_range
 from edgectx.errors import UsageError
 
 
@@ -25,20 +25,20 @@ def add_parser(sub) -> None:
     for p in (train, imp, info):
         add_model_args(p)
     train.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text, Markdown, source code or PDF files to learn from")
-    train.add_argument("--max-file-mib", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+    train.add_argument("--max-file-mib", type=file_mib, default=DEFAULT_MAX_BYTES / 2**20,
                        help=f"largest file to read, in MiB (default {DEFAULT_MAX_BYTES // 2**20})")
     train.add_argument("--out", help="where to write the heads (default: the data dir, where edgectx finds them)")
-    train.add_argument("--hidden", type=int, default=128, help="MLP width (default 128)")
-    train.add_argument("--tokens", type=int, default=0, help="tokens of text to read (default 65536, less for big models)")
-    train.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
-    train.add_argument("--seq-len", type=int, help="full-attention sequence length for labels (default 4096, or the trained context if shorter)")
-    train.add_argument("--offset", type=int, default=512, help="first later query a label counts (default 512; 0 = Locret's)")
-    train.add_argument("--span", type=int, default=1024, help="later queries a label counts (default 1024)")
+    train.add_argument("--hidden", type=int_range(1, 65536), default=128, help="MLP width (default 128)")
+    train.add_argument("--tokens", type=int_range(0, MAX_TOKENS), default=0, help="tokens of text to read (default 65536, less for big models)")
+    train.add_argument("--steps", type=int_range(1, 10**8), default=1200, help="optimizer steps (default 1200)")
+    train.add_argument("--seq-len", type=int_range(1, MAX_TOKENS), help="full-attention sequence length for labels (default 4096, or the trained context if shorter)")
+    train.add_argument("--offset", type=int_range(0, MAX_TOKENS), default=512, help="first later query a label counts (default 512; 0 = Locret's)")
+    train.add_argument("--span", type=int_range(1, MAX_TOKENS), default=1024, help="later queries a label counts (default 1024)")
     # The choices are heads_train.LABELS, not imported here: that module pulls in torch.
     train.add_argument("--label", choices=("logit", "logprob"), default="logit",
                        help="what a label measures: the max attention logit later queries give a token (logit, Locret's), "
                             "or that logit minus each query's log-normalizer, i.e. its log attention probability (logprob)")
-    train.add_argument("--top-weight", type=float, default=1.0,
+    train.add_argument("--top-weight", type=float_range(0), default=1.0,
                        help="extra weight on the errors of tokens more important than average (default 1; 0 = Locret's plain SmoothL1)")
     train.add_argument("--cache", metavar="DIR", help="keep each sequence's features and labels in DIR (about 150 MB per "
                        "4096 tokens for the embedded model): a rerun on the same text and label settings reads nothing again")
@@ -70,8 +70,6 @@ def _train(args: argparse.Namespace, path: Path) -> int:
 
     from edgectx.model.source import open_model
 
-    if args.max_file_mib <= 0:
-        raise UsageError(f"--max-file-mib must be positive, got {args.max_file_mib:g}.")
     max_bytes = int(args.max_file_mib * 2**20)
     text = "\n\n".join(read_document(name, max_bytes).text for name in args.text)  # bad files fail before the model loads
     trained = open_model(path).spec.context_length

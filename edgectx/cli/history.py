@@ -13,6 +13,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from edgectx.cli.options import MAX_ID, int_range
 from edgectx.errors import UsageError
 from edgectx.store.conversations import ConversationStore, StoredConversation
 from edgectx.store.export import UNTITLED, export_json, export_markdown, iso_utc
@@ -23,7 +24,7 @@ def add_parsers(sub) -> None:
     history.add_argument("--search", "-s", metavar="Q", help="only conversations whose messages or title contain these words")
     history.add_argument("--json", action="store_true", help="print a JSON list")
     export = sub.add_parser("export", help="write a saved conversation as Markdown or JSON")
-    export.add_argument("id", type=int, help="the conversation's id, as `edgectx history` shows it")
+    export.add_argument("id", type=int_range(1, MAX_ID), help="the conversation's id, as `edgectx history` shows it")
     export.add_argument("--format", choices=("md", "json"), default="md", help="Markdown or JSON (default md)")
     export.add_argument("--out", "-o", metavar="FILE", help="write to FILE instead of standard output")
 

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import stat
 import time
 from datetime import datetime
 from pathlib import Path
 
 from edgectx.chat.documents import DEFAULT_MAX_BYTES
-from edgectx.cli.options import add_memory_args, add_model_args
+from edgectx.cli.options import MAX_ID, add_memory_args, add_model_args, file_mib, int_range
 from edgectx.errors import UsageError
 from edgectx.quant.formats import SNAPSHOT_CODECS
 
 LEFTOVER_AGE_S = 3600  # a temp or unlisted file this old belongs to no writer still running
+MAX_BYTES = 2**62  # 4 EiB: past any disk, and within SQLite's integers
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 
@@ -33,7 +36,10 @@ def byte_count(text: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"expected a size like 500M or 2G, got {text!r}")
-    return int(float(match[1]) * 1024 ** "_kmgt".index(match[2].lower() or "_"))
+    value = float(match[1]) * 1024 ** "_kmgt".index(match[2].lower() or "_")  # inf for a few hundred digits
+    if not value <= MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"the size must be at most 4 EiB, got {text!r}")
+    return int(value)
 
 
 def add_parsers(sub) -> None:
@@ -42,7 +48,7 @@ def add_parsers(sub) -> None:
     add_memory_args(ingest, allow_full=False)
     ingest.add_argument("files", nargs="+", metavar="FILE", help="text, Markdown, source code or PDF files")
     ingest.add_argument("--codec", choices=SNAPSHOT_CODECS, help="snapshot codec (default int4; fp16 is lossless)")
-    ingest.add_argument("--max-file-mib", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+    ingest.add_argument("--max-file-mib", type=file_mib, default=DEFAULT_MAX_BYTES / 2**20,
                         help=f"largest file to read, in MiB (default {DEFAULT_MAX_BYTES // 2**20})")
     ingest.add_argument("--json", action="store_true", help="print a JSON list of what was ingested")
     cache = sub.add_parser("cache", help="list, remove or garbage-collect context snapshots")
@@ -50,7 +56,7 @@ def add_parsers(sub) -> None:
     ls = cache_sub.add_parser("ls", help="every snapshot, most recently used first")
     ls.add_argument("--json", action="store_true")
     rm = cache_sub.add_parser("rm", help="delete snapshots by id")
-    rm.add_argument("ids", nargs="+", type=int, metavar="ID")
+    rm.add_argument("ids", nargs="+", type=int_range(1, MAX_ID), metavar="ID")
     gc = cache_sub.add_parser("gc", help="delete the least recently used snapshots beyond --max-bytes, and leftovers")
     gc.add_argument("--max-bytes", type=byte_count, help="keep at most this many bytes of snapshots (e.g. 2G)")
     gc.add_argument("--json", action="store_true")
@@ -61,17 +67,20 @@ def run_ingest(args: argparse.Namespace, config) -> int:
 
     from edgectx.chat.documents import read_document
     from edgectx.cli.options import load_engine
+    from edgectx.errors import StoreError
+    from edgectx.store.conversations import ConversationStore
 
     if args.max_file_mib <= 0:
         raise UsageError("--max-file-mib must be positive.")
     docs = [read_document(f, max_bytes=int(args.max_file_mib * 2**20)) for f in args.files]
     status = Console(stderr=True)
-    engine = load_engine(args, config, status)
     codec = args.codec or config.snapshot_codec or "int4"
     results = []
-    from edgectx.store.conversations import ConversationStore
-
-    with ConversationStore() as store:
+    with ConversationStore() as store:  # before the model: a database that cannot take the snapshots costs nothing
+        if store.read_only:
+            raise StoreError(f"The conversation database {store.path} is read-only, so nothing can be ingested: "
+                             "make it and its folder writable.")
+        engine = load_engine(args, config, status)
         for doc in docs:
             results.append(_ingest_one(engine, store, doc, codec, status))
     if args.json:
@@ -92,7 +101,7 @@ def _ingest_one(engine, store, doc, codec: str, status) -> dict:
                      f"({done.size_bytes / 2**20:,.1f} MiB)", highlight=False, markup=False, soft_wrap=True)
         return _entry(doc, doc_id, done.n_tokens, 0.0, path, done.size_bytes, done.codec, already=True)
     with reading_progress(status, doc.path.name, len(opening.ids)) as update:
-        opened = open_documents(engine, store, opening, codec=codec, progress=update,
+        opened = open_documents(engine, store, opening, codec=codec, progress=update, must_save=True,
                                 on_problem=lambda sentence: warn(status, sentence))
     path, size = opened.snapshots[-1]
     rate = opened.prefilled_tokens / max(opened.elapsed_s, 1e-9)
@@ -101,33 +110,79 @@ def _ingest_one(engine, store, doc, codec: str, status) -> dict:
     return _entry(doc, opened.document_ids[0], opened.n_tokens, opened.elapsed_s, path, size, codec, already=False)
 
 
+def _sweep(store, on_problem) -> list[tuple[str, int]]:
+    """Delete the snapshot folder's old files that no row lists (a killed writer's temp file, a file the manifest
+    lost). Only regular files inside the data dir go: symlinked folders are not entered, symlinks not followed."""
+    from edgectx.chat.opening import SNAPSHOT_DIR
+
+    root = store.snapshots.root
+    folder = root.resolve() / SNAPSHOT_DIR
+    if folder.is_symlink():  # it may lead anywhere, the data dir itself included: only its own folder is swept
+        on_problem(f"{root / SNAPSHOT_DIR} is a symlink: leftover files were not swept.")
+        return []
+    if not folder.is_dir():
+        return []
+    listed = {p for s in store.snapshots.list() if (p := store.snapshots.inside(s.file)) is not None}
+    swept, now = [], time.time()
+    for dirpath, _, names in os.walk(folder):  # os.walk does not enter symlinked folders
+        for name in names:
+            path = store.snapshots.inside(Path(dirpath) / name)  # checked again at the moment of use
+            try:
+                info = path.lstat() if path is not None else None
+                if info is None or not stat.S_ISREG(info.st_mode) or path in listed or now - info.st_mtime <= LEFTOVER_AGE_S:
+                    continue
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                on_problem(f"Cannot delete the leftover file {Path(dirpath) / name}: {e.strerror or e}.")
+                continue
+            swept.append((str(root / path.relative_to(root.resolve())), info.st_size))  # named as `cache ls` names files
+    return swept
+
+
 def _entry(doc, doc_id: int, n_tokens: int, elapsed_s: float, path: Path, size: int, codec: str, already: bool) -> dict:
     return {"path": str(doc.path), "document_id": doc_id, "kind": doc.kind, "n_tokens": n_tokens, "elapsed_s": elapsed_s,
             "snapshot": str(path), "snapshot_bytes": size, "codec": codec, "already_ingested": already}
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from edgectx.cli.console import warn
     from edgectx.store.conversations import ConversationStore
 
+    status = Console(stderr=True)
     with ConversationStore() as store:
         if args.cache == "ls":
             return _ls(store, args.json)
         if args.cache == "rm":
             for snapshot_id in args.ids:
-                removed = store.snapshots.remove(snapshot_id)
-                print(f"Removed snapshot {removed.id} ({removed.size_bytes / 2**20:,.1f} MiB).")
+                problems: list[str] = []  # a file left alone (outside the data dir, undeletable): said instead
+                removed = store.snapshots.remove(snapshot_id, on_problem=problems.append)
+                for sentence in problems:
+                    warn(status, sentence)
+                if not problems:
+                    print(f"Removed snapshot {removed.id} ({removed.size_bytes / 2**20:,.1f} MiB).")
             return 0
-        return _gc(store, args.max_bytes, args.json)
+        return _gc(store, args.max_bytes, args.json, lambda sentence: warn(status, sentence))
+
+
+def _document_path(store, document_id: int | None) -> str | None:
+    """The path a snapshot's document was read from; None when the row names none, or one that is gone."""
+    from edgectx.errors import StoreError
+
+    try:
+        return store.documents.get(document_id).path if document_id is not None else None
+    except StoreError:
+        return None
 
 
 def _ls(store, as_json: bool) -> int:
     rows = []
     for s in store.snapshots.list():
-        document = store.documents.get(s.document_id).path if s.document_id is not None else None
         rows.append({"id": s.id, "n_tokens": s.n_tokens, "codec": s.codec, "size_bytes": s.size_bytes,
                      "last_used": datetime.fromtimestamp(s.last_used_at).isoformat(timespec="seconds"),
-                     "document": document, "conversation_id": s.conversation_id, "file": str(store.snapshots.path_of(s)),
-                     "present": store.snapshots.path_of(s).is_file()})
+                     "document": _document_path(store, s.document_id), "conversation_id": s.conversation_id,
+                     "file": str(store.snapshots.path_of(s)), "present": store.snapshots.present(s)})
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -147,21 +202,12 @@ def _ls(store, as_json: bool) -> int:
     return 0
 
 
-def _gc(store, max_bytes: int | None, as_json: bool) -> int:
-    from edgectx.chat.opening import SNAPSHOT_DIR
-
-    removed = store.snapshots.gc(max_bytes) if max_bytes is not None else []
+def _gc(store, max_bytes: int | None, as_json: bool, on_problem) -> int:
+    removed = store.snapshots.gc(max_bytes, on_problem) if max_bytes is not None else []
     for s in store.snapshots.list():
-        if not store.snapshots.path_of(s).is_file():  # deleted by hand: forget it
-            removed.append(store.snapshots.remove(s.id))
-    listed = {store.snapshots.path_of(s).resolve() for s in store.snapshots.list()}
-    swept = []
-    folder = store.snapshots.root / SNAPSHOT_DIR
-    now = time.time()
-    for path in folder.rglob("*") if folder.is_dir() else ():
-        if path.is_file() and path.resolve() not in listed and now - path.stat().st_mtime > LEFTOVER_AGE_S:
-            swept.append((str(path), path.stat().st_size))  # a killed writer's temp file, or a file the manifest lost
-            path.unlink(missing_ok=True)
+        if not store.snapshots.present(s):  # deleted by hand, or a row leading out of the data dir: forget it
+            removed.append(store.snapshots.remove(s.id, on_problem))
+    swept = _sweep(store, on_problem)
     freed = sum(s.size_bytes for s in removed) + sum(size for _, size in swept)
     if as_json:
         print(json.dumps({"removed": [s.id for s in removed], "swept_files": [p for p, _ in swept], "freed_bytes": freed,

@@ -10,15 +10,64 @@ Every value comes from the flag when given, else from the config file, else from
 from __future__ import annotations
 
 import argparse
+import math
 
 from edgectx.config import Config
 from edgectx.errors import UsageError
-from edgectx.memory.config import POSITIONS, SCORERS, MemoryConfig
+from edgectx.memory.config import LIMITS, POSITIONS, SCORERS, MemoryConfig
 from edgectx.quant.formats import WEIGHT_FORMATS
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
 DEFAULT_MAX_TOKENS = 512
 BENCH_SCORERS = SCORERS + ("oracle", "oracle-logprob")  # edgectx.bench.oracle: eviction by the true labels
+# Upper bounds keep a typo from sizing buffers or overflowing a conversion: each is far past any useful value.
+MAX_TOKENS = 1 << 24  # token counts (contexts, answers, training text): 16M, past any model's context
+MAX_BUDGET = LIMITS["budget_tokens"]
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is no id
+MAX_FILE_MIB = float(2**20)  # 1 TiB: a document limit, read into memory as text
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def int_range(low: int, high: int):
+    """An argparse type: a whole number from `low` to `high`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low:,} to {high:,}, got {text}")
+        return value
+    return parse
+
+
+def float_range(low: float, high: float = math.inf, above: bool = False):
+    """An argparse type: a finite number from `low` (or, with `above`, greater than `low`) to `high`."""
+    if high != math.inf:
+        bounds = f" from {low:g} to {high:g}" if not above else f" greater than {low:g} and at most {high:g}"
+    else:
+        bounds = f" greater than {low:g}" if above else f", at least {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be a finite number{bounds}, got {text}")
+        return value
+    return parse
+
+
+def file_mib(text: str) -> float:
+    """A file-size limit in MiB (an argparse type): at least one byte once converted to bytes, at most 1 TiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB, got {text!r}") from None
+    if not (math.isfinite(value) and int(value * 2**20) >= 1 and value <= MAX_FILE_MIB):
+        raise argparse.ArgumentTypeError(f"must be a size in MiB from 0.000001 (one byte) to {MAX_FILE_MIB:.0f} (1 TiB), got {text}")
+    return value
 
 
 def token_counts(text: str) -> list[int]:
@@ -27,21 +76,36 @@ def token_counts(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError("context lengths must be at least 2 tokens")
+    if not values or min(values) < 2 or max(values) > MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"token counts must be from 2 to {MAX_TOKENS:,}, got {text!r}")
     return values
+
+
+def budget_tokens(text: str) -> int:
+    """A memory budget in tokens (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count, got {text!r}") from None
+    if not 64 <= value <= MAX_BUDGET:
+        raise argparse.ArgumentTypeError(f"the budget must be from 64 to {MAX_BUDGET:,} tokens, got {text}")
+    return value
+
+
+def _budgets(text: str) -> list[int]:
+    """'2048,1024' -> [2048, 1024]: one run each."""
+    values = [v for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}")
+    return [budget_tokens(v) for v in values]
 
 
 def _budget(text: str) -> int | str:
     if text == "full":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count or 'full', got {text!r}") from None
-    if value < 64:
-        raise argparse.ArgumentTypeError("the budget must be at least 64 tokens")
-    return value
+    if not text.strip().lstrip("+-").isdigit():
+        raise argparse.ArgumentTypeError(f"expected a token count or 'full', got {text!r}")
+    return budget_tokens(text)
 
 
 def _scorers(text: str) -> list[str]:
@@ -55,8 +119,8 @@ def _scorers(text: str) -> list[str]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="a .gguf file, a Hugging Face model directory, or a name `edgectx models` lists (default: the embedded SmolLM2)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for the engine (default: PyTorch's choice)")
-    p.add_argument("--ctx", type=int, help="context window in tokens (default: the model's trained context)")
+    p.add_argument("--threads", type=int_range(1, 4096), help="CPU threads for the engine (default: PyTorch's choice)")
+    p.add_argument("--ctx", type=int_range(1, MAX_TOKENS), help="context window in tokens (default: the model's trained context)")
     p.add_argument("--weights", choices=WEIGHT_FORMATS,
                    help="weight format: 16-bit, or 4-bit nf4 / 8-bit int8 through bitsandbytes (default auto: nf4 on CUDA "
                    "when bitsandbytes is installed, else fp16)")
@@ -66,10 +130,10 @@ def add_memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: 
     """The memory flags; with `lists`, --budget and --scorer take comma-separated values (one run each)."""
     full = "; 'full' for plain full attention" if allow_full else ""
     several = " (comma-separated: one run each)" if lists else ""
-    p.add_argument("--budget", type=token_counts if lists else _budget if allow_full else int,
+    p.add_argument("--budget", type=_budgets if lists else _budget if allow_full else budget_tokens,
                    help=f"device KV budget in tokens per layer and KV head (default {DEFAULT_BUDGET}{full}){several}")
     p.add_argument("--positions", choices=POSITIONS, help="how the kept context is numbered (default compact)")
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
+    p.add_argument("--chunk", type=int_range(1, LIMITS["chunk_tokens"]), default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
     p.add_argument("--scorer", type=_scorers if lists else None, choices=None if lists else SCORERS,
                    help="eviction scores: Locret retaining heads, attention mass, or recency (window) "
                    f"(default auto: heads when the model has them){several}"
@@ -78,12 +142,13 @@ def add_memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Unset flags fall back to the config file, then to the defaults named here."""
-    p.add_argument("--temperature", type=float, help="0 for greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, help="default 40")
-    p.add_argument("--top-p", type=float, help="default 0.9")
-    p.add_argument("--repeat-penalty", type=float, help="default 1.1")
-    p.add_argument("--seed", type=int, help="fix the sampling seed for reproducible answers")
-    p.add_argument("--max-tokens", type=int, help=f"longest answer in tokens (default {DEFAULT_MAX_TOKENS})")
+    # The same ranges as the config file's keys (edgectx.config).
+    p.add_argument("--temperature", type=float_range(0, 5), help="0 for greedy (default 0.7)")
+    p.add_argument("--top-k", type=int_range(0, MAX_TOKENS), help="default 40; 0 disables")
+    p.add_argument("--top-p", type=float_range(0, 1), help="default 0.9; 1 disables")
+    p.add_argument("--repeat-penalty", type=float_range(0, above=True), help="default 1.1; 1 disables")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), help="fix the sampling seed for reproducible answers")
+    p.add_argument("--max-tokens", type=int_range(1, MAX_TOKENS), help=f"longest answer in tokens (default {DEFAULT_MAX_TOKENS})")
 
 
 def memory_config_from(args: argparse.Namespace, config: Config | None = None) -> MemoryConfig | None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgectx.cli.options import add_memory_args
-from edgectx.errors import UsageError
+from edgectx.cli.options import MAX_TOKENS, add_memory_args, float_range, int_range
 from edgectx.memory.plan import GIB, MemoryPlan, PlanDoesNotFit, host_ram_bytes, plan_memory
 from edgectx.quant.formats import WEIGHT_FORMATS
 
@@ -23,9 +22,9 @@ def add_parser(sub) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", "-m", help="a .gguf file, a Hugging Face checkpoint directory or a listed name (default: the embedded SmolLM2); only its metadata is read")
     source.add_argument("--synthetic", metavar="NAME", help="a synthetic model's shapes: llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b")
-    p.add_argument("--context", type=int, required=True, help="tokens the conversation will hold")
-    p.add_argument("--gpu-mem-gib", type=float, required=True, help="GPU memory to plan for, in GiB")
-    p.add_argument("--host-mem-gib", type=float, help="host RAM for the block store, in GiB (default: this machine's)")
+    p.add_argument("--context", type=int_range(1, MAX_TOKENS), required=True, help="tokens the conversation will hold")
+    p.add_argument("--gpu-mem-gib", type=float_range(0, above=True), required=True, help="GPU memory to plan for, in GiB")
+    p.add_argument("--host-mem-gib", type=float_range(0, above=True), help="host RAM for the block store, in GiB (default: this machine's)")
     p.add_argument("--weights", choices=WEIGHT_FORMATS, help="weight format (default auto: nf4 when bitsandbytes is installed)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_memory_args(p)
@@ -38,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from edgectx.config import load_config
     from edgectx.quant.linear import resolve_weights
 
-    if args.context < 1 or args.gpu_mem_gib <= 0 or (args.host_mem_gib is not None and args.host_mem_gib <= 0):
-        raise UsageError("--context, --gpu-mem-gib and --host-mem-gib must be positive.")
     config = load_config()
     if args.synthetic:
         from edgectx.model.synthetic import synthetic_spec

@@ -17,6 +17,12 @@ from edgectx.errors import UsageError
 
 POSITIONS = ("compact", "original")
 SCORERS = ("auto", "heads", "attention", "window")
+HOST_DTYPES = ("float16", "bfloat16", "float32")
+# The largest value each count may take. A config also arrives inside snapshot files from anywhere, and these
+# counts size buffers before any token is read: far above any setting that helps, far below what exhausts a
+# machine (a chunk of 8192 tokens already needs GBs of attention scratch on an 8B model).
+LIMITS = {"budget_tokens": 1 << 20, "n_sink": 1 << 20, "n_local": 1 << 20, "block_size": 4096, "top_k_blocks": 256,
+          "cache_blocks": 1 << 16, "chunk_tokens": 8192, "n_observe": 8192, "retrieve_every": 4096, "evict_every": 4096}
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,20 @@ class MemoryConfig:
     # the observation window), "window" (recency, as StreamingLLM); "auto" = heads when the model has them
 
     def __post_init__(self) -> None:
-        if self.positions not in POSITIONS:
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if name == "cache_blocks" and value == "auto":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+                raise UsageError(f"{name} must be a whole number from 0 to {limit}, not {value!r}.")
+        if not isinstance(self.host_dtype, str) or self.host_dtype not in HOST_DTYPES:
+            raise UsageError(f"host_dtype must be one of {', '.join(HOST_DTYPES)}, not {self.host_dtype!r}.")
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
             raise UsageError(f"positions must be one of {', '.join(POSITIONS)}, not {self.positions!r}.")
-        if self.scorer not in SCORERS:
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
             raise UsageError(f"scorer must be one of {', '.join(SCORERS)}, not {self.scorer!r}.")
         if min(self.block_size, self.chunk_tokens, self.n_local, self.retrieve_every, self.evict_every) < 1:
             raise UsageError("block_size, chunk_tokens, n_local, retrieve_every and evict_every must be positive.")
-        if self.cache_blocks != "auto" and (not isinstance(self.cache_blocks, int) or isinstance(self.cache_blocks, bool)):
-            raise UsageError(f"cache_blocks must be a block count or 'auto', not {self.cache_blocks!r}.")
         fixed_cache = self.cache_blocks if self.cache_blocks != "auto" else self.top_k_blocks
         if min(self.n_sink, self.top_k_blocks, self.n_observe) < 0 or fixed_cache < self.top_k_blocks:
             raise UsageError("n_sink, top_k_blocks and n_observe must be >= 0, and cache_blocks >= top_k_blocks.")

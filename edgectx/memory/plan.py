@@ -149,3 +149,15 @@ def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: Me
 
 def host_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_ram_bytes() -> int:
+    """RAM that can be had now without swapping: the kernel's MemAvailable, else all of it (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return host_ram_bytes()

@@ -42,6 +42,7 @@ the last retrieval) and its size (stats) are restored.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -159,11 +160,17 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
         store.append(k, v)
     store.representatives = rd.tensor("host.repr", (store.n_blocks, n_kv, d)).to(store.device, store.repr_dtype)
 
-    idx = rd.tensor("resident.idx", (n_kv, None), torch.int64)
+    idx = rd.tensor("resident.idx", (n_kv, None), torch.int64, at_most=n_tokens)
     n = idx.shape[1]
     rd.check(bool((idx >= 0).all() and (idx < n_tokens).all() and (idx[:, 1:] > idx[:, :-1]).all()),
              "resident token indices are not sorted positions inside the context")
-    rd.check(n <= m["resident_capacity"] <= rd.max_capacity, "the resident tier's capacity does not fit its tokens")
+    # Until the first eviction every token is resident; after it, at least the sinks and the window are.
+    rd.check(n == n_tokens if not m["evicted"] else n >= min(n_tokens, c.n_sink + c.n_local),
+             "its resident tier holds fewer tokens than its memory keeps")
+    # Live capacity is what the tokens need plus a chunk's headroom, doubled at most by growth.
+    headroom = max(c.chunk_tokens, c.evict_every) + 1
+    rd.check(n <= m["resident_capacity"] <= min(rd.max_capacity, max(256, 2 * (n + headroom))),
+             "the resident tier's capacity does not fit its tokens")
     if codec == "fp16":
         rk, rv = rd.tensor("resident.k", (n_kv, n, d)), rd.tensor("resident.v", (n_kv, n, d))
     else:  # by reference: the resident tokens as the host store decodes them
@@ -176,11 +183,10 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
     layer.selection = rd.blocks("selection", store.n_blocks, c.top_k_blocks)  # on the host, as retrieval keeps it
     layer.evicted, layer.steps_since_retrieval, layer.version = m["evicted"], m["steps_since_retrieval"], m["version"]
     if observes:
-        q = rd.tensor("q_recent", (layer.q_recent.shape[0], None, d))
-        rd.check(q.shape[1] <= c.n_observe, "it holds more observation queries than its config keeps")
+        q = rd.tensor("q_recent", (layer.q_recent.shape[0], None, d), at_most=c.n_observe)
         layer.q_recent = q.to(layer.memory.device, layer.memory.dtype)
 
-    cached = rd.tensor("cache.blocks", (None,), torch.int64).tolist()
+    cached = rd.tensor("cache.blocks", (None,), torch.int64, at_most=store.n_blocks).tolist()
     rd.check(len(set(cached)) == len(cached) and all(0 <= b < store.n_blocks for b in cached),
              "its block cache lists blocks it cannot hold")
     # Oldest use first, so the LRU order comes back as it was; a smaller cache ("auto" sized it from this
@@ -195,7 +201,9 @@ def _load_assembly(rd: "_Reader", layer: LayerMemory, m: dict | None) -> None:
     if m is None:
         layer.asm = None
         return
-    rd.check(m["capacity"] <= rd.max_capacity, "its assembled context is implausibly large")
+    c = layer.memory.config
+    keys = r.n + c.top_k_blocks * c.block_size + max(c.chunk_tokens, c.evict_every) + 1  # resident, retrieved, a chunk
+    rd.check(m["capacity"] <= min(rd.max_capacity, 2 * keys + 256), "its assembled context is implausibly large")
     if m["stale"]:  # a placeholder of the same size, under a key no retrieval can produce
         empty_k = torch.empty(r.n_kv, 0, r.head_dim, device=r.device, dtype=r.dtype)
         valid = torch.empty(r.n_kv, 0, dtype=torch.bool, device=r.device) if m["valid"] else None
@@ -224,23 +232,33 @@ class _Reader:
         if not ok:
             raise SnapshotError(f"{self.snap.path} is corrupt: {what} ({self.prefix.rstrip('.') or 'memory'}).")
 
-    def tensor(self, name: str, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Section `prefix + name`, whose shape must match `shape` (None = any size there)."""
+    def tensor(self, name: str, shape: tuple, dtype: torch.dtype | None = None, at_most: int | None = None) -> torch.Tensor:
+        """Section `prefix + name`, whose shape must match `shape` (None = any size up to `at_most` there). The
+        declared shape is checked before the section is read: a file may not make this reader allocate more
+        than the memory it restores needs. Floats must be finite."""
+        info = self.snap.info(self.prefix + name)
+        if info is not None:  # a missing section is reported by `read`
+            self._check_shape(name, info.shape if info.kind == "tensor" else "bytes", shape, at_most)
         t = self.snap.read(self.prefix + name)
-        ok = isinstance(t, torch.Tensor) and t.dim() == len(shape) and (dtype is None or t.dtype == dtype)
+        ok = isinstance(t, torch.Tensor) and (dtype is None or t.dtype == dtype)
         ok = ok and t.is_floating_point() == (dtype is None or dtype.is_floating_point)
-        ok = ok and all(want is None or got == want for got, want in zip(t.shape, shape))
+        self._check_shape(name, tuple(t.shape) if isinstance(t, torch.Tensor) else "bytes", shape, at_most, ok)
+        if t.is_floating_point():
+            self.check(bool(torch.isfinite(t).all()), f"section {self.prefix + name!r} holds values that are not finite")
+        return t
+
+    def _check_shape(self, name: str, got, shape: tuple, at_most: int | None, ok: bool = True) -> None:
+        ok = ok and isinstance(got, tuple) and len(got) == len(shape) and all(
+            g == want if want is not None else at_most is None or g <= at_most for g, want in zip(got, shape))
         if not ok:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else "bytes"
-            want = tuple("*" if s is None else s for s in shape)
+            want = tuple(("*" if at_most is None else f"<={at_most}") if s is None else s for s in shape)
             raise SnapshotError(f"{self.snap.path} is corrupt: section {self.prefix + name!r} has shape {got}, "
                                 f"this memory needs {want}.")
-        return t
 
     def blocks(self, name: str, n_blocks: int, top_k: int) -> torch.Tensor:
         """Block ids (n_kv, k) per KV head: at most top_k, each a completed block."""
-        t = self.tensor(name, (self.n_kv, None), torch.int64)
-        self.check(t.shape[1] <= top_k and bool(((t >= 0) & (t < n_blocks)).all()), f"section {name!r} names blocks it does not hold")
+        t = self.tensor(name, (self.n_kv, None), torch.int64, at_most=top_k)
+        self.check(bool(((t >= 0) & (t < n_blocks)).all()), f"section {name!r} names blocks it does not hold")
         return t
 
 
@@ -270,8 +288,9 @@ class _State:
             raise fail from None
         c = memory.config
         reach = 2 * (self.n_tokens + c.budget_tokens + c.chunk_tokens + c.evict_every + c.top_k_blocks * c.block_size) + 4096
+        n_blocks = -(-self.n_tokens // c.block_size)
         if self.n_tokens != snap.header.n_tokens or len(self.record_blocks) != len(self.record_relevance) \
-                or self.rope_positions > reach:
+                or self.rope_positions > reach or any(b >= n_blocks for b in self.record_blocks):
             raise fail
         if scorer != memory.scorer.name:
             raise SnapshotError(f"{path} was made with the {scorer!r} eviction scorer, and this engine would continue "
@@ -285,7 +304,7 @@ def _count(x) -> int:
 
 
 def _number(x) -> float:
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
         raise ValueError(x)
     return float(x)
 

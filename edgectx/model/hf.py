@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from edgectx.errors import ModelFileError, UnsupportedModelError
+from edgectx.model.files import path_kind
 from edgectx.model.transformer import Transformer
 from edgectx.model.assembly import LayerWeights, LinearFactory, assemble_model
 from edgectx.model.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
@@ -31,7 +32,10 @@ INDEX_FILE = "model.safetensors.index.json"
 def is_hf_dir(path: Path) -> bool:
     """A directory that holds a config.json and safetensors weights (what `edgectx models` lists)."""
     path = Path(path)
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    try:
+        return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    except OSError:  # a folder that cannot be entered holds nothing edgectx can list
+        return False
 
 
 @dataclass
@@ -106,9 +110,9 @@ def _weight_files(path: Path) -> list[Path]:
 def open_hf_dir(path: Path) -> HFDir:
     """Open a checkpoint directory: config.json, and every safetensors header (not the weights)."""
     path = Path(path).expanduser()
-    if not path.is_dir():
+    if path_kind(path) != "dir":
         raise ModelFileError(f"{path} is not a directory: pass a Hugging Face model directory or a .gguf file.")
-    if not (path / "config.json").is_file():
+    if path_kind(path / "config.json") != "file":
         raise ModelFileError(f"{path} has no config.json: pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file.")
     config = _read_json(path / "config.json")
@@ -123,6 +127,7 @@ def open_hf_dir(path: Path) -> HFDir:
         raise ModelFileError(f"{path} has no *.safetensors weights{hint}.")
     hf = HFDir(path, config, {})
     for file in files:
+        path_kind(file)  # a FIFO among the weights would block safe_open
         for name in hf._handle(file).keys():
             hf.files[name] = file
     return hf

@@ -19,6 +19,7 @@ import torch
 from edgectx.model import gguf as gguf_loader
 from edgectx.model import hf as hf_loader
 from edgectx.model.chat_template import ChatTemplate
+from edgectx.model.files import path_kind
 from edgectx.model.transformer import Transformer
 from edgectx.model.spec import ModelSpec
 from edgectx.model.tokenizer import TextTokenizer
@@ -64,7 +65,7 @@ class ModelSource:
 def open_model(path: Path) -> ModelSource:
     """Open a .gguf file or a checkpoint directory, validating it, without loading the weights."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    if path_kind(path) == "dir":  # path_kind refuses FIFOs and devices, and turns an unreachable path into a sentence
         hf = hf_loader.open_hf_dir(path)
         return ModelSource(hf.path, "hf", hf_loader.read_spec(hf), hf)
     g = gguf_loader.open_gguf(path)

@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,6 +156,10 @@ class Snapshot:
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
+    def info(self, name: str) -> SectionInfo | None:
+        """What the (verified) table declares about a section: its kind, dtype and shape, before any byte is read."""
+        return self._by_name.get(name)
+
     def read(self, name: str) -> torch.Tensor | bytes:
         """A section's tensor (fp16 for KV codecs) or bytes."""
         info = self._by_name.get(name)
@@ -198,14 +203,26 @@ class Snapshot:
 
 
 def _open(path: Path):
+    """Open for reading without blocking: a FIFO or a device at the path is refused, never waited on."""
     try:
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SnapshotError(f"Snapshot not found: {path}.") from None
     except IsADirectoryError:
         raise SnapshotError(f"{path} is a folder, not a snapshot file.") from None
     except OSError as e:
         raise SnapshotError(f"Cannot read the snapshot {path}: {e.strerror or e}.") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise SnapshotError(f"{path} is a folder, not a snapshot file.")
+        if not stat.S_ISREG(mode):
+            raise SnapshotError(f"{path} is not a regular file (a pipe or a device), so it is not a snapshot.")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _guard(path: Path, step):

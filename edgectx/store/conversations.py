@@ -26,6 +26,7 @@ from edgectx.errors import StoreError
 from edgectx.store.db import Database
 from edgectx.store.documents import Documents
 from edgectx.store.snapshots import SnapshotManifest
+from edgectx.store.values import integer, json_object, optional_int, optional_text, seconds, text
 
 ROLES = ("system", "user", "assistant")
 DB_NAME = "edgectx.db"
@@ -50,8 +51,12 @@ class StoredConversation:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> StoredConversation:
-        fields = {k: row[k] for k in row.keys() if k != "settings_json"}
-        return cls(settings=json.loads(row["settings_json"]), **fields)
+        """Every value checked (edgectx.store.values): a damaged one reads as absent."""
+        return cls(id=integer(row["id"]), title=text(row["title"]), created_at=seconds(row["created_at"]),
+                   updated_at=seconds(row["updated_at"]), model_name=optional_text(row["model_name"]),
+                   model_fingerprint=optional_text(row["model_fingerprint"]),
+                   system_prompt=optional_text(row["system_prompt"]), settings=json_object(row["settings_json"]),
+                   n_messages=integer(row["n_messages"]))
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,10 @@ class Message:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Message:
-        fields = {k: row[k] for k in row.keys() if k != "timings_json"}
-        return cls(timings=json.loads(row["timings_json"]), **fields)
+        """Every value checked (edgectx.store.values): a damaged one reads as absent."""
+        return cls(id=integer(row["id"]), conversation_id=integer(row["conversation_id"]), position=integer(row["position"]),
+                   role=text(row["role"]), content=text(row["content"]), n_tokens=optional_int(row["n_tokens"]),
+                   timings=json_object(row["timings_json"]), created_at=seconds(row["created_at"]))
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,11 @@ class ConversationStore:
         self._db = Database(self.path)
         self.documents = Documents(self._db)
         self.snapshots = SnapshotManifest(self._db, self.path.parent)
+
+    @property
+    def read_only(self) -> bool:
+        """The file can only be read (a read-only data dir): listing and exporting work, every write raises StoreError."""
+        return self._db.read_only
 
     def close(self) -> None:
         self._db.close()
@@ -240,8 +252,8 @@ class ConversationStore:
             ids = list(best)
             rows = [row for i in range(0, len(ids), 500) for row in conn.execute(
                 _CONVERSATION + f" WHERE c.id IN ({', '.join('?' * len(ids[i : i + 500]))})", ids[i : i + 500])]
-        rows.sort(key=lambda r: (r["updated_at"], r["id"]), reverse=True)
-        return [SearchHit(StoredConversation.from_row(r), *best[r["id"]]) for r in rows[:limit]]
+        found = sorted(map(StoredConversation.from_row, rows), key=lambda c: (c.updated_at, c.id), reverse=True)
+        return [SearchHit(c, *best[c.id]) for c in found[:limit]]
 
     # Helpers
 

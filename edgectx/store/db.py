@@ -5,10 +5,12 @@ processes may share it: every write is one `BEGIN IMMEDIATE` transaction (it tak
 front, so a second writer waits up to `BUSY_TIMEOUT_S` instead of failing half-way), and
 `synchronous=FULL` makes a committed write survive a crash or a power cut, not only a killed process.
 
-The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` takes a database from version `i` to
-`i + 1`, and all pending ones run in one transaction at open, so a failed upgrade leaves the file as it
-was. A file from a newer edgectx, a file that is not SQLite, or another program's SQLite database is
-refused with a `StoreError` sentence. `PRAGMA application_id` marks the file as edgectx's.
+The schema is versioned with `PRAGMA user_version`: `MIGRATIONS[i]` (edgectx.store.schema) takes a database
+from version `i` to `i + 1`, and all pending ones run in one transaction at open, so a failed upgrade leaves
+the file as it was. A file from a newer edgectx, a file that is not SQLite, or another program's SQLite
+database is refused with a `StoreError` sentence. `PRAGMA application_id` marks the file as edgectx's.
+A file that cannot be written (a read-only data dir) is opened for reading only, and a failure reports the
+first error SQLite gave (a full disk), not the one a clean-up after it ran into.
 
     db = Database(data_dir() / "edgectx.db")
     with db.write() as conn:
@@ -17,115 +19,36 @@ refused with a `StoreError` sentence. `PRAGMA application_id` marks the file as 
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from edgectx.errors import StoreError
+from edgectx.store.schema import APPLICATION_ID, MIGRATIONS, Migration
 
-APPLICATION_ID = 0x65637478  # b"ectx": marks the file as edgectx's own
 BUSY_TIMEOUT_S = 15.0  # how long a write waits for another process's write to finish
-
-_FTS_TOKENIZER = "porter unicode61 remove_diacritics 2"  # 'answers' finds 'answer', 'cafe' finds 'café'
-
-_SCHEMA_V1 = (
-    """CREATE TABLE conversations (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so an exported id names one conversation
-        title TEXT NOT NULL,
-        created_at REAL NOT NULL,  -- Unix seconds, UTC
-        updated_at REAL NOT NULL,
-        model_name TEXT,
-        model_fingerprint TEXT,  -- edgectx.model.fingerprint of the weights last used
-        system_prompt TEXT,
-        settings_json TEXT NOT NULL DEFAULT '{}'  -- sampling and memory settings, a JSON object
-    )""",
-    "CREATE INDEX conversations_updated ON conversations (updated_at DESC, id DESC)",
-    """CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
-        conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        position INTEGER NOT NULL,  -- 0, 1, 2 ... within the conversation
-        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-        content TEXT NOT NULL,
-        n_tokens INTEGER,
-        timings_json TEXT NOT NULL DEFAULT '{}',  -- e.g. {"prefill_s": .., "decode_s": .., "tokens_per_s": ..}
-        created_at REAL NOT NULL,
-        UNIQUE (conversation_id, position)
-    )""",
-    """CREATE TABLE documents (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        path TEXT NOT NULL,  -- where the content was first added from
-        sha256 TEXT NOT NULL,  -- of the file's bytes
-        tokenizer TEXT NOT NULL DEFAULT '',  -- whose tokens n_tokens and the offsets count ('' = not tokenized)
-        size_bytes INTEGER NOT NULL,
-        n_chars INTEGER NOT NULL,  -- code points of the decoded text
-        n_tokens INTEGER,
-        token_char_offsets BLOB,  -- little-endian uint32 per token: the char where it starts
-        created_at REAL NOT NULL,
-        UNIQUE (sha256, tokenizer)
-    )""",
-    "CREATE INDEX documents_path ON documents (path)",
-    """CREATE TABLE conversation_documents (
-        conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        document_id INTEGER NOT NULL REFERENCES documents (id) ON DELETE RESTRICT,
-        position INTEGER NOT NULL,  -- attachment order
-        attached_at REAL NOT NULL,
-        PRIMARY KEY (conversation_id, document_id),
-        UNIQUE (conversation_id, position)
-    )""",
-    "CREATE INDEX conversation_documents_document ON conversation_documents (document_id)",
-    # Snapshots are keyed by content (model + token chain), so they outlive the conversation that made them:
-    # deleting it only unlinks them, and `cache gc` reclaims them by last use.
-    """CREATE TABLE snapshots (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        file TEXT NOT NULL UNIQUE,  -- relative to the data dir
-        model_fingerprint TEXT NOT NULL,
-        codec TEXT NOT NULL,  -- fp16, int8, int4 ...
-        n_tokens INTEGER NOT NULL,
-        chain_hash TEXT NOT NULL,  -- hex of the token hash chain's last link: the prefix it holds
-        size_bytes INTEGER NOT NULL,
-        document_id INTEGER REFERENCES documents (id) ON DELETE SET NULL,
-        conversation_id INTEGER REFERENCES conversations (id) ON DELETE SET NULL,
-        created_at REAL NOT NULL,
-        last_used_at REAL NOT NULL
-    )""",
-    "CREATE INDEX snapshots_key ON snapshots (model_fingerprint, chain_hash)",
-    "CREATE INDEX snapshots_lru ON snapshots (last_used_at)",
-    "CREATE INDEX snapshots_document ON snapshots (document_id)",
-    "CREATE INDEX snapshots_conversation ON snapshots (conversation_id)",
-)
+FULL_BELOW_BYTES = 1 << 20  # an I/O error with less free space than this is the disk being full
 
 
-def _fts_statements(table: str, column: str) -> tuple[str, ...]:
-    """An external-content FTS5 index over `table.column`, kept in step by triggers (deletes need the old text)."""
-    fts = f"{table}_fts"
-    delete = f"INSERT INTO {fts} ({fts}, rowid, {column}) VALUES ('delete', old.id, old.{column});"
-    insert = f"INSERT INTO {fts} (rowid, {column}) VALUES (new.id, new.{column});"
-    return (
-        f"CREATE VIRTUAL TABLE {fts} USING fts5 ({column}, content='{table}', content_rowid='id', tokenize='{_FTS_TOKENIZER}')",
-        f"CREATE TRIGGER {fts}_insert AFTER INSERT ON {table} BEGIN {insert} END",
-        f"CREATE TRIGGER {fts}_delete AFTER DELETE ON {table} BEGIN {delete} END",
-        f"CREATE TRIGGER {fts}_update AFTER UPDATE OF {column} ON {table} BEGIN {delete} {insert} END",
-    )
-
-
-def _v1(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA_V1 + _fts_statements("messages", "content") + _fts_statements("conversations", "title"):
-        conn.execute(statement)
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-
-
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_v1,)  # append only; never edit a released one
+def _no_space_left(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 def _sentence(e: sqlite3.Error, path: Path) -> str:
     text = str(e)
+    kind = getattr(e, "sqlite_errorname", "") or ""
     if "locked" in text or "busy" in text:
         return f"The conversation database {path} stayed busy with another edgectx for {BUSY_TIMEOUT_S:.0f} s: close it and try again."
-    if "is full" in text:
+    # SQLite says SQLITE_FULL only when a write runs out of room; growing the -shm file on a full disk is an I/O error.
+    if "is full" in text or (kind.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")) and _no_space_left(path.parent)):
         return f"The disk holding {path} is full: free some space and try again."
     if "readonly" in text or "read-only" in text:
         return f"The conversation database {path} is read-only: make it and its folder writable."
@@ -153,6 +76,16 @@ def _sentences(path: Path) -> Iterator[None]:
         raise StoreError(_sentence(e, path)) from None
 
 
+def _end(conn: sqlite3.Connection) -> None:
+    """Roll back what a failure left open. SQLite may already have rolled back (after SQLITE_FULL, IOERR ...),
+    and a failing ROLLBACK must not replace the error that matters: the first one."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
 def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
     """Every edgectx database carries APPLICATION_ID; only an empty one may lack it (it is about to get it)."""
     conn.execute("BEGIN")  # one consistent view: another edgectx may be creating the schema right now
@@ -160,8 +93,10 @@ def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         n_objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    finally:
-        conn.execute("COMMIT")
+    except BaseException:
+        _end(conn)
+        raise
+    conn.execute("COMMIT")
     if app_id == APPLICATION_ID or (app_id == 0 and version == 0 and n_objects == 0):
         return
     raise StoreError(f"{path} is another program's SQLite database, not edgectx's: move it away or point EDGECTX_HOME elsewhere.")
@@ -188,16 +123,31 @@ def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migratio
         conn.execute(f"PRAGMA user_version = {known}")
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        _end(conn)
         raise
 
 
+def _denied(e: sqlite3.OperationalError) -> bool:
+    """The file or its folder cannot be written (a read-only data dir): reading alone may still work."""
+    kind = getattr(e, "sqlite_errorname", "") or ""
+    return kind.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) or "readonly" in str(e)
+
+
+def _connect(target: str | Path, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 class Database:
-    """One connection to the store's file, shared by threads (the TUI's workers) behind a lock."""
+    """One connection to the store's file, shared by threads (the TUI's workers) behind a lock.
+
+    A file that cannot be written (a read-only data dir) is opened for reading (`read_only`): listing and
+    exporting work, and every write is refused with the read-only sentence."""
 
     def __init__(self, path: Path, migrations: Sequence[Migration] | None = None):
         self.path = Path(path)
+        self.read_only = False
         migrations = MIGRATIONS if migrations is None else migrations
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a folder: the conversation database must be a file path.")
@@ -207,31 +157,67 @@ class Database:
             raise StoreError(f"Cannot create the data folder {self.path.parent}: {e.strerror}.") from None
         self._lock = threading.RLock()
         with _sentences(self.path):
-            self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             try:
-                self.conn.row_factory = sqlite3.Row
-                self.conn.execute("PRAGMA foreign_keys = ON")
-                # Before anything is changed: a file that is not SQLite fails here, and foreign or newer ones are left alone.
-                _refuse_foreign(self.conn, self.path)
-                _refuse_newer(self.conn.execute("PRAGMA user_version").fetchone()[0], len(migrations), self.path)
-                self._set_up(migrations)
-            except BaseException:
-                self.conn.close()
-                raise
+                self.conn = self._open(migrations)
+                # SQLite opens a file it may not write for reading without a word; say so before a write is tried.
+                self.read_only = not os.access(self.path, os.W_OK)
+            except sqlite3.OperationalError as e:
+                if not (_denied(e) and self.path.is_file()):
+                    raise
+                self.conn = self._open_read_only(len(migrations), e)
+                self.read_only = True
 
-    def _set_up(self, migrations: Sequence[Migration]) -> None:
+    def _open(self, migrations: Sequence[Migration]) -> sqlite3.Connection:
+        conn = _connect(self.path)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Before anything is changed: a file that is not SQLite fails here, and foreign or newer ones are left alone.
+            _refuse_foreign(conn, self.path)
+            _refuse_newer(conn.execute("PRAGMA user_version").fetchone()[0], len(migrations), self.path)
+            self._set_up(conn, migrations)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_read_only(self, known: int, denied: sqlite3.OperationalError) -> sqlite3.Connection:
+        """`mode=ro` reads a WAL database whose -wal and -shm files exist or can be made. In a folder where they
+        can be neither, `immutable=1` reads the file alone, which then holds everything: the last connection to
+        close merges the WAL into the file and deletes it (a -wal left with content would be ignored: refused)."""
+        uri = self.path.resolve().as_uri()
+        wal = self.path.with_name(self.path.name + "-wal")
+        modes = ["mode=ro"] + ([] if wal.exists() and wal.stat().st_size else ["immutable=1"])
+        for mode in modes:
+            conn = _connect(f"{uri}?{mode}", uri=True)
+            try:
+                _refuse_foreign(conn, self.path)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError:
+                conn.close()
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            if version != known:
+                conn.close()
+                _refuse_newer(version, known, self.path)
+                raise StoreError(f"The conversation database {self.path} is read-only and from an older edgectx: make it "
+                                 "and its folder writable once, so that it can be upgraded.")
+            return conn
+        raise denied
+
+    def _set_up(self, conn: sqlite3.Connection, migrations: Sequence[Migration]) -> None:
         """WAL mode and the schema. Connections racing to set up a new file can get SQLITE_BUSY at once, without
         the busy timeout (SQLite does not wait where waiting could deadlock), so the setup is retried until then."""
         deadline = time.monotonic() + BUSY_TIMEOUT_S
         while True:
             try:
-                self.conn.execute("PRAGMA journal_mode = WAL")
-                self.conn.execute("PRAGMA synchronous = FULL")
-                _migrate(self.conn, self.path, migrations)
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                _migrate(conn, self.path, migrations)
                 return
             except sqlite3.OperationalError as e:
-                if self.conn.in_transaction:
-                    self.conn.rollback()
+                _end(conn)
                 text = str(e).lower()
                 if not ("locked" in text or "busy" in text) or time.monotonic() > deadline:
                     raise
@@ -240,14 +226,15 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or none of it."""
+        if self.read_only:
+            raise StoreError(f"The conversation database {self.path} is read-only: make it and its folder writable.")
         with self._lock, _sentences(self.path):
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
                 self.conn.execute("COMMIT")
             except BaseException:
-                if self.conn.in_transaction:  # a failed COMMIT may already have ended it
-                    self.conn.execute("ROLLBACK")
+                _end(self.conn)  # the error raised is the first one, never a failed ROLLBACK's
                 raise
 
     @contextmanager
@@ -260,9 +247,11 @@ class Database:
             self.conn.execute("BEGIN")
             try:
                 yield self.conn
-            finally:
-                if self.conn.in_transaction:
-                    self.conn.execute("COMMIT")  # ends the read; nothing was written
+            except BaseException:
+                _end(self.conn)
+                raise
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")  # ends the read; nothing was written
 
     def rows(self, sql: str, params: Sequence | dict = ()) -> list[sqlite3.Row]:
         with self._lock, _sentences(self.path):

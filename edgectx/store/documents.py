@@ -24,6 +24,7 @@ import numpy as np
 
 from edgectx.errors import StoreError
 from edgectx.store.db import Database
+from edgectx.store.values import integer, optional_int, seconds, text
 
 _COLUMNS = "id, path, sha256, tokenizer, size_bytes, n_chars, n_tokens, created_at"
 
@@ -41,7 +42,10 @@ class StoredDocument:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> StoredDocument:
-        return cls(**{k: row[k] for k in row.keys()})
+        """Every value checked (edgectx.store.values): a damaged one reads as absent."""
+        return cls(id=integer(row["id"]), path=text(row["path"]), sha256=text(row["sha256"]), tokenizer=text(row["tokenizer"]),
+                   size_bytes=integer(row["size_bytes"]), n_chars=integer(row["n_chars"]),
+                   n_tokens=optional_int(row["n_tokens"]), created_at=seconds(row["created_at"]))
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,16 @@ def encode_offsets(starts: Sequence[int], n_chars: int) -> bytes:
 
 def decode_offsets(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<u4").astype(np.uint32)
+
+
+def _offsets_read_back(blob: object, n_chars: object) -> TokenOffsets | None:
+    """The offsets as stored, or None (no citations) when the value is not what `encode_offsets` writes."""
+    if not isinstance(blob, bytes) or len(blob) % 4 or not isinstance(n_chars, int) or n_chars < 0:
+        return None
+    starts = decode_offsets(blob)
+    if starts.size and (starts[-1] > n_chars or np.any(np.diff(starts.astype(np.int64)) < 0)):
+        return None
+    return TokenOffsets(starts, n_chars)
 
 
 class Documents:
@@ -135,8 +149,7 @@ class Documents:
         row = self._db.row("SELECT n_chars, token_char_offsets FROM documents WHERE id = ?", (document_id,))
         if row is None:
             raise StoreError(f"No document with id {document_id} in the conversation store.")
-        blob = row["token_char_offsets"]
-        return None if blob is None else TokenOffsets(decode_offsets(blob), row["n_chars"])
+        return _offsets_read_back(row["token_char_offsets"], row["n_chars"])
 
     def attach(self, conversation_id: int, document_id: int) -> int:
         """Add the document to the conversation's list, after those already there; returns its position."""

@@ -5,7 +5,8 @@ token hash chain (hex) and the model by its weights fingerprint, so a conversati
 same document under the same model finds it whatever conversation wrote it. Files are named relative
 to the store's folder (the data dir). `last_used_at` orders the LRU eviction of `cache gc --max-bytes`,
 which is planned (`plan_gc`) before anything is removed. The manifest owns the files it lists: removing
-an entry deletes its file.
+an entry deletes its file, once `inside` has proved, at that moment, that the file lies in the data dir
+(a row's name is checked when it is added, but the disk can change after): nothing outside is touched.
 
     snap = store.snapshots.add("snapshots/ab12.ectx", model_fingerprint=fp, codec="int8", n_tokens=131072,
                                chain_hash=links[-1], size_bytes=path.stat().st_size, document_id=doc.id)
@@ -18,12 +19,14 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from edgectx.errors import StoreError
 from edgectx.store.db import Database
+from edgectx.store.values import integer, optional_int, seconds, text
 
 _COLUMNS = ("id, file, model_fingerprint, codec, n_tokens, chain_hash, size_bytes, document_id, conversation_id, "
             "created_at, last_used_at")
@@ -46,7 +49,12 @@ class SnapshotEntry:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SnapshotEntry:
-        return cls(**{k: row[k] for k in row.keys()})
+        """Every value checked (edgectx.store.values): a damaged one reads as absent."""
+        return cls(id=integer(row["id"]), file=text(row["file"]), model_fingerprint=text(row["model_fingerprint"]),
+                   codec=text(row["codec"]), n_tokens=max(integer(row["n_tokens"]), 0), chain_hash=text(row["chain_hash"]),
+                   size_bytes=max(integer(row["size_bytes"]), 0), document_id=optional_int(row["document_id"]),
+                   conversation_id=optional_int(row["conversation_id"]), created_at=seconds(row["created_at"]),
+                   last_used_at=seconds(row["last_used_at"]))
 
 
 def _relative_file(file: str | Path) -> str:
@@ -55,6 +63,27 @@ def _relative_file(file: str | Path) -> str:
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise ValueError(f"snapshot files are named relative to the data dir, without '..': got {file!r}")
     return str(path)
+
+
+def inside(root: Path, file: str | Path) -> Path | None:
+    """`root / file` as it lies on disk now, if that is inside `root`; None when `..`, an absolute path or a
+    symlinked folder leads out. The folders are resolved (their symlinks followed), the last component is not:
+    unlinking or replacing a symlink acts on the link itself, never on its target."""
+    path = root / file
+    if path.name in ("", ".", "..") or "\x00" in str(path):  # NUL: no file has such a name (a damaged row)
+        return None
+    try:
+        top, folder = root.resolve(), path.parent.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return None
+    return folder / path.name if folder.is_relative_to(top) else None
+
+
+def _report(on_problem: Callable[[str], None] | None, sentence: str) -> None:
+    if on_problem is not None:
+        on_problem(sentence)
+    else:
+        warnings.warn(sentence, RuntimeWarning, stacklevel=3)
 
 
 def _hex(chain_hash: str) -> str:
@@ -72,7 +101,23 @@ class SnapshotManifest:
         self.root = root
 
     def path_of(self, snapshot: SnapshotEntry) -> Path:
+        """Where the row says the file is, to show, and to read once `present` vetted it; nothing is written or
+        deleted there before `inside` has checked it."""
         return self.root / snapshot.file
+
+    def inside(self, file: str | Path) -> Path | None:
+        """The path of `file` if it lies inside the data dir now (see `inside` above) and is not the database
+        itself (nor its -wal, -shm or -journal), else None."""
+        path = inside(self.root, file)
+        database = inside(self._db.path.parent, self._db.path.name)
+        if path is None or (database is not None and path.parent == database.parent and path.name.startswith(database.name)):
+            return None
+        return path
+
+    def present(self, snapshot: SnapshotEntry) -> bool:
+        """Its file is there, inside the data dir (a row leading outside never counts)."""
+        path = self.inside(snapshot.file)
+        return path is not None and path.is_file()
 
     def add(self, file: str | Path, *, model_fingerprint: str, codec: str, n_tokens: int, chain_hash: str,
             size_bytes: int, document_id: int | None = None, conversation_id: int | None = None) -> SnapshotEntry:
@@ -134,16 +179,18 @@ class SnapshotManifest:
         return [SnapshotEntry.from_row(r) for r in self._db.rows(f"SELECT {_COLUMNS} FROM snapshots ORDER BY last_used_at DESC, id DESC")]
 
     def total_bytes(self) -> int:
-        return self._db.row("SELECT coalesce(sum(size_bytes), 0) FROM snapshots")[0]
+        return sum(s.size_bytes for s in self.list())  # in Python: SQL's sum() fails on a damaged, huge value
 
-    def remove(self, snapshot_id: int) -> SnapshotEntry:
-        """Forget the snapshot and delete its file (a file already gone is fine); returns what was removed."""
-        snapshot = self._remove(snapshot_id)
+    def remove(self, snapshot_id: int, on_problem: Callable[[str], None] | None = None) -> SnapshotEntry:
+        """Forget the snapshot and delete its file (a file already gone is fine); returns what was removed.
+        A file that cannot be deleted, or lies outside the data dir (a damaged or hostile row), is left alone and
+        reported in one sentence (`on_problem`, else a RuntimeWarning); the entry is forgotten either way."""
+        snapshot = self._remove(snapshot_id, on_problem)
         if snapshot is None:
             raise StoreError(f"No snapshot with id {snapshot_id}: `edgectx cache ls` lists them.")
         return snapshot
 
-    def _remove(self, snapshot_id: int) -> SnapshotEntry | None:
+    def _remove(self, snapshot_id: int, on_problem: Callable[[str], None] | None) -> SnapshotEntry | None:
         with self._db.write() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
             if row is None:
@@ -151,7 +198,16 @@ class SnapshotManifest:
             conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
         snapshot = SnapshotEntry.from_row(row)
         # After the commit: a crash in between leaves an unlisted file (harmless), never an entry without its file.
-        self.path_of(snapshot).unlink(missing_ok=True)
+        path = self.inside(snapshot.file)  # checked now, not when the row was added: the disk may have changed since
+        if path is None:
+            _report(on_problem, f"Snapshot {snapshot.id} names {snapshot.file!r}, which is no snapshot file inside the data "
+                                f"dir {self.root}: its entry was forgotten and that file left alone.")
+            return snapshot
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            _report(on_problem, f"Snapshot {snapshot.id} was forgotten, but its file {path} could not be deleted: "
+                                f"{e.strerror or e}.")
         return snapshot
 
     def plan_gc(self, max_bytes: int) -> list[SnapshotEntry]:
@@ -168,7 +224,8 @@ class SnapshotManifest:
             total -= snapshot.size_bytes
         return victims
 
-    def gc(self, max_bytes: int) -> list[SnapshotEntry]:
-        """Remove the least recently used snapshots until the rest fit in `max_bytes`; returns those removed."""
-        removed = (self._remove(s.id) for s in self.plan_gc(max_bytes))
+    def gc(self, max_bytes: int, on_problem: Callable[[str], None] | None = None) -> list[SnapshotEntry]:
+        """Remove the least recently used snapshots until the rest fit in `max_bytes`; returns those removed
+        (files left alone are reported as `remove` does)."""
+        removed = (self._remove(s.id, on_problem) for s in self.plan_gc(max_bytes))
         return [s for s in removed if s is not None]  # None: another process removed it first
