@@ -135,3 +135,12 @@ def test_crafted_values_are_refused_and_the_document_read_again(cases, case):
     (workdir / "crafted.ectx").write_bytes(_crafted(data, edit))
     problem = restore_once(engine, ids, workdir / "crafted.ectx")  # falls back: the memory holds `ids` again
     assert problem is not None and words in problem, problem
+
+
+def test_a_fifo_at_the_snapshot_path_is_refused_not_waited_on(cases):
+    workdir, pairs = cases
+    engine, ids, _ = pairs[0]
+    fifo = workdir / "pipe.ectx"
+    os.mkfifo(fifo)
+    problem = restore_once(engine, ids, fifo)  # returns: nothing writes to the pipe, and nothing waits for it
+    assert "not a regular file" in problem
