@@ -136,3 +136,19 @@ async def test_a_message_waiting_for_a_model_that_fails_comes_back_to_the_box(st
         assert "no model loaded" in app.chat.query_one(StatusBar).text
         assert ("/models/missing.gguf does not exist: pass a .gguf model file.", "error") in app.notes
         assert store.list_conversations() == []
+
+
+async def test_a_read_only_store_chats_unsaved_and_says_so(store, monkeypatch):
+    from edgectx.store.conversations import ConversationStore
+    from edgectx.tui.screens.chat import READ_ONLY
+
+    monkeypatch.setattr(ConversationStore, "read_only", property(lambda self: True))
+    app = _app(store)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        assert (READ_ONLY, "warning") in app.notes
+        app.chat.query_one(PromptInput).focus()
+        await pilot.press(*"Hi there", "enter")
+        await settle(pilot, app)
+        assert shown(app) == [("user", "Hi there"), ("assistant", "Hello **world**!")]
+        assert store.list_conversations() == []  # nothing was written

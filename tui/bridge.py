@@ -103,8 +103,9 @@ class Bridge:
         return self.conversation.snapshot_state if self.conversation is not None else None
 
     def new_conversation(self) -> None:
-        """An empty conversation without documents; it reaches the store with its first message."""
-        self.conversation = Conversation(self._require_engine(), self.store, self.settings)
+        """An empty conversation without documents; it reaches the store with its first message (not when the
+        store is read-only: the chat goes on unsaved, as `chat --no-history` does)."""
+        self.conversation = Conversation(self._require_engine(), self.store, self.settings, record=not self.store.read_only)
 
     def send(self, text: str, on_piece: Callable[[str], None], cancel: Cancel,
              progress: Progress | None = None) -> GenerationStats:

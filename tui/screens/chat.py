@@ -38,6 +38,7 @@ from edgectx.tui.widgets.transcript import AssistantMessage, Transcript
 LONG_PROMPT_TOKENS = 2048  # a prompt this long to prefill gets the progress row
 STOP_WAIT_S = 10.0  # how long quitting waits for a stopped job to hand back (an answer stops at its next token)
 QUEUED = "Loading the model: your message will be sent when it is ready."
+READ_ONLY = "The conversation database is read-only: this session's messages are not saved."
 PLAN_DELAY_S = 0.25  # the cached / to-prefill figure is computed once typing pauses this long
 
 
@@ -303,6 +304,8 @@ class ChatScreen(JobRunner, TurnActions, Screen):
             self.query_one(StatusBar).show("no model loaded", {})
         elif event.kind == "load":
             await transcript.add_notice(f"Loaded {event.result}")
+            if self.bridge.store.read_only:
+                self.say(READ_ONLY, severity="warning", timeout=15)
             if self._pending_resume is not None:
                 self._resume(self._pending_resume)
                 self._pending_resume = None  # a message waiting for the model goes out once this is open
