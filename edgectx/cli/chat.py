@@ -23,7 +23,7 @@ from edgectx.cli.console import note, reading_progress, warn
 from edgectx.cli.options import (MAX_ID, add_memory_args, add_model_args, add_sampling_args, file_mib, int_range,
                                  load_engine, max_tokens_from, sampling_from)
 from edgectx.config import Config
-from edgectx.errors import StoreError, UsageError
+from edgectx.errors import StoreError
 from edgectx.quant.formats import SNAPSHOT_CODECS
 
 HELP = "Commands: /reset (new conversation over the same documents), /stats (memory tiers), /exit (or Ctrl-D). Ctrl-C stops an answer."
@@ -60,8 +60,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from edgectx.chat.documents import read_document
     from edgectx.store.conversations import ConversationStore
 
-    if not args.max_file_mib > 0:
-        raise UsageError("--max-file-mib must be positive.")
     status = Console(stderr=True)
     max_bytes = int(args.max_file_mib * 2**20)
     docs = [read_document(f, max_bytes=max_bytes) for f in args.doc]  # refuse bad files before loading the model

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from edgectx.chat.documents import DEFAULT_MAX_BYTES
 from edgectx.cli.options import MAX_ID, add_memory_args, add_model_args, file_mib, int_range
-from edgectx.errors import UsageError
 from edgectx.quant.formats import SNAPSHOT_CODECS
 
 LEFTOVER_AGE_S = 3600  # a temp or unlisted file this old belongs to no writer still running
@@ -70,8 +69,6 @@ def run_ingest(args: argparse.Namespace, config) -> int:
     from edgectx.errors import StoreError
     from edgectx.store.conversations import ConversationStore
 
-    if args.max_file_mib <= 0:
-        raise UsageError("--max-file-mib must be positive.")
     docs = [read_document(f, max_bytes=int(args.max_file_mib * 2**20)) for f in args.files]
     status = Console(stderr=True)
     codec = args.codec or config.snapshot_codec or "int4"
