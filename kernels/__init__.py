@@ -4,6 +4,8 @@
   (flash-decoding), GQA inside, optional in-kernel RoPE of pre-RoPE keys, per-head validity.
 - `block_scoring`: retrieval scores of a query chunk against every block's representative key.
 - `reference`: the torch oracles both are tested against (no Triton needed).
+- `gguf_matmul`: products and dequantization that read GGUF blocks (Q4_0..Q8_0, Q4_K, Q5_K, Q6_K) directly;
+  its oracle is edgectx.quant.gguf_dequant, and edgectx.quant.gguf_cuda builds the linear layer on it.
 
 The engine calls `available(device)` and, when true, `decode(...)`; otherwise it keeps its torch path.
 Importing this package never imports Triton: the kernel modules load on first use. Kernels run on CUDA

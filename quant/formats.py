@@ -6,4 +6,4 @@
 """
 
 SNAPSHOT_CODECS = ("fp16", "int8", "int4")  # KV codecs of snapshot sections; fp16 is lossless
-WEIGHT_FORMATS = ("auto", "fp16", "nf4", "int8")  # auto: nf4 on CUDA for big models when bitsandbytes is installed
+WEIGHT_FORMATS = ("auto", "gguf", "fp16", "nf4", "int8")  # auto: gguf for GGUF files, else nf4 on CUDA for big models with bitsandbytes

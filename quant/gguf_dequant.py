@@ -160,5 +160,6 @@ def dequantize_blocks(raw: torch.Tensor, qtype: T, shape: tuple[int, ...], dtype
     else:
         n_blocks = n_elems // block_elems
         out = _DECODERS[qtype](flat.reshape(n_blocks, block_bytes), n_blocks)
+    view = out.dtype == dtype and qtype in (T.F32, T.F16, T.BF16)  # `to` would return the input's own bytes
     out = out.to(dtype).reshape(shape)
-    return out.clone() if out.data_ptr() == raw.data_ptr() else out  # never hand out a view of the input bytes
+    return out.clone() if view else out  # never hand out a view of the input bytes

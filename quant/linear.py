@@ -72,29 +72,72 @@ class PackedFp16Linear(nn.Module):
 AUTO_NF4_MIN_BYTES = 2 << 30
 
 
-def resolve_weights(device: torch.device, weights: str = "auto", fp16_bytes: int | None = None) -> str:
-    """The concrete format for `weights` on `device`: "auto" is nf4 on CUDA with bitsandbytes for models
-    whose 16-bit weights (`fp16_bytes`, when known) pass AUTO_NF4_MIN_BYTES, else fp16 (16-bit:
-    fp16-packed on x86 CPUs, nn.Linear in the compute dtype on GPUs). Asking for nf4 or int8
-    without bitsandbytes raises its one-sentence UsageError here, before anything loads."""
+def block_kernels_available(device: torch.device) -> bool:
+    """Whether `device` has products that read GGUF blocks: ggml's on the CPU, edgectx's Triton kernels on CUDA."""
+    if device.type == "cpu":
+        from edgectx.quant.ggml_cpu import ggml_available
+
+        return ggml_available()
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+
+            from edgectx.quant.gguf_cuda import TritonGgufLinear  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def resolve_weights(device: torch.device, weights: str = "auto", fp16_bytes: int | None = None, blocks: bool = False) -> str:
+    """The concrete format for `weights` on `device`. `blocks`: the model is a GGUF file whose weights are in
+    quantized blocks; "auto" then keeps them ("gguf": the file's quantization is the model) wherever the device
+    has kernels for them. Otherwise "auto" is nf4 on CUDA with bitsandbytes for models whose 16-bit weights
+    (`fp16_bytes`, when known) pass AUTO_NF4_MIN_BYTES, else fp16 (fp16-packed on x86 CPUs, nn.Linear in the
+    compute dtype on GPUs). Asking for nf4 or int8 without bitsandbytes, or gguf for a model that is not a GGUF
+    file or on a device without the kernels, raises its one-sentence UsageError here, before anything loads."""
     if weights not in WEIGHT_FORMATS:
         raise UsageError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}.")
     from edgectx.quant.bnb_linear import bnb_available, import_bnb
 
     if weights in ("nf4", "int8"):
         import_bnb()
+    if weights == "gguf":
+        if not blocks:
+            raise UsageError("--weights gguf keeps a GGUF file's own quantization, and this model is not a GGUF file: "
+                             "use auto, fp16, nf4 or int8.")
+        if not block_kernels_available(device):
+            raise UsageError(f"--weights gguf needs {'ggml (from llama-cpp-python)' if device.type == 'cpu' else 'Triton'} "
+                             f"on {device.type}, which is not installed here: use --weights fp16.")
     if weights != "auto":
         return weights
-
+    if blocks and block_kernels_available(device):
+        return "gguf"
     big = fp16_bytes is None or fp16_bytes >= AUTO_NF4_MIN_BYTES
     return "nf4" if device.type == "cuda" and big and bnb_available() else "fp16"
+
+
+def block_linear_factory(device: torch.device, dtype: torch.dtype) -> Callable[[list, torch.Tensor | None], nn.Module]:
+    """The linear over GGUF blocks (`parts`: a list of QuantizedMatrix, outputs concatenated) for `device`."""
+    if device.type == "cuda":
+        from edgectx.quant.gguf_cuda import TritonGgufLinear
+
+        def make_cuda(parts: list, bias: torch.Tensor | None) -> nn.Module:
+            return TritonGgufLinear([p.to(device) for p in parts], None if bias is None else bias.to(device, dtype))
+
+        return make_cuda
+    from edgectx.quant.ggml_cpu import GgmlLinear
+
+    return GgmlLinear
 
 
 def linear_factory(device: torch.device, dtype: torch.dtype,
                    weights: str = "auto") -> Callable[[torch.Tensor, torch.Tensor | None], nn.Module]:
     """The linear to build for `device` and `weights` (auto | fp16 | nf4 | int8): bitsandbytes Linear4bit /
     Linear8bitLt for nf4 / int8, else fp16-packed on CPUs with FBGEMM, else nn.Linear in `dtype`."""
-    kind = resolve_weights(device, weights)
+    kind = resolve_weights(device, weights, blocks=weights == "gguf")
+    if kind == "gguf":
+        return block_linear_factory(device, dtype)
     if kind in ("nf4", "int8"):
         from edgectx.quant.bnb_linear import bnb_linear_factory
 
@@ -115,6 +158,6 @@ def linear_factory(device: torch.device, dtype: torch.dtype,
 def linear_factories(device: torch.device, dtype: torch.dtype, weights: str = "auto") -> tuple[Callable, Callable]:
     """(make_linear, make_head): the output projection stays 16-bit under nf4/int8, as transformers'
     bitsandbytes loading does, since its logits are the sampled distribution itself."""
-    kind = resolve_weights(device, weights)
+    kind = resolve_weights(device, weights, blocks=weights == "gguf")
     make_linear = linear_factory(device, dtype, kind)
-    return make_linear, make_linear if kind == "fp16" else linear_factory(device, dtype, "fp16")
+    return make_linear, make_linear if kind in ("fp16", "gguf") else linear_factory(device, dtype, "fp16")

@@ -6,7 +6,13 @@ push SDPA off its fused path), and the flash-decoding kernel on the same inputs,
 kernel's largest error against the float32 reference. Times are medians of `repeats` after a warm-up;
 compare ratios from one run (the machine is shared).
 
+`--gguf` times instead the matrix-vector kernel that reads GGUF blocks (edgectx.kernels.gguf_matmul) on an
+8B-shaped Q4_K matrix (14336 x 4096, the FFN's gate/up) against a torch fp16 matmul of the same weight,
+as GB/s of weight bytes read per product: decode is bandwidth-bound, so the kernel should beat fp16 by up to
+the byte ratio (4.5 bits per weight against 16) when it runs near the GPU's memory bandwidth.
+
     python -m edgectx.bench.kernels --keys 1024,4608,16384 --json
+    python -m edgectx.bench.kernels --gguf --tokens 1,4 --block-n 8,16,32
 """
 
 from __future__ import annotations
@@ -65,18 +71,68 @@ def run_kernels(keys: list[int], n_kv: int = 8, group: int = 4, head_dim: int = 
     return rows
 
 
+def run_gguf_matvec(rows: int = 14336, cols: int = 4096, tokens: tuple[int, ...] = (1,), qtype: str = "Q4_K",
+                    dtype: torch.dtype = torch.float16, block_ns: tuple[int | None, ...] = (None,),
+                    repeats: int = 50) -> list[dict]:
+    """One row per (token count, BLOCK_N; None: the type's default): the GGUF kernel's and the fp16 matmul's
+    times and weight GB/s, the layer's time (TritonGgufLinear, Python overhead included) and the kernel's
+    largest error against float32, relative to the output's scale."""
+    if not (torch.cuda.is_available() and kernels.has_triton()):
+        raise UsageError("The GGUF kernel benchmark needs a CUDA GPU and Triton installed.")
+    from gguf import GGMLQuantizationType
+
+    from edgectx.kernels.gguf_matmul import LAYOUTS, gguf_matvec
+    if qtype not in GGMLQuantizationType.__members__ or int(GGMLQuantizationType[qtype]) not in LAYOUTS:
+        names = ", ".join(GGMLQuantizationType(t).name for t in LAYOUTS)
+        raise UsageError(f"No GGUF kernel for {qtype!r}: choose one of {names}.")
+    from edgectx.quant.block_samples import random_matrix
+    from edgectx.quant.gguf_cuda import TritonGgufLinear
+
+    dev = torch.device("cuda")
+    m = random_matrix(GGMLQuantizationType[qtype], rows, cols, scale=1e-3, device=dev)
+    w16 = m.dequantize(dtype)  # the same weights as a dense 16-bit matrix
+    layer = TritonGgufLinear([m])
+    out = []
+    for n_tokens in tokens:
+        x = torch.randn(n_tokens, cols, device=dev).to(dtype)
+        ref = x.float() @ m.dequantize(torch.float32).t()
+        dense_ms = _time_ms(lambda: x @ w16.t(), repeats)
+        layer_ms = _time_ms(lambda: layer(x), repeats)
+        for block_n in block_ns:
+            kernel_ms = _time_ms(lambda: gguf_matvec(x, m.raw, m.qtype, rows, cols, block_n=block_n), repeats)
+            y = gguf_matvec(x, m.raw, m.qtype, rows, cols, block_n=block_n).float()
+            out.append({
+                "qtype": qtype, "rows": rows, "cols": cols, "tokens": n_tokens,
+                "block_n": block_n or LAYOUTS[int(m.qtype)].block_n,
+                "dtype": str(dtype).split(".")[-1], "weight_bytes": m.nbytes, "fp16_bytes": w16.nbytes,
+                "kernel_ms": kernel_ms, "layer_ms": layer_ms, "fp16_ms": dense_ms,
+                "kernel_gbps": m.nbytes / kernel_ms / 1e6, "fp16_gbps": w16.nbytes / dense_ms / 1e6,
+                "speedup": dense_ms / kernel_ms,
+                "max_rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),
+            })
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgectx.bench.kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--keys", default="1024,4608,16384", help="context lengths, comma-separated")
     parser.add_argument("--n-kv", type=int, default=8)
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                        help="default bfloat16 (attention), float16 (--gguf)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--gguf", action="store_true", help="time the GGUF block matvec kernel instead")
+    parser.add_argument("--qtype", default="Q4_K", help="with --gguf: the block type")
+    parser.add_argument("--tokens", default="1", help="with --gguf: rows of x, comma-separated")
+    parser.add_argument("--block-n", default="", help="with --gguf: output rows per program, comma-separated "
+                        "(default: the type's own)")
     args = parser.parse_args(argv)
+    if args.gguf:
+        return _main_gguf(args)
     try:
         rows = run_kernels([int(n) for n in args.keys.split(",")], args.n_kv, args.group, args.head_dim,
-                           getattr(torch, args.dtype))
+                           getattr(torch, args.dtype or "bfloat16"))
     except UsageError as e:
         print(f"error: {e}")
         return 2
@@ -87,6 +143,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['keys']:>6} keys  sdpa {r['sdpa_ms']:.3f} ms  kernel {r['kernel_ms']:.3f} ms  ({r['speedup']:.2f}x)"
                   f"  masked: sdpa {r['sdpa_masked_ms']:.3f} ms  kernel {r['kernel_masked_ms']:.3f} ms"
                   f"  ({r['speedup_masked']:.2f}x)  max err {r['max_abs_err']:.1e}")
+    return 0
+
+
+def _main_gguf(args: argparse.Namespace) -> int:
+    try:
+        rows = run_gguf_matvec(tokens=tuple(int(n) for n in args.tokens.split(",")), qtype=args.qtype,
+                               dtype=getattr(torch, args.dtype or "float16"),
+                               block_ns=tuple(int(n) for n in args.block_n.split(",")) if args.block_n else (None,))
+    except UsageError as e:
+        print(f"error: {e}")
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['qtype']} {r['rows']}x{r['cols']} T={r['tokens']} BLOCK_N={r['block_n']}: kernel {r['kernel_ms']:.4f} ms "
+                  f"({r['kernel_gbps']:.0f} GB/s)  layer {r['layer_ms']:.4f} ms  fp16 {r['fp16_ms']:.4f} ms "
+                  f"({r['fp16_gbps']:.0f} GB/s)  {r['speedup']:.2f}x  max rel err {r['max_rel_err']:.1e}")
     return 0
 
 

@@ -12,39 +12,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
 from edgectx.errors import ModelFileError
 from edgectx.model.transformer import Transformer
+from edgectx.quant.blocks import QuantizedEmbedding, QuantizedMatrix
 from edgectx.quant.linear import linear_factories
 from edgectx.model.spec import ModelSpec
 
 LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], nn.Module]
 
 
+Matrix = Union[torch.Tensor, list[QuantizedMatrix]]  # float32, or GGUF blocks (the parts of a fused linear)
+
+
 @dataclass
 class LayerWeights:
-    """One layer's weights in the model's fused layout, float32 on the load device."""
+    """One layer's weights in the model's fused layout: float32 on the load device, or (weights "gguf") the
+    linears as lists of GGUF block matrices whose rows stack in this order."""
 
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
-    wqkv: torch.Tensor  # Q, K, V rows, Hugging Face's (half-split RoPE) layout
-    wo: torch.Tensor
-    w_gate_up: torch.Tensor  # gate rows, then up
-    w_down: torch.Tensor
+    wqkv: Matrix  # Q, K, V rows, Hugging Face's (half-split RoPE) layout
+    wo: Matrix
+    w_gate_up: Matrix  # gate rows, then up
+    w_down: Matrix
     bqkv: torch.Tensor | None = None
+
+
+def matrix_shape(m: Matrix) -> tuple[int, int]:
+    if isinstance(m, torch.Tensor):
+        return tuple(m.shape)
+    return sum(p.rows for p in m), m[0].cols
 
 
 def assemble_model(
     spec: ModelSpec,
     device: torch.device,
     dtype: torch.dtype,
-    embed: torch.Tensor,
+    embed: torch.Tensor | QuantizedMatrix,
     norm: torch.Tensor,
-    head: Callable[[], torch.Tensor] | None,
+    head: Callable[[], Matrix] | None,
     layer_weights: Callable[[int], LayerWeights],
     make_linear: LinearFactory | None = None,
     weights: str = "auto",
@@ -60,9 +71,13 @@ def assemble_model(
     def param(t: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
 
-    model.embed.weight = param(embed)
+    if isinstance(embed, QuantizedMatrix):  # weights "gguf": the table stays in blocks, a tied head reads them too
+        model.embed = QuantizedEmbedding(embed.to(device), dtype)
+        model.lm_head = make_head([embed] if head is None else head(), None)
+    else:
+        model.embed.weight = param(embed)
+        model.lm_head = make_head(embed if head is None else head(), None)
     model.norm.weight = param(norm)
-    model.lm_head = make_head(embed if head is None else head(), None)
     del embed
     for i, block in enumerate(model.layers):
         w = layer_weights(i)
@@ -83,5 +98,5 @@ def _check_shapes(spec: ModelSpec, i: int, w: LayerWeights, origin: tuple[Path, 
                 "ffn.w_gate_up.weight": (w.w_gate_up, (2 * spec.ffn_dim, spec.dim)),
                 "attn.wo.weight": (w.wo, (spec.dim, spec.q_dim)), "ffn.w_down.weight": (w.w_down, (spec.dim, spec.ffn_dim))}
     for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {tuple(tensor.shape)}, expected {shape} from {origin[1]}.")
+        if matrix_shape(tensor) != shape:
+            raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {matrix_shape(tensor)}, expected {shape} from {origin[1]}.")

@@ -24,6 +24,7 @@ from edgectx.errors import ModelFileError, UnsupportedModelError
 from edgectx.model.files import path_kind, read_head
 from edgectx.model.transformer import Transformer
 from edgectx.model.assembly import LayerWeights, LinearFactory, assemble_model
+from edgectx.quant.blocks import QuantizedMatrix
 from edgectx.quant.gguf_dequant import SUPPORTED_TYPES, dequantize_blocks
 from edgectx.model.spec import SUPPORTED_ARCHS, ModelSpec, RopeScaling
 
@@ -192,6 +193,51 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def blocks(g: GGUFFile, name: str) -> QuantizedMatrix:
+    """A tensor's raw blocks, (rows, row bytes), as a view of the file's read-only memory map (nothing is copied)."""
+    t = _tensor(g, name)
+    if t.tensor_type not in SUPPORTED_TYPES:
+        raise _unsupported(g, name, t)
+    rows, cols = (int(n) for n in reversed(t.shape)) if len(t.shape) == 2 else (1, int(t.shape[0]))
+    with warnings.catch_warnings():  # the memory map is read-only; the bytes are only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(t.data.reshape(-1).view(np.uint8))
+    try:
+        return QuantizedMatrix(raw.reshape(rows, -1), t.tensor_type, rows, cols)
+    except (ValueError, RuntimeError):
+        raise ModelFileError(f"{g.path}: tensor {name} holds {raw.numel()} bytes, which do not make a {t.tensor_type.name} "
+                             f"matrix of {rows}x{cols}: the file is corrupt.") from None
+
+
+def _row_order(rows: int, n_heads: int) -> torch.Tensor:
+    """The row index that `_unpermute` applies: rows are quantized independently, so blocks permute losslessly."""
+    return _unpermute(torch.arange(rows), n_heads)
+
+
+def _layer_blocks(g: GGUFFile, spec: ModelSpec, i: int) -> LayerWeights:
+    """Layer i with its linears left in their GGUF blocks (weights "gguf"); norms and biases as float32."""
+    p = f"blk.{i}."
+
+    def get(name: str) -> torch.Tensor:
+        return dequantize(g, p + name)
+
+    def parts(*names: str) -> list[QuantizedMatrix]:
+        return [blocks(g, p + name) for name in names]
+
+    if p + "attn_qkv.weight" in g.tensors:
+        wqkv = parts("attn_qkv.weight")
+        bqkv = get("attn_qkv.bias") if spec.qkv_bias else None
+    else:
+        wq, wk, wv = parts("attn_q.weight", "attn_k.weight", "attn_v.weight")
+        if spec.arch in ("llama", "mistral"):
+            wq, wk = wq.take_rows(_row_order(wq.rows, spec.n_heads)), wk.take_rows(_row_order(wk.rows, spec.n_kv_heads))
+        wqkv = [wq, wk, wv]
+        bqkv = torch.cat([get(f"attn_{n}.bias") for n in "qkv"]) if spec.qkv_bias else None
+    w_gate_up = parts("ffn_gate.weight", "ffn_up.weight") if p + "ffn_gate.weight" in g.tensors else parts("ffn_up.weight")
+    return LayerWeights(get("attn_norm.weight"), get("ffn_norm.weight"), wqkv, parts("attn_output.weight"), w_gate_up,
+                        parts("ffn_down.weight"), bqkv)
+
+
 def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | None = None) -> LayerWeights:
     p = f"blk.{i}."
 
@@ -232,6 +278,11 @@ def load_model(
     its logits are the sampled distribution itself.
     """
     spec = read_spec(g)
+    if weights == "gguf":  # the file's blocks are the weights: the products read them (edgectx.quant.ggml_cpu, gguf_cuda)
+        head = None if spec.tied_embeddings else lambda: [blocks(g, "output.weight")]
+        return assemble_model(spec, device, dtype, blocks(g, "token_embd.weight"), dequantize(g, "output_norm.weight", device),
+                              head, lambda i: _layer_blocks(g, spec, i), make_linear, weights, progress,
+                              origin=(g.path, "the metadata"))
     head = None if spec.tied_embeddings else lambda: dequantize(g, "output.weight", device)
     return assemble_model(spec, device, dtype, dequantize(g, "token_embd.weight", device),
                           dequantize(g, "output_norm.weight", device), head, lambda i: _layer_weights(g, spec, i, device),

@@ -1,0 +1,266 @@
+"""ggml's own quantized matrix products on the CPU, reached through ctypes: a GGUF weight stays in its blocks.
+
+llama-cpp-python installs ggml as shared libraries (`libggml-base.so`, `libggml-cpu.so`) that export the graph
+API; binding them costs no build. A `GgmlMatmul` owns one small ggml context per token count holding a graph of
+`ggml_mul_mat` nodes, one per weight part, whose weight tensors point at the GGUF bytes (a view of the file's
+memory map, or a row-permuted copy) and whose input and output tensors are re-pointed at torch buffers on
+every call: a call is a few field writes and one `ggml_graph_compute`. The parts of a fused linear (Q/K/V,
+gate/up; Q4_K_M files keep V in Q6_K) write their rows into one (T, sum rows) output through a row stride.
+
+ggml's kernels quantize the activations to 8 bits (q8_0 / q8_K) before the dot products, as llama.cpp does;
+`bench conformance` measures what that costs against a 32-bit reference.
+
+    mm = GgmlMatmul([QuantizedMatrix(raw, Q4_K, 2048, 2048)])
+    y = mm(x)     # x (T, 2048) float32 contiguous -> (T, 2048) float32
+
+ggml and PyTorch share one OpenMP runtime (both load `libgomp.so.1`; torch first), so their thread pools do
+not compete; `set_threads(n)` sets ggml's count (the engine passes its own).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import itertools
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+from gguf import GGMLQuantizationType as T
+
+from edgectx.errors import UsageError
+from edgectx.quant.blocks import QuantizedMatrix
+
+# Types whose products ggml's CPU backend computes from the blocks (the types of Q4_K_M, Q5_K_M and Q8_0 files).
+GGML_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+_F32 = 0
+_MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _Tensor(ctypes.Structure):  # ggml.h's struct ggml_tensor, field for field
+    _fields_ = [
+        ("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * _MAX_DIMS), ("nb", ctypes.c_size_t * _MAX_DIMS),
+        ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * (_MAX_OP_PARAMS // 4)), ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * _MAX_SRC), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p), ("name", ctypes.c_char * _MAX_NAME), ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+class _CPlan(ctypes.Structure):  # ggml-cpu.h's struct ggml_cplan
+    _fields_ = [("work_size", ctypes.c_size_t), ("work_data", ctypes.c_void_p), ("n_threads", ctypes.c_int),
+                ("threadpool", ctypes.c_void_p), ("abort_callback", ctypes.c_void_p),
+                ("abort_callback_data", ctypes.c_void_p), ("use_ref", ctypes.c_bool)]
+
+
+_TensorP = ctypes.POINTER(_Tensor)
+
+
+class _Lib:
+    """The ggml functions edgectx calls, with their C signatures."""
+
+    def __init__(self, folder: Path):
+        torch.get_num_threads()  # torch's libgomp is loaded first, so ggml binds to the same OpenMP runtime
+        mode = ctypes.RTLD_GLOBAL
+        base = ctypes.CDLL(str(folder / "libggml-base.so"), mode=mode)
+        cpu = ctypes.CDLL(str(folder / "libggml-cpu.so"), mode=mode)
+        sig = [
+            (base, "ggml_init", ctypes.c_void_p, [_InitParams]),
+            (base, "ggml_free", None, [ctypes.c_void_p]),
+            (base, "ggml_tensor_overhead", ctypes.c_size_t, []),
+            (base, "ggml_graph_overhead", ctypes.c_size_t, []),
+            (base, "ggml_new_tensor_2d", _TensorP, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
+            (base, "ggml_mul_mat", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
+            (base, "ggml_new_graph", ctypes.c_void_p, [ctypes.c_void_p]),
+            (base, "ggml_build_forward_expand", None, [ctypes.c_void_p, _TensorP]),
+            (base, "ggml_row_size", ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
+            (base, "ggml_quantize_chunk", ctypes.c_size_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]),
+            (cpu, "ggml_cpu_init", None, []),
+            (cpu, "ggml_graph_plan", _CPlan, [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]),
+            (cpu, "ggml_graph_compute", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(_CPlan)]),
+        ]
+        for lib, name, restype, argtypes in sig:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        self.ggml_cpu_init()  # fills the fp16 tables the kernels read
+
+
+_lib: _Lib | None = None
+_threads = max(1, torch.get_num_threads())
+
+
+def _library_folder() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return folder if (folder / "libggml-cpu.so").is_file() else None
+
+
+def ggml_available() -> bool:
+    """True where llama-cpp-python's ggml libraries load (Linux x86/ARM wheels built from source)."""
+    try:
+        lib()
+    except (UsageError, OSError, AttributeError):
+        return False
+    return True
+
+
+def lib() -> _Lib:
+    global _lib
+    if _lib is None:
+        folder = _library_folder()
+        if folder is None:
+            raise UsageError("ggml's libraries were not found beside llama-cpp-python: reinstall edgectx (pip install llama-cpp-python).")
+        _lib = _Lib(folder)
+    return _lib
+
+
+def set_threads(n: int) -> None:
+    """Threads for every later ggml product (the engine's thread count)."""
+    global _threads
+    _threads = max(1, int(n))
+
+
+def quantize_rows(values: torch.Tensor, qtype: T) -> QuantizedMatrix:
+    """ggml's own quantizer (what llama_model_quantize runs per tensor, without an importance matrix):
+    float32 (rows, cols) -> QuantizedMatrix. For tests and synthetic weights."""
+    values = values.detach().float().contiguous()
+    rows, cols = values.shape
+    row_bytes = lib().ggml_row_size(int(qtype), cols)
+    raw = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    lib().ggml_quantize_chunk(int(qtype), values.data_ptr(), raw.data_ptr(), 0, rows, cols, None)
+    return QuantizedMatrix(raw, qtype, rows, cols)
+
+
+class _Graph:
+    """One context and graph for `n_tokens` rows of input: the products of every part."""
+
+    def __init__(self, parts: list[QuantizedMatrix], n_tokens: int):
+        g = lib()
+        n_nodes = 2 * len(parts) + 1
+        self.ctx = g.ggml_init(_InitParams(n_nodes * g.ggml_tensor_overhead() + g.ggml_graph_overhead() + 1024, None, True))
+        if not self.ctx:
+            raise MemoryError("ggml_init failed")
+        self.x = g.ggml_new_tensor_2d(self.ctx, _F32, parts[0].cols, n_tokens).contents
+        self.outs = []
+        self.graph = g.ggml_new_graph(self.ctx)
+        for part in parts:
+            w = g.ggml_new_tensor_2d(self.ctx, int(part.qtype), part.cols, part.rows)
+            w.contents.data = part.raw.data_ptr()
+            y = g.ggml_mul_mat(self.ctx, w, ctypes.pointer(self.x))
+            g.ggml_build_forward_expand(self.graph, y)
+            self.outs.append(y.contents)
+        self.plan: _CPlan | None = None
+        self.plan_threads = 0
+
+    def __del__(self):
+        if _lib is not None and getattr(self, "ctx", None):
+            _lib.ggml_free(self.ctx)
+            self.ctx = None
+
+
+class GgmlMatmul:
+    """y = x @ W.T for W the row-stack of `parts` (same column count), each kept in its ggml type."""
+
+    # token counts whose graphs are kept: decode (1) and the common prefill chunk sizes; others are built per call
+    KEEP = 8
+
+    def __init__(self, parts: list[QuantizedMatrix]):
+        if not parts or any(p.cols != parts[0].cols for p in parts):
+            raise ValueError("the parts of a fused product need the same column count")
+        bad = [p.qtype.name for p in parts if p.qtype not in GGML_TYPES]
+        if bad:
+            raise ValueError(f"ggml has no CPU product for {', '.join(bad)}")
+        self.parts = list(parts)  # keeps the raw bytes alive as long as the graphs point at them
+        self.in_features = parts[0].cols
+        self.out_features = sum(p.rows for p in parts)
+        self._graphs: dict[int, _Graph] = {}
+        self._work = torch.empty(0, dtype=torch.uint8)
+
+    def _graph(self, n_tokens: int) -> _Graph:
+        graph = self._graphs.get(n_tokens)
+        if graph is None:
+            graph = _Graph(self.parts, n_tokens)
+            if len(self._graphs) < self.KEEP:
+                self._graphs[n_tokens] = graph
+        return graph
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        n_tokens = x.shape[0]
+        if out is None:
+            out = torch.empty(n_tokens, self.out_features, dtype=torch.float32)
+        graph = self._graph(n_tokens)
+        graph.x.data = x.data_ptr()
+        row_stride = self.out_features * 4
+        offset = out.data_ptr()
+        for part, y in zip(self.parts, graph.outs):
+            y.data = offset
+            y.nb[1] = row_stride
+            y.nb[2] = y.nb[3] = row_stride * n_tokens
+            offset += part.rows * 4
+        g = lib()
+        if graph.plan is None or graph.plan_threads != _threads:
+            graph.plan = g.ggml_graph_plan(graph.graph, _threads, None)
+            graph.plan_threads = _threads
+            if graph.plan.work_size > self._work.numel():
+                self._work = torch.empty(graph.plan.work_size + 4096, dtype=torch.uint8)
+        graph.plan.work_data = self._work.data_ptr()
+        status = g.ggml_graph_compute(graph.graph, ctypes.byref(graph.plan))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        return out
+
+
+_linear_by_handle: dict[int, GgmlMatmul] = {}
+_next_handle = itertools.count()
+
+# A plain Library op (as edgectx::linear_fp16): torch.compile sees an opaque call it cannot trace into ctypes.
+_lib_op = torch.library.Library("edgectx", "FRAGMENT")
+_lib_op.define("linear_ggml(Tensor x, int handle, int out_features) -> Tensor")
+
+
+@torch.library.impl(_lib_op, "linear_ggml", "CPU")
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return _linear_by_handle[handle](x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("edgectx::linear_ggml", lib=_lib_op)
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class GgmlLinear(nn.Module):
+    """A linear layer whose weight is `parts` in their GGUF blocks (fused: outputs concatenated), on the CPU.
+    `weight_bytes`: the blocks' bytes (plus the bias), what a decode step reads."""
+
+    def __init__(self, parts: list[QuantizedMatrix], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.matmul = GgmlMatmul(parts)
+        self.in_features, self.out_features = self.matmul.in_features, self.matmul.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        self.weight_bytes = sum(p.nbytes for p in parts)
+        self.qtypes = tuple(p.qtype.name for p in parts)
+        self._handle = next(_next_handle)
+        _linear_by_handle[self._handle] = self.matmul
+        weakref.finalize(self, _linear_by_handle.pop, self._handle, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            y = torch.ops.edgectx.linear_ggml(x, self._handle, self.out_features)
+        else:
+            y = self.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml {'+'.join(self.qtypes)}"
