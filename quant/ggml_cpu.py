@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import itertools
+import threading
 import weakref
 from pathlib import Path
 
@@ -185,6 +186,7 @@ class GgmlMatmul:
         self.out_features = sum(p.rows for p in parts)
         self._graphs: dict[int, _Graph] = {}
         self._work = torch.empty(0, dtype=torch.uint8)
+        self._lock = threading.Lock()  # a graph's input and output pointers are set per call: one call at a time
 
     def _graph(self, n_tokens: int) -> _Graph:
         graph = self._graphs.get(n_tokens)
@@ -197,9 +199,13 @@ class GgmlMatmul:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
-        n_tokens = x.shape[0]
         if out is None:
-            out = torch.empty(n_tokens, self.out_features, dtype=torch.float32)
+            out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        with self._lock:
+            return self._compute(x, out)
+
+    def _compute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        n_tokens = x.shape[0]
         graph = self._graph(n_tokens)
         graph.x.data = x.data_ptr()
         row_stride = self.out_features * 4

@@ -123,7 +123,7 @@ def block_linear_factory(device: torch.device, dtype: torch.dtype) -> Callable[[
         from edgectx.quant.gguf_cuda import TritonGgufLinear
 
         def make_cuda(parts: list, bias: torch.Tensor | None) -> nn.Module:
-            return TritonGgufLinear([p.to(device) for p in parts], None if bias is None else bias.to(device, dtype))
+            return TritonGgufLinear([p.to(device) for p in parts], None if bias is None else bias.to(device, dtype), dtype=dtype)
 
         return make_cuda
     from edgectx.quant.ggml_cpu import GgmlLinear

@@ -236,3 +236,36 @@ def test_decode_kernel_beats_fp16_on_an_8b_matrix():
     (row,) = run_gguf_matvec(tokens=(1,), repeats=30)
     assert row["max_rel_err"] < 2e-3
     assert row["kernel_ms"] <= row["fp16_ms"], row
+
+
+def test_a_q4_k_m_model_on_the_triton_path_agrees_with_the_cpu_paths(tmp_path):
+    """The CUDA loading path (the file's own blocks through TritonGgufLinear), run here through the interpreter,
+    against the same file on the CPU: dequantized weights (the same arithmetic, fp32 activations) and ggml's."""
+    from edgectx.bench.synthetic_gguf import synthetic_gguf
+    from edgectx.model.gguf import load_model, open_gguf
+    from edgectx.model.kv import FullKVCache
+    from edgectx.model.rope import Rope
+
+    path = synthetic_gguf("tiny", "q4_k_m", cache_dir=tmp_path)
+    g = open_gguf(path)
+    qtypes = {t.tensor_type for t in g.tensors.values()}
+    assert {T.Q4_K, T.Q6_K} <= qtypes
+    cpu = torch.device("cpu")
+    triton_model = load_model(g, cpu, torch.float32, weights="gguf",
+                              make_linear=lambda parts, bias: TritonGgufLinear(parts, bias, dtype=torch.float32))
+    assert all(isinstance(m, TritonGgufLinear) for m in (triton_model.lm_head, triton_model.layers[0].attn.wqkv))
+    dense_model = load_model(g, cpu, torch.float32, weights="fp16")
+    ggml_model = load_model(g, cpu, torch.float32, weights="gguf")
+    spec = triton_model.spec
+    ids = torch.tensor(np.random.default_rng(0).integers(0, spec.vocab_size, 12))  # the decode kernel (<= 16 rows)
+
+    def logits(model):
+        memory = FullKVCache(spec, Rope(spec, cpu), cpu, torch.float32)
+        memory.begin(len(ids))
+        with torch.inference_mode():
+            out = model(ids, memory, all_logits=True)
+        return out
+
+    a, dense, ggml = logits(triton_model), logits(dense_model), logits(ggml_model)
+    assert float((a.argmax(-1) == dense.argmax(-1)).float().mean()) >= 0.99
+    assert float((a.argmax(-1) == ggml.argmax(-1)).float().mean()) >= 0.9  # ggml rounds activations to 8 bits
