@@ -1,10 +1,11 @@
 """Where edgectx keeps its files, and the user's config file (TOML).
 
 Data (conversations, snapshots) lives under platformdirs' user data dir, or `$EDGECTX_HOME` when set;
-the config file under the user config dir, or `$EDGECTX_CONFIG`. A missing config file is an empty
-config; a malformed one (bad TOML, or a value of the wrong kind) is a clear error naming the file.
-The TUI's settings screen writes it back with `save_config`: only the keys it changes, the others
-(unknown ones too) kept, through a temporary file renamed over the old one.
+files edgectx can rebuild (models the benchmarks write) under `cache_dir()`; the config file under
+the user config dir, or `$EDGECTX_CONFIG`. A missing config file is an empty config; a malformed one
+(bad TOML, or a value of the wrong kind) is a clear error naming the file. The TUI's settings screen
+writes it back with `save_config`: only the keys it changes, the others (unknown ones too) kept,
+through a temporary file renamed over the old one.
 
     cfg = load_config()
     cfg.model_paths  # extra GGUF files or folders listed by `edgectx models`
@@ -32,6 +33,15 @@ APP = "edgectx"
 def data_dir() -> Path:
     home = os.environ.get("EDGECTX_HOME")
     return Path(home).expanduser() if home else Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """`$EDGECTX_CACHE`, else `$EDGECTX_HOME/cache` (one variable moves everything), else the user cache dir."""
+    explicit = os.environ.get("EDGECTX_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("EDGECTX_HOME")
+    return Path(home).expanduser() / "cache" if home else Path(platformdirs.user_cache_dir(APP, appauthor=False))
 
 
 def config_path() -> Path:

@@ -80,6 +80,7 @@ class QuantizedEmbedding(nn.Module):
         self.matrix, self.dtype = matrix, dtype
         self.num_embeddings, self.embedding_dim = matrix.rows, matrix.cols
         self.weight_bytes = matrix.nbytes
+        self.raw_tensors = [matrix.raw]
         self._handle = next(_next_handle)
         _embedding_by_handle[self._handle] = self
         weakref.finalize(self, _embedding_by_handle.pop, self._handle, None)

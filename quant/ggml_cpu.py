@@ -256,6 +256,7 @@ class GgmlLinear(nn.Module):
         self.in_features, self.out_features = self.matmul.in_features, self.matmul.out_features
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         self.weight_bytes = sum(p.nbytes for p in parts)
+        self.raw_tensors = [p.raw for p in parts]  # what the products read (benchmarks count them once each)
         self.qtypes = tuple(p.qtype.name for p in parts)
         self._handle = next(_next_handle)
         _linear_by_handle[self._handle] = self.matmul

@@ -88,7 +88,7 @@ def test_auto_picks_nf4_on_cuda_for_big_models_when_bitsandbytes_is_there():
     assert resolve_weights(torch.device("cuda"), "auto", fp16_bytes=270 << 20) == "fp16"  # SmolLM2-135M: not worth 4 bits
     assert resolve_weights(torch.device("cuda"), "nf4", fp16_bytes=270 << 20) == "nf4"  # asked for explicitly
     assert resolve_weights(torch.device("cuda"), "fp16") == "fp16"
-    with pytest.raises(UsageError, match="must be one of auto, fp16, nf4, int8"):
+    with pytest.raises(UsageError, match="must be one of auto, gguf, fp16, nf4, int8"):
         resolve_weights(torch.device("cpu"), "q4")
 
 

@@ -33,8 +33,9 @@ def print_report(kind: str, result: dict) -> None:
                 elif r.get(f"{engine}_skipped") or r.get(f"{engine}_error"):
                     table.add_row(str(r["context"]), label, r.get(f"{engine}_skipped") or r[f"{engine}_error"])
     elif kind == "speed":
+        busy = f", --busy {result['busy']}" if result.get("busy") else ""
         table = Table("context", "engine", "prefill tok/s", "decode tok/s", "prefill ratio", "decode ratio",
-                      "device KV MiB", "peak RSS MiB", title=f"{result['model']}, {result['threads']} threads")
+                      "weights MiB", "device KV MiB", "peak RSS MiB", title=f"{result['model']}, {result['threads']} threads{busy}")
         for r in result["runs"]:
             for engine, prefix in (("llama_cpp", None), ("edgectx", ""), ("edgectx_memory", "memory_")):
                 e = r.get(engine)
@@ -42,7 +43,8 @@ def print_report(kind: str, result: dict) -> None:
                     continue
                 ratios = ("", "") if prefix is None else (f"{r[prefix + 'prefill_ratio']:.2f}", f"{r[prefix + 'decode_ratio']:.2f}")
                 table.add_row(str(r["context"]), engine, f"{e['prefill_tok_s']:.1f}", f"{e['decode_tok_s']:.1f}", *ratios,
-                              f"{e['device_kv_bytes'] / 2**20:,.1f}", f"{e['peak_rss_bytes'] / 2**20:,.0f}")
+                              f"{e['weight_bytes'] / 2**20:,.0f}", f"{e['device_kv_bytes'] / 2**20:,.1f}",
+                              f"{e['peak_rss_bytes'] / 2**20:,.0f}")
     elif kind == "longppl":
         table = Table("bucket", "NLL memory", "NLL full attention", title=f"{result['model']} on {result['text']}")
         for bucket, mem, full in zip(result["buckets"], result["nll_memory"], result["nll_full"]):
@@ -65,3 +67,21 @@ def print_report(kind: str, result: dict) -> None:
             if key not in ("model", "text") and not isinstance(value, (dict, list)):
                 table.add_row(key, _fmt(value))
     console.print(table)
+    if kind == "conformance":
+        for line in conformance_lines(result):
+            console.print(line, highlight=False, soft_wrap=True)
+
+
+def conformance_lines(result: dict) -> list[str]:
+    """The figures that say who rounds: each engine against the 32-bit reference, and llama.cpp against itself."""
+    lines = []
+    if "reference" in result:
+        ours, theirs = result["edgectx_vs_reference"], result["llama_cpp_vs_reference"]
+        why = " (llama.cpp rounds activations to 8 bits for quantized weights)" if result["nearer_reference"] == "edgectx" else ""
+        lines.append(f"against the 32-bit reference: edgectx top-1 {ours['top1']:.3f}, llama.cpp {theirs['top1']:.3f}{why}; "
+                     f"mean KL {ours['kl_mean']:.2e} and {theirs['kl_mean']:.2e}")
+    if "llama_cpp_self" in result:
+        own = result["llama_cpp_self"]
+        lines.append(f"llama.cpp against itself (n_batch {own['n_batch'][0]} vs {own['n_batch'][1]}, {own['threads'][0]} vs "
+                     f"{own['threads'][1]} threads): top-1 {own['top1']:.3f}, max |logit diff| {own['max_abs_logit_diff']:.3g}")
+    return lines

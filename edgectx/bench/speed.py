@@ -7,24 +7,34 @@ trained context) and edgectx with the long-context memory (`edgectx_memory`). Ea
 child process, so `peak_rss_bytes` is that engine's own (and on CUDA `peak_gpu_bytes`, allocated, and
 `peak_gpu_reserved_bytes`, held by PyTorch; None on a CPU). Ratios are edgectx / llama.cpp.
 `--gpu-mem-cap-gib` caps each edgectx child's GPU memory; `--synthetic` runs edgectx.bench.synthetic_speed.
-edgectx's full-attention decode runs compiled (`Engine.compile_decode`) unless `--eager`; its
-warm-up pays the compile, reported as `decode_compile_s` (None when decode ran eager).
+`weight_bytes` is what each engine's weights occupy: llama.cpp's tensor bytes, edgectx's loaded weights
+(fewer or more than the file's, by the formats it converts to). `busy` CPU-bound processes (edgectx.bench.busy)
+run beside each engine from before its load to after its measurement: the figure with other work running.
+Unless `--eager`, edgectx decodes compiled: full attention through `Engine.compile_decode`, the memory through
+the chat path's own compiled step (`Engine.compile_step`, as `edgectx chat` and the TUI run it); the compile
+happens before the timings and is reported as `decode_compile_s` (None when decode ran eager).
+edgectx's children run with OMP_WAIT_POLICY=PASSIVE (what edgectx sets when the user has not); llama.cpp's in
+the environment its users have (`omp_wait_policy` in each result).
 
     edgectx bench speed --context 512,4096 --json
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgectx.bench.busy import busy_processes
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.bench.reference import LlamaCppReference
 from edgectx.bench.rss import peak_rss_bytes
+from edgectx.bench.synthetic_speed import weight_bytes
 from edgectx.memory.device import peak_device_bytes, set_memory_cap
 from edgectx.engine import Engine, pick_device
 from edgectx.model.gguf import open_gguf, read_spec
@@ -81,25 +91,48 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         result = _llama_run(ref, ids, decode_tokens)
         spec = read_spec(open_gguf(Path(path)))
         result["device_kv_bytes"] = spec.kv_bytes_per_token(2) * n_ctx  # llama.cpp's f16 KV cache, allocated for n_ctx
+        result["weight_bytes"] = ref.weight_bytes()
         ref.close()
     else:
         config = MemoryConfig(**memory) if memory else None
         engine = Engine.load(Path(path), device=device, n_ctx=None if config else n_ctx, n_threads=n_threads, memory_config=config,
                              weights=weights)
-        compiled = engine.compile_decode() if compile_decode and config is None else None
+        if compile_decode:  # the chat path compiles its step for any memory; full attention its own step
+            compiled = engine.compile_decode() if config is None else engine.compile_step(wait=True)
+        else:
+            compiled = None
         ids = corpus_tokens(engine.tokenizer, context, text_file)
         _edgectx_run(engine, ids[:WARMUP_TOKENS], 2)
         result = _edgectx_run(engine, ids, decode_tokens)
         result["decode_compile_s"] = compiled and compiled.compile_s
+        result["weight_bytes"] = weight_bytes(engine.model)[0]
     peak = peak_device_bytes(dev) if dev is not None else None
     result["peak_gpu_bytes"], result["peak_gpu_reserved_bytes"] = (peak["allocated"], peak["reserved"]) if peak else (None, None)
     result["peak_rss_bytes"] = peak_rss_bytes()
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return result
+
+
+@contextlib.contextmanager
+def _environment(kind: str):
+    """llama.cpp's child runs in the environment its users have: without the OMP_WAIT_POLICY edgectx sets."""
+    import edgectx
+
+    saved = dict(os.environ)
+    if kind == "llama_cpp":
+        os.environ["EDGECTX_KEEP_OMP"] = "1"
+        if edgectx.OMP_WAIT_POLICY_SET:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
               device: str | None = None, text_file: str | None = None, compile_decode: bool = True,
-              weights: str = "auto", gpu_mem_cap_gib: float | None = None) -> dict:
+              weights: str = "auto", gpu_mem_cap_gib: float | None = None, busy: int = 0) -> dict:
     spec = read_spec(open_gguf(path))
     spawn = multiprocessing.get_context("spawn")
     runs = []
@@ -109,7 +142,7 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
         if context + decode_tokens <= spec.context_length:
             kinds.insert(1, "edgectx")  # full attention past the trained context is neither sane nor fast
         for kind in kinds:
-            with spawn.Pool(1) as pool:
+            with busy_processes(busy), _environment(kind), spawn.Pool(1) as pool:
                 row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
                                                   memory.to_dict() if kind == "edgectx_memory" else None, text_file,
                                                   compile_decode, weights, gpu_mem_cap_gib))
@@ -121,4 +154,4 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
         row.setdefault("edgectx", None)
         runs.append(row)
     return {"model": path.name, "threads": n_threads, "decode_tokens": decode_tokens,
-            "budget_tokens": memory.budget_tokens, "runs": runs}
+            "budget_tokens": memory.budget_tokens, "busy": busy, "runs": runs}

@@ -47,9 +47,12 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     seen: set[int] = set()
     total = 0
     for module in model.modules():
-        if isinstance(getattr(module, "weight_bytes", None), int):  # packed weights that are not parameters
-            total += module.weight_bytes
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        raw = getattr(module, "raw_tensors", None)  # GGUF blocks held outside parameters (a tied head shares the table's)
+        if raw is not None:
+            tensors += raw
+        elif isinstance(getattr(module, "weight_bytes", None), int) and not tensors:  # packed weights (fp16-packed)
+            total += module.weight_bytes
         state = getattr(getattr(module, "weight", None), "quant_state", None)  # bitsandbytes 4-bit scales
         tensors += [t for t in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None))
                     if isinstance(t, torch.Tensor)]
@@ -58,9 +61,13 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     embed = getattr(model, "embed", None)
+    table = getattr(embed, "weight", None)  # None for an embedding kept in GGUF blocks, which counts `weight_bytes`
     lm_head = getattr(model, "lm_head", None)
-    tied = embed is not None and lm_head is not None and getattr(lm_head, "weight", None) is embed.weight
-    embed_bytes = embed.weight.numel() * embed.weight.element_size() if embed is not None and not tied else 0
+    tied = table is not None and lm_head is not None and getattr(lm_head, "weight", None) is table
+    if embed is None or tied:
+        embed_bytes = 0
+    else:
+        embed_bytes = table.numel() * table.element_size() if table is not None else getattr(embed, "weight_bytes", 0)
     return total, total - embed_bytes
 
 

@@ -20,7 +20,7 @@ import sys
 from rich.console import Console
 
 from edgectx.cli.console import note, reading_progress, warn
-from edgectx.cli.options import (MAX_ID, add_memory_args, add_model_args, add_sampling_args, file_mib, int_range,
+from edgectx.cli.options import (MAX_ID, add_decode_args, add_memory_args, add_model_args, add_sampling_args, file_mib, int_range,
                                  load_engine, max_tokens_from, sampling_from)
 from edgectx.config import Config
 from edgectx.errors import StoreError
@@ -32,6 +32,7 @@ HELP = "Commands: /reset (new conversation over the same documents), /stats (mem
 def add_parser(sub) -> None:
     chat = sub.add_parser("chat", help="chat in the terminal, or answer one --prompt and exit")
     add_model_args(chat)
+    add_decode_args(chat)
     add_memory_args(chat)
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--prompt", "-p", help="answer this one message on stdout and exit")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if store.read_only and not args.no_history:  # before the model too: its first message could not be saved
             raise StoreError(f"The conversation database {store.path} is read-only: make it and its folder writable, "
                              "or pass --no-history.")
-        conversation = Conversation(load_engine(args, config, status), store, settings, record=not args.no_history)
+        conversation = Conversation(load_engine(args, config, status, compile_step=args.prompt is None and sys.stdin.isatty()), store, settings, record=not args.no_history)
         if args.resume is not None:
             _resume(conversation, args.resume, docs, status)
         elif docs:

@@ -122,8 +122,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_range(1, 4096), help="CPU threads for the engine (default: PyTorch's choice)")
     p.add_argument("--ctx", type=int_range(1, MAX_TOKENS), help="context window in tokens (default: the model's trained context)")
     p.add_argument("--weights", choices=WEIGHT_FORMATS,
-                   help="weight format: 16-bit, or 4-bit nf4 / 8-bit int8 through bitsandbytes (default auto: nf4 on CUDA "
-                   "when bitsandbytes is installed, else fp16)")
+                   help="weight format: gguf (a GGUF file's own quantization, multiplied by ggml's kernels on the CPU and "
+                   "edgectx's Triton kernels on CUDA), 16-bit, or 4-bit nf4 / 8-bit int8 through bitsandbytes (default auto: "
+                   "gguf for GGUF files, else nf4 on CUDA for big models when bitsandbytes is installed, else fp16)")
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eager", action="store_true",
+                   help="decode without the compiled step (by default it compiles in the background and is used once ready)")
 
 
 def add_memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: bool = False) -> None:
@@ -188,13 +194,16 @@ def engine_options(args: argparse.Namespace, config: Config) -> dict:
                 memory_config=memory_config_from(args, config), weights=args.weights or config.weights or "auto")
 
 
-def load_engine(args: argparse.Namespace, config: Config, status):
-    """Load the model the flags name, with a spinner on `status` (a rich Console on stderr)."""
+def load_engine(args: argparse.Namespace, config: Config, status, compile_step: bool = False):
+    """Load the model the flags name, with a spinner on `status` (a rich Console on stderr); `compile_step`:
+    start compiling the decode step in the background unless --eager (edgectx.model.step)."""
     from edgectx.engine import Engine
     from edgectx.model.discover import resolve_model
 
     path = resolve_model(args.model, config)
     with status.status(f"Loading {path.name} ..."):
         engine = Engine.load(path, **engine_options(args, config))
-    status.print(f"[dim]{engine.spec.describe()} on {engine.device.type}[/dim]", highlight=False)
+    if compile_step and not getattr(args, "eager", False):
+        engine.compile_step()
+    status.print(f"[dim]{engine.spec.describe()} on {engine.device.type}, {engine.weights} weights[/dim]", highlight=False)
     return engine

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgectx.cli.options import (add_memory_args, add_model_args, add_sampling_args, engine_options, max_tokens_from,
+from edgectx.cli.options import (add_decode_args, add_memory_args, add_model_args, add_sampling_args, engine_options, max_tokens_from,
                                  memory_config_from, sampling_from)
 from edgectx.config import Config
 from edgectx.quant.formats import SNAPSHOT_CODECS
@@ -20,6 +20,7 @@ from edgectx.quant.formats import SNAPSHOT_CODECS
 def add_parser(sub) -> None:
     tui = sub.add_parser("tui", help="the terminal UI (what `edgectx` opens in a terminal)")
     add_model_args(tui)
+    add_decode_args(tui)
     add_memory_args(tui)
     tui.add_argument("--system", help="system prompt for new conversations")
     tui.add_argument("--codec", choices=SNAPSHOT_CODECS, help="how new document snapshots are stored (default int4)")
@@ -41,7 +42,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     def load_model(path, progress):
         args.budget = settings.budget  # the settings screen may have changed it
-        return Engine.load(path, progress=progress, **engine_options(args, config))
+        engine = Engine.load(path, progress=progress, **engine_options(args, config))
+        if not getattr(args, "eager", False):
+            engine.compile_step()  # in the background, while the user types; decoding is eager until it is ready
+        return engine
 
     app = None
     with ConversationStore() as store:
