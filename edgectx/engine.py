@@ -25,6 +25,7 @@ import torch
 
 from edgectx.model.chat_template import ChatTemplate
 from edgectx.model.decode import CompiledDecode
+from edgectx.model.step import CompiledStep
 from edgectx.errors import EdgectxError, SnapshotError, UsageError
 from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
 from edgectx.model.kv import FullKVCache, KVMemory
@@ -122,7 +123,7 @@ class Engine:
         self._heads: RetainingHeads | None = None
         self.tokenizer, self.template = tokenizer, template
         self.device, self.dtype = device, dtype
-        self.weights = "fp16"  # the linear layers' format (Engine.load sets it: fp16, nf4 or int8)
+        self.weights = "fp16"  # the linear layers' format (Engine.load sets it: gguf, fp16, nf4 or int8)
         self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
         self.last_stats = GenerationStats()
         self.tokens: list[int] = []  # the token ids held in memory, in order
@@ -149,14 +150,20 @@ class Engine:
     def load(cls, path: Path, device: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
              progress: Progress | None = None, memory_config: MemoryConfig | None = None,
              heads_path: Path | None = None, weights: str = "auto") -> "Engine":
-        """`weights`: auto | fp16 | nf4 | int8 (nf4/int8 through bitsandbytes; auto = nf4 on CUDA when installed)."""
+        """`weights`: auto | gguf | fp16 | nf4 | int8. gguf keeps a GGUF file's quantized blocks and multiplies by
+        them (ggml's kernels on the CPU, edgectx's Triton kernels on CUDA); auto = gguf for GGUF files where the
+        device has those kernels, else nf4 on CUDA for big models when bitsandbytes is installed, else fp16."""
         if n_threads:
             torch.set_num_threads(n_threads)
         dev = pick_device(device)
         dtype = default_dtype(dev)
         source = open_model(path)  # a .gguf file or a Hugging Face checkpoint directory
         # Resolved before the long load, so a missing bitsandbytes fails at once.
-        weights = resolve_weights(dev, weights, fp16_bytes=source.spec.weight_bytes("fp16"))
+        weights = resolve_weights(dev, weights, fp16_bytes=source.spec.weight_bytes("fp16"), blocks=source.kind == "gguf")
+        if weights == "gguf" and dev.type == "cpu":
+            from edgectx.quant.ggml_cpu import set_threads
+
+            set_threads(n_threads or torch.get_num_threads())
         tokenizer = source.tokenizer()
         template = source.chat_template(tokenizer)
         model = source.load_model(dev, dtype, progress=progress, weights=weights)
@@ -170,6 +177,13 @@ class Engine:
         if not isinstance(self.step, CompiledDecode):
             self.step = CompiledDecode(self.model)
         return self.step
+
+    def compile_step(self, wait: bool = False) -> CompiledStep:
+        """Compile the one-token step for any memory in a background thread (`wait`: until done); steps run
+        eager until it is ready (edgectx.model.step)."""
+        if not isinstance(self.step, CompiledStep):
+            self.step = CompiledStep(self.model)
+        return self.step.start(wait)
 
     def heads(self) -> RetainingHeads | None:
         """This model's retaining heads (given, the user's, or shipped), loaded once; None if it has none."""

@@ -5,13 +5,16 @@ report (or JSON with --json).
 
     edgectx bench conformance --tokens 4096 --json
     edgectx bench fidelity --context 8192 --budget 2048,1024 --scorer attention,heads
+    edgectx bench speed --synthetic-gguf llama-8b --quant q4_k_m --busy 1 --json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from edgectx.bench.synthetic_gguf import QUANTS, SHAPES
 from edgectx.cli.options import (DEFAULT_BUDGET, MAX_TOKENS, add_memory_args, add_model_args, float_range, int_range,
                                  memory_config_from, token_counts)
 from edgectx.errors import UsageError
@@ -38,9 +41,15 @@ def add_parser(sub) -> None:
     latency.add_argument("--context", type=int_range(1, MAX_TOKENS), default=32768, help="tokens of text to read (default 32768)")
     latency.add_argument("--presses", type=int_range(1, 10_000), default=20, help="key presses to time during the read (default 20)")
     add_memory_args(fidelity, allow_full=False, lists=True)
-    for p in (fidelity, longppl, memory, reopen):
+    for p in (conf, fidelity, longppl, memory, reopen):
         p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose")
     conf.add_argument("--tokens", type=int_range(2, MAX_TOKENS), default=4096, help="positions to compare (default 4096)")
+    conf.add_argument("--reference", choices=("f32", "none"), default="f32",
+                      help="also score both engines against the weights requantized to F32 by llama.cpp (made once and "
+                      "cached; default f32), or not (none)")
+    conf.add_argument("--self-check", action=argparse.BooleanOptionalAction,
+                      help="also run llama.cpp again with n_batch 64 and another thread count: its agreement with itself "
+                      "(default: with the reference)")
     speed.add_argument("--context", type=token_counts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
     speed.add_argument("--decode-tokens", type=int_range(1, MAX_TOKENS), default=64, help="tokens decoded at each depth (default 64)")
     fidelity.add_argument("--context", type=int_range(2, MAX_TOKENS), default=8192, help="tokens of text (default 8192)")
@@ -54,6 +63,12 @@ def add_parser(sub) -> None:
     speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
     speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
                        "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
+    speed.add_argument("--synthetic-gguf", metavar="NAME", choices=tuple(SHAPES),
+                       help=f"write (once, cached) a random-weight llama GGUF of this size and compare on it, no download "
+                       f"({', '.join(SHAPES)}; tiny is for tests)")
+    speed.add_argument("--quant", choices=tuple(QUANTS), help="with --synthetic-gguf: llama.cpp's quantization (default q4_k_m)")
+    speed.add_argument("--busy", type=int_range(0, 256), default=0,
+                       help="CPU-bound processes running beside each engine while it is measured (default 0)")
     speed.add_argument("--full", action="store_true", help="with --synthetic: full attention too, where it fits")
     speed.add_argument("--gpu-mem-cap-gib", type=float_range(0, above=True), help="cap this process's GPU memory (e.g. 24 to act as an RTX 4090)")
     speed.add_argument("--bandwidth-gbs", type=float_range(0, above=True), help="GPU memory bandwidth for the weight-read floor "
@@ -76,9 +91,14 @@ def run(args: argparse.Namespace) -> int:
               f"{result['presses']} key presses during a {result['context_tokens']:,}-token read ({result['ingest_s']} s): "
               f"median {result.get('median_ms')} ms, max {result.get('max_ms')} ms")
         return 0
+    if args.bench == "speed":
+        _check_speed_flags(args)
     config = load_config()
     weights = args.weights or config.weights or "auto"
-    path = None if getattr(args, "synthetic", None) else resolve_model(args.model, config)
+    if getattr(args, "synthetic_gguf", None):
+        path = _synthetic_gguf(args.synthetic_gguf, args.quant or "q4_k_m")
+    else:
+        path = None if getattr(args, "synthetic", None) else resolve_model(args.model, config)
     if args.bench in ("speed", "conformance") and path is not None and path.is_dir():
         raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
                          "Hugging Face directory, so pass a .gguf file of the model (or --synthetic NAME).")
@@ -96,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
                            n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
-                           weights=weights, gpu_mem_cap_gib=args.gpu_mem_cap_gib)
+                           weights=weights, gpu_mem_cap_gib=args.gpu_mem_cap_gib, busy=args.busy)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
                              n_threads=threads, weights=weights)
@@ -110,11 +130,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_speed_flags(args: argparse.Namespace) -> None:
+    if args.synthetic_gguf and args.synthetic:
+        raise UsageError("--synthetic-gguf and --synthetic are different benches, so pick one: --synthetic-gguf compares "
+                         "with llama.cpp on a random-weight GGUF, --synthetic measures edgectx alone on a GPU.")
+    if args.synthetic_gguf and args.model:
+        raise UsageError("--synthetic-gguf writes its own model, so drop --model (or drop --synthetic-gguf to measure that model).")
+    if args.quant and not args.synthetic_gguf:
+        raise UsageError("--quant goes with --synthetic-gguf: a --model GGUF keeps the quantization it was written with.")
+    if args.busy and args.synthetic:
+        raise UsageError("--busy goes with a GGUF (--model or --synthetic-gguf): --synthetic measures the GPU alone.")
+
+
+def _synthetic_gguf(name: str, quant: str) -> Path:
+    """The cached random-weight GGUF, written first (minutes for the 8B) when it is missing."""
+    from rich.console import Console
+
+    from edgectx.bench.synthetic_gguf import cached_path, synthetic_gguf
+    from edgectx.cli.console import note
+
+    target = cached_path(name, quant)
+    if not target.exists():
+        note(Console(stderr=True), f"Writing {target} once (random weights, then llama.cpp's quantizer; minutes for llama-8b) ...")
+    return synthetic_gguf(name, quant)
+
+
 def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | None, threads: int) -> dict:
     if args.bench == "conformance":
         from edgectx.bench.conformance import run_conformance
 
-        return run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads)
+        return run_conformance(engine, n_tokens=args.tokens, text_file=args.text, n_threads=threads,
+                               corpus=args.corpus or "stdlib", reference=args.reference, self_check=args.self_check)
     if args.bench == "fidelity":
         from edgectx.bench.fidelity import run_fidelity
 

@@ -128,8 +128,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eager", action="store_true",
-                   help="decode without the compiled step (by default it compiles in the background and is used once ready)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step in the background and use it once ready (experimental: on a 2-core "
+                   "CPU it measured slower than eager decode, see the README)")
 
 
 def add_memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: bool = False) -> None:
@@ -196,14 +197,14 @@ def engine_options(args: argparse.Namespace, config: Config) -> dict:
 
 def load_engine(args: argparse.Namespace, config: Config, status, compile_step: bool = False):
     """Load the model the flags name, with a spinner on `status` (a rich Console on stderr); `compile_step`:
-    start compiling the decode step in the background unless --eager (edgectx.model.step)."""
+    start compiling the decode step in the background when --compile asks (edgectx.model.step)."""
     from edgectx.engine import Engine
     from edgectx.model.discover import resolve_model
 
     path = resolve_model(args.model, config)
     with status.status(f"Loading {path.name} ..."):
         engine = Engine.load(path, **engine_options(args, config))
-    if compile_step and not getattr(args, "eager", False):
+    if compile_step and getattr(args, "compile", False):
         engine.compile_step()
     status.print(f"[dim]{engine.spec.describe()} on {engine.device.type}, {engine.weights} weights[/dim]", highlight=False)
     return engine

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     def load_model(path, progress):
         args.budget = settings.budget  # the settings screen may have changed it
         engine = Engine.load(path, progress=progress, **engine_options(args, config))
-        if not getattr(args, "eager", False):
+        if getattr(args, "compile", False):
             engine.compile_step()  # in the background, while the user types; decoding is eager until it is ready
         return engine
 
