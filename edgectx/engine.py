@@ -15,6 +15,7 @@ reopens a document: it restores a snapshot whose tokens start the new ids and pr
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from edgectx.model.decode import CompiledDecode
 from edgectx.model.step import CompiledStep
 from edgectx.errors import EdgectxError, SnapshotError, UsageError
 from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
-from edgectx.model.kv import FullKVCache, KVMemory
+from edgectx.model.kv import FullKVCache, KVMemory, kv_storage_dtype
 from edgectx.memory.context import ContextMemory
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.plan import available_ram_bytes
@@ -207,10 +208,16 @@ class Engine:
                              "or use --scorer attention.")
         return AttentionMassScorer()
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What new memories store K and V in: EDGECTX_KV_DTYPE = auto | float32 | float16 | bfloat16; auto is
+        float16 where the model computes in float32 (the CPU; llama.cpp's f16 KV), else the compute dtype."""
+        return kv_storage_dtype(os.environ.get("EDGECTX_KV_DTYPE", "auto"), self.device, self.dtype)
+
     def new_memory(self) -> KVMemory:
         if self.memory_config is None:
-            return FullKVCache(self.spec, self.rope, self.device, self.dtype)
-        return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config,
+            return FullKVCache(self.spec, self.rope, self.device, self.dtype, self.kv_dtype)
+        return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config, kv_dtype=self.kv_dtype,
                              scorer=self.scorer_override or self.scorer(self.memory_config.scorer))
 
     @property
@@ -380,7 +387,7 @@ class Engine:
                 scorer = self.scorer(config.scorer)
             except HeadsError as e:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
-            memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer)
+            memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype)
             logits = load_memory(snap, memory)
         self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
         self.tokens, self._next_logits = tokens, logits

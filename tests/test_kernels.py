@@ -101,6 +101,21 @@ def test_decode_attention_half_precision(dtype):
     assert err < ATOL[dtype], err
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_float32_query_over_16_bit_keys(kv_dtype):
+    """A memory computing in float32 over a 16-bit cache (kv_dtype) hands the kernel float32 queries: the answer
+    comes back in float32, as close to the reference as a wholly 16-bit call is."""
+    q, k, v, positions = _case(2, 3, 64, 150, torch.float32, seed=1)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    cos, sin = _tables(32, 601)
+    rope = dict(positions=positions, q_position=600, cos=cos, sin=sin)
+    out = decode_mod.decode_attention(q, k, v, n_splits=2, **rope)
+    ref = decode_attention_reference(q, k, v, **rope)
+    assert out.dtype == ref.dtype == torch.float32
+    err = (out - ref).abs().max().item()
+    assert err < ATOL[kv_dtype], err
+
+
 def test_per_head_validity_and_lengths():
     """Heads keep different keys: a mask with holes, per-head lengths, and one head left with nothing (zeros)."""
     q, k, v, positions = _case(3, 2, 64, 180, torch.float32, seed=2)

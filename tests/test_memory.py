@@ -186,9 +186,71 @@ def test_causal_prefill_from_empty_matches_the_masked_kernel():
     assert torch.allclose(causal_attention(q, k, v)[:, 0], v.repeat_interleave(3, dim=0)[:, 0], atol=1e-5)
 
 
-def test_one_chunk_prefill_matches_chunked_full_attention(engine):
+def test_one_chunk_prefill_matches_chunked_full_attention(engine, monkeypatch):
+    # A float32 cache: the kernels differ by ~1e-5, which a float16 cache would round to its own step (0.02 here).
+    monkeypatch.setenv("EDGECTX_KV_DTYPE", "float32")
     ids = corpus_tokens(engine.tokenizer, 300)
     engine.configure_memory(None)
     whole = _teacher_forced(engine, ids, 300)  # one chunk from empty: the unmasked causal kernel
     chunked = _teacher_forced(engine, ids, 100)  # later chunks: the masked kernel over past + new keys
     assert torch.allclose(whole, chunked, atol=1e-3), (whole - chunked).abs().max()
+
+
+def _greedy_logits(engine, ids, n):
+    """Prefill `ids`, then n greedy steps: the tokens chosen and the logits each was chosen from."""
+    engine.reset()
+    logits, tokens, rows = engine.prefill(ids), [], []
+    for _ in range(n):
+        rows.append(logits)
+        tokens.append(int(logits.argmax()))
+        logits = engine.forward([tokens[-1]])[-1]
+    return tokens, torch.stack(rows)
+
+
+def test_cpu_kv_is_float16_and_decodes_as_float32_kv_does(engine, monkeypatch):
+    """The CPU computes in float32 and keeps K and V in float16 (half the bytes, as llama.cpp's f16 KV); greedy
+    decoding picks the same tokens as a float32 cache (measured over 32 steps: logits within 0.03)."""
+    ids = corpus_tokens(engine.tokenizer, 300)
+    runs = {}
+    for kv in ("float32", "auto"):
+        monkeypatch.setenv("EDGECTX_KV_DTYPE", kv)
+        engine.configure_memory(None)
+        runs[kv] = _greedy_logits(engine, ids, 32)
+        layer = engine.memory.layers[0]
+        assert layer.k.dtype == layer.v.dtype == (torch.float32 if kv == "float32" else torch.float16)
+        elem_bytes = layer.k.element_size()
+        assert engine.stats()["device_kv_bytes"] == (300 + 32) * engine.spec.kv_bytes_per_token(elem_bytes)
+    (tokens32, logits32), (tokens16, logits16) = runs["float32"], runs["auto"]
+    assert tokens16 == tokens32
+    diff = float((logits16 - logits32).abs().max())
+    assert 0 < diff < 0.1, diff  # rounded (not the float32 cache under another name), and close
+
+
+def test_memory_tiers_are_float16_on_the_cpu_and_decode_as_float32_tiers_do(engine, monkeypatch):
+    ids = corpus_tokens(engine.tokenizer, 640)
+    runs, stats = {}, {}
+    for kv in ("float32", "auto"):
+        monkeypatch.setenv("EDGECTX_KV_DTYPE", kv)
+        engine.configure_memory(SMALL)
+        runs[kv] = _greedy_logits(engine, ids, 24)  # evicts on the way and retrieves every 4 steps
+        stats[kv] = engine.stats()
+        layer, want = engine.memory.layers[0], torch.float32 if kv == "float32" else torch.float16
+        assert layer.evicted and layer.cache.slots is not None
+        assert layer.resident.k.dtype == layer.asm.k.dtype == layer.asm.v.dtype == layer.cache.slots.dtype == want
+        assert engine.memory.dtype == torch.float32  # activations, RoPE and the observation queries stay float32
+    assert runs["auto"][0] == runs["float32"][0]
+    # K and V halve; token indices (int64) and scores (float32) do not.
+    assert stats["auto"]["device_kv_bytes"] < 0.55 * stats["float32"]["device_kv_bytes"]
+    assert stats["auto"]["host_kv_bytes"] == stats["float32"]["host_kv_bytes"]  # the host store was float16 already
+
+
+def test_kv_dtype_setting():
+    from edgectx.model.kv import kv_storage_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_storage_dtype("auto", cpu, torch.float32) == torch.float16
+    assert kv_storage_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16  # a GPU's compute dtype is 16-bit already
+    assert kv_storage_dtype("bfloat16", cpu, torch.float32) == torch.bfloat16
+    assert kv_storage_dtype("float32", cpu, torch.float32) == torch.float32
+    with pytest.raises(UsageError, match="kv_dtype must be one of"):
+        kv_storage_dtype("int8", cpu, torch.float32)

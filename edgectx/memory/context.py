@@ -9,10 +9,14 @@ top-k blocks by representative key into an LRU block cache. Attention runs over
 (`compact`: the selected context renumbered 0..N-1 in original order; `original`: true indices).
 Until the context outgrows `budget_tokens` nothing is evicted or retrieved: exactly full attention.
 
+K and V live on the device in `kv_dtype` (float16 on a CPU, where the model computes in float32): keys
+are rounded to it before RoPE, so every rotated key is the rotation of its stored pre-RoPE key however
+the context was assembled, and attention widens the context back to float32 (edgectx.model.kv).
+
 Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
 length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
 
-    memory = ContextMemory(spec, rope, device, dtype, MemoryConfig(budget_tokens=2048))
+    memory = ContextMemory(spec, rope, device, dtype, MemoryConfig(budget_tokens=2048), kv_dtype=torch.float16)
     memory.begin(len(chunk)); logits = model(chunk, memory); memory.commit()
 """
 
@@ -25,7 +29,7 @@ import torch
 from edgectx import kernels
 from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
-from edgectx.model.kv import grouped_attention
+from edgectx.model.kv import Widener, grouped_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.tiers import Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
@@ -50,8 +54,8 @@ class LayerMemory:
         s, c = memory.spec, memory.config
         self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
                                     host_dtype=getattr(torch, c.host_dtype))
-        self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.dtype)
-        self.cache = BlockCache(memory.cache_blocks, memory.device, memory.dtype, copy_stream=memory.copy_stream)
+        self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.kv_dtype)
+        self.cache = BlockCache(memory.cache_blocks, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
         self.steps_since_retrieval = 0
@@ -113,7 +117,7 @@ class LayerMemory:
             positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
         else:
             positions, next_pos = idx, n_tokens
-        k_rot = m.rope.rotate(k, *m.rope.tables(positions, m.dtype))
+        k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype)).to(m.kv_dtype)
         headroom = max(c.chunk_tokens, c.evict_every) + 1
         return Assembly(k_rot, v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
 
@@ -129,7 +133,7 @@ class LayerMemory:
         asm.reserve(capacity)
         if n_new:
             positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
-            k_rot = m.rope.rotate(r.k[:, n_resident : r.n], *m.rope.tables(positions, m.dtype))
+            k_rot = m.rope.rotate(r.k[:, n_resident : r.n].to(m.dtype), *m.rope.tables(positions, m.dtype))
             asm.write(asm.length, k_rot, r.v[:, n_resident : r.n], r.idx[:, n_resident : r.n])
             asm.advance(n_new)
         self.asm = asm
@@ -144,7 +148,8 @@ class LayerMemory:
         q_rot = m.rope.rotate(q_obs, *m.rope.tables(torch.arange(last - n_obs, last, device=m.device), m.dtype))
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, (n_heads // n_kv) * n_obs, head_dim)
-        logits = qg @ asm.k[:, :n_keys].transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
+        keys = asm.k[:, :n_keys].to(qg.dtype)  # widened once per eviction, not per step
+        logits = qg @ keys.transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
         end_idx = m.n_tokens + q.shape[1]
         q_idx = torch.arange(end_idx - n_obs, end_idx, device=m.device).repeat(n_heads // n_kv)  # (group * n_obs,)
         allowed = asm.idx[:, None, :n_keys] <= q_idx[None, :, None]
@@ -159,7 +164,8 @@ class LayerMemory:
         asm = self._assemble(self._retrieve(q))
         start = asm.length
         positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
-        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.tables(positions, m.dtype))
+        k_stored = k.to(m.kv_dtype).to(q.dtype)  # rotated as `_build` rotates the resident copy: same bits
+        qk = m.rope.rotate(torch.cat((q, k_stored)), *m.rope.tables(positions, m.dtype))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
         asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
         end = start + n_new
@@ -167,7 +173,8 @@ class LayerMemory:
             valid = None if asm.valid is None else asm.valid[:, :end]
             out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
         else:
-            out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
+            k_ctx, v_ctx = m.widen(asm.k[:, :end], asm.v[:, :end], q.dtype)
+            out = grouped_attention(qk[:n_heads], k_ctx, v_ctx, asm.mask(start, n_new))
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
@@ -241,15 +248,19 @@ class ContextMemory:
     """The KVMemory of a long conversation: one LayerMemory per layer, plus the retrieval record."""
 
     def __init__(self, spec: ModelSpec, rope: Rope, device: torch.device, dtype: torch.dtype,
-                 config: MemoryConfig | None = None, scorer: EvictionScorer | None = None):
+                 config: MemoryConfig | None = None, scorer: EvictionScorer | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
+        self.kv_dtype = kv_dtype or dtype  # the device tiers' K and V; `dtype` is what the model computes in
+        self.widen = Widener()  # the assembled context in `dtype`, one layer at a time
         self.config = config or MemoryConfig()
         self.scorer = scorer or AttentionMassScorer()
         self.record = RetrievalRecord(self.config.block_size)
         # On CUDA, block copies from the pinned host store run on their own stream, beside the compute.
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # One retrieval may need top_k blocks for each KV head at once: every layer's pool must hold them all.
-        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, dtype), self.config.top_k_blocks * spec.n_kv_heads)
+        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, self.kv_dtype),
+                                self.config.top_k_blocks * spec.n_kv_heads)
         self._n_tokens = 0
         self._pending = 0
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]

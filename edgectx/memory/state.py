@@ -30,7 +30,10 @@ steer later evictions, so they go through the codec, per channel as keys are (th
 The assembled context (keys rotated at their positions) is not stored: it is rebuilt from the resident
 tiers and the host store with the same columns, order, positions and capacity as the live one
 (`LayerMemory.reassemble`), and the RoPE tables are regrown to the live size in one step (`rope_positions`),
-so under the fp16 codec the restored memory's logits are bit-identical (same device, dtype and threads).
+so under the fp16 codec the restored memory's logits are bit-identical (same device, dtypes and threads).
+Resident K and V are converted to the restoring memory's `kv_dtype` on load: a snapshot written while the
+CPU kept them in float32 (before edgectx stored them as float16) restores into a float16 memory and continues
+from there, as if it had been rounded when written.
 An assembly made stale by an eviction is never read again; only its existence (decode steps may reuse
 the last retrieval) and its size (stats) are restored.
 
@@ -81,6 +84,7 @@ def memory_meta(memory: ContextMemory, codec: str) -> dict:
                        "cache_hits": layer.cache.hits, "cache_misses": layer.cache.misses, "asm": asm_meta})
     record = memory.record
     return {"state": STATE, "state_version": STATE_VERSION, "codec": codec, "dtype": str(memory.dtype).removeprefix("torch."),
+            "kv_dtype": str(memory.kv_dtype).removeprefix("torch."),  # what the live tiers held (a restore converts)
             "scorer": memory.scorer.name, "n_tokens": memory.n_tokens, "rope_positions": memory.rope.n_positions, "layers": layers,
             "record": {"n_retrievals": record.n_retrievals, "blocks": list(record.relevance),
                        "relevance": list(record.relevance.values())}}
@@ -156,6 +160,7 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
     store, r, c = layer.store, layer.resident, layer.memory.config
     n_kv, d = r.n_kv, r.head_dim
     k, v = rd.tensor("host.k", (n_kv, n_tokens, d)), rd.tensor("host.v", (n_kv, n_tokens, d))
+    rd.fits(store.host_dtype, k, v)
     if n_tokens:
         store.append(k, v)
     store.representatives = rd.tensor("host.repr", (store.n_blocks, n_kv, d)).to(store.device, store.repr_dtype)
@@ -177,6 +182,7 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
         cols = idx[..., None].expand(-1, -1, d)  # (n_kv, n, d)
         rk, rv = k.gather(1, cols), v.gather(1, cols)
     score = rd.tensor("resident.score", (n_kv, n), torch.float32)
+    rd.fits(r.dtype, rk, rv)  # float32 tiers (older snapshots) become float16 ones here
     r.rebuild([tuple(t.to(r.device, r.dtype) for t in (rk, rv)) + (idx.to(r.device), score.to(r.device))],
               headroom=m["resident_capacity"] - n)
 
@@ -231,6 +237,12 @@ class _Reader:
     def check(self, ok: bool, what: str) -> None:
         if not ok:
             raise SnapshotError(f"{self.snap.path} is corrupt: {what} ({self.prefix.rstrip('.') or 'memory'}).")
+
+    def fits(self, dtype: torch.dtype, *tensors: torch.Tensor) -> None:
+        """Values that `dtype` can hold: K and V converted to a narrower dtype must not overflow to inf."""
+        limit = torch.finfo(dtype).max
+        self.check(all(t.numel() == 0 or float(t.abs().max()) <= limit for t in tensors),
+                   f"its keys or values overflow {str(dtype).removeprefix('torch.')}")
 
     def tensor(self, name: str, shape: tuple, dtype: torch.dtype | None = None, at_most: int | None = None) -> torch.Tensor:
         """Section `prefix + name`, whose shape must match `shape` (None = any size up to `at_most` there). The

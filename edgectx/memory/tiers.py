@@ -6,7 +6,7 @@ resident tokens and retrieved blocks with keys rotated at their assigned positio
 its committed length where the current chunk is written before commit (so decoding appends in place
 instead of re-rotating the whole context every step).
 
-    r = Resident(n_kv=3, head_dim=64, device=cpu, dtype=torch.float32)
+    r = Resident(n_kv=3, head_dim=64, device=cpu, dtype=torch.float16)  # K and V in the KV dtype
     r.append(k, v, idx, scores); r.keep(cols, headroom=513)
 """
 

@@ -38,10 +38,13 @@ class _StepLayer:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n_heads, end = q.shape[0], self.end
+        k = k.to(self.k.dtype).to(q.dtype)  # the key as stored, then rotated (edgectx.model.kv)
         qk = self.rope.rotate(torch.cat((q, k)), self.cos, self.signed_sin)
         self.k[:, end - 1 : end] = qk[n_heads:]
         self.v[:, end - 1 : end] = v
-        return grouped_attention(qk[:n_heads], self.k[:, :end], self.v[:, :end], None)
+        # A 16-bit cache is widened inside the graph: Inductor plans that buffer itself.
+        k_all, v_all = self.k[:, :end].to(q.dtype), self.v[:, :end].to(q.dtype)
+        return grouped_attention(qk[:n_heads], k_all, v_all, None)
 
 
 class _StepMemory:
