@@ -39,7 +39,10 @@ def _greedy(engine, n):
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_memory_within_budget_is_full_attention(engine, positions):
+def test_memory_within_budget_is_full_attention(engine, positions, monkeypatch):
+    # float32 K and V: on a CPU's float16 default the full cache rounds rotated keys, the memory's context
+    # (float32) does not; tests below hold each float16 path to its float32 one.
+    monkeypatch.setenv("EDGECTX_KV_DTYPE", "float32")
     ids = corpus_tokens(engine.tokenizer, 400)
     engine.configure_memory(None)
     full = _teacher_forced(engine, ids, 128)
@@ -236,11 +239,15 @@ def test_memory_tiers_are_float16_on_the_cpu_and_decode_as_float32_tiers_do(engi
         stats[kv] = engine.stats()
         layer, want = engine.memory.layers[0], torch.float32 if kv == "float32" else torch.float16
         assert layer.evicted and layer.cache.slots is not None
-        assert layer.resident.k.dtype == layer.asm.k.dtype == layer.asm.v.dtype == layer.cache.slots.dtype == want
-        assert engine.memory.dtype == torch.float32  # activations, RoPE and the observation queries stay float32
+        assert layer.resident.k.dtype == layer.resident.v.dtype == layer.cache.slots.dtype == want
+        # the assembled context attention reads is float32 either way; activations and RoPE stay float32
+        assert layer.asm.k.dtype == layer.asm.v.dtype == engine.memory.dtype == torch.float32
     assert runs["auto"][0] == runs["float32"][0]
-    # K and V halve; token indices (int64) and scores (float32) do not.
-    assert stats["auto"]["device_kv_bytes"] < 0.55 * stats["float32"]["device_kv_bytes"]
+    # The tiers' K and V halve (their token indices and scores do not); the assembled context does not.
+    for name in ("device_resident_bytes", "device_block_cache_bytes"):
+        assert stats["auto"][name] < 0.6 * stats["float32"][name], name
+    assert stats["auto"]["device_work_bytes"] == stats["float32"]["device_work_bytes"]
+    print("device KV bytes, float16 tiers / float32:", stats["auto"]["device_kv_bytes"] / stats["float32"]["device_kv_bytes"])
     assert stats["auto"]["host_kv_bytes"] == stats["float32"]["host_kv_bytes"]  # the host store was float16 already
 
 

@@ -9,9 +9,12 @@ top-k blocks by representative key into an LRU block cache. Attention runs over
 (`compact`: the selected context renumbered 0..N-1 in original order; `original`: true indices).
 Until the context outgrows `budget_tokens` nothing is evicted or retrieved: exactly full attention.
 
-K and V live on the device in `kv_dtype` (float16 on a CPU, where the model computes in float32): keys
-are rounded to it before RoPE, so every rotated key is the rotation of its stored pre-RoPE key however
-the context was assembled, and attention widens the context back to float32 (edgectx.model.kv).
+The resident tiers and the block cache hold K and V in `kv_dtype` (float16 on a CPU, where the model
+computes in float32: half their bytes); the assembled context, what attention reads every step, is kept
+in the compute dtype, so decoding reads it as is (PyTorch's CPU attention has no fast float16 path, and
+widening the whole context per layer and step cost more than the attention). K and V are rounded to
+`kv_dtype` before they enter the context: every rotated key is the rotation of its stored pre-RoPE key
+and every value its stored value, however the context was assembled (a rebuild or a restore).
 
 Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
 length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
@@ -29,7 +32,7 @@ import torch
 from edgectx import kernels
 from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
-from edgectx.model.kv import Widener, grouped_attention
+from edgectx.model.kv import grouped_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.tiers import Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
@@ -117,9 +120,9 @@ class LayerMemory:
             positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
         else:
             positions, next_pos = idx, n_tokens
-        k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype)).to(m.kv_dtype)
+        k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
-        return Assembly(k_rot, v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
+        return Assembly(k_rot, v.to(m.dtype), idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
 
     def reassemble(self, selection: torch.Tensor, n_resident: int, capacity: int) -> Assembly:
         """Rebuild the attention context as `attend` left it (a restored snapshot): built from resident
@@ -148,8 +151,7 @@ class LayerMemory:
         q_rot = m.rope.rotate(q_obs, *m.rope.tables(torch.arange(last - n_obs, last, device=m.device), m.dtype))
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, (n_heads // n_kv) * n_obs, head_dim)
-        keys = asm.k[:, :n_keys].to(qg.dtype)  # widened once per eviction, not per step
-        logits = qg @ keys.transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
+        logits = qg @ asm.k[:, :n_keys].transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
         end_idx = m.n_tokens + q.shape[1]
         q_idx = torch.arange(end_idx - n_obs, end_idx, device=m.device).repeat(n_heads // n_kv)  # (group * n_obs,)
         allowed = asm.idx[:, None, :n_keys] <= q_idx[None, :, None]
@@ -164,8 +166,9 @@ class LayerMemory:
         asm = self._assemble(self._retrieve(q))
         start = asm.length
         positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
-        k_stored = k.to(m.kv_dtype).to(q.dtype)  # rotated as `_build` rotates the resident copy: same bits
-        qk = m.rope.rotate(torch.cat((q, k_stored)), *m.rope.tables(positions, m.dtype))
+        if m.kv_dtype != m.dtype:  # as the tiers will hold them, so a rebuilt context has the same bits
+            k, v = k.to(m.kv_dtype).to(m.dtype), v.to(m.kv_dtype).to(m.dtype)
+        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.tables(positions, m.dtype))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
         asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
         end = start + n_new
@@ -173,8 +176,7 @@ class LayerMemory:
             valid = None if asm.valid is None else asm.valid[:, :end]
             out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
         else:
-            k_ctx, v_ctx = m.widen(asm.k[:, :end], asm.v[:, :end], q.dtype)
-            out = grouped_attention(qk[:n_heads], k_ctx, v_ctx, asm.mask(start, n_new))
+            out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
@@ -252,7 +254,6 @@ class ContextMemory:
                  kv_dtype: torch.dtype | None = None):
         self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
         self.kv_dtype = kv_dtype or dtype  # the device tiers' K and V; `dtype` is what the model computes in
-        self.widen = Widener()  # the assembled context in `dtype`, one layer at a time
         self.config = config or MemoryConfig()
         self.scorer = scorer or AttentionMassScorer()
         self.record = RetrievalRecord(self.config.block_size)
