@@ -46,9 +46,10 @@ class _Pending:
     k: torch.Tensor  # (n_kv, T, d) pre-RoPE
     v: torch.Tensor
     q: torch.Tensor  # (n_heads, T, d) pre-RoPE, kept for the next observation window
-    scores: torch.Tensor  # (n_kv, T) the scorer's scores for the new tokens
+    scores: torch.Tensor | None  # (n_kv, T) the scorer's scores for the new tokens (None: until commit)
     observed: torch.Tensor | None  # (n_kv, assembled + T) attention mass from the observation window
     evict: bool
+    features: torch.Tensor | None = None  # a decode step's scorer input, scored with every layer's at commit
 
 
 class LayerMemory:
@@ -165,10 +166,9 @@ class LayerMemory:
         n_heads, n_new = q.shape[0], q.shape[1]
         asm = self._assemble(self._retrieve(q))
         start = asm.length
-        positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
         if m.kv_dtype != m.dtype:  # as the tiers will hold them, so a rebuilt context has the same bits
             k, v = k.to(m.kv_dtype).to(m.dtype), v.to(m.kv_dtype).to(m.dtype)
-        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.tables(positions, m.dtype))
+        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.range_tables(asm.next_pos, n_new, m.dtype))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
         asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
         end = start + n_new
@@ -180,8 +180,10 @@ class LayerMemory:
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
-        scores = m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens)
-        self._pending = _Pending(k, v, q, scores, observed, evict)
+        if n_new == 1 and m.scorer.scores_steps_together:  # every layer's at once, in ContextMemory.commit
+            self._pending = _Pending(k, v, q, None, observed, evict, features=m.scorer.step_features(q, k, v))
+        else:
+            self._pending = _Pending(k, v, q, m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens), observed, evict)
         return out
 
     # -- commit -------------------------------------------------------------------------------------
@@ -274,6 +276,11 @@ class ContextMemory:
         self._pending = n_new
 
     def commit(self) -> None:
+        pending = [layer._pending for layer in self.layers]
+        if pending[0] is not None and pending[0].features is not None:
+            scores = self.scorer.step_scores(torch.cat([p.features for p in pending]))  # (n_layers, n_kv, 1)
+            for p, s in zip(pending, scores):
+                p.scores = s
         for layer in self.layers:
             layer.commit()
         self._n_tokens += self._pending
