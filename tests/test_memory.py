@@ -39,10 +39,7 @@ def _greedy(engine, n):
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_memory_within_budget_is_full_attention(engine, positions, monkeypatch):
-    # float32 K and V: on a CPU's float16 default the full cache rounds rotated keys, the memory's context
-    # (float32) does not; tests below hold each float16 path to its float32 one.
-    monkeypatch.setenv("EDGECTX_KV_DTYPE", "float32")
+def test_memory_within_budget_is_full_attention(engine, positions):
     ids = corpus_tokens(engine.tokenizer, 400)
     engine.configure_memory(None)
     full = _teacher_forced(engine, ids, 128)

@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
     reopen.add_argument("--codec", choices=SNAPSHOT_CODECS, default="int4", help="snapshot codec (default int4; fp16 is lossless)")
     reopen.add_argument("--next-tokens", type=int_range(2, MAX_TOKENS), default=512, help="tokens teacher-forced after the restore (default 512)")
     reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
-    speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
+    speed.add_argument("--compile", action="store_true",
+                       help="decode through the compiled step (as `chat --compile` does); default: eager, as chat decodes")
     speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
                        "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
     speed.add_argument("--synthetic-gguf", metavar="NAME", choices=tuple(SHAPES),
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         from edgectx.bench.speed import run_speed
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
-                           n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
+                           n_threads=threads, device=args.device, text_file=args.text, compile_decode=args.compile,
                            weights=weights, gpu_mem_cap_gib=args.gpu_mem_cap_gib, busy=args.busy)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,

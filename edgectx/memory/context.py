@@ -13,8 +13,9 @@ The resident tiers and the block cache hold K and V in `kv_dtype` (float16 on a 
 computes in float32: half their bytes); the assembled context, what attention reads every step, is kept
 in the compute dtype, so decoding reads it as is (PyTorch's CPU attention has no fast float16 path, and
 widening the whole context per layer and step cost more than the attention). K and V are rounded to
-`kv_dtype` before they enter the context: every rotated key is the rotation of its stored pre-RoPE key
-and every value its stored value, however the context was assembled (a rebuild or a restore).
+`kv_dtype` before they enter the context, and rotated keys once more (`as_stored`): every rotated key is
+the rotation of its stored pre-RoPE key and every value its stored value, however the context was
+assembled (a rebuild or a restore), and within the budget the memory is exactly full attention.
 
 Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
 length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
@@ -121,7 +122,7 @@ class LayerMemory:
             positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
         else:
             positions, next_pos = idx, n_tokens
-        k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype))
+        k_rot = m.as_stored(m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype)))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
         return Assembly(k_rot, v.to(m.dtype), idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
 
@@ -137,7 +138,7 @@ class LayerMemory:
         asm.reserve(capacity)
         if n_new:
             positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
-            k_rot = m.rope.rotate(r.k[:, n_resident : r.n].to(m.dtype), *m.rope.tables(positions, m.dtype))
+            k_rot = m.as_stored(m.rope.rotate(r.k[:, n_resident : r.n].to(m.dtype), *m.rope.tables(positions, m.dtype)))
             asm.write(asm.length, k_rot, r.v[:, n_resident : r.n], r.idx[:, n_resident : r.n])
             asm.advance(n_new)
         self.asm = asm
@@ -166,11 +167,10 @@ class LayerMemory:
         n_heads, n_new = q.shape[0], q.shape[1]
         asm = self._assemble(self._retrieve(q))
         start = asm.length
-        if m.kv_dtype != m.dtype:  # as the tiers will hold them, so a rebuilt context has the same bits
-            k, v = k.to(m.kv_dtype).to(m.dtype), v.to(m.kv_dtype).to(m.dtype)
+        k, v = m.as_stored(k), m.as_stored(v)  # as the tiers will hold them
         qk = m.rope.rotate(torch.cat((q, k)), *m.rope.range_tables(asm.next_pos, n_new, m.dtype))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
-        asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
+        asm.write(start, m.as_stored(qk[n_heads:]), v, chunk_idx)  # scratch past the committed length
         end = start + n_new
         if n_new == 1 and kernels.available(m.device):  # Triton flash-decoding on the GPU; CPU keeps SDPA
             valid = None if asm.valid is None else asm.valid[:, :end]
@@ -267,6 +267,13 @@ class ContextMemory:
         self._n_tokens = 0
         self._pending = 0
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
+
+    def as_stored(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` rounded to `kv_dtype`, in the compute dtype. K and V are rounded as the tiers hold them before
+        they enter the context, and rotated keys once more, as full attention's float16 cache holds them: a
+        rebuilt (or restored) context has the same bits, and a context within the budget is exactly full
+        attention's."""
+        return t if self.kv_dtype == self.dtype else t.to(self.kv_dtype).to(self.dtype)
 
     @property
     def n_tokens(self) -> int:
