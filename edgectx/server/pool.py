@@ -98,19 +98,23 @@ class MemoryPool:
         return best
 
     def _document_snapshot(self, ids: list[int]) -> tuple[Path, int] | None:
-        """The longest snapshot `edgectx ingest` (or `chat --doc`) saved of a prefix of `ids`, for this model."""
-        if self.store is None or not isinstance(self.engine.memory, ContextMemory) or len(ids) < 2:
+        """The longest snapshot `edgectx ingest` (or `chat --doc`) saved of a prefix of `ids`, for this model and
+        memory config (one of another config would change the engine's for every later conversation)."""
+        if self.store is None or not isinstance(self.engine.memory, ContextMemory):
             return None
-        hit = self.store.snapshots.find_longest(self.engine.fingerprint, token_chain(ids[:-1]))
-        if hit is None or not self.store.snapshots.present(hit) or hit.n_tokens >= len(ids):
-            return None
-        path = self.store.snapshots.path_of(hit)
-        try:  # a snapshot of another memory config would change the engine's for every later conversation
-            if read_header(path).memory_config != self.engine.memory_config.to_dict():
-                return None
-        except SnapshotError:
-            return None
-        return path, hit.n_tokens
+        candidates = sorted((e for e in self.store.snapshots.list()
+                             if e.model_fingerprint == self.engine.fingerprint and 0 < e.n_tokens < len(ids)),
+                            key=lambda e: -e.n_tokens)
+        for entry in candidates:
+            if token_chain(ids[: entry.n_tokens])[-1] != entry.chain_hash.lower() or not self.store.snapshots.present(entry):
+                continue
+            path = self.store.snapshots.path_of(entry)
+            try:
+                if read_header(path).memory_config == self.engine.memory_config.to_dict():
+                    return path, entry.n_tokens
+            except SnapshotError:
+                continue
+        return None
 
     # -- doing -------------------------------------------------------------------------------------
 
@@ -191,7 +195,8 @@ class MemoryPool:
             self.engine.put_memory(live)
 
     def stats(self) -> dict:
-        return {"conversations": 1 + len(self.waiting) if self.live.tokens else len(self.waiting),
+        return {"tokens": len(self.engine.tokens),  # what the engine holds now
+                "conversations": 1 + len(self.waiting) if self.live.tokens else len(self.waiting),
                 "in_ram": sum(1 for e in self.waiting if e.held is not None) + (1 if self.live.tokens else 0),
                 "on_disk": sum(1 for e in self.waiting if e.path is not None)}
 
