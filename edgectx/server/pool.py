@@ -30,6 +30,7 @@ from edgectx.snapshot.file import read_header
 from edgectx.snapshot.token_chain import token_chain
 from edgectx.store.conversations import ConversationStore
 
+DOC_END = "\n</document>\n\n"  # where edgectx.chat.opening's document blocks end
 SPILL_CODEC = "fp16"  # lossless: a conversation restored from disk continues exactly as it was
 SAME_CONVERSATION = 0.5  # a request sharing at least this share of a memory's tokens continues it (cut back);
 # less (a shared system prompt, say) starts a conversation of its own and leaves that one be
@@ -76,11 +77,21 @@ class MemoryPool:
 
     # -- deciding ----------------------------------------------------------------------------------
 
-    def _ids_for(self, entry: Entry, text: str) -> list[int]:
+    def _encode(self, text: str, first: bool) -> list[int]:
+        """Tokens of `text`, each `<document>` block's end a cut, as edgectx's own opening tokenizes documents
+        (edgectx.chat.opening): so a prompt that starts with ingested documents starts with their snapshot's tokens."""
         tokenizer = self.engine.tokenizer
+        pieces = text.split(DOC_END)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            piece += DOC_END if i < len(pieces) - 1 else ""
+            ids += tokenizer.encode(piece, add_bos=first and i == 0 and tokenizer.add_bos)
+        return ids
+
+    def _ids_for(self, entry: Entry, text: str) -> list[int]:
         if entry.text and entry.tokens and text.startswith(entry.text):
-            return entry.tokens + tokenizer.encode(text[len(entry.text):])
-        return tokenizer.encode(text, add_bos=tokenizer.add_bos)
+            return entry.tokens + self._encode(text[len(entry.text):], first=False)
+        return self._encode(text, first=True)
 
     def choose(self, text: str) -> Plan:
         """Which memory the prompt `text` continues (the one sharing most tokens), or a snapshot, or none."""
