@@ -210,3 +210,22 @@ def test_malformed_requests_get_4xx_json_errors_and_the_server_goes_on(server, c
     # Still serving.
     ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **GREEDY)
     assert ok.usage.completion_tokens == 6 and _health(server)["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_end_to_end_with_the_embedded_model(embedded_model, tmp_path_factory):
+    """SmolLM2 behind `edgectx serve`, the openai client streaming a two-turn conversation."""
+    with edgectx_server(embedded_model, env=_home(tmp_path_factory)) as url:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        chunks = list(client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
+                                                     stream=True, stream_options={"include_usage": True},
+                                                     temperature=0, max_tokens=16))
+        answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "Paris" in answer
+        first = chunks[-1].usage
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"  # the model ended its turn
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}]
+        second = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)
+        assert "Rome" in second.choices[0].message.content
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.prompt_tokens

@@ -67,6 +67,8 @@ class Bridge:
 
     def switch_model(self, path: Path, progress: Progress | None = None) -> str:
         """Load another model; the one loaded stays if this one fails. A new conversation starts."""
+        if self.remote:
+            raise UsageError("The model is the remote engine's: restart with --engine-model to pick another it serves.")
         if self._load_model is None:
             raise UsageError("This edgectx cannot switch models while running: restart it with --model.")
         engine = self._load_model(Path(path), progress)

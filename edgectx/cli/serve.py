@@ -14,7 +14,7 @@ import argparse
 import ipaddress
 import os
 
-from edgectx.cli.options import MAX_TOKENS, add_memory_args, add_model_args, file_mib, int_range, load_engine
+from edgectx.cli.options import MAX_TOKENS, add_memory_args, add_model_args, file_mib, float_range, int_range, load_engine
 from edgectx.config import Config
 from edgectx.errors import UsageError
 
@@ -26,14 +26,14 @@ def add_parser(sub) -> None:
     add_model_args(serve)
     add_memory_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=int_range(1, 65535), default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", help=f"clients must send it as a bearer token; required off loopback (or {KEY_ENV})")
     serve.add_argument("--max-tokens", type=int_range(1, MAX_TOKENS), default=4096,
                        help="the longest answer a request may ask for (default 4096; also the default answer limit)")
     serve.add_argument("--max-body-mib", type=file_mib, default=32.0, help="largest request body in MiB (default 32)")
     serve.add_argument("--conversations", type=int_range(1, 1024), default=4,
                        help="conversations whose memories stay in RAM (default 4); older ones go to disk")
-    serve.add_argument("--ram-gib", type=float, default=4.0, help="RAM for the memories of waiting conversations (default 4)")
+    serve.add_argument("--ram-gib", type=float_range(0, above=True), default=4.0, help="RAM for the memories of waiting conversations (default 4)")
     serve.add_argument("--model-id", help="the model's name in the API (default: the model file's name)")
 
 

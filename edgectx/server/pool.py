@@ -54,8 +54,6 @@ class Plan:
     entry: Entry | None  # the memory it continues; None: a new one
     common: int  # tokens it shares with that memory
     snapshot: Path | None = None  # an ingested document's snapshot to restore first (then entry is None)
-    snapshot_tokens: int = 0
-    text: str = ""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -88,24 +86,21 @@ class MemoryPool:
             ids += tokenizer.encode(piece, add_bos=first and i == 0 and tokenizer.add_bos)
         return ids
 
-    def _ids_for(self, entry: Entry, text: str) -> list[int]:
-        if entry.text and entry.tokens and text.startswith(entry.text):
-            return entry.tokens + self._encode(text[len(entry.text):], first=False)
-        return self._encode(text, first=True)
-
     def choose(self, text: str) -> Plan:
         """Which memory the prompt `text` continues (the one sharing most tokens), or a snapshot, or none."""
+        fresh = self._encode(text, first=True)
         best: Plan | None = None
         for entry in [self.live, *reversed(self.waiting)]:
-            ids = self._ids_for(entry, text)
+            extends = entry.text and entry.tokens and text.startswith(entry.text)
+            ids = entry.tokens + self._encode(text[len(entry.text):], first=False) if extends else fresh
             common = common_prefix(entry.tokens, ids)
             if entry.tokens and common >= SAME_CONVERSATION * len(entry.tokens) and (best is None or common > best.common):
-                best = Plan(ids, entry, common, text=text)
+                best = Plan(ids, entry, common)
         if best is None:
-            best = Plan(self._ids_for(Entry(-1, [], None, 0), text), None, 0, text=text)
+            best = Plan(fresh, None, 0)
         hit = self._document_snapshot(best.ids)
         if hit is not None and hit[1] > best.common:
-            best = Plan(best.ids, None, 0, snapshot=hit[0], snapshot_tokens=hit[1], text=text)
+            best = Plan(best.ids, None, 0, snapshot=hit[0])
         return best
 
     def _document_snapshot(self, ids: list[int]) -> tuple[Path, int] | None:
