@@ -129,27 +129,30 @@ def test_a_client_that_leaves_mid_stream_stops_the_answer(server, client):
 
 
 def test_two_clients_at_once_are_answered_one_after_the_other(server, client):
-    # Within the budget (about 150 tokens each with the answer): nothing is evicted, so a memory cut back to the
+    # Within the budget (prompt and answer about 220 tokens each): nothing is evicted, so a memory cut back to the
     # prompt is exactly a fresh read and the greedy answer must repeat.
-    requests = {name: [{"role": "user", "content": f"{name}: " + "word " * 20}] for name in ("one", "two")}
+    requests = {name: [{"role": "user", "content": f"{name}: say something"}] for name in ("one", "two")}
     answers, seen = {}, []
 
     def ask(name):
         answers[name] = client.chat.completions.create(model="tiny", messages=requests[name], temperature=0,
-                                                       max_tokens=40).choices[0].message.content
+                                                       max_tokens=200).choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(name,)) for name in requests]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
+    first, second = (threading.Thread(target=ask, args=(name,)) for name in requests)
+    first.start()
+    deadline = time.monotonic() + 30
+    while _health(server)["queue"]["running"] == 0 and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second.start()  # while the first is being answered
+    while first.is_alive() or second.is_alive():
         seen.append(_health(server)["queue"])
-        time.sleep(0.02)
-    for t in threads:
-        t.join()
+        time.sleep(0.01)
+    first.join()
+    second.join()
     assert max(q["running"] for q in seen) == 1  # never two at once
-    assert max(q["waiting"] for q in seen) >= 1 or len(seen) < 3  # the second waited (if the poll saw them)
+    assert any(q == {"running": 1, "waiting": 1} for q in seen)  # the second waited its turn
     for name, messages in requests.items():  # each got its own conversation's greedy answer
-        alone = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=40)
+        alone = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=200)
         assert answers[name] == alone.choices[0].message.content
 
 
@@ -217,15 +220,14 @@ def test_end_to_end_with_the_embedded_model(embedded_model, tmp_path_factory):
     """SmolLM2 behind `edgectx serve`, the openai client streaming a two-turn conversation."""
     with edgectx_server(embedded_model, env=_home(tmp_path_factory)) as url:
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
-        messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
         chunks = list(client.chat.completions.create(model=client.models.list().data[0].id, messages=messages,
                                                      stream=True, stream_options={"include_usage": True},
-                                                     temperature=0, max_tokens=16))
+                                                     temperature=0, max_tokens=24))
         answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert "Paris" in answer
+        assert "Paris" in answer and len(chunks) > 10  # streamed piece by piece
         first = chunks[-1].usage
-        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"  # the model ended its turn
-        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}]
-        second = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And Italy?"}]
+        second = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24)
         assert "Rome" in second.choices[0].message.content
         assert second.usage.prompt_tokens_details.cached_tokens >= first.prompt_tokens
