@@ -78,6 +78,13 @@ def test_answer_stream_and_second_turn_reuse(client):
     assert cached < second.usage.prompt_tokens
 
 
+def test_a_seed_makes_sampling_repeat(client):
+    messages = [{"role": "user", "content": "Pick some letters at random."}]
+    answers = [client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, top_p=1.0, seed=seed,
+                                              max_tokens=12).choices[0].message.content for seed in (7, 7, 8)]
+    assert answers[0] == answers[1] != answers[2]
+
+
 def test_a_prompt_past_the_trained_window_is_read_whole_with_progress(client):
     """3,000 tokens on a model trained for 512, with a 256-token budget: read in chunks, nothing cut off."""
     text = "".join(f"line {i}: the fox jumps over the dog. " for i in range(120))
@@ -231,3 +238,8 @@ def test_end_to_end_with_the_embedded_model(embedded_model, tmp_path_factory):
         second = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24)
         assert "Rome" in second.choices[0].message.content
         assert second.usage.prompt_tokens_details.cached_tokens >= first.prompt_tokens
+        # A stop string ends the answer before it (and is not sent); finish_reason says "stop".
+        stopped = client.chat.completions.create(model="smollm2", messages=messages[:1], temperature=0, max_tokens=24,
+                                                 stop=["Paris"])
+        assert stopped.choices[0].finish_reason == "stop" and "Paris" not in stopped.choices[0].message.content
+        assert answer.startswith(stopped.choices[0].message.content)
