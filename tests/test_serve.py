@@ -96,6 +96,22 @@ def test_a_prompt_past_the_trained_window_is_read_whole_with_progress(client):
     assert len(progress) == -(-usage.prompt_tokens // 128)  # one per 128-token chunk
     assert progress[-1] == {"done": usage.prompt_tokens, "total": usage.prompt_tokens}
     assert usage.completion_tokens == 6
+    # Past the budget the memory evicted and retrieved: the passages it brought back are the prompt's own text.
+    citations = [c for c in chunks if c.choices and c.choices[0].finish_reason][0].model_extra["edgectx"]["citations"]
+    prompt = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    assert citations and all(c["text"] in prompt and c["document"] is None for c in citations)
+    assert all(0 <= c["start_token"] < c["end_token"] <= usage.prompt_tokens and c["score"] > 0 for c in citations)
+
+
+def test_citations_name_the_document_they_lie_in(client):
+    body = "".join(f"Entry {i}: the fox jumps over the dog.\n" for i in range(80))
+    messages = [{"role": "system", "content": f'<document name="notes.md">\n{body}\n</document>\n\nAnswer briefly.'},
+                {"role": "user", "content": "What is entry 5?"}]
+    response = client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    citations = response.model_extra["edgectx"]["citations"]
+    inside = [c for c in citations if c["document"] == "notes.md"]
+    assert inside and any(c["text"] in body for c in inside)
+    assert all(c["text"] in body for c in inside if "<" not in c["text"])  # whole blocks of the text are its own
 
 
 def test_conversations_take_turns_through_ram_and_disk(client):
