@@ -179,6 +179,18 @@ def test_two_clients_at_once_are_answered_one_after_the_other(server, client):
         assert answers[name] == alone.choices[0].message.content
 
 
+def test_full_attention_refuses_a_prompt_longer_than_its_context(tiny, tmp_path_factory):
+    """With --budget full nothing is silently cut: a prompt past the context is a 400 that says so."""
+    with edgectx_server(tiny, "--budget", "full", env=_home(tmp_path_factory)) as url:
+        long = {"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 4}
+        response = httpx.post(f"{url}/chat/completions", json=long, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert "1,0" in response.json()["error"]["message"] and "512" in response.json()["error"]["message"]
+        short = httpx.post(f"{url}/chat/completions", json={**long, "messages": [{"role": "user", "content": "hi"}]},
+                           timeout=60)
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 4
+
+
 def test_binding_beyond_loopback_needs_an_api_key(tiny):
     from cli_helpers import assert_one_sentence, run_cli
 
