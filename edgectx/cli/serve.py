@@ -55,11 +55,23 @@ def api_key_for(args: argparse.Namespace) -> str | None:
     return key
 
 
+def _serve(app, host: str, port: int) -> None:
+    """uvicorn, whose Ctrl-C (or SIGTERM) also stops the answer being computed: uvicorn waits for open requests
+    before it stops, and one may be a prefill of minutes."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.runner.stop()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
     import tempfile
     from pathlib import Path
 
-    import uvicorn
     from rich.console import Console
 
     from edgectx.config import cache_dir
@@ -79,5 +91,5 @@ def run(args: argparse.Namespace, config: Config) -> int:
         app = create_app(engine, settings, store=store)
         status.print(f"[dim]Serving {settings.model_id} on http://{args.host}:{args.port}/v1"
                      f"{' (API key required)' if key else ''}; Ctrl-C stops.[/dim]", highlight=False)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        _serve(app, args.host, args.port)
     return 0

@@ -72,6 +72,7 @@ class Runner:
         self.engine, self.pool = engine, pool
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgectx-engine")
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # the server stops: the running answer stops at its next chunk or token
         self.waiting = 0
         self.running = 0
 
@@ -87,7 +88,7 @@ class Runner:
             self.waiting -= 1
             self.running += 1
         try:
-            if not job.cancelled.is_set():  # a client that left while it waited costs nothing
+            if not self._stopped(job):  # a client that left while it waited costs nothing
                 self._answer(job)
         except ApiError as e:
             job.emit(Event("error", error=e))
@@ -113,10 +114,11 @@ class Runner:
                                    "shorten it, or serve with the long-context memory (a --budget, not 'full').")
         job.emit(Event("accepted", {"prompt_tokens": len(plan.ids)}))
         progress = lambda done, total: job.emit(Event("progress", {"done": done, "total": total}))  # noqa: E731
-        reused = pool.apply(plan, progress=progress, cancel=job.cancelled.is_set)
+        cancel = lambda: self._stopped(job)  # noqa: E731
+        reused = pool.apply(plan, progress=progress, cancel=cancel)
         start = len(engine.tokens)
         for piece in engine.generate(request.sampling, max_tokens=request.max_tokens, stop=request.stop,
-                                     cancel=job.cancelled.is_set):
+                                     cancel=cancel):
             job.emit(Event("piece", text=piece))
         stats = engine.last_stats
         pool.finished(text + engine.tokenizer.decode(engine.tokens[start:]))
@@ -127,5 +129,15 @@ class Runner:
                                 "citations": passages(engine, stats.retrieved),
                                 "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4)}))
 
+    def _stopped(self, job: Job) -> bool:
+        return job.cancelled.is_set() or self._closing.is_set()
+
+    def stop(self) -> None:
+        """The server is stopping: the running answer ends at its next chunk or token (the memory keeps what it
+        has), so the server does not wait for a long prefill to finish."""
+        self._closing.set()
+
     def close(self) -> None:
+        """Stop, drop the waiting requests, and wait for the engine's thread."""
+        self.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
