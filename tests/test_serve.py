@@ -151,6 +151,18 @@ def test_a_client_that_leaves_mid_stream_stops_the_answer(server, client):
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
 
 
+def test_a_client_that_leaves_a_whole_answer_stops_it(server):
+    """Not streamed: the server notices the closed connection while it waits for the answer (once a second)."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Another long story."}], "max_tokens": 3000,
+            "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+    deadline = time.monotonic() + 10
+    while _health(server)["queue"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _health(server)["queue"]["running"] == 0 and _health(server)["conversations"]["tokens"] < 1500
+
+
 def test_two_clients_at_once_are_answered_one_after_the_other(server, client):
     # Within the budget (prompt and answer about 220 tokens each): nothing is evicted, so a memory cut back to the
     # prompt is exactly a fresh read and the greedy answer must repeat.

@@ -73,6 +73,25 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class RequireKey:
+    """ASGI middleware: every /v1 request must carry `Authorization: Bearer KEY` (compared in constant time).
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would hide a client's disconnect from the route."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                error = ApiError(401, "A valid API key is required: send it as 'Authorization: Bearer KEY'.",
+                                 code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class JobStream(StreamingResponse):
     """A streamed answer whose job stops when the response ends for any reason (a client that left, too)."""
 
@@ -117,14 +136,8 @@ def create_app(engine: Engine, settings: ServeSettings, store: ConversationStore
     async def failure(request: Request, e: Exception):
         return ApiError(500, "The server failed while answering: see its log.").response()
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
-                return ApiError(401, "A valid API key is required: send it as 'Authorization: Bearer KEY'.",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(RequireKey, key=settings.api_key)
 
     @app.get("/health")
     async def health():
@@ -200,13 +213,17 @@ async def _stream(job: Job, chat: ChatRequest, answer_id: str, model: str):
 
 
 async def _whole(job: Job, request: Request, answer_id: str, model: str) -> JSONResponse:
-    pieces = []
+    pieces, checked = [], time.monotonic()
     while True:
         try:
             event = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
         except asyncio.TimeoutError:
+            event = None
+        if time.monotonic() - checked >= KEEPALIVE_S:  # pieces may come without a pause: look at the clock
+            checked = time.monotonic()
             if await request.is_disconnected():
                 job.cancel()
+        if event is None:
             continue
         if event.kind == "piece":
             pieces.append(event.text)
