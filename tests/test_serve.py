@@ -153,14 +153,15 @@ def test_a_client_that_leaves_mid_stream_stops_the_answer(server, client):
 
 def test_a_client_that_leaves_a_whole_answer_stops_it(server):
     """Not streamed: the server notices the closed connection while it waits for the answer (once a second)."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Another long story."}], "max_tokens": 3000,
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Another long story."}], "max_tokens": 4000,
             "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
     deadline = time.monotonic() + 10
     while _health(server)["queue"]["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _health(server)["queue"]["running"] == 0 and _health(server)["conversations"]["tokens"] < 1500
+    # Stopped within about two seconds of the client leaving, well before the 4,000 tokens it asked for.
+    assert _health(server)["queue"]["running"] == 0 and _health(server)["conversations"]["tokens"] < 3000
 
 
 def test_two_clients_at_once_are_answered_one_after_the_other(server, client):
