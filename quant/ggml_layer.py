@@ -45,14 +45,15 @@ class GgmlStack:
         self.work = torch.empty(0, dtype=torch.uint8)
         self._scratch: dict[int, torch.Tensor] = {}
 
-    def scratch(self, n_tokens: int, n_bytes: int) -> int:
-        """The address of at least `n_bytes` of scratch for graphs of `n_tokens` rows."""
+    def scratch(self, n_tokens: int, n_bytes: int) -> torch.Tensor:
+        """At least `n_bytes` of scratch for graphs of `n_tokens` rows. The caller holds the tensor while the
+        graph runs: past KEEP token counts a buffer is made for the one call and kept by nothing else."""
         buf = self._scratch.get(n_tokens)
         if buf is None or buf.numel() < n_bytes:
             buf = torch.empty(n_bytes, dtype=torch.uint8)
             if n_tokens in self._scratch or len(self._scratch) < self.KEEP:
                 self._scratch[n_tokens] = buf
-        return buf.data_ptr()
+        return buf
 
     def work_ptr(self, n_bytes: int) -> int:
         if n_bytes > self.work.numel():
@@ -104,7 +105,8 @@ class _Graph:
         self.scratch_bytes = total
 
     def compute(self, stack: GgmlStack, n_tokens: int) -> None:
-        base = stack.scratch(n_tokens, self.scratch_bytes)
+        scratch = stack.scratch(n_tokens, self.scratch_bytes)  # alive until this call returns
+        base = scratch.data_ptr()
         for t, offset in zip(self.inner, self.offsets):
             t.contents.data = base + offset
         g, threads = lib(), ggml_cpu.threads()

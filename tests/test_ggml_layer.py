@@ -124,3 +124,16 @@ def test_embedded_model_layers_run_fused_and_agree_with_the_unfused_modules(embe
     assert float((fused_logits.argmax(-1) == module_logits.argmax(-1)).float().mean()) >= 0.93
     cos = F.cosine_similarity(fused_logits, module_logits, dim=-1)
     assert float(cos.min()) > 0.99, float(cos.min())
+
+
+def test_more_token_counts_than_the_stack_keeps():
+    """Past GgmlStack.KEEP token counts a call's scratch is made for that call alone; it must outlive the call's
+    graph (a freed buffer here crashed prefills whose chunks came in many sizes)."""
+    dense, parts = _weights(5)
+    stack = GgmlStack()
+    layer = _layer(parts, dense, stack)
+    for n_tokens in range(1, 3 * GgmlStack.KEEP):
+        x, attn = torch.randn(n_tokens * 37, DIM), torch.randn(n_tokens * 37, Q_DIM)
+        torch.testing.assert_close(layer.after(attn, x), _reference_after(dense, attn, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.before(x), _reference_before(dense, x), rtol=1e-5, atol=1e-5)
+    assert len(stack._scratch) <= GgmlStack.KEEP
