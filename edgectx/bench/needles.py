@@ -166,11 +166,13 @@ class Haystack:
         order = sorted(range(len(needles)), key=lambda i: needles[i].depth)
         at: dict[int, int] = {}  # needle -> the line it goes before
         before = 0  # needle tokens placed before the current one
+        lowest = 0  # needles go in depth order: none before the line of the one placed last
         for i in order:
             target = needles[i].depth * n_tokens - before + start_token
             pos = bisect.bisect_left([self.line_tokens[c] for c in candidates], target)
-            near = [candidates[j] for j in (pos - 1, pos) if 0 <= j < len(candidates)]
-            at[i] = min(near, key=lambda c: abs(self.line_tokens[c] - target))
+            near = [j for j in (pos - 1, pos) if lowest <= j < len(candidates)] or [lowest]
+            lowest = min(near, key=lambda j: abs(self.line_tokens[candidates[j]] - target))
+            at[i] = candidates[lowest]
             before += needle_tokens[i]
         start_char, end_char = self.offsets[start_token], self.offsets[end_token] if end_token < self.n_tokens else len(self.text)
         pieces, cursor = [], start_char

@@ -302,9 +302,11 @@ def run_recall(engine: Engine, grid: RecallGrid, memory: MemoryConfig, texts: li
             if log:
                 _log(s, "memory")
             tick = time.perf_counter()
-        engine.configure_memory(None)
+        fitting = [s for s in group if grid.full and _fits_full(s, grid, trained)]
+        if fitting:
+            engine.configure_memory(None)
         tick = time.perf_counter()
-        for s in _read_full(engine, [s for s in group if grid.full and _fits_full(s, grid, trained)]):
+        for s in _read_full(engine, fitting):
             s.results["full"] = _ask(engine, s, grid.answer_tokens)
             s.results["full_s"] = round(time.perf_counter() - tick, 2)
             if log:

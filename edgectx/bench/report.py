@@ -32,9 +32,9 @@ def print_recall(console: Console, result: dict) -> None:
     """One depth x length heat map per task: recall % (background), then answer accuracy % with the memory and,
     where it ran, with full attention."""
     for task in result["tasks"]:
-        table = Table("depth", *[f"{c:,}" for c in result["contexts"]],
-                      title=f"{task}: recall % / answer % (full attention %), {result['model']} on {result['text']}, "
-                      f"{result['trials']} trial(s), scorer {result['scorer']}, budget {result['memory_config']['budget_tokens']}")
+        table = Table("depth", *[f"{c:,}" for c in result["contexts"]], title=f"{task}: recall % / answer % (full attention %)",
+                      caption=f"{result['model']} on {result['text']}, {result['trials']} trial(s), scorer {result['scorer']}, "
+                      f"budget {result['memory_config']['budget_tokens']}")
         for depth in result["depths"]:
             row = []
             for context in result["contexts"]:
