@@ -9,9 +9,10 @@ are asked through the path a user takes with `chat --doc`: the document opens th
   retained tokens and window, plus the blocks retrieved for that chunk, per KV head). `visible`: the share
   of (layer, KV head) pairs that held every token of the needle's sentence; `resident`: the share that held
   it in the resident tiers alone; `coverage`: the mean share of its tokens held. The needle is *recalled*
-  when `visible` > 0.5. The decode steps that follow reuse that chunk's retrieval for `retrieve_every`
-  steps, so this is what the answer's first tokens see. `rank`: the needle's place among the passages the
-  answer cites (edgectx.chat.citations over `engine.last_stats.retrieved`, as `chat` shows them), or None.
+  when `visible` > 0.5. The decode steps that follow reuse that chunk's retrieved blocks for
+  `retrieve_every` steps (their resident tiers may lose tokens when the chunk commits and evicts).
+  `rank`: the needle's place among the passages the answer cites (edgectx.chat.citations over
+  `engine.last_stats.retrieved`, what `chat` shows), or None when it is not among them.
 - **answer accuracy**: the share of wanted values (or the line, for `where`) in the answer as whole numbers.
   Full attention answers the same questions where the conversation fits the trained context (`full_accuracy`).
 
@@ -112,7 +113,9 @@ def _haystack_text(texts: list[str] | None, corpus: str, n_tokens: int) -> tuple
                 parts.append(Path(name).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as e:
                 raise UsageError(f"Cannot read {name} as UTF-8 text ({e}).") from None
-        return "\n\n".join(parts), ", ".join(Path(t).name for t in texts), Path(texts[0]).name
+        names = [Path(t).name for t in texts]
+        label = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} files)"
+        return "\n\n".join(parts), label, names[0]
     if corpus == "stdlib":
         return stdlib_text(min_chars=n_tokens * 6), "python-stdlib", "python-stdlib.py"
     return docs_text(min_chars=n_tokens * 5), "python-docs", "python-docs.txt"

@@ -44,7 +44,8 @@ def print_recall(console: Console, result: dict) -> None:
                 row.append(_heat(cell["recall"], f"{_percent(cell['recall'])} / {_percent(cell['accuracy'])}{full}{rank}"))
             table.add_row(str(depth), *row)
         means = [next(s for s in result["summary"] if (s["task"], s["context"]) == (task, c)) for c in result["contexts"]]
-        table.add_row("mean", *[_heat(m["recall"], f"{_percent(m['recall'])} / {_percent(m['accuracy'])}") for m in means])
+        table.add_row("mean", *[_heat(m["recall"], f"{_percent(m['recall'])} / {_percent(m['accuracy'])}"
+                                      + ("" if m["full_accuracy"] is None else f" ({_percent(m['full_accuracy'])})")) for m in means])
         console.print(table)
     if result["multiquestion_by_question"]:
         table = Table("question", "recall %", "answer %", "cited %", title="multiquestion, by question in the conversation")
