@@ -172,7 +172,7 @@ def _ask(engine: Engine, sample: Sample, answer_tokens: int) -> list[dict]:
         for i, vis in zip(question.needles, seen):
             a, b = sample.placed.span(i, sample.task.needles[i])
             rank = next((r for r, c in enumerate(citations, 1) if c.start_char < b and a < c.end_char), None)
-            needles.append({"needle": i, **(vis or {}), "rank": rank} if vis is not None else {"needle": i})
+            needles.append({"needle": i, **vis, "rank": rank} if vis is not None else {"needle": i})  # None: full attention
         out.append({"question": q_index, "answer": answer, "score": grade(question, answer, sample.placed, sample.task),
                     "needles": needles})
     return out
