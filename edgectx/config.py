@@ -68,6 +68,7 @@ class Config:
     top_k: int | None = None
     max_tokens: int | None = None
     theme: str | None = None  # the TUI's Textual theme
+    engine_url: str | None = None  # a remote engine (OpenAI chat API) for chat and the TUI, e.g. http://host:8000/v1
     keys: dict = field(default_factory=dict)  # TUI action -> key(s), e.g. {"regenerate": "ctrl+r"}
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for later versions
 
@@ -86,7 +87,7 @@ def _validated(raw: dict, path: Path) -> Config:
     paths = raw.get("model_paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise UsageError(f"In {path}, model_paths must be a list of strings.")
-    for name in ("model", "system", "device", "positions", "scorer", "theme", "weights"):
+    for name in ("model", "system", "device", "positions", "scorer", "theme", "weights", "engine_url"):
         if name in raw and not isinstance(raw[name], str):
             raise UsageError(f"In {path}, {name} must be a string (got {raw[name]!r}).")
     weights = raw.get("weights")
@@ -107,7 +108,7 @@ def _validated(raw: dict, path: Path) -> Config:
     return Config(
         model=raw.get("model"), model_paths=tuple(paths), system=raw.get("system"), device=raw.get("device", "auto"),
         budget=budget, positions=raw.get("positions"), scorer=raw.get("scorer"), snapshot_codec=codec,
-        weights=weights, theme=raw.get("theme"), keys=dict(keys), **checked,
+        weights=weights, theme=raw.get("theme"), keys=dict(keys), engine_url=raw.get("engine_url"), **checked,
         extra={k: v for k, v in raw.items() if k not in known},
     )
 

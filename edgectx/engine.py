@@ -81,6 +81,21 @@ class SnapshotInfo:
     elapsed_s: float
 
 
+@dataclass
+class HeldMemory:
+    """A conversation's memory taken out of the engine (`Engine.take_memory`), to be put back later."""
+
+    memory: KVMemory
+    tokens: list[int]
+    next_logits: torch.Tensor | None
+
+    @property
+    def ram_bytes(self) -> int:
+        """What it occupies: its device tiers and its host store (both RAM on a CPU)."""
+        stats = self.memory.stats()
+        return stats.get("device_kv_bytes", 0) + stats.get("host_kv_bytes", 0)
+
+
 @dataclass(frozen=True)
 class RestoreInfo:
     n_tokens: int
@@ -230,6 +245,18 @@ class Engine:
         self.memory = self.new_memory()
         self.tokens = []
         self._next_logits = None
+
+    def take_memory(self) -> HeldMemory:
+        """Hand out the conversation held now (several conversations take turns on one engine); a fresh,
+        empty memory takes its place."""
+        held = HeldMemory(self.memory, self.tokens, self._next_logits)
+        self.memory = self.new_memory()
+        self.tokens, self._next_logits = [], None
+        return held
+
+    def put_memory(self, held: HeldMemory) -> None:
+        """Hold `held` (from `take_memory` on this engine, with the same memory config) as the conversation."""
+        self.memory, self.tokens, self._next_logits = held.memory, held.tokens, held.next_logits
 
     @torch.inference_mode()
     def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:

@@ -34,4 +34,15 @@ grep -q "restored" <<<"$reopened" || { echo "smoke: chat --doc did not restore t
 plan=$("$work/bin/edgectx" plan --synthetic llama-3.1-8b --context 131072 --gpu-mem-gib 24 --weights nf4 --host-mem-gib 64)
 echo "$plan"
 grep -q "of 24 GiB: fits" <<<"$plan" || { echo "smoke: edgectx plan did not plan Llama-3.1-8B at 128K in 24 GiB" >&2; exit 1; }
-echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads, ingest and chat --doc, plan)"
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+EDGECTX_HOME="$work/home" "$work/bin/edgectx" serve --port "$port" > "$work/serve.log" 2>&1 &
+server=$!
+for i in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
+served=$(curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+         -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 24}' || true)
+kill "$server"; wait "$server" || true
+echo "serve: $served"
+grep -q "Paris" <<<"$served" || { echo "smoke: edgectx serve did not answer 'Paris' over HTTP" >&2; cat "$work/serve.log" >&2; exit 1; }
+answer=$(cd "$work" && "$work/bin/edgectx" chat --engine "http://127.0.0.1:1/v1" --prompt "hi" 2>&1 || true)
+grep -q "cannot be reached" <<<"$answer" || { echo "smoke: chat --engine did not report an unreachable engine" >&2; exit 1; }
+echo "smoke: OK (sdist, wheel, pipx install, version, one-shot chat, shipped retaining heads, ingest and chat --doc, plan, serve, --engine)"

@@ -77,7 +77,13 @@ class _Lib:
             (base, "ggml_tensor_overhead", ctypes.c_size_t, []),
             (base, "ggml_graph_overhead", ctypes.c_size_t, []),
             (base, "ggml_new_tensor_2d", _TensorP, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
+            (base, "ggml_new_tensor_1d", _TensorP, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]),
             (base, "ggml_mul_mat", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
+            (base, "ggml_rms_norm", _TensorP, [ctypes.c_void_p, _TensorP, ctypes.c_float]),
+            (base, "ggml_mul", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
+            (base, "ggml_add", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
+            (base, "ggml_swiglu_split", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
+            (base, "ggml_nbytes", ctypes.c_size_t, [_TensorP]),
             (base, "ggml_new_graph", ctypes.c_void_p, [ctypes.c_void_p]),
             (base, "ggml_build_forward_expand", None, [ctypes.c_void_p, _TensorP]),
             (base, "ggml_row_size", ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
@@ -129,6 +135,10 @@ def set_threads(n: int) -> None:
     """Threads for every later ggml product (the engine's thread count)."""
     global _threads
     _threads = max(1, int(n))
+
+
+def threads() -> int:
+    return _threads
 
 
 def quantize_rows(values: torch.Tensor, qtype: T) -> QuantizedMatrix:

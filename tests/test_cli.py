@@ -73,7 +73,7 @@ def test_bench_json_on_a_tiny_model(tmp_path):
     assert conf.returncode == 0, conf.stderr
     result = json.loads(conf.stdout)
     assert result["n_tokens"] == 300 and result["top1_agreement"] >= 0.99 and abs(result["nll_rel_diff"]) < 0.01
-    speed = run_cli("bench", "speed", "--model", str(model), "--text", str(text), "--context", "64,128", "--decode-tokens", "4", "--eager", "--json")
+    speed = run_cli("bench", "speed", "--model", str(model), "--text", str(text), "--context", "64,128", "--decode-tokens", "4", "--json")
     assert speed.returncode == 0, speed.stderr
     runs = json.loads(speed.stdout)["runs"]
     assert [r["context"] for r in runs] == [64, 128]

@@ -46,7 +46,9 @@ def test_compiled_step_matches_eager_through_the_memory(embedded_model):
 
 
 def test_compiled_step_on_the_files_blocks_moves_logits_only_at_the_rounding_level(embedded_model):
-    # ggml rounds each product's input to 8 bits: a fused norm that sums in another order can flip a rounding
+    # ggml rounds each product's input to 8 bits, and eager runs whole layers as ggml graphs (ggml's RMSNorm)
+    # where the compiled step calls the products between PyTorch ops: a rounding flips now and then, which
+    # moves logits by ~0.1 (near-ties may swap), where a wrong step would move them by whole units
     eager, fast = _twins(embedded_model, SMALL, "gguf")
     fast.compile_step(wait=True)
     ids = eager.tokenizer.encode(TEXT)[:400]
@@ -54,7 +56,7 @@ def test_compiled_step_on_the_files_blocks_moves_logits_only_at_the_rounding_lev
     token = 13
     for _ in range(8):
         a, b = eager.forward([token])[-1], fast.forward([token])[-1]
-        assert int(a.argmax()) == int(b.argmax())
+        assert float(a[int(b.argmax())]) > float(a.max()) - 0.3  # the compiled choice is eager's or a near-tie
         assert float(torch.corrcoef(torch.stack((a, b)))[0, 1]) > 0.999
         token = int(a.argmax())
 

@@ -27,7 +27,7 @@ LAYERS = [
     {"engine"},
     {"chat", "train"},  # a conversation over the engine; training retaining heads
     {"bench"},
-    {"tui"},
+    {"tui", "server"},  # the faces: the terminal UI, the OpenAI API
     {"cli"},  # the command line, the face that starts the others
     {"__main__"},
 ]
@@ -137,6 +137,17 @@ def test_core_never_imports_textual_or_tui():
         assert module == "edgectx.cli.tui" or not ui, (module, ui)
     at_top = {n for n in _third_party(MODULES["edgectx.cli.tui"], top_level_only=True) if n.startswith(("textual", "edgectx.tui"))}
     assert not at_top
+
+
+def test_only_the_server_imports_the_web_framework():
+    """FastAPI, Starlette and uvicorn belong to `edgectx serve` (edgectx.server; edgectx.cli.serve inside `run`)."""
+    web = ("fastapi", "starlette", "uvicorn")
+    for module, path in MODULES.items():
+        if package_of(module) == "server":
+            continue
+        used = {n for n in _third_party(path) if n.startswith(web)}
+        assert module == "edgectx.cli.serve" or not used, (module, used)
+    assert not {n for n in _third_party(MODULES["edgectx.cli.serve"], top_level_only=True) if n.startswith(web)}
 
 
 def test_subpackages_live_inside_the_edgectx_namespace():

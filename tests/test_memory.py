@@ -236,11 +236,15 @@ def test_memory_tiers_are_float16_on_the_cpu_and_decode_as_float32_tiers_do(engi
         stats[kv] = engine.stats()
         layer, want = engine.memory.layers[0], torch.float32 if kv == "float32" else torch.float16
         assert layer.evicted and layer.cache.slots is not None
-        assert layer.resident.k.dtype == layer.asm.k.dtype == layer.asm.v.dtype == layer.cache.slots.dtype == want
-        assert engine.memory.dtype == torch.float32  # activations, RoPE and the observation queries stay float32
+        assert layer.resident.k.dtype == layer.resident.v.dtype == layer.cache.slots.dtype == want
+        # the assembled context attention reads is float32 either way; activations and RoPE stay float32
+        assert layer.asm.k.dtype == layer.asm.v.dtype == engine.memory.dtype == torch.float32
     assert runs["auto"][0] == runs["float32"][0]
-    # K and V halve; token indices (int64) and scores (float32) do not.
-    assert stats["auto"]["device_kv_bytes"] < 0.55 * stats["float32"]["device_kv_bytes"]
+    # The tiers' K and V halve (their token indices and scores do not); the assembled context does not.
+    for name in ("device_resident_bytes", "device_block_cache_bytes"):
+        assert stats["auto"][name] < 0.6 * stats["float32"][name], name
+    assert stats["auto"]["device_work_bytes"] == stats["float32"]["device_work_bytes"]
+    print("device KV bytes, float16 tiers / float32:", stats["auto"]["device_kv_bytes"] / stats["float32"]["device_kv_bytes"])
     assert stats["auto"]["host_kv_bytes"] == stats["float32"]["host_kv_bytes"]  # the host store was float16 already
 
 

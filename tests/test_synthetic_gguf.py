@@ -210,7 +210,7 @@ def test_each_engine_reports_its_weight_bytes(tiny_q4, tiny_reader):
 def test_bench_speed_on_the_tiny_file_reuses_it_and_records_busy(cache, tiny_q4, tiny_reader, monkeypatch, capsys):
     monkeypatch.setenv("EDGECTX_CACHE", str(cache))
     mtime = tiny_q4.stat().st_mtime_ns
-    assert run(["bench", "speed", "--synthetic-gguf", "tiny", "--context", "64", "--decode-tokens", "2", "--eager",
+    assert run(["bench", "speed", "--synthetic-gguf", "tiny", "--context", "64", "--decode-tokens", "2",
                 "--threads", "1", "--busy", "1", "--json"]) == 0
     out = capsys.readouterr()
     assert "Writing" not in out.err and tiny_q4.stat().st_mtime_ns == mtime  # the cached file, reused

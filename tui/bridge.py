@@ -5,7 +5,9 @@ The conversation itself (turns, documents, resuming, storing, citations) is edge
 model in the background and switching models, the memory budget the settings screen changes, and the
 conversation list of the sidebar. Every method blocks (model loading, prefill, decoding, SQLite), so the app
 calls the heavy ones from `@work(thread=True)` workers. The engine is made by a loader function, so tests can
-hand in a fake engine (or a fake bridge).
+hand in a fake engine (or a fake bridge). A remote engine (edgectx.chat.remote, `edgectx tui --engine URL`)
+takes the local one's place: its conversations are RemoteConversations, and what only the local memory has
+(the gauge, the budget, citations) is reported unavailable.
 
     bridge = Bridge(lambda progress: Engine.load(path), ConversationStore())
     bridge.load()
@@ -22,12 +24,21 @@ from typing import Callable
 from edgectx.chat.citations import Citation
 from edgectx.chat.conversation import Conversation, Problem, Resumption, Settings
 from edgectx.chat.documents import Document, read_document
+from edgectx.chat.remote import RemoteConversation, RemoteEngine
 from edgectx.engine import Cancel, Engine, GenerationStats, Progress
 from edgectx.errors import UsageError
 from edgectx.memory.config import MemoryConfig
 from edgectx.model.discover import ModelEntry
 from edgectx.store.conversations import ConversationStore, StoredConversation
 from edgectx.store.export import export_markdown
+
+
+def describe(engine) -> str:
+    """What the transcript says once the engine is ready."""
+    if isinstance(engine, RemoteEngine):
+        return engine.describe()
+    return f"{engine.path.name}: {engine.spec.describe()} on {engine.device.type}"
+
 
 class Bridge:
     """`load_model(path, progress)` loads another model (the model picker); `list_models()` lists the choices."""
@@ -49,27 +60,36 @@ class Bridge:
         """Load the model (raises EdgectxError with a sentence when it cannot); returns its description."""
         self.engine = self._load_engine(progress)
         self.new_conversation()
-        return f"{self.engine.path.name}: {self.engine.spec.describe()} on {self.engine.device.type}"
+        return describe(self.engine)
 
     def models(self) -> list[ModelEntry]:
         return self._list_models() if self._list_models is not None else []
 
     def switch_model(self, path: Path, progress: Progress | None = None) -> str:
         """Load another model; the one loaded stays if this one fails. A new conversation starts."""
+        if self.remote:
+            raise UsageError("The model is the remote engine's: restart with --engine-model to pick another it serves.")
         if self._load_model is None:
             raise UsageError("This edgectx cannot switch models while running: restart it with --model.")
         engine = self._load_model(Path(path), progress)
         self.engine, self.model_path = engine, Path(path)
         self.new_conversation()
-        return f"{engine.path.name}: {engine.spec.describe()} on {engine.device.type}"
+        return describe(engine)
 
     def set_budget(self, budget: int | str) -> None:
         """Use another memory budget from now on: a new, empty conversation starts with it."""
         engine = self._require_engine()
+        if self.remote:
+            raise UsageError("The memory budget is the remote engine's own: it cannot be set from here.")
         self.settings.budget = budget
         chunk = engine.memory_config.chunk_tokens if engine.memory_config is not None else 512
         engine.configure_memory(None if budget == "full" else MemoryConfig.for_budget(int(budget), chunk_tokens=chunk))
         self.new_conversation()
+
+    @property
+    def remote(self) -> bool:
+        """Whether the engine is a remote server (no memory gauge, snapshots or citations here)."""
+        return isinstance(self.engine, RemoteEngine)
 
     @property
     def ready(self) -> bool:
@@ -105,7 +125,8 @@ class Bridge:
     def new_conversation(self) -> None:
         """An empty conversation without documents; it reaches the store with its first message (not when the
         store is read-only: the chat goes on unsaved, as `chat --no-history` does)."""
-        self.conversation = Conversation(self._require_engine(), self.store, self.settings, record=not self.store.read_only)
+        kind = RemoteConversation if self.remote else Conversation
+        self.conversation = kind(self._require_engine(), self.store, self.settings, record=not self.store.read_only)
 
     def send(self, text: str, on_piece: Callable[[str], None], cancel: Cancel,
              progress: Progress | None = None) -> GenerationStats:

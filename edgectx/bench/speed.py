@@ -10,9 +10,10 @@ child process, so `peak_rss_bytes` is that engine's own (and on CUDA `peak_gpu_b
 `weight_bytes` is what each engine's weights occupy: llama.cpp's tensor bytes, edgectx's loaded weights
 (fewer or more than the file's, by the formats it converts to). `busy` CPU-bound processes (edgectx.bench.busy)
 run beside each engine from before its load to after its measurement: the figure with other work running.
-Unless `--eager`, edgectx decodes compiled: full attention through `Engine.compile_decode`, the memory through
-the chat path's own compiled step (`Engine.compile_step`, as `edgectx chat` and the TUI run it); the compile
-happens before the timings and is reported as `decode_compile_s` (None when decode ran eager).
+edgectx decodes as `edgectx chat` does by default: eagerly. With `--compile`, full attention decodes through
+`Engine.compile_decode` and the memory through the chat path's compiled step (`Engine.compile_step`, what
+`chat --compile` and `tui --compile` run); the compile happens before the timings and is reported as
+`decode_compile_s` (None when decode ran eager).
 edgectx's children run with OMP_WAIT_POLICY=PASSIVE (what edgectx sets when the user has not); llama.cpp's in
 the environment its users have (`omp_wait_policy` in each result).
 
@@ -131,7 +132,7 @@ def _environment(kind: str):
 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
-              device: str | None = None, text_file: str | None = None, compile_decode: bool = True,
+              device: str | None = None, text_file: str | None = None, compile_decode: bool = False,
               weights: str = "auto", gpu_mem_cap_gib: float | None = None, busy: int = 0) -> dict:
     spec = read_spec(open_gguf(path))
     spawn = multiprocessing.get_context("spawn")

@@ -46,7 +46,9 @@ class ChatRecorder:
                 model_fingerprint=self.engine.fingerprint, system_prompt=self.system)
             for doc_id in self.document_ids:
                 self.store.documents.attach(self.conversation.id, doc_id)
-        self.store.add_message(self.conversation.id, "user", text, n_tokens=len(self.engine.tokenizer.encode(text)))
+        tokenizer = self.engine.tokenizer  # None for a remote engine, which tokenizes on its side
+        self.store.add_message(self.conversation.id, "user", text,
+                               n_tokens=len(tokenizer.encode(text)) if tokenizer is not None else None)
 
     def assistant(self, text: str, stats: GenerationStats) -> None:
         if self.store is None or self.conversation is None:

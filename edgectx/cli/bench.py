@@ -36,6 +36,13 @@ def add_parser(sub) -> None:
     latency = bench_sub.add_parser("tui-latency", help="TUI key-press latency while a long document is read")
     recall = bench_sub.add_parser("recall", help="needle tasks: does the memory bring back the passage a question needs")
     _add_recall_args(recall)
+    serve = bench_sub.add_parser("serve", help="time to first token over HTTP, turns 1 and 2 over a long document: "
+                                 "edgectx serve vs llama.cpp's server")
+    add_model_args(serve)
+    add_memory_args(serve, allow_full=False)
+    serve.add_argument("--json", action="store_true", help="print JSON on stdout")
+    serve.add_argument("--context", type=int_range(64, MAX_TOKENS), default=16384, help="the document's tokens (default 16384)")
+    serve.add_argument("--max-tokens", type=int_range(1, 4096), default=32, help="each answer's tokens (default 32)")
     for p in (conf, speed, fidelity, longppl, memory, reopen, latency):
         add_model_args(p)
         p.add_argument("--text", help="a UTF-8 text file (default: Python's standard library sources, or its docs)")
@@ -64,7 +71,8 @@ def add_parser(sub) -> None:
     reopen.add_argument("--codec", choices=SNAPSHOT_CODECS, default="int4", help="snapshot codec (default int4; fp16 is lossless)")
     reopen.add_argument("--next-tokens", type=int_range(2, MAX_TOKENS), default=512, help="tokens teacher-forced after the restore (default 512)")
     reopen.add_argument("--snapshot", help="keep the snapshot at this path (default: a temporary file)")
-    speed.add_argument("--eager", action="store_true", help="decode without compiling the decode step")
+    speed.add_argument("--compile", action="store_true",
+                       help="decode through the compiled step (as `chat --compile` does); default: eager, as chat decodes")
     speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
                        "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
     speed.add_argument("--synthetic-gguf", metavar="NAME", choices=tuple(SHAPES),
@@ -134,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
               f"{result['presses']} key presses during a {result['context_tokens']:,}-token read ({result['ingest_s']} s): "
               f"median {result.get('median_ms')} ms, max {result.get('max_ms')} ms")
         return 0
+    if args.bench == "serve":
+        return _run_serve_bench(args, threads)
     if args.bench == "speed":
         _check_speed_flags(args)
     config = load_config()
@@ -160,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         from edgectx.bench.speed import run_speed
 
         result = run_speed(path, args.context, memory, decode_tokens=args.decode_tokens,
-                           n_threads=threads, device=args.device, text_file=args.text, compile_decode=not args.eager,
+                           n_threads=threads, device=args.device, text_file=args.text, compile_decode=args.compile,
                            weights=weights, gpu_mem_cap_gib=args.gpu_mem_cap_gib, busy=args.busy)
     else:
         engine = Engine.load(path, device=args.device, n_ctx=args.ctx or args.tokens + 1 if args.bench == "conformance" else None,
@@ -198,6 +208,28 @@ def _synthetic_gguf(name: str, quant: str) -> Path:
     if not target.exists():
         note(Console(stderr=True), f"Writing {target} once (random weights, then llama.cpp's quantizer; minutes for llama-8b) ...")
     return synthetic_gguf(name, quant)
+
+
+def _run_serve_bench(args: argparse.Namespace, threads: int) -> int:
+    from edgectx.bench.serve import run_serve_bench
+    from edgectx.config import load_config
+    from edgectx.model.discover import resolve_model
+
+    path = resolve_model(args.model, load_config())
+    if path.is_dir():
+        raise UsageError(f"bench serve compares against llama.cpp, which reads only GGUF: pass a .gguf file, not {path.name}.")
+    flags = {"--budget": args.budget, "--positions": args.positions, "--chunk": args.chunk, "--scorer": args.scorer,
+             "--weights": args.weights, "--device": args.device}
+    serve_args = tuple(str(v) for flag, value in flags.items() if value is not None for v in (flag, value))
+    result = run_serve_bench(path, document_tokens=args.context, threads=threads, max_tokens=args.max_tokens,
+                             serve_args=serve_args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for turn in ("turn1", "turn2"):
+        e, l = result["edgectx"][turn]["ttft_s"], result["llama_cpp"][turn]["ttft_s"]
+        print(f"{turn}: time to first token edgectx {e:.2f} s, llama.cpp {l:.2f} s, ratio {result['ttft_ratio'][turn]:.2f}")
+    return 0
 
 
 def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | None, threads: int) -> dict:

@@ -8,6 +8,7 @@ edgectx.chat.conversation's `Conversation`, the same object the terminal UI driv
     edgectx chat --prompt "Name three primes." --temperature 0
     edgectx chat --doc report.pdf          # restores the snapshot `edgectx ingest report.pdf` made, or reads it
     edgectx chat --resume 7                # conversation 7 of `edgectx history`, with its documents
+    edgectx chat --engine http://127.0.0.1:8000/v1 --prompt "Hi"   # a remote engine (edgectx.chat.remote)
 
 Every message is saved in the conversation store as it is sent (`--no-history` keeps this chat out of it).
 """
@@ -20,8 +21,9 @@ import sys
 from rich.console import Console
 
 from edgectx.cli.console import note, reading_progress, warn
-from edgectx.cli.options import (MAX_ID, add_decode_args, add_memory_args, add_model_args, add_sampling_args, file_mib, int_range,
-                                 load_engine, max_tokens_from, sampling_from)
+from edgectx.cli.options import (MAX_ID, add_decode_args, add_engine_args, add_memory_args, add_model_args, add_sampling_args,
+                                 connect_remote, engine_url_from, file_mib, int_range, load_engine, max_tokens_from,
+                                 sampling_from)
 from edgectx.config import Config
 from edgectx.errors import StoreError
 from edgectx.quant.formats import SNAPSHOT_CODECS
@@ -32,6 +34,7 @@ HELP = "Commands: /reset (new conversation over the same documents), /stats (mem
 def add_parser(sub) -> None:
     chat = sub.add_parser("chat", help="chat in the terminal, or answer one --prompt and exit")
     add_model_args(chat)
+    add_engine_args(chat)
     add_decode_args(chat)
     add_memory_args(chat)
     chat.add_argument("--system", help="system prompt")
@@ -73,7 +76,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if store.read_only and not args.no_history:  # before the model too: its first message could not be saved
             raise StoreError(f"The conversation database {store.path} is read-only: make it and its folder writable, "
                              "or pass --no-history.")
-        conversation = Conversation(load_engine(args, config, status, compile_step=args.prompt is None and sys.stdin.isatty()), store, settings, record=not args.no_history)
+        url = engine_url_from(args, config)
+        if url:
+            from edgectx.chat.remote import RemoteConversation
+
+            conversation = RemoteConversation(connect_remote(url, args, status), store, settings, record=not args.no_history)
+        else:
+            engine = load_engine(args, config, status, compile_step=args.prompt is None and sys.stdin.isatty())
+            conversation = Conversation(engine, store, settings, record=not args.no_history)
         if args.resume is not None:
             _resume(conversation, args.resume, docs, status)
         elif docs:
@@ -134,7 +144,9 @@ def _loop(conversation, status: Console) -> int:
             status.print("[dim]New conversation.[/dim]")
             continue
         if command == "/stats":
-            status.print(memory_line(engine.stats()), highlight=False)
+            stats = engine.stats()
+            status.print("The memory's tiers are unavailable with a remote engine." if "remote" in stats
+                         else memory_line(stats), highlight=False)
             continue
         if command == "/help":
             status.print(HELP, highlight=False)

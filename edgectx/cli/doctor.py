@@ -1,6 +1,6 @@
 """`edgectx doctor`: what works on this machine and what to do about what does not.
 
-Each check is (name, ok, detail, advice). Optional parts (CUDA, bitsandbytes, triton) are reported
+Each check is (name, ok, detail, advice). With `engine_url` in the config, the remote engine is checked too. Optional parts (CUDA, bitsandbytes, triton) are reported
 but only a broken required part makes the command exit non-zero.
 
     edgectx doctor --json
@@ -67,6 +67,8 @@ def run_checks() -> list[Check]:
     except EdgectxError as e:
         config = Config()
         checks.append(Check("config", False, str(config_path()), str(e)))
+    if config.engine_url:
+        checks.append(_engine_check(config.engine_url))
     try:
         model = resolve_model(None, config)
         from edgectx.model.source import open_model
@@ -76,6 +78,18 @@ def run_checks() -> list[Check]:
     except EdgectxError as e:
         checks.append(Check("default model", False, "cannot be loaded", str(e)))
     return checks
+
+
+def _engine_check(url: str) -> Check:
+    """The remote engine the config names (engine_url): does it answer, with the key from the environment?"""
+    from edgectx.chat.remote import RemoteEngine, api_key_from_env
+
+    try:
+        engine = RemoteEngine.connect(url, api_key_from_env())
+    except EdgectxError as e:
+        return Check("engine", False, url, str(e))
+    engine.close()
+    return Check("engine", True, engine.describe())
 
 
 def add_parser(sub) -> None:

@@ -9,6 +9,7 @@
     edgectx history [--search Q] | export ID --format md|json
     edgectx ingest FILE... | chat --doc FILE | chat --resume ID | cache ls|rm|gc
     edgectx plan --model M | --synthetic NAME --context N --gpu-mem-gib G
+    edgectx serve [--port 8000]    # the OpenAI chat API; chat --engine URL / tui --engine URL use one
 
 Each command group is a module of this package with `add_parser(sub)` and `run(args)`; the modules are
 light to import (torch and textual load inside `run`), so `edgectx --help` answers at once.
@@ -20,7 +21,7 @@ import argparse
 import sys
 
 from edgectx import __version__
-from edgectx.cli import bench, chat, doctor, heads, history, ingest, models, plan, tui
+from edgectx.cli import bench, chat, doctor, heads, history, ingest, models, plan, serve, tui
 from edgectx.errors import EdgectxError
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_parsers(sub)
     ingest.add_parsers(sub)
     plan.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     return parser
 
@@ -54,6 +56,8 @@ def run(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(["tui" if sys.stdin.isatty() and sys.stdout.isatty() else "chat"])
     if args.command == "tui":
         return tui.run(args, load_config())
+    if args.command == "serve":
+        return serve.run(args, load_config())
     return chat.run(args, load_config())
 
 

@@ -127,6 +127,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "gguf for GGUF files, else nf4 on CUDA for big models when bitsandbytes is installed, else fp16)")
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", metavar="URL", help="use a remote engine that serves the OpenAI chat API (e.g. "
+                   "http://127.0.0.1:8000/v1: vLLM, llama.cpp's server, Ollama, edgectx serve) instead of loading a "
+                   "model; its API key from EDGECTX_ENGINE_API_KEY or OPENAI_API_KEY (config key: engine_url)")
+    p.add_argument("--engine-model", metavar="NAME", help="the remote engine's model (default: the first it lists)")
+
+
+def engine_url_from(args: argparse.Namespace, config: Config) -> str | None:
+    return getattr(args, "engine", None) or config.engine_url
+
+
+def connect_remote(url: str, args: argparse.Namespace, status):
+    """The remote engine at `url`, checked (it answers, and lists a model), with a line on `status`."""
+    from edgectx.chat.remote import RemoteEngine, api_key_from_env
+
+    with status.status(f"Connecting to {url} ..."):
+        engine = RemoteEngine.connect(url, api_key_from_env(), model=getattr(args, "engine_model", None))
+    status.print(f"[dim]{engine.describe()}[/dim]", highlight=False)
+    return engine
+
+
 def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step in the background and use it once ready (experimental: on a 2-core "

@@ -4,6 +4,7 @@ The app (edgectx.tui) is imported only when this command runs, so every other co
 The model loads in the background while the app is already up.
 
     edgectx tui --model ~/models/llama-3.2-3b-instruct.Q4_K_M.gguf --temperature 0.2
+    edgectx tui --engine http://gpu-server:8000/v1   # a remote engine (OpenAI chat API) instead of a local model
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgectx.cli.options import (add_decode_args, add_memory_args, add_model_args, add_sampling_args, engine_options, max_tokens_from,
-                                 memory_config_from, sampling_from)
+from edgectx.cli.options import (add_decode_args, add_engine_args, add_memory_args, add_model_args, add_sampling_args, engine_options,
+                                 engine_url_from, max_tokens_from, memory_config_from, sampling_from)
 from edgectx.config import Config
 from edgectx.quant.formats import SNAPSHOT_CODECS
 
@@ -20,6 +21,7 @@ from edgectx.quant.formats import SNAPSHOT_CODECS
 def add_parser(sub) -> None:
     tui = sub.add_parser("tui", help="the terminal UI (what `edgectx` opens in a terminal)")
     add_model_args(tui)
+    add_engine_args(tui)
     add_decode_args(tui)
     add_memory_args(tui)
     tui.add_argument("--system", help="system prompt for new conversations")
@@ -48,9 +50,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return engine
 
     app = None
+    url = engine_url_from(args, config)
     with ConversationStore() as store:
-        bridge = Bridge(lambda progress: load_model(resolve_model(args.model, config), progress), store, settings,
-                        load_model=load_model, list_models=lambda: discover(app.config if app else config))
+        if url:  # a remote engine: connected in the background as a model would load; no local models to switch to
+            from edgectx.chat.remote import RemoteEngine, api_key_from_env
+
+            bridge = Bridge(lambda progress: RemoteEngine.connect(url, api_key_from_env(), model=args.engine_model),
+                            store, settings)
+        else:
+            bridge = Bridge(lambda progress: load_model(resolve_model(args.model, config), progress), store, settings,
+                            load_model=load_model, list_models=lambda: discover(app.config if app else config))
         app = EdgectxApp(bridge, config=config)
         app.run()
     return 0

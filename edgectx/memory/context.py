@@ -9,9 +9,13 @@ top-k blocks by representative key into an LRU block cache. Attention runs over
 (`compact`: the selected context renumbered 0..N-1 in original order; `original`: true indices).
 Until the context outgrows `budget_tokens` nothing is evicted or retrieved: exactly full attention.
 
-K and V live on the device in `kv_dtype` (float16 on a CPU, where the model computes in float32): keys
-are rounded to it before RoPE, so every rotated key is the rotation of its stored pre-RoPE key however
-the context was assembled, and attention widens the context back to float32 (edgectx.model.kv).
+The resident tiers and the block cache hold K and V in `kv_dtype` (float16 on a CPU, where the model
+computes in float32: half their bytes); the assembled context, what attention reads every step, is kept
+in the compute dtype, so decoding reads it as is (PyTorch's CPU attention has no fast float16 path, and
+widening the whole context per layer and step cost more than the attention). K and V are rounded to
+`kv_dtype` before they enter the context, and rotated keys once more (`as_stored`): every rotated key is
+the rotation of its stored pre-RoPE key and every value its stored value, however the context was
+assembled (a rebuild or a restore), and within the budget the memory is exactly full attention.
 
 Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
 length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
@@ -29,7 +33,7 @@ import torch
 from edgectx import kernels
 from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
-from edgectx.model.kv import Widener, grouped_attention
+from edgectx.model.kv import grouped_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.tiers import Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
@@ -43,9 +47,10 @@ class _Pending:
     k: torch.Tensor  # (n_kv, T, d) pre-RoPE
     v: torch.Tensor
     q: torch.Tensor  # (n_heads, T, d) pre-RoPE, kept for the next observation window
-    scores: torch.Tensor  # (n_kv, T) the scorer's scores for the new tokens
+    scores: torch.Tensor | None  # (n_kv, T) the scorer's scores for the new tokens (None: until commit)
     observed: torch.Tensor | None  # (n_kv, assembled + T) attention mass from the observation window
     evict: bool
+    features: torch.Tensor | None = None  # a decode step's scorer input, scored with every layer's at commit
 
 
 class LayerMemory:
@@ -117,9 +122,9 @@ class LayerMemory:
             positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
         else:
             positions, next_pos = idx, n_tokens
-        k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype)).to(m.kv_dtype)
+        k_rot = m.as_stored(m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype)))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
-        return Assembly(k_rot, v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
+        return Assembly(k_rot, v.to(m.dtype), idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
 
     def reassemble(self, selection: torch.Tensor, n_resident: int, capacity: int) -> Assembly:
         """Rebuild the attention context as `attend` left it (a restored snapshot): built from resident
@@ -133,7 +138,7 @@ class LayerMemory:
         asm.reserve(capacity)
         if n_new:
             positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
-            k_rot = m.rope.rotate(r.k[:, n_resident : r.n].to(m.dtype), *m.rope.tables(positions, m.dtype))
+            k_rot = m.as_stored(m.rope.rotate(r.k[:, n_resident : r.n].to(m.dtype), *m.rope.tables(positions, m.dtype)))
             asm.write(asm.length, k_rot, r.v[:, n_resident : r.n], r.idx[:, n_resident : r.n])
             asm.advance(n_new)
         self.asm = asm
@@ -148,8 +153,7 @@ class LayerMemory:
         q_rot = m.rope.rotate(q_obs, *m.rope.tables(torch.arange(last - n_obs, last, device=m.device), m.dtype))
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, (n_heads // n_kv) * n_obs, head_dim)
-        keys = asm.k[:, :n_keys].to(qg.dtype)  # widened once per eviction, not per step
-        logits = qg @ keys.transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
+        logits = qg @ asm.k[:, :n_keys].transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
         end_idx = m.n_tokens + q.shape[1]
         q_idx = torch.arange(end_idx - n_obs, end_idx, device=m.device).repeat(n_heads // n_kv)  # (group * n_obs,)
         allowed = asm.idx[:, None, :n_keys] <= q_idx[None, :, None]
@@ -163,23 +167,23 @@ class LayerMemory:
         n_heads, n_new = q.shape[0], q.shape[1]
         asm = self._assemble(self._retrieve(q))
         start = asm.length
-        positions = torch.arange(asm.next_pos, asm.next_pos + n_new, device=m.device)
-        k_stored = k.to(m.kv_dtype).to(q.dtype)  # rotated as `_build` rotates the resident copy: same bits
-        qk = m.rope.rotate(torch.cat((q, k_stored)), *m.rope.tables(positions, m.dtype))
+        k, v = m.as_stored(k), m.as_stored(v)  # as the tiers will hold them
+        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.range_tables(asm.next_pos, n_new, m.dtype))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
-        asm.write(start, qk[n_heads:], v, chunk_idx)  # scratch past the committed length
+        asm.write(start, m.as_stored(qk[n_heads:]), v, chunk_idx)  # scratch past the committed length
         end = start + n_new
         if n_new == 1 and kernels.available(m.device):  # Triton flash-decoding on the GPU; CPU keeps SDPA
             valid = None if asm.valid is None else asm.valid[:, :end]
             out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
         else:
-            k_ctx, v_ctx = m.widen(asm.k[:, :end], asm.v[:, :end], q.dtype)
-            out = grouped_attention(qk[:n_heads], k_ctx, v_ctx, asm.mask(start, n_new))
+            out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
-        scores = m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens)
-        self._pending = _Pending(k, v, q, scores, observed, evict)
+        if n_new == 1 and m.scorer.scores_steps_together:  # every layer's at once, in ContextMemory.commit
+            self._pending = _Pending(k, v, q, None, observed, evict, features=m.scorer.step_features(q, k, v))
+        else:
+            self._pending = _Pending(k, v, q, m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens), observed, evict)
         return out
 
     # -- commit -------------------------------------------------------------------------------------
@@ -252,7 +256,6 @@ class ContextMemory:
                  kv_dtype: torch.dtype | None = None):
         self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
         self.kv_dtype = kv_dtype or dtype  # the device tiers' K and V; `dtype` is what the model computes in
-        self.widen = Widener()  # the assembled context in `dtype`, one layer at a time
         self.config = config or MemoryConfig()
         self.scorer = scorer or AttentionMassScorer()
         self.record = RetrievalRecord(self.config.block_size)
@@ -265,6 +268,13 @@ class ContextMemory:
         self._pending = 0
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
 
+    def as_stored(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` rounded to `kv_dtype`, in the compute dtype. K and V are rounded as the tiers hold them before
+        they enter the context, and rotated keys once more, as full attention's float16 cache holds them: a
+        rebuilt (or restored) context has the same bits, and a context within the budget is exactly full
+        attention's."""
+        return t if self.kv_dtype == self.dtype else t.to(self.kv_dtype).to(self.dtype)
+
     @property
     def n_tokens(self) -> int:
         return self._n_tokens
@@ -273,6 +283,11 @@ class ContextMemory:
         self._pending = n_new
 
     def commit(self) -> None:
+        pending = [layer._pending for layer in self.layers]
+        if pending[0] is not None and pending[0].features is not None:
+            scores = self.scorer.step_scores(torch.cat([p.features for p in pending]))  # (n_layers, n_kv, 1)
+            for p, s in zip(pending, scores):
+                p.scores = s
         for layer in self.layers:
             layer.commit()
         self._n_tokens += self._pending

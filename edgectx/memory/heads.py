@@ -83,6 +83,7 @@ class HeadsScorer:
 
     name = "heads"
     observes = False
+    scores_steps_together = True  # a decode step: every layer's one token in one batched product (step_scores)
 
     def __init__(self, heads: RetainingHeads):
         self.heads = heads
@@ -90,6 +91,15 @@ class HeadsScorer:
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         x = qkv_features(q, k, v).to(self.heads.fc1.dtype)
         return self.heads.layer_scores(layer, x).T.float()
+
+    def step_features(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token's input to the heads, (1, in); `step_scores` scores every layer's together."""
+        return qkv_features(q, k, v)
+
+    def step_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """features (n_layers, in), layer by layer -> scores (n_layers, n_kv, 1): 3 ops for the whole step
+        where `new_token_scores` per layer made ~8 each."""
+        return self.heads(features[:, None].to(self.heads.fc1.dtype)).transpose(1, 2).float()
 
     def update(self, stored: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
         return stored

@@ -20,6 +20,8 @@ import torch
 class EvictionScorer(Protocol):
     name: str
     observes: bool  # whether `update` needs the observation window's attention mass
+    # whether a decode step's scores come from `step_features` (per layer) and `step_scores` (every layer at once)
+    scores_steps_together: bool
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         """Scores (n_kv_heads, T) for new tokens `first`.. from pre-RoPE q (n_heads, T, d), k and v (n_kv_heads, T, d)."""
@@ -37,6 +39,7 @@ class AttentionMassScorer:
 
     name = "attention"
     observes = True
+    scores_steps_together = False
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         return torch.zeros(k.shape[0], k.shape[1], device=k.device)
@@ -51,6 +54,7 @@ class WindowScorer:
 
     name = "window"
     observes = False
+    scores_steps_together = False
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         index = torch.arange(first, first + k.shape[1], device=k.device, dtype=torch.float32)

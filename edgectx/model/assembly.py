@@ -90,7 +90,28 @@ def assemble_model(
         block.ffn.w_down = make_linear(w.w_down, None)
         if progress:
             progress(i + 1, spec.n_layers)
+    fuse_ggml_layers(model)
     return model.eval()
+
+
+def fuse_ggml_layers(model: Transformer) -> int:
+    """Where all of a layer's linears are ggml products (GGUF blocks on the CPU) and its gate and up are two
+    matrices, run the layer as two ggml graphs around attention (edgectx.quant.ggml_layer). Returns how many."""
+    from edgectx.quant.ggml_cpu import GgmlLinear
+
+    blocks = [b for b in model.layers if all(isinstance(m, GgmlLinear) and m.bias is None for m in (b.attn.wo, b.ffn.w_gate_up, b.ffn.w_down))
+              and isinstance(b.attn.wqkv, GgmlLinear) and len(b.ffn.w_gate_up.matmul.parts) == 2]
+    if not blocks:
+        return 0
+    from edgectx.quant.ggml_layer import GgmlLayer, GgmlStack
+
+    stack = GgmlStack()
+    for b in blocks:
+        gate, up = b.ffn.w_gate_up.matmul.parts
+        bias = b.attn.wqkv.bias
+        b.fused = GgmlLayer(stack, b.attn.wqkv.matmul.parts, b.attn.wo.matmul.parts, gate, up, b.ffn.w_down.matmul.parts[0],
+                            b.attn_norm.weight, b.ffn_norm.weight, b.attn_norm.eps, qkv_bias=None if bias is None else bias.data)
+    return len(blocks)
 
 
 def _check_shapes(spec: ModelSpec, i: int, w: LayerWeights, origin: tuple[Path, str]) -> None:

@@ -52,8 +52,8 @@ class Widener:
     float32 copy per layer and step took 2.5x the whole float32 attention (page faults on every allocation);
     this buffer is allocated once (grown geometrically) and holds one layer's worth at a time: 1/n_layers of
     a float32 cache. Measured per decoded token of the embedded model (2 threads, interleaved with a float32
-    cache): full attention +5% at 512 tokens, +11% at 4096, +23% at 8000; the memory (budget 2048) +3 to 4%.
-    Chunked widening (L2-sized pieces merged by log-sum-exp) was slower, and an Inductor-fused kernel reading
+    cache): full attention +5% at 512 tokens, +11% at 4096, +23% at 8000. (ContextMemory keeps its assembled
+    context in float32 instead, since it is bounded by the budget: edgectx.memory.context.) Chunked widening (L2-sized pieces merged by log-sum-exp) was slower, and an Inductor-fused kernel reading
     float16 at most a few percent faster in isolation, at the price of a compile. The buffer is attention
     scratch, like SDPA's own buffers, not KV storage: memories' `device_kv_bytes` leave it out.
     """

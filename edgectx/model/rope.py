@@ -50,6 +50,7 @@ class Rope:
         self._mscale = mscale
         self._cos = torch.empty(0, half, device=device)
         self._sin = torch.empty(0, half, device=device)
+        self._last_range: tuple | None = None  # ((start, n, dtype), tables): what every layer of a step asks for
 
     def _ensure(self, n_positions: int) -> None:
         if n_positions <= self._cos.shape[0]:
@@ -74,6 +75,14 @@ class Rope:
         self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
         cos, sin = self._cos[positions].to(dtype), self._sin[positions].to(dtype)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+    def range_tables(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tables` for positions start .. start + n - 1. The last range is kept: every layer of a decode step
+        asks for the same one (30 layers: one computation instead of 30)."""
+        key = (start, n, dtype)
+        if self._last_range is None or self._last_range[0] != key:
+            self._last_range = (key, self.tables(torch.arange(start, start + n, device=self.device), dtype))
+        return self._last_range[1]
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., T, head_dim) at `positions` (T,), returning a new tensor."""

@@ -46,14 +46,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(spec.q_dim, spec.dim, bias=False)
 
     def forward(self, x: torch.Tensor, layer_memory) -> torch.Tensor:
+        return self.wo(self.attend(self.wqkv(x), layer_memory))
+
+    def attend(self, qkv: torch.Tensor, layer_memory) -> torch.Tensor:
+        """The Q, K, V projections (T, q_dim + 2 kv_dim) -> the attention output before W_o, (T, q_dim)."""
         s = self.spec
-        n_tokens = x.shape[0]
-        q, k, v = self.wqkv(x).split((s.q_dim, s.kv_dim, s.kv_dim), dim=-1)
+        n_tokens = qkv.shape[0]
+        q, k, v = qkv.split((s.q_dim, s.kv_dim, s.kv_dim), dim=-1)
         q = q.view(n_tokens, s.n_heads, s.head_dim).transpose(0, 1)  # (n_heads, T, head_dim)
         k = k.view(n_tokens, s.n_kv_heads, s.head_dim).transpose(0, 1)  # (n_kv_heads, T, head_dim)
         v = v.view(n_tokens, s.n_kv_heads, s.head_dim).transpose(0, 1)
         out = layer_memory.attend(q, k, v)  # (n_heads, T, head_dim)
-        return self.wo(out.transpose(0, 1).reshape(n_tokens, s.q_dim))
+        return out.transpose(0, 1).reshape(n_tokens, s.q_dim)
 
 
 class FeedForward(nn.Module):
@@ -77,8 +81,14 @@ class Block(nn.Module):
         self.attn = Attention(spec)
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.ffn = FeedForward(spec)
+        # Set where the whole layer but attention runs as ggml graphs (edgectx.quant.ggml_layer: GGUF blocks
+        # on the CPU): fewer, larger calls than the modules below, which share its weights and still serve
+        # torch.compile (the graphs are ctypes calls it cannot trace).
+        self.fused = None
 
     def forward(self, x: torch.Tensor, layer_memory) -> torch.Tensor:
+        if self.fused is not None and not torch.compiler.is_compiling():
+            return self.fused.after(self.attn.attend(self.fused.before(x), layer_memory), x)
         x = x + self.attn(self.attn_norm(x), layer_memory)
         return x + self.ffn(self.ffn_norm(x))
 

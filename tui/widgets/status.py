@@ -39,6 +39,11 @@ def status_parts(model: str, stats: dict, answer=None, plan: tuple[int, int] | N
     """(priority, text) in display order; priority 0 is kept first. `answer`: the last turn's GenerationStats."""
     if not stats:
         return [(0, model)]
+    if "remote" in stats:  # the memory is the server's: nothing to gauge here
+        parts = [(5, short(model)), (0, "remote engine: memory gauge unavailable")]
+        if answer is not None:
+            parts.append((4, f"last answer {answer.generated_tokens:,} tok, {answer.decode_tok_s:.1f} tok/s"))
+        return parts
     tokens = stats.get("tokens", 0)
     if "budget_tokens" in stats:
         budget = stats["budget_tokens"]
