@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def _fmt(value) -> str:
@@ -15,8 +16,51 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _heat(value: float | None, text: str) -> Text:
+    """`text` on a red (0) to green (1) background."""
+    if value is None:
+        return Text(text)
+    red, green = int(200 * (1 - value)) + 40, int(170 * value) + 40
+    return Text(text, style=f"bold white on rgb({red},{green},40)")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}"
+
+
+def print_recall(console: Console, result: dict) -> None:
+    """One depth x length heat map per task: recall % (background), then answer accuracy % with the memory and,
+    where it ran, with full attention."""
+    for task in result["tasks"]:
+        table = Table("depth", *[f"{c:,}" for c in result["contexts"]], title=f"{task}: recall % / answer % (full attention %)",
+                      caption=f"{result['model']} on {result['text']}, {result['trials']} trial(s), scorer {result['scorer']}, "
+                      f"budget {result['memory_config']['budget_tokens']}")
+        for depth in result["depths"]:
+            row = []
+            for context in result["contexts"]:
+                cell = next(c for c in result["cells"] if (c["task"], c["context"], c["depth"]) == (task, context, depth))
+                full = "" if cell["full_accuracy"] is None else f" ({_percent(cell['full_accuracy'])})"
+                rank = "" if cell["mean_rank"] is None else f" r{cell['mean_rank']:.1f}"
+                row.append(_heat(cell["recall"], f"{_percent(cell['recall'])} / {_percent(cell['accuracy'])}{full}{rank}"))
+            table.add_row(str(depth), *row)
+        means = [next(s for s in result["summary"] if (s["task"], s["context"]) == (task, c)) for c in result["contexts"]]
+        table.add_row("mean", *[_heat(m["recall"], f"{_percent(m['recall'])} / {_percent(m['accuracy'])}"
+                                      + ("" if m["full_accuracy"] is None else f" ({_percent(m['full_accuracy'])})")) for m in means])
+        console.print(table)
+    if result["multiquestion_by_question"]:
+        table = Table("question", "recall %", "answer %", "cited %", title="multiquestion, by question in the conversation")
+        for q in result["multiquestion_by_question"]:
+            table.add_row(str(q["question"] + 1), _percent(q["recall"]), _percent(q["accuracy"]), _percent(q["cited"]))
+        console.print(table)
+    console.print(f"r: mean rank of the needle's passage among the cited ones where cited; {result['elapsed_s']:.0f} s, "
+                  f"seed {result['seed']}", highlight=False)
+
+
 def print_report(kind: str, result: dict) -> None:
     console = Console()
+    if kind == "recall":
+        print_recall(console, result)
+        return
     if kind == "speed" and "synthetic" in result:
         floor = result["weight_read_floor_ms"]
         table = Table("context", "engine", "prefill s", "prefill tok/s", "decode ms/token", "decode / floor", "peak GPU MiB",

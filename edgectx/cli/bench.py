@@ -1,4 +1,4 @@
-"""`edgectx bench ...`: conformance to llama.cpp, speed, long-context fidelity, memory, reopening, TUI latency.
+"""`edgectx bench ...`: conformance to llama.cpp, speed, long-context fidelity, recall, memory, reopening, TUI latency.
 
 Each bench lives in edgectx.bench; this module parses its flags, loads the engine, runs it and prints a
 report (or JSON with --json).
@@ -6,6 +6,7 @@ report (or JSON with --json).
     edgectx bench conformance --tokens 4096 --json
     edgectx bench fidelity --context 8192 --budget 2048,1024 --scorer attention,heads
     edgectx bench speed --synthetic-gguf llama-8b --quant q4_k_m --busy 1 --json
+    edgectx bench recall --context 4096,16384 --depths 0.05,0.5,0.95 --trials 3 --tasks single,multiquestion
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
+from edgectx.bench.needles import TASKS
 from edgectx.bench.synthetic_gguf import QUANTS, SHAPES
-from edgectx.cli.options import (DEFAULT_BUDGET, MAX_TOKENS, add_memory_args, add_model_args, float_range, int_range,
-                                 memory_config_from, token_counts)
+from edgectx.cli.options import (DEFAULT_BUDGET, MAX_SEED, MAX_TOKENS, add_memory_args, add_model_args, float_range,
+                                 int_range, memory_config_from, token_counts)
 from edgectx.errors import UsageError
 from edgectx.memory.config import SCORERS, MemoryConfig
 from edgectx.quant.formats import SNAPSHOT_CODECS
@@ -32,6 +34,8 @@ def add_parser(sub) -> None:
     memory = bench_sub.add_parser("memory", help="device and host KV bytes as the context grows")
     reopen = bench_sub.add_parser("reopen", help="snapshot size, restore vs prefill time, and quality after a restore")
     latency = bench_sub.add_parser("tui-latency", help="TUI key-press latency while a long document is read")
+    recall = bench_sub.add_parser("recall", help="needle tasks: does the memory bring back the passage a question needs")
+    _add_recall_args(recall)
     serve = bench_sub.add_parser("serve", help="time to first token over HTTP, turns 1 and 2 over a long document: "
                                  "edgectx serve vs llama.cpp's server")
     add_model_args(serve)
@@ -83,6 +87,45 @@ def add_parser(sub) -> None:
                        "(default: from the GPU's name: H100 SXM 3350, H100 PCIe 2000, RTX 4090 1008)")
 
 
+def _depths(text: str) -> list[float]:
+    """'0.05,0.5' -> [0.05, 0.5] (an argparse type): fractions of the document from 0 to 1."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions from 0 to 1, got {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"depths are fractions of the document from 0 to 1, got {text!r}")
+    return values
+
+
+def _tasks(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in TASKS for v in values):
+        raise argparse.ArgumentTypeError(f"tasks are {', '.join(TASKS)}; got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _add_recall_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_memory_args(p, allow_full=False)
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="a UTF-8 text to hide the needles in; repeat for several, read one after another "
+                   "(default: Python's documentation prose)")
+    p.add_argument("--corpus", choices=("stdlib", "docs"), help="built-in text when no --text: sources or docs prose (default docs)")
+    p.add_argument("--context", type=token_counts, default=[4096, 16384],
+                   help="comma-separated prompt lengths in tokens (default 4096,16384)")
+    p.add_argument("--depths", type=_depths, default=[0.05, 0.5, 0.95],
+                   help="comma-separated needle depths, fractions of the document (default 0.05,0.5,0.95)")
+    p.add_argument("--trials", type=int_range(1, 1000), default=2, help="samples per cell (default 2)")
+    p.add_argument("--tasks", type=_tasks, default=["single"], help=f"comma-separated: {', '.join(TASKS)} (default single)")
+    p.add_argument("--questions", type=int_range(3, 5), default=3, help="questions in a row for multiquestion (default 3)")
+    p.add_argument("--answer-tokens", type=int_range(1, 512), default=24, help="greedy tokens per answer (default 24)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="needles, keys and values (default 0)")
+    p.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
+                   help="also answer with full attention where the conversation fits the trained context (default on)")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -112,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bench in ("speed", "conformance") and path is not None and path.is_dir():
         raise UsageError(f"bench {args.bench} compares against llama.cpp, which reads only GGUF: {path.name} is a "
                          "Hugging Face directory, so pass a .gguf file of the model (or --synthetic NAME).")
+    if args.bench == "recall" and args.text and args.corpus:
+        raise UsageError("--text and --corpus both name the text to hide the needles in: pick one.")
     memory = memory_config_from(args) if args.bench not in ("conformance", "fidelity") else None
     if args.bench == "speed" and args.full and not args.synthetic:
         raise UsageError("--full goes with --synthetic: on a GGUF, bench speed runs full attention wherever the model's context allows.")
@@ -206,6 +251,12 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
 
         return run_longppl(engine, args.context, memory, full_max=args.full_max, text_file=args.text,
                            corpus=args.corpus or "docs", quiet=args.json)
+    if args.bench == "recall":
+        from edgectx.bench.recall import RecallGrid, run_recall
+
+        grid = RecallGrid(args.context, args.depths, trials=args.trials, tasks=args.tasks, seed=args.seed,
+                          answer_tokens=args.answer_tokens, questions=args.questions, full=args.full)
+        return run_recall(engine, grid, memory, texts=args.text, corpus=args.corpus or "docs")
     if args.bench == "reopen":
         from edgectx.bench.reopen import run_reopen
 

@@ -4,7 +4,7 @@
     edgectx tui [--model M]      # the terminal UI
     edgectx chat --prompt "hi"   # one-shot answer on stdout
     edgectx models | doctor | --version
-    edgectx bench conformance | speed | fidelity | longppl | memory | reopen | tui-latency
+    edgectx bench conformance | speed | fidelity | longppl | recall | memory | reopen | tui-latency
     edgectx heads train | import | info
     edgectx history [--search Q] | export ID --format md|json
     edgectx ingest FILE... | chat --doc FILE | chat --resume ID | cache ls|rm|gc
