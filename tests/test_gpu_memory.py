@@ -118,7 +118,8 @@ def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cu
     assert device_memory.cache_capacity_blocks(MemoryConfig(), LLAMA_8B, cuda, torch.bfloat16) == 4  # top_k_blocks
 
 
-def test_full_attention_estimate_matches_the_kv_cache_and_skips_what_does_not_fit(tmp_path):
+def test_full_attention_estimate_matches_the_kv_cache_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGECTX_KV_DTYPE", "float32")  # the estimate at 4 bytes an element, as a float32 cache holds
     path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
     engine = Engine.load(path, device="cpu", n_ctx=1024)
     engine.prefill([i % 258 for i in range(700)], chunk_tokens=64)
@@ -152,6 +153,7 @@ def _fake_synthetic(monkeypatch):
 
 
 def test_bench_speed_synthetic_on_cpu_reports_speed_floor_and_memory(monkeypatch, capsys):
+    monkeypatch.setenv("EDGECTX_KV_DTYPE", "float32")  # the KV byte counts below at 4 bytes an element
     _fake_synthetic(monkeypatch)
     assert run(["bench", "speed", "--synthetic", "tiny", "--context", "700,300", "--decode-tokens", "4", "--budget", "256",
                 "--chunk", "128", "--full", "--device", "cpu", "--threads", "1", "--bandwidth-gbs", "10", "--json"]) == 0
