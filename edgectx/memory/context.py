@@ -38,6 +38,7 @@ from edgectx.memory.config import MemoryConfig
 from edgectx.memory.tiers import Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
 from edgectx.model.rope import Rope
+from edgectx.memory.recent import RecentQueries
 from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer
 from edgectx.model.spec import ModelSpec
 
@@ -64,10 +65,19 @@ class LayerMemory:
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
         self.steps_since_retrieval = 0
-        self.q_recent = torch.empty(s.n_heads, 0, s.head_dim, device=memory.device, dtype=memory.dtype)
+        self.recent = RecentQueries(s.n_heads, s.head_dim, c.n_observe, memory.device, memory.dtype)
         self.asm: Assembly | None = None
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
+
+    @property
+    def q_recent(self) -> torch.Tensor:
+        """(n_heads, <= n_observe, d) the last queries, pre-RoPE, oldest first."""
+        return self.recent.window
+
+    @q_recent.setter
+    def q_recent(self, q: torch.Tensor) -> None:
+        self.recent.set(q)
 
     # -- plan ---------------------------------------------------------------------------------------
 
@@ -202,7 +212,7 @@ class LayerMemory:
         idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device).expand(r.n_kv, -1)
         r.append(p.k, p.v, idx, scores)
         if m.scorer.observes:
-            self.q_recent = torch.cat((self.q_recent, p.q), dim=1)[:, -c.n_observe :]
+            self.recent.append(p.q)
         if n_new == 1:
             self.steps_since_retrieval += 1
         if p.evict:
