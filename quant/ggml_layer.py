@@ -29,7 +29,7 @@ import torch
 
 from edgectx.quant import ggml_cpu
 from edgectx.quant.blocks import QuantizedMatrix
-from edgectx.quant.ggml_cpu import GGML_TYPES, _CPlan, _F32, _InitParams, lib
+from edgectx.quant.ggml_cpu import GGML_TYPES, _CPlan, _F32, _InitParams, lib, weight_tensor
 
 _ALIGN = 64
 
@@ -65,8 +65,9 @@ class _Graph:
     """One graph over `n_tokens` rows: named input and output tensors re-pointed per call, the nodes between
     them placed in the stack's scratch."""
 
-    def __init__(self, n_tensors: int):
+    def __init__(self, n_tensors: int, n_tokens: int):
         g = lib()
+        self.n_tokens = n_tokens
         size = (n_tensors + 8) * g.ggml_tensor_overhead() + g.ggml_graph_overhead() + 1024
         self.ctx = g.ggml_init(_InitParams(size, None, True))
         if not self.ctx:
@@ -82,9 +83,7 @@ class _Graph:
         return t
 
     def weight(self, part: QuantizedMatrix):
-        w = lib().ggml_new_tensor_2d(self.ctx, int(part.qtype), part.cols, part.rows)
-        w.contents.data = part.raw.data_ptr()
-        return w
+        return weight_tensor(self.ctx, part, self.n_tokens)
 
     def vector(self, values: torch.Tensor):
         v = lib().ggml_new_tensor_1d(self.ctx, _F32, values.numel())
@@ -154,7 +153,7 @@ class GgmlLayer:
 
     def _build_before(self, n_tokens: int) -> tuple:
         g = lib()
-        gr = _Graph(3 * len(self.qkv) + 8)
+        gr = _Graph(3 * len(self.qkv) + 8, n_tokens)
         x = gr.new(self.dim, n_tokens)
         h = self._normed(gr, x, self.attn_norm)
         outs = [g.ggml_mul_mat(gr.ctx, gr.weight(p), h) for p in self.qkv]
@@ -163,7 +162,7 @@ class GgmlLayer:
 
     def _build_after(self, n_tokens: int) -> tuple:
         g = lib()
-        gr = _Graph(3 * len(self.o) + 24)
+        gr = _Graph(3 * len(self.o) + 24, n_tokens)
         attn, x = gr.new(self.attn_cols, n_tokens), gr.new(self.dim, n_tokens)
         o_parts = [gr.node(g.ggml_mul_mat(gr.ctx, gr.weight(p), attn)) for p in self.o]
         h = o_parts[0]

@@ -117,3 +117,51 @@ def test_chunking_moves_ggml_logits_only_at_the_rounding_level(embedded_model):
     chunked = e.prefill(ids, chunk_tokens=64)
     assert int(whole.argmax()) == int(chunked.argmax())
     assert float(np.corrcoef(whole.flatten().numpy(), chunked.flatten().numpy())[0, 1]) > 0.999
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q4_K, T.Q8_0), ids=lambda t: t.name)
+def test_decode_rows_read_a_repacked_copy_that_agrees_with_the_blocks(qtype, monkeypatch):
+    import gc
+
+    from edgectx.quant import ggml_cpu
+
+    if not ggml_cpu.lib().repack_buft:
+        pytest.skip("this ggml build has no CPU_REPACK buffer type")
+    torch.manual_seed(int(qtype))
+    m = quantize_rows(torch.randn(64, 512) / 512 ** 0.5, qtype)
+    packed = ggml_cpu.repacked(m)
+    if packed is None:
+        pytest.skip(f"no repacked {qtype.name} kernel for this CPU")
+    assert packed.tensor.contents.data != m.raw.data_ptr()  # a copy in ggml's own buffer, re-laid
+    x = torch.randn(1, 512)
+    with_repack = GgmlMatmul([m])(x)
+    monkeypatch.setenv("EDGECTX_GGML_REPACK", "0")
+    plain = GgmlMatmul([m])(x)
+    assert not torch.equal(m.raw, torch.zeros_like(m.raw))
+    # the same blocks and the same 8-bit activations: only the order of the sums differs
+    torch.testing.assert_close(with_repack, plain, rtol=1e-5, atol=1e-5)
+    key = id(m.raw)
+    assert key in ggml_cpu._repacked
+    del m, packed
+    gc.collect()
+    assert key not in ggml_cpu._repacked  # the copy goes with its matrix
+
+
+def test_types_without_a_repacked_kernel_keep_their_blocks():
+    from edgectx.quant import ggml_cpu
+
+    for qtype in (T.Q4_1, T.Q6_K):
+        m = quantize_rows(torch.randn(64, 256), qtype)
+        assert ggml_cpu.repacked(m) is None
+    assert ggml_cpu.repacked(quantize_rows(torch.randn(36, 256), T.Q4_K)) is None  # rows not a multiple of 8
+
+
+def test_repacking_prints_nothing_to_the_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import torch; from gguf import GGMLQuantizationType as T; from edgectx.quant.ggml_cpu import GgmlMatmul, quantize_rows;"
+            "GgmlMatmul([quantize_rows(torch.randn(64, 256), T.Q4_K)])(torch.randn(1, 256))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "repack" not in run.stderr and run.stdout == ""

@@ -43,14 +43,16 @@ def gpu_bandwidth_gbs(device: torch.device) -> float | None:
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of every weight, bytes one decode step reads): the step reads one row of an untied embedding."""
+    """(bytes of every weight, bytes one decode step reads): the step reads one row of an untied embedding, and
+    the repacked copy of a weight that has one instead of its blocks (both held: they count once each in the first)."""
     seen: set[int] = set()
-    total = 0
+    total = repacked = 0
     for module in model.modules():
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         raw = getattr(module, "raw_tensors", None)  # GGUF blocks held outside parameters (a tied head shares the table's)
         if raw is not None:
             tensors += raw
+            repacked += getattr(module, "repacked_bytes", 0)  # ggml's copies for decode (edgectx.quant.ggml_cpu), read instead
         elif isinstance(getattr(module, "weight_bytes", None), int) and not tensors:  # packed weights (fp16-packed)
             total += module.weight_bytes
         state = getattr(getattr(module, "weight", None), "quant_state", None)  # bitsandbytes 4-bit scales
@@ -68,7 +70,7 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
         embed_bytes = 0
     else:
         embed_bytes = table.numel() * table.element_size() if table is not None else getattr(embed, "weight_bytes", 0)
-    return total, total - embed_bytes
+    return total + repacked, total - embed_bytes
 
 
 def full_attention_bytes(spec: ModelSpec, n_tokens: int, elem_bytes: int, chunk_tokens: int) -> int:
