@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from edgectx.cpu_share import ThreadGovernor
 from edgectx.model.chat_template import ChatTemplate
 from edgectx.model.decode import CompiledDecode
 from edgectx.model.step import CompiledStep
@@ -141,6 +142,7 @@ class Engine:
         self.device, self.dtype = device, dtype
         self.weights = "fp16"  # the linear layers' format (Engine.load sets it: gguf, fp16, nf4 or int8)
         self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
+        self.governor: ThreadGovernor | None = None  # on the CPU (Engine.load): threads sized to the free cores
         self.last_stats = GenerationStats()
         self.tokens: list[int] = []  # the token ids held in memory, in order
         self.configure_memory(memory_config, n_ctx)
@@ -186,6 +188,8 @@ class Engine:
         engine = cls(source.path, model, source.spec, tokenizer, template, dev, dtype, n_ctx, memory_config,
                      fingerprint=source.fingerprint(), heads_path=heads_path)
         engine.weights = weights
+        if dev.type == "cpu":
+            engine.governor = ThreadGovernor(n_threads or torch.get_num_threads(), ggml=weights == "gguf")
         return engine
 
     def compile_decode(self) -> CompiledDecode:
@@ -266,6 +270,8 @@ class Engine:
                 f"The conversation needs {len(self.tokens) + len(ids)} tokens but the context holds {self.n_ctx}: "
                 "start a new chat or shorten the input."
             )
+        if self.governor is not None:
+            self.governor.apply()  # fewer threads while other processes hold the cores (edgectx.cpu_share)
         self.memory.begin(len(ids))
         logits = self.step(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
         self.memory.commit()

@@ -14,15 +14,15 @@ edgectx decodes as `edgectx chat` does by default: eagerly. With `--compile`, fu
 `Engine.compile_decode` and the memory through the chat path's compiled step (`Engine.compile_step`, what
 `chat --compile` and `tui --compile` run); the compile happens before the timings and is reported as
 `decode_compile_s` (None when decode ran eager).
-edgectx's children run with OMP_WAIT_POLICY=PASSIVE (what edgectx sets when the user has not); llama.cpp's in
-the environment its users have (`omp_wait_policy` in each result).
+Both run in the environment users have (`omp_wait_policy` in each result: OpenMP's spin-waiting unless set);
+edgectx sizes its thread team to the cores other processes leave free (edgectx.cpu_share): `threads_used`,
+the team of its last decode step.
 
     edgectx bench speed --context 512,4096 --json
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import time
@@ -107,28 +107,12 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         result = _edgectx_run(engine, ids, decode_tokens)
         result["decode_compile_s"] = compiled and compiled.compile_s
         result["weight_bytes"] = weight_bytes(engine.model)[0]
+        result["threads_used"] = engine.governor.current if engine.governor else None
     peak = peak_device_bytes(dev) if dev is not None else None
     result["peak_gpu_bytes"], result["peak_gpu_reserved_bytes"] = (peak["allocated"], peak["reserved"]) if peak else (None, None)
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return result
-
-
-@contextlib.contextmanager
-def _environment(kind: str):
-    """llama.cpp's child runs in the environment its users have: without the OMP_WAIT_POLICY edgectx sets."""
-    import edgectx
-
-    saved = dict(os.environ)
-    if kind == "llama_cpp":
-        os.environ["EDGECTX_KEEP_OMP"] = "1"
-        if edgectx.OMP_WAIT_POLICY_SET:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64, n_threads: int = 2,
@@ -143,7 +127,7 @@ def run_speed(path: Path, contexts: list[int], memory: MemoryConfig, decode_toke
         if context + decode_tokens <= spec.context_length:
             kinds.insert(1, "edgectx")  # full attention past the trained context is neither sane nor fast
         for kind in kinds:
-            with busy_processes(busy), _environment(kind), spawn.Pool(1) as pool:
+            with busy_processes(busy), spawn.Pool(1) as pool:
                 row[kind] = pool.apply(_measure, (kind, str(path), device, n_threads, context, decode_tokens,
                                                   memory.to_dict() if kind == "edgectx_memory" else None, text_file,
                                                   compile_decode, weights, gpu_mem_cap_gib))
