@@ -8,7 +8,9 @@ OpenMP team. `GgmlLayer` builds, per token count, two graphs of one layer:
     after attention:   h = x + W_o @ attn;  out = h + W_down @ swiglu(W_gate @ n, W_up @ n),
                        n = rms_norm(h) * ffn_norm
 
-Attention stays the memory's (`layer_memory.attend`, PyTorch). Weights are the `QuantizedMatrix` parts the
+Attention stays the memory's (`layer_memory.attend`, PyTorch). In a prefill-sized graph a Q4_1 or Q5_1
+weight is multiplied through an exact float32 copy made in the graph (ggml_cpu.product: twice the speed of
+ggml's GEMM for those types). Weights are the `QuantizedMatrix` parts the
 layer's `GgmlLinear`s already hold (nothing is copied); inputs and outputs are torch buffers whose pointers
 are written into the graph per call; intermediate results live in a scratch shared by every layer of the
 model (`GgmlStack`: layers run one after another). Numerics: ggml's own RMSNorm, SwiGLU and products (8-bit
@@ -29,7 +31,7 @@ import torch
 
 from edgectx.quant import ggml_cpu
 from edgectx.quant.blocks import QuantizedMatrix
-from edgectx.quant.ggml_cpu import GGML_TYPES, _CPlan, _F32, _InitParams, lib, weight_tensor
+from edgectx.quant.ggml_cpu import GGML_TYPES, CopySlot, _CPlan, _F32, _InitParams, lib, product
 
 _ALIGN = 64
 
@@ -44,6 +46,7 @@ class GgmlStack:
         self.lock = threading.Lock()
         self.work = torch.empty(0, dtype=torch.uint8)
         self._scratch: dict[int, torch.Tensor] = {}
+        self.copies = CopySlot()  # weights' float32 copies (ggml_cpu.DEQUANTIZED_TYPES); taken under `lock`
 
     def scratch(self, n_tokens: int, n_bytes: int) -> torch.Tensor:
         """At least `n_bytes` of scratch for graphs of `n_tokens` rows. The caller holds the tensor while the
@@ -74,6 +77,7 @@ class _Graph:
             raise MemoryError("ggml_init failed")
         self.graph = g.ggml_new_graph(self.ctx)
         self.inner = []  # nodes that need scratch, in order
+        self.copies = []  # float32 copies of weights (ggml_cpu.product), all in the stack's one slot
         self.plan: _CPlan | None = None
         self.plan_threads = 0
 
@@ -82,8 +86,8 @@ class _Graph:
         t.contents.data = data
         return t
 
-    def weight(self, part: QuantizedMatrix):
-        return weight_tensor(self.ctx, part, self.n_tokens)
+    def matmul(self, part: QuantizedMatrix, x):
+        return product(self.ctx, self.graph, part, x, self.n_tokens, self.copies)
 
     def vector(self, values: torch.Tensor):
         v = lib().ggml_new_tensor_1d(self.ctx, _F32, values.numel())
@@ -108,6 +112,8 @@ class _Graph:
         base = scratch.data_ptr()
         for t, offset in zip(self.inner, self.offsets):
             t.contents.data = base + offset
+        if self.copies:
+            stack.copies.point(self.copies)  # the caller holds stack.lock
         g, threads = lib(), ggml_cpu.threads()
         if self.plan is None or self.plan_threads != threads:
             self.plan, self.plan_threads = g.ggml_graph_plan(self.graph, threads, None), threads
@@ -156,7 +162,7 @@ class GgmlLayer:
         gr = _Graph(3 * len(self.qkv) + 8, n_tokens)
         x = gr.new(self.dim, n_tokens)
         h = self._normed(gr, x, self.attn_norm)
-        outs = [g.ggml_mul_mat(gr.ctx, gr.weight(p), h) for p in self.qkv]
+        outs = [gr.matmul(p, h) for p in self.qkv]
         gr.finish(*outs)
         return gr, x.contents, [y.contents for y in outs]
 
@@ -164,16 +170,16 @@ class GgmlLayer:
         g = lib()
         gr = _Graph(3 * len(self.o) + 24, n_tokens)
         attn, x = gr.new(self.attn_cols, n_tokens), gr.new(self.dim, n_tokens)
-        o_parts = [gr.node(g.ggml_mul_mat(gr.ctx, gr.weight(p), attn)) for p in self.o]
+        o_parts = [gr.node(gr.matmul(p, attn)) for p in self.o]
         h = o_parts[0]
         for y in o_parts[1:]:
             h = gr.node(g.ggml_add(gr.ctx, h, y))
         h = gr.node(g.ggml_add(gr.ctx, h, x))  # the residual after attention
         n = self._normed(gr, h, self.ffn_norm)
-        gate = gr.node(g.ggml_mul_mat(gr.ctx, gr.weight(self.gate), n))
-        up = gr.node(g.ggml_mul_mat(gr.ctx, gr.weight(self.up), n))
+        gate = gr.node(gr.matmul(self.gate, n))
+        up = gr.node(gr.matmul(self.up, n))
         act = gr.node(g.ggml_swiglu_split(gr.ctx, gate, up))
-        down = gr.node(g.ggml_mul_mat(gr.ctx, gr.weight(self.down), act))
+        down = gr.node(gr.matmul(self.down, act))
         out = g.ggml_add(gr.ctx, down, h)
         gr.finish(out)
         return gr, attn.contents, x.contents, out.contents

@@ -137,3 +137,24 @@ def test_more_token_counts_than_the_stack_keeps():
         torch.testing.assert_close(layer.after(attn, x), _reference_after(dense, attn, x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.before(x), _reference_before(dense, x), rtol=1e-5, atol=1e-5)
     assert len(stack._scratch) <= GgmlStack.KEEP
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_1])
+def test_prefill_graphs_multiply_slow_types_through_exact_float32_copies(qtype):
+    # Q4_1 / Q5_1 weights: from DEQUANTIZE_MIN_TOKENS rows on, each product reads a float32 copy of its weight
+    # made in the graph (all copies share one slot), so the layer equals the dequantized layer in float32
+    # arithmetic; decode-sized graphs keep ggml's 8-bit activations.
+    from edgectx.quant.ggml_cpu import DEQUANTIZE_MIN_TOKENS
+
+    dense, parts = _weights(5, make=lambda w: quantize_rows(w, qtype))
+    exact = {**dense, **{name: p.dequantize() for name, p in parts.items()}}
+    layer = _layer(parts, dense)
+    for n_tokens, tolerance in ((DEQUANTIZE_MIN_TOKENS + 9, 1e-5), (3, 3e-2)):
+        torch.manual_seed(n_tokens)
+        x, attn = torch.randn(n_tokens, DIM), torch.randn(n_tokens, Q_DIM)
+        before, after = layer.before(x), layer.after(attn, x)
+        for got, expected in ((before, _reference_before(exact, x)), (after, _reference_after(exact, attn, x))):
+            err = float((got - expected).norm() / expected.norm())
+            assert err < tolerance, (n_tokens, err)
+        if n_tokens > 3:
+            assert layer.stack.copies.buffer.numel() == FFN * DIM * 4  # one slot, the largest weight's copy

@@ -165,3 +165,16 @@ def test_repacking_prints_nothing_to_the_terminal(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "repack" not in run.stderr and run.stdout == ""
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_1, T.Q5_1), ids=lambda t: t.name)
+def test_prefill_products_of_slow_types_are_exact(qtype):
+    from edgectx.quant.ggml_cpu import DEQUANTIZE_MIN_TOKENS
+
+    torch.manual_seed(int(qtype))
+    parts = [quantize_rows(torch.randn(rows, 256), qtype) for rows in (48, 16)]
+    fused = GgmlMatmul(parts)
+    x = torch.randn(DEQUANTIZE_MIN_TOKENS + 3, 256)
+    expected = x @ torch.cat([p.dequantize() for p in parts]).T
+    assert _rel_err(fused(x), expected) < 1e-6  # float32 copies of the weights (one slot, both parts right)
+    assert _rel_err(fused(x[:2].contiguous()), expected[:2]) > 1e-4  # decode-sized: ggml's 8-bit activations
