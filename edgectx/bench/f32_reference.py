@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgectx.config import cache_dir
+from edgectx.bench.stale import remove_orphans
 from edgectx.errors import EdgectxError
 
 SUBDIR = "f32-reference"
@@ -106,17 +107,8 @@ def _check_space(folder: Path, need_bytes: int) -> None:
 
 
 def _remove_stale(folder: Path) -> None:
-    """Temporary files of earlier runs whose process is gone (killed before its cleanup ran)."""
-    for tmp in folder.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, someone else's
+    """Temporary files of earlier runs whose process is gone: `.NAME.PID.tmp`."""
+    remove_orphans(folder.glob(".*.tmp"), lambda tmp: tmp.name.rsplit(".", 2)[-2])
 
 
 def _requantize(source: Path, dst: Path) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgectx.config import cache_dir as default_cache_dir
+from edgectx.bench.stale import remove_orphans
 from edgectx.errors import EdgectxError, ModelFileError, UsageError
 from edgectx.model.spec import ModelSpec
 
@@ -239,14 +240,5 @@ def _check_space(folder: Path, final_name: str, need_bytes: int) -> None:
 
 
 def _remove_stale(final: Path) -> None:
-    """Temporary files of earlier runs for this name whose process is gone (killed before its cleanup ran)."""
-    for tmp in final.parent.glob(f".{final.name}.*.tmp"):
-        pid = tmp.name[len(final.name) + 2:].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, someone else's
+    """Temporary files of earlier runs for this name whose process is gone: `.NAME.PID.tmp`, `.NAME.PID.f16.tmp`."""
+    remove_orphans(final.parent.glob(f".{final.name}.*.tmp"), lambda tmp: tmp.name[len(final.name) + 2:].split(".")[0])
