@@ -165,7 +165,7 @@ def _guarded(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: 
 def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, decode_tokens: int = 64,
                         device: str | None = None, n_threads: int | None = None, gpu_mem_cap_gib: float | None = None,
                         bandwidth_gbs: float | None = None, full: bool = False, weights: str = "auto") -> dict:
-    from edgectx.model.synthetic import SYNTHETIC, build_synthetic, synthetic_spec
+    from edgectx.model.synthetic import SYNTHETIC, build_synthetic
 
     if name not in SYNTHETIC:
         raise UsageError(f"No synthetic model named {name!r}: choose one of {', '.join(sorted(SYNTHETIC))}.")
@@ -176,7 +176,7 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
         set_memory_cap(dev, int(gpu_mem_cap_gib * 2**30))  # before anything is allocated
     dtype = default_dtype(dev)
     # "auto": nf4 on CUDA (bitsandbytes) for a model past AUTO_NF4_MIN_BYTES, 16-bit elsewhere
-    weights = resolve_weights(dev, weights, fp16_bytes=synthetic_spec(name).weight_bytes("fp16"))
+    weights = resolve_weights(dev, weights, fp16_bytes=SYNTHETIC[name].weight_bytes("fp16"))
     model, spec = build_synthetic(name, dev, dtype, weights=weights)
     all_bytes, read_bytes = weight_bytes(model)
     bandwidth = bandwidth_gbs or gpu_bandwidth_gbs(dev)
