@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -53,10 +54,11 @@ print(json.dumps(out))
 
 
 class Steps:
-    def __init__(self, deadline_s: float, work: Path):
+    def __init__(self, deadline_s: float, work: Path, on_step=None):
         self.end = time.monotonic() + deadline_s
         self.work = work
         self.results: dict[str, dict] = {}
+        self.on_step = on_step  # called after each step: the JSON is rewritten, so a killed run still leaves one
 
     def run(self, name: str, cmd: list[str], cap_s: float, parse=None) -> dict:
         left = self.end - time.monotonic()
@@ -65,24 +67,31 @@ class Steps:
         if left < 10:
             step["skipped"] = "no time left under the deadline"
             return step
-        limit = min(cap_s, left)
         t0 = time.monotonic()
+        # Its own session, so that a step past its time is stopped with everything it started (a child holding
+        # the pipes would keep communicate() waiting); not in the checkout: there its edgectx/ (without quant/,
+        # kernels/, tui/) and kernels/ (which bitsandbytes imports as PyPI's `kernels`) would shadow the namespace.
+        proc = subprocess.Popen(cmd, cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            # not the checkout: there its edgectx/ (without quant/, kernels/, tui/) and kernels/ (which bitsandbytes
-            # would import as PyPI's `kernels`) would shadow the installed edgectx namespace
-            done = subprocess.run(cmd, cwd=self.work, capture_output=True, text=True, timeout=limit)
-            step["rc"], out, err = done.returncode, done.stdout, done.stderr
-        except subprocess.TimeoutExpired as e:
+            out, err = proc.communicate(timeout=min(cap_s, left))
+            step["rc"] = proc.returncode
+        except subprocess.TimeoutExpired:
             step["timed_out"] = True
-            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                out, err = "", "(output lost: the step's processes did not exit)"
         step["seconds"] = round(time.monotonic() - t0, 2)
-        step["output_tail"] = (out + err)[-3000:]
-        if parse is not None:
+        step["output_tail"] = ((out or "") + (err or ""))[-3000:]
+        if parse is not None and not step["timed_out"]:
             try:
                 step["result"] = parse(out)
             except Exception as e:  # noqa: BLE001 - a figure missing is recorded, not fatal
                 step["parse_error"] = f"{type(e).__name__}: {e}"[:300]
+        if self.on_step:
+            self.on_step()
         return step
 
 
@@ -129,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     work = out.parent / (out.stem + "-work")
     work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(args.deadline_s, work)
     gpu = args.mode == "gpu"
     edgectx = [sys.executable, "-m", "edgectx"]
     started = time.time()
+    steps = Steps(args.deadline_s, work, on_step=lambda: out.write_text(json.dumps(
+        {"mode": args.mode, "started_unix": started, "partial": True, "steps": steps.results}, indent=2)))
 
-    steps.run("machine", [sys.executable, "-c", MACHINE, *MODULES], 60 if gpu else 120, parse=json.loads)
+    modules = MODULES if gpu else MODULES[:2] + ["edgectx.engine"]  # the CPU half: what it runs, quickly
+    steps.run("machine", [sys.executable, "-c", MACHINE, *modules], 60 if gpu else 120, parse=json.loads)
     if gpu:
         name, contexts, speed_args, plan_args = "llama-3.1-8b", [32768, 131072], ["--gpu-mem-cap-gib", "24"], ["--gpu-mem-gib", "24"]
     else:  # the same harness at CPU size: every step that has a CPU form runs, the rest say why not
