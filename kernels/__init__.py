@@ -12,6 +12,11 @@ Importing this package never imports Triton: the kernel modules load on first us
 tensors; tests run them on the CPU through Triton's interpreter (TRITON_INTERPRET=1 set before the kernel
 modules are imported) inside `forced()`. EDGECTX_KERNELS=0 turns them off (to compare against torch).
 
+Triton importing is not Triton working: its first launch builds a C launcher, which needs a C compiler and
+the Python headers, and a machine without them fails there. `available` therefore runs one tiny launch per
+device first (`_probe`) and says no, with one warning, if it fails; a launch failing later (`decode`) falls
+back to the torch reference for that call and turns the kernels off for the process, with the same warning.
+
     if kernels.available(q.device):
         out = kernels.decode(q_rot, k_rot, v, valid=valid)   # (n_heads, 1, d)
 """
@@ -20,13 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 from functools import cache
 from typing import Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 _forced = False
+_probed: set[str] = set()  # devices where one tiny launch ran
+_broken: dict[str, str] = {}  # device -> why its kernels failed (a probe or a launch): they stay off there
 
 
 @cache
@@ -39,7 +48,44 @@ def available(device: torch.device | str) -> bool:
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     if not (_forced or kind == "cuda"):
         return False  # the CPU decode path, first and cheapest: it runs per layer and token
-    return os.environ.get("EDGECTX_KERNELS", "1") != "0" and has_triton()
+    if os.environ.get("EDGECTX_KERNELS", "1") == "0" or not has_triton():
+        return False
+    return _probe(str(device))
+
+
+def _probe(device: str) -> bool:
+    """Whether one tiny launch of the decode kernel ran on `device` (tried once per device and process)."""
+    if device in _broken:
+        return False
+    if device not in _probed:
+        try:
+            _tiny_launch(torch.device(device))
+        except Exception as e:  # noqa: BLE001 - whatever the toolchain raises: no C compiler, no Python.h, no driver
+            _disable(device, e)
+            return False
+        _probed.add(device)
+    return True
+
+
+def _tiny_launch(device: torch.device) -> None:
+    """One decode over two keys, checked against the reference: compiles and runs the C launcher."""
+    from edgectx.kernels.decode_attention import decode_attention
+    from edgectx.kernels.reference import decode_attention_reference
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen).to(device) for shape in ((16, 1, 16), (1, 2, 16), (1, 2, 16)))
+    out = decode_attention(q, k, v)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if not torch.allclose(out, decode_attention_reference(q, k, v), atol=1e-4):
+        raise RuntimeError("the decode kernel's output differs from its torch reference")
+
+
+def _disable(device: str, error: BaseException) -> None:
+    _broken[device] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    log.warning("Triton kernels cannot run on %s (%s); attention falls back to PyTorch. Triton builds its launcher "
+                "with a C compiler and the Python headers: install gcc and python3-dev if they are missing.",
+                device, _broken[device])
 
 
 @contextlib.contextmanager
@@ -55,7 +101,16 @@ def forced() -> Iterator[None]:
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
-    """`decode_attention.decode_attention`, imported on first use."""
+    """`decode_attention.decode_attention`, imported on first use; if a launch fails (a shape class compiling for
+    the first time on a broken toolchain), the torch reference answers and the kernels stay off on that device."""
     from edgectx.kernels.decode_attention import decode_attention
 
-    return decode_attention(q, k, v, **options)
+    try:
+        return decode_attention(q, k, v, **options)
+    except (ValueError, torch.OutOfMemoryError):  # the caller's shapes, or memory: not the toolchain
+        raise
+    except Exception as e:  # noqa: BLE001
+        _disable(str(q.device), e)
+    from edgectx.kernels.reference import decode_attention_reference
+
+    return decode_attention_reference(q, k, v, **{k: v for k, v in options.items() if k not in ("n_splits", "block_n")})

@@ -16,7 +16,12 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Integers that change with the context (blocks eligible, the output's stride) or between prefill and decode
+# (tokens in the query): runtime arguments, so that growing the context never compiles the kernel again.
+SCORES_RUNTIME_INTS = ("n_tokens", "n_blocks", "s_qh", "s_ok")
+
+
+@triton.jit(do_not_specialize=SCORES_RUNTIME_INTS)
 def _scores_kernel(Q, R, OUT, n_tokens, n_blocks, scale, s_qh, s_qt, s_rb, s_rk, s_ok,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):

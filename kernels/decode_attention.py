@@ -28,12 +28,20 @@ _NEG = tl.constexpr(-1.0e30)  # running max before any key: finite, so an empty 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Integers that change from one decode step to the next. Triton specializes integer arguments on their value
+# (== 1, divisible by 16) and compiles once per combination, about a second each: left specialized, a timed decode
+# would compile again whenever the context length crossed a multiple of 16. Listed here, they are plain runtime
+# arguments, and a kernel compiles once per shape class (dtype, group, head_dim, rotation, lengths).
+SPLIT_RUNTIME_INTS = ("q_position", "n_keys", "split_len", "n_splits", "has_valid", "s_kh", "s_vh", "s_ph", "s_mh")
+MERGE_RUNTIME_INTS = ("n_splits",)
+
+
+@triton.jit(do_not_specialize=SPLIT_RUNTIME_INTS)
 def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
-                  q_position, scale_log2, n_keys, split_len, n_splits,
+                  q_position, scale_log2, n_keys, split_len, n_splits, has_valid,
                   s_qh, s_kh, s_kn, s_vh, s_vn, s_ph, s_pn, s_mh, s_mn, s_tab,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  ROPE_HALF: tl.constexpr, ROTATE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_LENS: tl.constexpr,
+                  ROPE_HALF: tl.constexpr, ROTATE: tl.constexpr, HAS_LENS: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
     kv = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,9 +89,11 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
             k = (k.to(tl.float32) * c + k_partner * s).to(K.dtype.element_ty)
         k = k.to(DOT)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (GROUP_PAD, BLOCK_N)
-        keep = n_ok
-        if HAS_VALID:
-            keep = keep & (tl.load(VALID + kv * s_mh + n * s_mn, mask=n_ok, other=0) != 0)
+        # a runtime flag, not a constexpr: steps with and without duplicate keys share one compiled kernel; without
+        # a mask the load is fully masked off and reads nothing
+        use_mask = (n * 0 + has_valid) != 0  # (BLOCK_N,): a block tensor, as tl.load's mask must be
+        flags = tl.load(VALID + kv * s_mh + n * s_mn, mask=n_ok & use_mask, other=1)
+        keep = n_ok & (flags != 0)
         qk = tl.where(keep[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -99,7 +109,7 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
     tl.store(ACC_OUT + row[:, None] * BLOCK_D + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MERGE_RUNTIME_INTS)
 def _merge_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, s_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   SPLITS_PAD: tl.constexpr):
@@ -135,10 +145,14 @@ def _programs_wanted(device: torch.device) -> int:
     return 4  # the interpreter: a few splits keep the merge exercised
 
 
+def max_splits(n_kv: int, device: torch.device) -> int:
+    """The most splits `plan_splits` gives on `device`, whatever the context length."""
+    return triton.cdiv(_programs_wanted(device), n_kv)
+
+
 def plan_splits(n_keys: int, n_kv: int, device: torch.device, block_n: int) -> int:
     """Splits along the context: enough programs to fill the GPU twice over, none shorter than one block."""
-    target = _programs_wanted(device)
-    return max(1, min(triton.cdiv(n_keys, block_n), triton.cdiv(target, n_kv)))
+    return max(1, min(triton.cdiv(n_keys, block_n), max_splits(n_kv, device)))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -165,6 +179,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     v = v.to(k.dtype)
     rotate = cos is not None
     dummy_i = torch.empty(1, 1, dtype=torch.int32, device=k.device)  # stands in for an absent input (never read)
+    dummy_mask = torch.empty(1, 1, dtype=torch.uint8, device=k.device)  # the mask's own dtype: one signature
     if rotate:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         if not 0 <= int(q_position) < cos.shape[0]:
@@ -173,7 +188,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     else:
         cos = sin = torch.empty(1, 1, dtype=torch.float32, device=k.device)
         pos = dummy_i
-    mask = valid.to(torch.bool).view(torch.uint8) if valid is not None else dummy_i
+    mask = valid.to(torch.bool).view(torch.uint8) if valid is not None else dummy_mask
     lens = lengths.to(device=k.device, dtype=torch.int32) if lengths is not None else dummy_i
 
     block_d = triton.next_power_of_2(head_dim)
@@ -189,17 +204,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     _split_kernel[(n_kv, n_splits)](
         q2, k, v, pos, mask, lens, cos, sin, m_part, l_part, acc_part,
-        int(q_position or 0), scale * LOG2E, n_keys, split_len, n_splits,
+        int(q_position or 0), scale * LOG2E, n_keys, split_len, n_splits, int(valid is not None),
         q2.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), pos.stride(0), pos.stride(1),
         mask.stride(0), mask.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        ROPE_HALF=cos.shape[1] if rotate else 0, ROTATE=rotate, HAS_VALID=valid is not None,
-        HAS_LENS=lengths is not None, BLOCK_N=block_n, PRECISION=precision, DOT=_dot_dtype(k.dtype),
+        ROPE_HALF=cos.shape[1] if rotate else 0, ROTATE=rotate, HAS_LENS=lengths is not None, BLOCK_N=block_n, PRECISION=precision, DOT=_dot_dtype(k.dtype),
     )
     out = torch.empty(n_heads, 1, head_dim, device=q.device, dtype=q.dtype)
     _merge_kernel[(n_heads,)](
         m_part, l_part, acc_part, out, n_splits, out.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        SPLITS_PAD=max(2, triton.next_power_of_2(n_splits)),
+        # fixed for the device and n_kv (not n_splits, which grows with the context): one compiled merge
+        SPLITS_PAD=max(2, triton.next_power_of_2(max(n_splits, max_splits(n_kv, k.device)))),
     )
     return out

@@ -92,9 +92,10 @@ def block_kernels_available(device: torch.device) -> bool:
 def resolve_weights(device: torch.device, weights: str = "auto", fp16_bytes: int | None = None, blocks: bool = False) -> str:
     """The concrete format for `weights` on `device`. `blocks`: the model is a GGUF file whose weights are in
     quantized blocks; "auto" then keeps them ("gguf": the file's quantization is the model) wherever the device
-    has kernels for them. Otherwise "auto" is nf4 on CUDA with bitsandbytes for models whose 16-bit weights
-    (`fp16_bytes`, when known) pass AUTO_NF4_MIN_BYTES, else fp16 (fp16-packed on x86 CPUs, nn.Linear in the
-    compute dtype on GPUs). Asking for nf4 or int8 without bitsandbytes, or gguf for a model that is not a GGUF
+    has kernels for them (nf4 is then an option, never the default: a second rounding on top of the file's).
+    Otherwise "auto" is nf4 on CUDA with bitsandbytes for models whose 16-bit weights (`fp16_bytes`) pass
+    AUTO_NF4_MIN_BYTES, else fp16 (fp16-packed on x86 CPUs, nn.Linear in the compute dtype on GPUs). A size not
+    given counts as small: 4 bits are a choice made for a model known to need them, not a guess. Asking for nf4 or int8 without bitsandbytes, or gguf for a model that is not a GGUF
     file or on a device without the kernels, raises its one-sentence UsageError here, before anything loads."""
     if weights not in WEIGHT_FORMATS:
         raise UsageError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}.")
@@ -113,7 +114,7 @@ def resolve_weights(device: torch.device, weights: str = "auto", fp16_bytes: int
         return weights
     if blocks and block_kernels_available(device):
         return "gguf"
-    big = fp16_bytes is None or fp16_bytes >= AUTO_NF4_MIN_BYTES
+    big = fp16_bytes is not None and fp16_bytes >= AUTO_NF4_MIN_BYTES
     return "nf4" if device.type == "cuda" and big and bnb_available() else "fp16"
 
 

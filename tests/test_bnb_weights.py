@@ -57,11 +57,52 @@ def test_layers_are_swapped_for_bitsandbytes_and_weigh_less(logits):
     assert isinstance(int8.attn.wqkv, bnb.nn.Linear8bitLt) and int8.attn.wqkv.weight.dtype == torch.int8
     dense = linear_weight_bytes(fp16.ffn.w_gate_up)
     assert dense == 512 * 128 * 2
-    assert dense / linear_weight_bytes(nf4.ffn.w_gate_up) > 3.5  # 4 bits + double-quantized absmax per 64
+    # 4 bits + a float32 absmax per 64: 3.56 at load (the CPU backend narrows the absmax at its first forward: 3.76)
+    assert dense / linear_weight_bytes(nf4.ffn.w_gate_up) > 3.5
     assert 1.9 < dense / linear_weight_bytes(int8.ffn.w_gate_up) <= 2.0
     # the output projection stays 16-bit, as transformers' bitsandbytes loading keeps lm_head
     assert not isinstance(engines["nf4"].model.lm_head, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
     assert (engines["fp16"].weights, engines["nf4"].weights, engines["int8"].weights) == ("fp16", "nf4", "int8")
+
+
+def _to_as_on_cuda(real_to):
+    """bitsandbytes 0.50's Int8Params.to for a weight already on its target device, as on a GPU where the
+    loaders decode each weight: a plain move, no quantization (its CPU backend quantizes only a CPU -> device move)."""
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self.data.dtype != torch.int8 and device == self.data.device:
+            return bnb.nn.Int8Params(torch.Tensor.to(self, device), requires_grad=False, has_fp16_weights=False)
+        return real_to(self, *args, **kwargs)
+    return to
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_weights_are_quantized_at_load_on_the_weights_device(monkeypatch, kind):
+    """Issue 21, defect 2: each layer holds its int8 / 4-bit codes as soon as it is built, not a 16-bit matrix
+    waiting for its first forward (a load would peak at the model's 16-bit size, and the bench would weigh 2
+    bytes per weight)."""
+    from edgectx.quant.bnb_linear import bnb_linear_factory
+
+    monkeypatch.setattr(bnb.nn.Int8Params, "to", _to_as_on_cuda(bnb.nn.Int8Params.to))
+    weight = torch.randn(256, 128) * 0.05
+    layer = bnb_linear_factory(kind, torch.device("cpu"), torch.float16)(weight, None)
+    if kind == "int8":
+        assert layer.weight.dtype == torch.int8 and layer.weight.SCB.shape == (256,)
+        assert linear_weight_bytes(layer) == 256 * 128 + 256 * 4
+        restored = layer.weight.float() * layer.weight.SCB[:, None] / 127
+    else:
+        assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state is not None
+        assert layer.weight.quant_state.absmax.dtype == torch.float32  # not double-quantized: no extra launches
+        assert linear_weight_bytes(layer) == 256 * 128 // 2 + 256 * 128 // 64 * 4 + 16 * 4
+        restored = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert (restored - weight).abs().max() < (0.01 if kind == "int8" else 0.05) * weight.abs().max() * 4
+
+
+@pytest.mark.gpu
+def test_int8_weights_are_quantized_on_cuda_at_load(tiny):
+    engine = Engine.load(tiny, device="cuda", weights="int8")
+    layer = engine.model.layers[0].attn.wqkv
+    assert layer.weight.dtype == torch.int8 and layer.weight.device.type == "cuda"
 
 
 def test_factory_builds_a_linear_with_bias():
@@ -82,12 +123,17 @@ def test_missing_bitsandbytes_is_one_sentence(tiny, monkeypatch):
     assert resolve_weights(torch.device("cpu"), "auto") == "fp16"
 
 
-def test_auto_picks_nf4_on_cuda_for_big_models_when_bitsandbytes_is_there():
-    assert resolve_weights(torch.device("cuda"), "auto") == "nf4"
+def test_auto_picks_nf4_on_cuda_only_for_big_models_known_to_be_big():
+    # A size not given (the loaders' own default, tests/test_gpu.py's models) is not a guess of "big": 16-bit.
+    assert resolve_weights(torch.device("cuda"), "auto") == "fp16"
     assert resolve_weights(torch.device("cuda"), "auto", fp16_bytes=16 << 30) == "nf4"  # an 8B model
     assert resolve_weights(torch.device("cuda"), "auto", fp16_bytes=270 << 20) == "fp16"  # SmolLM2-135M: not worth 4 bits
     assert resolve_weights(torch.device("cuda"), "nf4", fp16_bytes=270 << 20) == "nf4"  # asked for explicitly
     assert resolve_weights(torch.device("cuda"), "fp16") == "fp16"
+    # A GGUF file keeps its own quantization wherever the device has kernels for its blocks (Triton on CUDA),
+    # whatever its size: nf4 would be a second rounding on top of the file's (issue 19), asked for by name only.
+    assert resolve_weights(torch.device("cuda"), "auto", fp16_bytes=16 << 30, blocks=True) == "gguf"
+    assert resolve_weights(torch.device("cuda"), "nf4", fp16_bytes=16 << 30, blocks=True) == "nf4"
     with pytest.raises(UsageError, match="must be one of auto, gguf, fp16, nf4, int8"):
         resolve_weights(torch.device("cpu"), "q4")
 

@@ -1,4 +1,8 @@
-"""The same forward on CUDA agrees with the CPU (skipped without a GPU)."""
+"""The same forward on CUDA agrees with the CPU (skipped without a GPU).
+
+`load_model`'s default weights for a model of unknown size are 16-bit on CUDA as on the CPU (nf4 is chosen only
+for models known to be big, and never by default for a GGUF file's blocks: tests/test_bnb_weights.py), so this
+compares like with like: the same 16-bit-rounded weights, float32 or bfloat16 arithmetic."""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ def _logits(path, device: str, dtype: torch.dtype, ids: list[int]) -> torch.Tens
     g = open_gguf(path)
     spec = read_spec(g)
     dev = torch.device(device)
-    model = load_model(g, dev, dtype)
+    model = load_model(g, dev, dtype, weights="fp16")
+    assert not any("bitsandbytes" in type(m).__module__ for m in model.modules())  # not re-quantized to 4 bits
     memory = FullKVCache(spec, Rope(spec, dev), dev, dtype)
     out = []
     with torch.inference_mode():

@@ -28,9 +28,12 @@ LLAMA_8B = ModelSpec(arch="llama", n_layers=32, dim=4096, n_heads=32, n_kv_heads
 
 
 class PlainCache:
-    """The reference: every fetched block copied to its own tensor, each head's blocks concatenated in Python."""
+    """The reference: every fetched block copied to its own tensor, each head's blocks concatenated in Python,
+    handed back in the compute dtype as BlockCache.kv does (the host store holds fp16; CUDA computes in bf16)."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.kv_dtypes: set[torch.dtype] = set()
         self.held: list[torch.Tensor] = []
         self.hits = self.misses = 0
         self.capacity = 1 << 30
@@ -46,7 +49,9 @@ class PlainCache:
 
     def kv(self, slots, heads):
         pick = [[self.held[s][:, h] for s in row] for h, row in enumerate(slots.tolist())]  # (2, block_size, d) each
-        return tuple(torch.stack([torch.cat([p[i] for p in row]) for row in pick]).to(slots.device) for i in (0, 1))
+        out = tuple(torch.stack([torch.cat([p[i] for p in row]) for row in pick]).to(slots.device, self.dtype) for i in (0, 1))
+        self.kv_dtypes.update(t.dtype for t in out)
+        return out
 
     def clear(self):
         pass
@@ -65,14 +70,21 @@ def _logits(path, device: str, config: MemoryConfig, patch=None) -> tuple[torch.
 
 
 def _plain(layer):
-    layer.cache = PlainCache()
+    layer.cache = PlainCache(layer.cache.dtype)
 
 
-def test_retrieval_through_a_churning_cache_equals_plain_copies(tmp_path):
+@pytest.mark.parametrize("kv_dtype", [None, "float32"])  # float32: a compute-dtype cache over the fp16 host store, as on CUDA
+def test_retrieval_through_a_churning_cache_equals_plain_copies(tmp_path, monkeypatch, kv_dtype):
+    if kv_dtype:
+        monkeypatch.setenv("EDGECTX_KV_DTYPE", kv_dtype)
     path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
     cached, engine = _logits(path, "cpu", SMALL)
-    plain, _ = _logits(path, "cpu", SMALL, patch=_plain)
+    plain, plain_engine = _logits(path, "cpu", SMALL, patch=_plain)
     cache = engine.memory.layers[0].cache
+    # the reference hands back what the real cache does, its own dtype, not the host store's fp16 (issue 21: on
+    # CUDA, bf16 compute against fp16 blocks was SDPA's dtype error)
+    assert plain_engine.memory.layers[0].cache.kv_dtypes == {cache.dtype}
+    assert cache.dtype == (torch.float32 if kv_dtype else torch.float16)
     assert engine.stats()["evicted_tokens"] > 600 and engine.memory.layers[0].store.n_blocks == 28
     assert cache.capacity == 4 and cache.hits > 0 and cache.misses > 2 * cache.capacity  # slots were reused
     assert torch.equal(cached, plain)

@@ -168,7 +168,15 @@ def test_block_scores_follow_select_blocks_rule():
     assert torch.allclose(torch.softmax(scores, dim=1).gather(1, blocks), probs, atol=1e-6)
 
 
-def test_available_dispatch(monkeypatch):
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    """The kernels' per-device probe, as in a new process."""
+    monkeypatch.setattr(kernels, "_probed", set())
+    monkeypatch.setattr(kernels, "_broken", {})
+
+
+def test_available_dispatch(monkeypatch, fresh_probe):
+    monkeypatch.setattr(kernels, "_tiny_launch", lambda device: None)  # a GPU where one launch runs
     assert kernels.available("cuda") == kernels.has_triton()
     assert not kernels.available("cpu")
     with kernels.forced():
@@ -233,11 +241,11 @@ def compile_(fn, sig, consts, arch):
     sig = {**sig, **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32))
 
-ints = dict.fromkeys("q_position n_keys split_len n_splits s_qh s_kh s_kn s_vh s_vn s_ph s_pn s_mh s_mn s_tab".split(), "i32")
+ints = dict.fromkeys("q_position n_keys split_len n_splits has_valid s_qh s_kh s_kn s_vh s_vn s_ph s_pn s_mh s_mn s_tab".split(), "i32")
 sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", VALID="*u8", LENS="*i32", COS="*fp32", SIN="*fp32",
            M_OUT="*fp32", L_OUT="*fp32", ACC_OUT="*fp32", scale_log2="fp32", **ints)
 compile_(da._split_kernel, sig, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, ROPE_HALF=32, ROTATE=True,
-         HAS_VALID=True, HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), 80)
+         HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), 80)
 compile_(da._merge_kernel, dict(M_IN="*fp32", L_IN="*fp32", ACC_IN="*fp32", OUT="*bf16", n_splits="i32", s_oh="i32"),
          dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32), 80)
 compile_(block_scoring._scores_kernel, dict(Q="*bf16", R="*fp16", OUT="*fp32", n_tokens="i32", n_blocks="i32",
@@ -270,3 +278,69 @@ def test_decode_attention_gpu_realistic(dtype):
     out = decode_mod.decode_attention(q, k, v, valid=valid, **rope)
     ref = decode_attention_reference(q, k, v, valid=valid, **rope)
     assert (out.float() - ref.float()).abs().max().item() < ATOL[dtype]
+
+
+C_COMPILER_MISSING = "Failed to find C compiler. Please specify via CC environment variable."
+
+
+def test_a_failed_probe_launch_turns_the_kernels_off_with_one_warning(monkeypatch, fresh_probe, caplog):
+    """Issue 21, defect 6: Triton imports fine on a machine without gcc or Python.h, then fails at its first launch
+    (it compiles a C launcher). `available` tries one tiny launch first and says no, once."""
+    tries = []
+
+    def no_compiler(device):
+        tries.append(device)
+        raise RuntimeError(C_COMPILER_MISSING)
+
+    monkeypatch.setattr(kernels, "_tiny_launch", no_compiler)
+    with kernels.forced(), caplog.at_level("WARNING", logger="edgectx.kernels"):
+        assert not kernels.available("cpu") and not kernels.available("cpu")
+    assert tries == [torch.device("cpu")]  # probed once per device and process
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "Failed to find C compiler" in warnings[0] and "falls back to PyTorch" in warnings[0]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the probe on a GPU is the CUDA tests' own first launch")
+def test_the_real_probe_launch_runs_through_the_interpreter(fresh_probe):
+    with kernels.forced():
+        assert kernels.available("cpu")
+    assert kernels._probed == {"cpu"} and not kernels._broken
+
+
+def test_a_launch_failing_mid_decode_answers_with_the_reference_and_stays_off(monkeypatch, fresh_probe, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError(C_COMPILER_MISSING)  # a new shape class compiling for the first time
+
+    q, k, v, positions = _case(2, 4, 64, 100, torch.float32)
+    valid = torch.rand(2, 100, device=DEVICE) > 0.2
+    monkeypatch.setattr(decode_mod, "decode_attention", broken)
+    monkeypatch.setattr(kernels, "_tiny_launch", lambda device: None)
+    with kernels.forced(), caplog.at_level("WARNING", logger="edgectx.kernels"):
+        assert kernels.available(DEVICE)
+        out = kernels.decode(q, k, v, valid=valid, n_splits=3)
+        assert not kernels.available(DEVICE)
+    assert torch.equal(out, decode_attention_reference(q, k, v, valid=valid))
+    assert len(caplog.records) == 1
+    with pytest.raises(ValueError, match="do not group"):  # the caller's own errors are not the toolchain's
+        monkeypatch.undo()
+        kernels.decode(q, k[:, :, :32], v, valid=valid)
+
+
+def test_memory_decode_falls_back_to_the_torch_path_when_the_probe_fails(tmp_path, monkeypatch, fresh_probe):
+    """The whole decode on a machine whose Triton cannot launch: the torch path's logits, the kernel never called."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", arch="llama", n_heads=6, n_kv_heads=2, dim=96, n_layers=1)
+    gguf_file = open_gguf(path)
+    spec = read_spec(gguf_file)
+    model = load_model(gguf_file, DEVICE, torch.float32)
+    config = MemoryConfig(budget_tokens=96, n_sink=4, n_local=32, block_size=16, top_k_blocks=2, cache_blocks=4,
+                          chunk_tokens=32, n_observe=8, retrieve_every=2, evict_every=8)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 300)]
+    monkeypatch.setenv("EDGECTX_KERNELS", "0")
+    reference, _ = _decode_logits(model, spec, config, torch.float32, ids, 4)
+    monkeypatch.delenv("EDGECTX_KERNELS")
+    calls = []
+    monkeypatch.setattr(kernels, "decode", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(kernels, "_tiny_launch", lambda device: (_ for _ in ()).throw(RuntimeError(C_COMPILER_MISSING)))
+    with kernels.forced():
+        fallback, _ = _decode_logits(model, spec, config, torch.float32, ids, 4)
+    assert not calls and torch.equal(fallback, reference)

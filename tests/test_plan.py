@@ -22,9 +22,10 @@ def embedded_spec(embedded_model):
     return read_spec(open_gguf(embedded_model))  # metadata only, as `edgectx plan` reads it
 
 
-def _prefill(spec, config, n_tokens, dtype):
+def _prefill(spec, config, n_tokens, dtype, keep=None, scorer=None):
     """Drive a real ContextMemory with random pre-RoPE Q, K, V (the memory only sees shapes and scores)."""
-    memory = ContextMemory(spec, Rope(spec, CPU), CPU, dtype, config, scorer=WindowScorer())  # the scorer moves no bytes
+    scorer = scorer or WindowScorer()  # the scorer moves no bytes
+    memory = ContextMemory(spec, Rope(spec, CPU), CPU, dtype, config, scorer=scorer)
     gen = torch.Generator().manual_seed(0)
     for start in range(0, n_tokens, config.chunk_tokens):
         t = min(config.chunk_tokens, n_tokens - start)
@@ -34,6 +35,8 @@ def _prefill(spec, config, n_tokens, dtype):
             k, v = (torch.randn(spec.n_kv_heads, t, spec.head_dim, generator=gen, dtype=dtype) for _ in range(2))
             layer.attend(q, k, v)
         memory.commit()
+    if keep is not None:
+        keep.append(memory)
     return memory.stats()
 
 
@@ -55,6 +58,44 @@ def test_device_and_host_figures_equal_what_the_memory_reports(embedded_spec):
     plan = plan_memory(spec, n_tokens, 8 * GIB, config, "fp16", 64 * GIB, elem_bytes=4)
     assert plan.host_kv_bytes == stats["host_kv_bytes"] == 23_040 * n_tokens
     assert plan.host_reserved_bytes == stats["host_reserved_bytes"]
+
+
+def test_pinned_store_query_buffer_and_copy_pool_equal_the_real_memory():
+    """Issue 21, defects 7 and 11: the figures the plan left out, against a real ContextMemory's own tensors."""
+    from edgectx.memory.plan import next_power_of_two
+    from edgectx.memory.scoring import AttentionMassScorer
+    from edgectx.model.spec import ModelSpec
+
+    # SmolLM2-135M's KV shapes (3 KV heads of 64) in two layers: its 4096-token segments hold 3 MiB a layer
+    spec = ModelSpec(arch="llama", n_layers=2, dim=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=64, vocab_size=10,
+                     context_length=8192)
+    n_tokens, config = 4400, MemoryConfig.for_budget(512, chunk_tokens=256)  # two segments, the second one begun
+    held = []
+    _prefill(spec, config, n_tokens, torch.float32, keep=held, scorer=AttentionMassScorer())  # keeps recent queries
+    memory = held[0]
+    plan = plan_memory(spec, n_tokens, 8 * GIB, config, "fp16", 64 * GIB, elem_bytes=4)
+    segments = [seg.numel() * seg.element_size() for layer in memory.layers for seg in layer.store.segments]
+    assert len(segments) == 4 and sum(segments) == plan.host_reserved_bytes
+    # torch's pinned allocator takes 4 MiB for each 3 MiB segment (a power of two)
+    assert segments[0] == 3 << 20 and plan.host_pinned_bytes == sum(map(next_power_of_two, segments)) == 4 * sum(segments) // 3
+    assert plan_memory(spec, n_tokens, 8 * GIB, config, "fp16", 64 * GIB, elem_bytes=4, pinned=False).host_pinned_bytes == sum(segments)
+    queries = sum(layer.q_recent.numel() * layer.q_recent.element_size() for layer in memory.layers)
+    assert memory.layers[0].q_recent.shape[1] == config.n_observe and plan.query_buffer_bytes == queries
+    assert plan.copy_pool_bytes > 0 and plan.allocator_slack_bytes > 0
+    assert plan.device_total_bytes == (plan.weight_bytes + plan.device_kv_bytes + plan.activation_bytes + plan.runtime_bytes
+                                       + queries + plan.copy_pool_bytes + plan.allocator_slack_bytes)
+    # a store that fits in whole segments but not once pinned does not fit
+    assert not plan_memory(spec, n_tokens, 8 * GIB, config, "fp16", sum(segments), elem_bytes=4).fits_host
+
+
+def test_plan_compares_the_host_store_with_available_ram_not_total(monkeypatch, capsys):
+    import edgectx.cli.plan as cli_plan
+    from edgectx.memory import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "host_ram_bytes", lambda: 512 * GIB)  # a big machine, mostly in use
+    monkeypatch.setattr(cli_plan, "available_ram_bytes", lambda: 4 * GIB)
+    code, _, err = _plan(capsys, "--synthetic", "qwen2.5-7b", "--context", "131072", "--gpu-mem-gib", "80", "--weights", "nf4")
+    assert code == 1 and len(err) == 1 and "host block store" in err[0] and "4.0 GiB are available" in err[0]
 
 
 def _plan(capsys, *args: str) -> tuple[int, str, list[str]]:

@@ -44,15 +44,23 @@ from edgectx.memory.config import MemoryConfig
 WARMUP_TOKENS = 64
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _edgectx_run(engine: Engine, ids: list[int], decode_tokens: int) -> dict:
     engine.reset()
+    _sync(engine.device)  # nothing queued before the clock starts, all of the prefill's work done before it stops
     t0 = time.perf_counter()
     logits = engine.prefill(ids)
+    _sync(engine.device)
     prefill_s = time.perf_counter() - t0
     token = int(torch.argmax(logits))
     t0 = time.perf_counter()
     for _ in range(decode_tokens):
         token = int(torch.argmax(engine.forward([token])[-1]))
+    _sync(engine.device)
     decode_s = time.perf_counter() - t0
     stats = engine.stats()
     engine.reset()

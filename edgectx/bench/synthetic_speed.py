@@ -177,7 +177,8 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
     if gpu_mem_cap_gib is not None:
         set_memory_cap(dev, int(gpu_mem_cap_gib * 2**30))  # before anything is allocated
     dtype = default_dtype(dev)
-    weights = resolve_weights(dev, weights)  # "auto": nf4 on CUDA (bitsandbytes), 16-bit elsewhere
+    # "auto": nf4 on CUDA (bitsandbytes) for a model past AUTO_NF4_MIN_BYTES, 16-bit elsewhere
+    weights = resolve_weights(dev, weights, fp16_bytes=SYNTHETIC[name].weight_bytes("fp16"))
     model, spec = build_synthetic(name, dev, dtype, weights=weights)
     all_bytes, read_bytes = weight_bytes(model)
     bandwidth = bandwidth_gbs or gpu_bandwidth_gbs(dev)

@@ -13,7 +13,7 @@ import argparse
 import json
 
 from edgectx.cli.options import MAX_TOKENS, add_memory_args, float_range, int_range
-from edgectx.memory.plan import GIB, MemoryPlan, PlanDoesNotFit, host_ram_bytes, plan_memory
+from edgectx.memory.plan import GIB, MemoryPlan, PlanDoesNotFit, available_ram_bytes, plan_memory
 from edgectx.quant.formats import WEIGHT_FORMATS
 
 
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights or config.weights or "auto"
     if weights == "auto":  # a format asked for by name is planned without bitsandbytes installed here
         weights = resolve_weights(torch.device("cuda"), weights, spec.weight_bytes("fp16"))
-    host = int(args.host_mem_gib * GIB) if args.host_mem_gib else host_ram_bytes()
+    # RAM available now, not all of it: the store is pinned on a GPU, and pinned pages cannot be swapped out
+    host = int(args.host_mem_gib * GIB) if args.host_mem_gib else available_ram_bytes()
     plan = plan_memory(spec, args.context, int(args.gpu_mem_gib * GIB), memory_config_from(args, config), weights, host, name)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             f"were given: try {nf4}a smaller --budget, or a shorter --context.")
     if not plan.fits_host:
         raise PlanDoesNotFit(
-            f"The host block store for {args.context:,} tokens needs {plan.host_reserved_bytes / GIB:.1f} GiB of RAM but "
+            f"The host block store for {args.context:,} tokens needs {max(plan.host_reserved_bytes, plan.host_pinned_bytes) / GIB:.1f} GiB of RAM but "
             f"{host / GIB:.1f} GiB are available: use a shorter --context.")
     return 0
 
@@ -86,10 +87,14 @@ def print_plan(plan: MemoryPlan) -> None:
     else:
         print(f"  device KV (full attention)     {gib(plan.device_kv_bytes)}")
     print(f"  activations (one chunk)        {gib(plan.activation_bytes)}")
+    if plan.budget_tokens:
+        print(f"  recent queries + copy staging  {gib(plan.query_buffer_bytes + plan.copy_pool_bytes)}")
     print(f"  CUDA runtime                   {gib(plan.runtime_bytes)}")
+    print(f"  allocator slack                {gib(plan.allocator_slack_bytes)}")
     print(f"  device total                   {gib(plan.device_total_bytes)}  of {plan.gpu_bytes / GIB:g} GiB: "
           f"{'fits' if plan.fits_device else 'does NOT fit'}")
     print(f"  full attention KV (comparison) {gib(plan.full_kv_bytes)}")
     if plan.budget_tokens:
-        print(f"  host block store (fp16)        {gib(plan.host_kv_bytes)}  ({gib(plan.host_reserved_bytes).strip()} in segments) "
-              f"of {plan.host_ram_bytes / GIB:.0f} GiB RAM: {'fits' if plan.fits_host else 'does NOT fit'}")
+        print(f"  host block store (fp16)        {gib(plan.host_kv_bytes)}  ({gib(plan.host_reserved_bytes).strip()} in segments, "
+              f"{gib(plan.host_pinned_bytes).strip()} pinned) of {plan.host_ram_bytes / GIB:.0f} GiB RAM available: "
+              f"{'fits' if plan.fits_host else 'does NOT fit'}")

@@ -3,7 +3,9 @@
 Adds up what a load and a prefill to N tokens would hold, from a ModelSpec alone: the weights in the
 chosen format (ModelSpec.weight_bytes), the long-context memory's device tiers as ContextMemory allocates
 them (edgectx.memory.tiers.Resident, edgectx.memory.retrieval.BlockCache, the attention Assembly, block
-representatives), a prefill chunk's activations, and the host block store (every token's K and V in fp16).
+representatives), its recent-query buffer and retrieval's staging pool, a prefill chunk's activations, the CUDA
+runtime and the allocator's slack, and the host block store (every token's K and V in fp16, as pinned memory
+rounds it) against the RAM available now.
 Full attention's KV comes with it for comparison. `edgectx plan` (edgectx.cli.plan) prints the plan.
 
     plan = plan_memory(synthetic_spec("llama-3.1-8b"), 131072, 24 * GIB, MemoryConfig(), "nf4", host_ram_bytes())
@@ -20,7 +22,10 @@ from edgectx.memory.config import MemoryConfig
 from edgectx.model.spec import ModelSpec
 
 GIB = 2**30
-RUNTIME_BYTES = 600 * 2**20  # CUDA context, cuBLAS workspaces and allocator slack: outside torch's own count
+# The CUDA context, cuBLAS workspaces and loaded kernel modules (cuBLAS, Triton's), outside torch's own count: about
+# 500-800 MiB on recent GPUs; 600 MiB was optimistic (issue 21). gpu-check.sh sets this against a measured peak.
+RUNTIME_BYTES = 1 << 30
+ALLOCATOR_SLACK = 0.05  # PyTorch's caching allocator: 2 MiB rounding and split blocks it cannot hand back out
 INDEX_BYTES, SCORE_BYTES, VALID_BYTES = 8, 4, 1  # int64 token indices, float32 scores, bool duplicate mask
 
 
@@ -83,6 +88,36 @@ def activation_bytes(spec: ModelSpec, config: MemoryConfig | None, chunk_tokens:
     return stream + qkv + mask + max(observe, ffn) + dequantized + logits
 
 
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def host_store_bytes(spec: ModelSpec, config: MemoryConfig, n_tokens: int, pinned: bool) -> tuple[int, int]:
+    """(bytes of whole segments, bytes they occupy in RAM) for the host block store holding `n_tokens`: every layer
+    allocates segments of SEGMENT_BLOCKS blocks as the context grows. Pinned (on CUDA), torch's host allocator rounds
+    each allocation up to a power of two (a 48 MiB segment pins 64 MiB) and keeps it cached after it is freed."""
+    from edgectx.memory.block_store import SEGMENT_BLOCKS  # imports torch: not at the CLI's start
+
+    segment_tokens = SEGMENT_BLOCKS * config.block_size
+    n_segments = -(-n_tokens // segment_tokens)
+    segment_bytes = segment_tokens * spec.kv_bytes_per_token(2) // spec.n_layers  # one layer's segment, fp16
+    held = next_power_of_two(segment_bytes) if pinned else segment_bytes
+    return n_segments * segment_bytes * spec.n_layers, n_segments * held * spec.n_layers
+
+
+def overhead_bytes(spec: ModelSpec, config: MemoryConfig | None, elem_bytes: int = 2) -> tuple[int, int]:
+    """(recent-query buffer, copy stream's pool) of the long-context memory on a GPU: every layer keeps its last
+    `n_observe` pre-RoPE queries for eviction scores; a retrieval stages the blocks it copies (up to top_k_blocks
+    per KV head, one (2, n_kv, block_size, d) slab each) in host dtype and converts them, in buffers the copy
+    stream's own allocator pool keeps."""
+    if config is None:
+        return 0, 0
+    queries = spec.n_layers * spec.n_heads * config.n_observe * spec.head_dim * elem_bytes
+    slab = 2 * spec.n_kv_heads * config.block_size * spec.head_dim
+    copies = config.top_k_blocks * spec.n_kv_heads * slab * (2 + elem_bytes)  # fp16 staged + converted
+    return queries, copies
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     model: str
@@ -98,11 +133,16 @@ class MemoryPlan:
     host_kv_bytes: int  # the host block store: every token's K and V in fp16
     host_reserved_bytes: int  # the same in whole 4096-token segments, as allocated
     gpu_bytes: int
-    host_ram_bytes: int
+    host_ram_bytes: int  # what the host store may take: RAM available now (`edgectx plan`), not all of it
+    query_buffer_bytes: int = 0  # the memory's recent queries (eviction scores), every layer
+    copy_pool_bytes: int = 0  # retrieval's staging buffers in the copy stream's pool
+    allocator_slack_bytes: int = 0  # the caching allocator's rounding and fragments (ALLOCATOR_SLACK of the rest)
+    host_pinned_bytes: int = 0  # the host segments as pinned memory holds them (power-of-two rounding on CUDA)
 
     @property
     def device_total_bytes(self) -> int:
-        return self.weight_bytes + self.device_kv_bytes + self.activation_bytes + self.runtime_bytes
+        return (self.weight_bytes + self.device_kv_bytes + self.activation_bytes + self.runtime_bytes
+                + self.query_buffer_bytes + self.copy_pool_bytes + self.allocator_slack_bytes)
 
     @property
     def fits_device(self) -> bool:
@@ -110,7 +150,7 @@ class MemoryPlan:
 
     @property
     def fits_host(self) -> bool:
-        return self.host_reserved_bytes <= self.host_ram_bytes
+        return max(self.host_reserved_bytes, self.host_pinned_bytes) <= self.host_ram_bytes
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -121,29 +161,30 @@ class MemoryPlan:
 
 
 def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: MemoryConfig | None, weights: str,
-                host_ram_bytes: int, model: str = "", elem_bytes: int = 2) -> MemoryPlan:
+                host_ram_bytes: int, model: str = "", elem_bytes: int = 2, pinned: bool = True) -> MemoryPlan:
+    """`pinned`: the host store is pinned memory (a CUDA device), whose allocations round up to powers of two."""
     chunk = config.chunk_tokens if config else 512
     kv_token = spec.kv_bytes_per_token(2)
     if config is None:
-        tiers, kv_bytes, host, reserved, keys = None, context_tokens * spec.kv_bytes_per_token(elem_bytes), 0, 0, context_tokens
+        tiers, kv_bytes, host, reserved, held, keys = None, context_tokens * spec.kv_bytes_per_token(elem_bytes), 0, 0, 0, context_tokens
     else:
         from edgectx.memory.device import auto_cache_blocks  # imports torch: not at the CLI's start
 
         free_after_weights = gpu_bytes - spec.weight_bytes(weights, dense_bytes=elem_bytes) - RUNTIME_BYTES
         tiers = device_kv(spec, config, context_tokens, elem_bytes, auto_cache_blocks(config, spec, free_after_weights, elem_bytes))
         kv_bytes, host = tiers.total_bytes, context_tokens * kv_token
-        from edgectx.memory.block_store import SEGMENT_BLOCKS  # imports torch: not at the CLI's start
-
-        segment = SEGMENT_BLOCKS * config.block_size
-        reserved = -(-context_tokens // segment) * segment * kv_token
+        reserved, held = host_store_bytes(spec, config, context_tokens, pinned)
         keys = config.budget_tokens + chunk
+    activations = activation_bytes(spec, config, min(chunk, context_tokens), keys, weights, elem_bytes)
+    queries, copies = overhead_bytes(spec, config, elem_bytes)
     return MemoryPlan(
         model=model, weights=weights, context_tokens=context_tokens,
         budget_tokens=config.budget_tokens if config else None,
         weight_bytes=spec.weight_bytes(weights, dense_bytes=elem_bytes), device_kv=tiers, device_kv_bytes=kv_bytes,
-        activation_bytes=activation_bytes(spec, config, min(chunk, context_tokens), keys, weights, elem_bytes),
-        runtime_bytes=RUNTIME_BYTES, full_kv_bytes=context_tokens * kv_token, host_kv_bytes=host,
-        host_reserved_bytes=reserved, gpu_bytes=gpu_bytes, host_ram_bytes=host_ram_bytes,
+        activation_bytes=activations, runtime_bytes=RUNTIME_BYTES, full_kv_bytes=context_tokens * kv_token,
+        host_kv_bytes=host, host_reserved_bytes=reserved, gpu_bytes=gpu_bytes, host_ram_bytes=host_ram_bytes,
+        query_buffer_bytes=queries, copy_pool_bytes=copies,
+        allocator_slack_bytes=int(ALLOCATOR_SLACK * (kv_bytes + activations + queries + copies)), host_pinned_bytes=held,
     )
 
 

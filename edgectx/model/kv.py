@@ -203,8 +203,7 @@ class FullKVCache:
 
     def begin(self, n_new: int) -> None:
         self._pending = n_new
-        positions = torch.arange(self._n_tokens, self._n_tokens + n_new, device=self.device)
-        self.rope_tables = self.rope.tables(positions, self.dtype)
+        self.rope_tables = self.rope.range_tables(self._n_tokens, n_new, self.dtype)  # positions known here: no sync
         window = self.spec.sliding_window
         self.from_empty = self._n_tokens == 0 and n_new > 1 and (not window or n_new <= window)
         self.mask = None if self.from_empty else causal_mask(self._n_tokens, n_new, window, self.device)

@@ -69,20 +69,30 @@ class Rope:
     def reserve(self, n_positions: int) -> None:
         self._ensure(n_positions)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype,
+               n_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed_sin) for `positions` (T,), each (T, rope_dim): cos repeated over both halves and
-        sin as [-sin, sin], so that rotation is `x * cos + swap_halves(x) * signed_sin` (3 ops, not 7)."""
-        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
-        cos, sin = self._cos[positions].to(dtype), self._sin[positions].to(dtype)
-        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        sin as [-sin, sin], so that rotation is `x * cos + swap_halves(x) * signed_sin` (3 ops, not 7).
+        `n_positions`: a bound on the positions (all < it) known on the host. Without it the tables are grown to
+        the largest position, which a device tensor must send back to the host: a sync that waits for the GPU."""
+        if n_positions is None:
+            n_positions = int(positions.max()) + 1 if positions.numel() else 0
+        self._ensure(n_positions)
+        return self._signed(self._cos[positions], self._sin[positions], dtype)
 
     def range_tables(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`tables` for positions start .. start + n - 1. The last range is kept: every layer of a decode step
-        asks for the same one (30 layers: one computation instead of 30)."""
+        """`tables` for positions start .. start + n - 1, sliced from the tables with no index and no sync (the
+        range is known on the host). The last range is kept: every layer of a decode step may ask for the same one."""
         key = (start, n, dtype)
         if self._last_range is None or self._last_range[0] != key:
-            self._last_range = (key, self.tables(torch.arange(start, start + n, device=self.device), dtype))
+            self._ensure(start + n)
+            self._last_range = (key, self._signed(self._cos[start : start + n], self._sin[start : start + n], dtype))
         return self._last_range[1]
+
+    @staticmethod
+    def _signed(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., T, head_dim) at `positions` (T,), returning a new tensor."""

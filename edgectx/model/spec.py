@@ -17,7 +17,7 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "phi3")
 # Bits per weight of a transformer block's linear layers in each weight format (edgectx.quant), scales
 # included: nf4 = 4-bit codes + a uint8 absmax per 64 weights + an fp32 absmax per 256 of those (QLoRA's
 # double quantization, bitsandbytes' default here); int8 = 8-bit codes, plus an fp32 scale per output row.
-WEIGHT_FORMAT_BITS = {"fp16": 16.0, "int8": 8.0, "nf4": 4.0 + 8 / 64 + 32 / (64 * 256)}
+WEIGHT_FORMAT_BITS = {"fp16": 16.0, "int8": 8.0, "nf4": 4.0 + 32 / 64}  # nf4: a float32 absmax per 64 (quant/bnb_linear.py)
 
 
 @dataclass(frozen=True)
