@@ -332,12 +332,12 @@ class ContextMemory:
         return torch.cat((self.token_index.tokens(min(start, self._n_tokens), self._n_tokens), new))
 
     def lexical_blocks(self, n_eligible: int) -> torch.Tensor:
-        """The blocks every layer and KV head retrieves for this forward (edgectx.memory.lexical), computed
-        once per forward by the first layer that retrieves."""
+        """The blocks every layer and KV head retrieves for this forward (edgectx.memory.lexical), on the device,
+        computed once per forward by the first layer that retrieves."""
         if self._lexical is None or self._lexical[0] != n_eligible:
             blocks = self.token_index.match(self.lexical_query(), n_eligible,
                                             min(self.config.lexical_blocks, self.config.top_k_blocks))
-            self._lexical = (n_eligible, blocks)
+            self._lexical = (n_eligible, upload(blocks, self.device))  # once for every layer, without a host stall
         return self._lexical[1]
 
     def commit(self) -> None:

@@ -39,7 +39,7 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
     scores = torch.einsum("kd,bkd->kb", q_group, reps) / (head_dim**0.5 * group)  # (n_kv, n_blocks)
     probs = torch.softmax(scores.float(), dim=1)
     if chosen is not None and chosen.numel():
-        scores = scores.index_fill(1, chosen.to(scores.device), torch.inf)
+        scores = scores.index_fill(1, chosen, torch.inf)
     top = torch.topk(scores, min(top_k, n_eligible), dim=1).indices.sort(dim=1).values
     return top, probs.gather(1, top)
 
