@@ -66,7 +66,7 @@ class GenerationStats:
     generated_tokens: int = 0
     decode_s: float = 0.0
     stop_reason: str = ""  # eog | stop_string | max_tokens | context | cancelled
-    retrieved: list[dict] = field(default_factory=list)  # blocks the memory retrieved most while answering
+    retrieved: list[dict] = field(default_factory=list)  # blocks the answer attended to most (citations)
 
     @property
     def decode_tok_s(self) -> float:
@@ -272,7 +272,10 @@ class Engine:
             )
         if self.governor is not None:
             self.governor.apply()  # fewer threads while other processes hold the cores (edgectx.cpu_share)
-        self.memory.begin(len(ids))
+        if isinstance(self.memory, ContextMemory):
+            self.memory.begin(len(ids), token_ids=ids)  # the ids let retrieval match the question's words
+        else:
+            self.memory.begin(len(ids))
         logits = self.step(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
         self.memory.commit()
         self.tokens.extend(ids)
@@ -352,7 +355,8 @@ class Engine:
         self._next_logits = logits
 
     def retrieved_blocks(self, n: int = 8) -> list[dict]:
-        """The blocks the memory retrieved most since the turn began (empty under full attention)."""
+        """The blocks the answer attended to most since the turn began, retrieved or resident, best first (empty
+        under full attention, and until the memory first evicts)."""
         record = getattr(self.memory, "record", None)
         return record.top(n) if record is not None else []
 

@@ -1,7 +1,9 @@
-"""Citations: which passages of the attached documents the model retrieved most while answering.
+"""Citations: which passages of the attached documents the model attended to most while answering.
 
-The long-context memory records the host blocks it retrieved back to the device for each answer
-(`GenerationStats.retrieved`: token ranges with a relevance score, edgectx.memory.retrieval.RetrievalRecord).
+The long-context memory records, at each retrieval of an answer, the attention mass its queries put on every
+block of the context, whether the block was retrieved from the host store or stayed resident (retained tokens,
+the window; not the sinks) (`GenerationStats.retrieved`: token ranges with a relevance score, best first,
+edgectx.memory.retrieval.RetrievalRecord).
 A block that falls inside a document's `<document>` block of the conversation's opening becomes a
 citation: the document, the passage's character span in its text, its first line, and its page for a PDF.
 Blocks over the conversation's turns, or an answer that retrieved nothing (a context that never evicted),
@@ -28,7 +30,7 @@ class Citation:
     line: int  # the passage's first line, from 1
     end_line: int
     page: int | None  # PDFs: the page the passage starts on, from 1
-    score: float  # mean relevance per retrieval (the memory's softmax weight)
+    score: float  # mean attention mass per retrieval (edgectx.memory.retrieval.RetrievalRecord)
     text: str
 
     @property
@@ -49,7 +51,7 @@ def _doc_span(opening: Opening, doc_index: int, first: int, end: int) -> tuple[i
 
 
 def cite(opening: Opening | None, retrieved: list[dict], limit: int = 5) -> list[Citation]:
-    """The retrieved blocks that lie in the documents, best first, adjacent blocks of one document merged."""
+    """The recorded blocks that lie in the documents, best first, adjacent blocks of one document merged."""
     if opening is None or not retrieved:
         return []
     spans: dict[int, list[tuple[int, int, float]]] = {}

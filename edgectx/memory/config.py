@@ -21,7 +21,7 @@ HOST_DTYPES = ("float16", "bfloat16", "float32")
 # The largest value each count may take. A config also arrives inside snapshot files from anywhere, and these
 # counts size buffers before any token is read: far above any setting that helps, far below what exhausts a
 # machine (a chunk of 8192 tokens already needs GBs of attention scratch on an 8B model).
-LIMITS = {"budget_tokens": 1 << 20, "n_sink": 1 << 20, "n_local": 1 << 20, "block_size": 4096, "top_k_blocks": 256,
+LIMITS = {"budget_tokens": 1 << 20, "n_sink": 1 << 20, "n_local": 1 << 20, "block_size": 4096, "top_k_blocks": 256, "lexical_blocks": 256,
           "cache_blocks": 1 << 16, "chunk_tokens": 8192, "n_observe": 8192, "retrieve_every": 4096, "evict_every": 4096}
 
 
@@ -32,6 +32,9 @@ class MemoryConfig:
     n_local: int = 512  # newest tokens, always kept: local coherence
     block_size: int = 128  # host-store block and retrieval unit (InfLLM)
     top_k_blocks: int = 4  # blocks retrieved per layer for each query chunk or decode step
+    # of those (at most), blocks chosen for every layer and KV head by the query's rare tokens (edgectx.memory.lexical):
+    # the only signal that found a one-line fact in a 16K document on the embedded model (docs/recall.md)
+    lexical_blocks: int = 2
     # LRU block cache per layer on the device, in blocks (>= top_k_blocks); "auto": 16 on a CPU, sized from the
     # free memory on a GPU (edgectx.memory.device.cache_capacity_blocks)
     cache_blocks: int | str = "auto"

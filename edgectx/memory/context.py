@@ -3,8 +3,11 @@
 Per layer, the device holds the *resident* tokens, sorted by original index per KV head: the first
 `n_sink` tokens, the newest `n_local` (the window) and the `n_retain` older tokens per KV head that the
 eviction scorer ranks highest. Every token's pre-RoPE K and V also go to a host block store; once
-anything has been evicted, each query chunk (or every `retrieve_every` decode steps) retrieves the
-top-k blocks by representative key into an LRU block cache. Attention runs over
+anything has been evicted, each query chunk (or every `retrieve_every` decode steps) retrieves
+`top_k_blocks` blocks into an LRU block cache: first, for every layer and KV head alike, the blocks that
+hold the query's rare tokens (edgectx.memory.lexical; the token ids come with `begin`), then each KV
+head's best by representative key. What the queries then attend to, per block, goes to the record
+that citations read. Attention runs over
 `resident + retrieved blocks + the chunk`, with keys rotated at their assigned positions
 (`compact`: the selected context renumbered 0..N-1 in original order; `original`: true indices).
 Until the context outgrows `budget_tokens` nothing is evicted or retrieved: exactly full attention.
@@ -35,12 +38,16 @@ from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
 from edgectx.model.kv import grouped_attention
 from edgectx.memory.config import MemoryConfig
+from edgectx.memory.lexical import UNKNOWN, TokenIndex
 from edgectx.memory.tiers import Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
 from edgectx.model.rope import Rope
 from edgectx.memory.recent import RecentQueries
 from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer
 from edgectx.model.spec import ModelSpec
+
+
+RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class LayerMemory:
         self.steps_since_retrieval = 0
         self.recent = RecentQueries(s.n_heads, s.head_dim, c.n_observe, memory.device, memory.dtype)
         self.asm: Assembly | None = None
+        self._record_now = False  # this forward retrieved: record what its queries attend to
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
 
@@ -89,11 +97,10 @@ class LayerMemory:
             return self.selection
         # Only blocks wholly older than the window: newer tokens are resident in every head anyway.
         n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
-        blocks, probs = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks)
+        blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
+                                      m.lexical_blocks(n_eligible))
         blocks = blocks.cpu()  # the host reads the ids anyway (to copy blocks); later steps compare them for free
-        if blocks.numel():
-            m.record.add(blocks, probs)
-        self.selection, self.steps_since_retrieval = blocks, 0
+        self.selection, self.steps_since_retrieval, self._record_now = blocks, 0, True
         return blocks
 
     def _assemble(self, selection: torch.Tensor) -> Assembly:
@@ -154,6 +161,29 @@ class LayerMemory:
         self.asm = asm
         return asm
 
+    def _attended(self, q_rot: torch.Tensor, asm: Assembly, start: int, n_new: int) -> torch.Tensor:
+        """Attention mass per completed block (n_blocks,) that the newest `RECORD_QUERIES` queries of this forward
+        put on the context's tokens, resident or retrieved, averaged over KV heads: what the answer attended to.
+        The sinks are left out (attention parks its spare mass there whatever the question)."""
+        m, c = self.memory, self.memory.config
+        n_heads, _, head_dim = q_rot.shape
+        n_kv, end, t = asm.k.shape[0], start + n_new, min(n_new, RECORD_QUERIES)
+        group = n_heads // n_kv
+        qg = q_rot[:, n_new - t :].reshape(n_kv, group * t, head_dim)  # heads h*group.. share KV head h
+        logits = (qg @ asm.k[:, :end].transpose(1, 2)).float() / head_dim**0.5  # (n_kv, group * t, end)
+        mask = asm.mask(start, n_new)
+        if mask is not None:
+            mask = mask[..., n_new - t :, :].expand(n_kv, t, end).repeat(1, group, 1)  # rows as qg's
+            logits = logits.masked_fill(~mask, float("-inf"))
+        mass = torch.softmax(logits, dim=-1).sum(dim=1)  # (n_kv, end)
+        # Completed blocks before this forward only: a passage of the context, not the query's own tokens.
+        n_blocks = m.n_tokens // c.block_size
+        idx = asm.idx[:, :end]
+        mass = mass.masked_fill((idx < c.n_sink) | (idx >= n_blocks * c.block_size), 0.0)
+        bins = (idx // c.block_size).clamp(max=n_blocks)  # (n_kv, end); bin n_blocks gathers what is left out
+        per_block = torch.zeros(n_kv, n_blocks + 1, device=mass.device).scatter_add_(1, bins, mass)
+        return per_block[:, :n_blocks].mean(dim=0) / (group * t)
+
     def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
         """Attention mass (n_kv, n_keys) that the last `n_observe` queries put on each assembled key."""
         m, c = self.memory, self.memory.config
@@ -187,6 +217,9 @@ class LayerMemory:
             out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
         else:
             out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
+        if self._record_now:
+            self._record_now = False
+            m.record.add(self._attended(qk[:n_heads], asm, start, n_new))
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
@@ -276,6 +309,10 @@ class ContextMemory:
                                 self.config.top_k_blocks * spec.n_kv_heads)
         self._n_tokens = 0
         self._pending = 0
+        self.token_index = TokenIndex(self.config.block_size)  # every token's id, for lexical retrieval
+        self.query_start = 0  # the lexical query: tokens from the last multi-token chunk's first on
+        self._pending_ids: torch.Tensor | None = None
+        self._lexical: tuple[int, torch.Tensor] | None = None  # (n_eligible, blocks) of the forward under way
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
 
     def as_stored(self, t: torch.Tensor) -> torch.Tensor:
@@ -289,8 +326,29 @@ class ContextMemory:
     def n_tokens(self) -> int:
         return self._n_tokens
 
-    def begin(self, n_new: int) -> None:
+    def begin(self, n_new: int, token_ids: list[int] | None = None) -> None:
+        """A forward of `n_new` tokens starts; `token_ids` (their ids) let retrieval match them lexically."""
         self._pending = n_new
+        self._pending_ids = torch.tensor(token_ids, dtype=torch.int32) if token_ids is not None \
+            else torch.full((n_new,), UNKNOWN, dtype=torch.int32)
+        self._lexical = None
+
+    def lexical_query(self) -> torch.Tensor:
+        """Token ids the forward under way retrieves for: a chunk's own, or for a decode step the last chunk
+        (the question) and the answer so far; at most a chunk's worth, the newest."""
+        new = self._pending_ids if self._pending_ids is not None else torch.empty(0, dtype=torch.int32)
+        start = self._n_tokens if len(new) > 1 else self.query_start
+        start = max(start, self._n_tokens + len(new) - self.config.chunk_tokens)
+        return torch.cat((self.token_index.tokens(min(start, self._n_tokens), self._n_tokens), new))
+
+    def lexical_blocks(self, n_eligible: int) -> torch.Tensor:
+        """The blocks every layer and KV head retrieves for this forward (edgectx.memory.lexical), on the device,
+        computed once per forward by the first layer that retrieves."""
+        if self._lexical is None or self._lexical[0] != n_eligible:
+            blocks = self.token_index.match(self.lexical_query(), n_eligible,
+                                            min(self.config.lexical_blocks, self.config.top_k_blocks))
+            self._lexical = (n_eligible, upload(blocks, self.device))  # once for every layer, without a host stall
+        return self._lexical[1]
 
     def commit(self) -> None:
         pending = [layer._pending for layer in self.layers]
@@ -300,8 +358,13 @@ class ContextMemory:
                 p.scores = s
         for layer in self.layers:
             layer.commit()
+        if self._pending_ids is None:
+            self._pending_ids = torch.full((self._pending,), UNKNOWN, dtype=torch.int32)
+        self.token_index.append(self._pending_ids)
+        if self._pending > 1:
+            self.query_start = self._n_tokens
         self._n_tokens += self._pending
-        self._pending = 0
+        self._pending, self._pending_ids, self._lexical = 0, None, None
 
     def truncate(self, n_tokens: int) -> None:
         """Forget every token from `n_tokens` on (a regenerated or edited turn)."""
@@ -309,6 +372,8 @@ class ContextMemory:
             return
         for layer in self.layers:
             layer.truncate(n_tokens)
+        self.token_index.truncate(n_tokens)
+        self.query_start = min(self.query_start, n_tokens)
         self._n_tokens = n_tokens
 
     def stats(self) -> dict:

@@ -3,8 +3,8 @@
 A block's score, per KV head, is the dot product of the query chunk's mean pre-RoPE query (summed over
 the head's query group) with the block's representative key for that head. Pre-RoPE dot products are what rotated q and k
 give at equal positions, so the score carries no distance penalty: a passage 100K tokens back is as
-reachable as one 1K back. What was retrieved is recorded (per block, softmax relevance summed over
-layers and steps) so the UI can cite the passages the model looked at.
+reachable as one 1K back. At each retrieval, the attention mass its queries put on every block of the
+context (retrieved or resident) is recorded, so the UI can cite the passages the model looked at.
 
     blocks, probs = select_blocks(q, store.representatives, n_eligible=40, top_k=4)  # (n_kv, 4) each
     slots = cache.fetch([3, 7], store); cache.ready()  # on the device, in the compute dtype
@@ -21,11 +21,13 @@ import torch
 from edgectx.memory.block_store import HostBlockStore
 
 
-def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int, top_k: int,
+                  chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of the first `n_eligible` blocks per KV head, for pre-RoPE queries q (n_heads, T, d).
 
     Each KV head picks its own blocks (heads attend to different things, as their retained tokens
-    show). Returns block ids (n_kv, k), ascending per head, and their softmax relevance (n_kv, k).
+    show), after the blocks `chosen` for every head (the lexical matches, edgectx.memory.lexical).
+    Returns block ids (n_kv, k), ascending per head, and their softmax relevance (n_kv, k).
     """
     n_heads, _, head_dim = q.shape
     n_kv = representatives.shape[1]
@@ -36,6 +38,8 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
     q_group = q.mean(dim=1).reshape(n_kv, group, head_dim).sum(dim=1)  # (n_kv, d)
     scores = torch.einsum("kd,bkd->kb", q_group, reps) / (head_dim**0.5 * group)  # (n_kv, n_blocks)
     probs = torch.softmax(scores.float(), dim=1)
+    if chosen is not None and chosen.numel():
+        scores = scores.index_fill(1, chosen, torch.inf)
     top = torch.topk(scores, min(top_k, n_eligible), dim=1).indices.sort(dim=1).values
     return top, probs.gather(1, top)
 
@@ -159,18 +163,19 @@ class BlockCache:
 
 @dataclass
 class RetrievalRecord:
-    """Relevance per retrieved block, summed over layers and steps since the last `clear`."""
+    """What the queries attended to at each retrieval since the last `clear`: attention mass per block of the
+    context (resident tokens and retrieved blocks alike, the sinks left out), summed over layers and steps."""
 
     block_size: int
     relevance: dict[int, float] = field(default_factory=dict)
     n_retrievals: int = 0
 
-    def add(self, blocks: torch.Tensor, probs: torch.Tensor) -> None:
-        """One layer's retrieval: blocks and relevance (n_kv, k), averaged over the KV heads."""
+    def add(self, mass: torch.Tensor) -> None:
+        """One layer's retrieval: the mean attention mass of its queries per block (n_blocks,)."""
         self.n_retrievals += 1
-        n_kv = blocks.shape[0]
-        for block, p in zip(blocks.flatten().tolist(), probs.flatten().tolist()):
-            self.relevance[block] = self.relevance.get(block, 0.0) + p / n_kv
+        blocks = torch.nonzero(mass > 0).flatten()
+        for block, p in zip(blocks.tolist(), mass[blocks].tolist()):
+            self.relevance[block] = self.relevance.get(block, 0.0) + p
 
     def clear(self) -> None:
         self.relevance.clear()

@@ -85,7 +85,8 @@ def memory_meta(memory: ContextMemory, codec: str) -> dict:
     record = memory.record
     return {"state": STATE, "state_version": STATE_VERSION, "codec": codec, "dtype": str(memory.dtype).removeprefix("torch."),
             "kv_dtype": str(memory.kv_dtype).removeprefix("torch."),  # what the live tiers held (a restore converts)
-            "scorer": memory.scorer.name, "n_tokens": memory.n_tokens, "rope_positions": memory.rope.n_positions, "layers": layers,
+            "scorer": memory.scorer.name, "n_tokens": memory.n_tokens, "query_start": memory.query_start,
+            "rope_positions": memory.rope.n_positions, "layers": layers,
             "record": {"n_retrievals": record.n_retrievals, "blocks": list(record.relevance),
                        "relevance": list(record.relevance.values())}}
 
@@ -149,6 +150,9 @@ def load_memory(snap: Snapshot, memory: ContextMemory) -> torch.Tensor | None:
     for i, (layer, layer_meta) in enumerate(zip(memory.layers, meta.layers)):
         _load_layer(_Reader(snap, f"layer.{i}.", memory), layer, layer_meta, meta.n_tokens, meta.codec,
                     memory.scorer.observes)
+    # The token ids (the container's `tokens`) feed lexical retrieval; the lexical query starts where it did.
+    memory.token_index.append(snap.tokens().to(torch.int32))
+    memory.query_start = meta.query_start
     memory.record.relevance = dict(zip(meta.record_blocks, meta.record_relevance))
     memory.record.n_retrievals = meta.n_retrievals
     if LOGITS not in snap:
@@ -286,6 +290,8 @@ class _State:
         try:
             self.n_tokens = _count(meta["n_tokens"])
             self.rope_positions = _count(meta["rope_positions"])
+            # written since lexical retrieval came; an older snapshot's next decode queries from its last token
+            self.query_start = min(_count(meta.get("query_start", self.n_tokens)), self.n_tokens)
             layers = meta["layers"]
             self.codec = meta["codec"]
             if self.codec not in SNAPSHOT_CODECS or not isinstance(layers, list) or len(layers) != len(memory.layers):

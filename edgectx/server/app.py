@@ -7,7 +7,7 @@
 Beyond OpenAI's fields, edgectx adds one object named `edgectx` (standard clients ignore unknown fields):
 in a stream, chunks with an empty delta carry `{"edgectx": {"prefill": {"done": N, "total": M}}}` while the
 prompt is read; the last chunk (and a whole response) carries `{"edgectx": {"citations": [...]}}`, the
-passages of the prompt the long-context memory retrieved most while answering (`document`, `start_token`,
+passages of the prompt the answer attended to most, retrieved or resident (`document`, `start_token`,
 `end_token`, `score`, `text`; empty when nothing was evicted, so nothing needed retrieving).
 
 Every error is OpenAI's JSON shape with a 4xx status (5xx only for a failure of the server itself); requests
