@@ -143,6 +143,7 @@ class Engine:
         self.weights = "fp16"  # the linear layers' format (Engine.load sets it: gguf, fp16, nf4 or int8)
         self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
         self.governor: ThreadGovernor | None = None  # on the CPU (Engine.load): threads sized to the free cores
+        self._prompt_logits: tuple[list[int], torch.Tensor] | None = None  # the last synced prompt and its logits
         self.last_stats = GenerationStats()
         self.tokens: list[int] = []  # the token ids held in memory, in order
         self.configure_memory(memory_config, n_ctx)
@@ -248,6 +249,7 @@ class Engine:
         self.memory = None  # free the old memory first: an "auto" block cache is sized from free device memory
         self.memory = self.new_memory()
         self.tokens = []
+        self._prompt_logits = None
         self._next_logits = None
 
     def take_memory(self) -> HeldMemory:
@@ -255,12 +257,13 @@ class Engine:
         empty memory takes its place."""
         held = HeldMemory(self.memory, self.tokens, self._next_logits)
         self.memory = self.new_memory()
-        self.tokens, self._next_logits = [], None
+        self.tokens, self._next_logits, self._prompt_logits = [], None, None
         return held
 
     def put_memory(self, held: HeldMemory) -> None:
         """Hold `held` (from `take_memory` on this engine, with the same memory config) as the conversation."""
         self.memory, self.tokens, self._next_logits = held.memory, held.tokens, held.next_logits
+        self._prompt_logits = None
 
     @torch.inference_mode()
     def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -298,20 +301,39 @@ class Engine:
     def sync(self, ids: list[int], progress: Progress | None = None, cancel: Cancel | None = None) -> int:
         """Make memory hold exactly `ids`, reusing the longest common prefix; returns the reused count.
 
-        At least the last token is always re-run so that fresh logits exist for generation.
+        At least the last token is re-run so that fresh logits exist for generation, unless `ids` is the prompt
+        the last sync ended with (a regenerated answer): its logits were kept, and a token re-run alone would
+        not give them back exactly (a chunk's products are not a single token's: ggml's decode kernels, and
+        for Q4_1/Q5_1 files exact float32 prefill products against 8-bit decode ones).
         """
         self.clear_retrieval_record()
-        reused = 0
-        limit = min(len(ids) - 1, len(self.tokens))  # keep one token to run: generation needs its logits
+        t0 = time.perf_counter()
+        reused = self.reusable(ids)
+        if reused == len(ids):  # the prompt the last sync ended with: its logits were kept
+            if len(self.tokens) > reused:
+                self.memory.truncate(reused)
+                del self.tokens[reused:]
+            self._next_logits = self._prompt_logits[1]
+        else:
+            if reused < len(self.tokens):
+                self.memory.truncate(reused)
+                del self.tokens[reused:]
+                self._next_logits = None  # until the prefill below runs a chunk
+            self._prompt_logits = None
+            self._next_logits = self.prefill(ids[reused:], progress=progress, cancel=cancel)
+            self._prompt_logits = (list(ids), self._next_logits)
+        self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_s=time.perf_counter() - t0)
+        return reused
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many of `ids` `sync` would take from memory: all of them for the prompt the last sync ended with
+        (its logits were kept), else the common prefix, short of the last token."""
+        kept = self._prompt_logits
+        if kept is not None and kept[0] == ids and self.tokens[: len(ids)] == ids:
+            return len(ids)
+        reused, limit = 0, min(len(ids) - 1, len(self.tokens))  # keep one token to run: generation needs its logits
         while reused < limit and ids[reused] == self.tokens[reused]:
             reused += 1
-        if reused < len(self.tokens):
-            self.memory.truncate(reused)
-            del self.tokens[reused:]
-            self._next_logits = None  # until the prefill below runs a chunk
-        t0 = time.perf_counter()
-        self._next_logits = self.prefill(ids[reused:], progress=progress, cancel=cancel)
-        self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_s=time.perf_counter() - t0)
         return reused
 
     def generate(self, params: SamplingParams, max_tokens: int = 512, stop: tuple[str, ...] = (),
@@ -427,7 +449,7 @@ class Engine:
             memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype)
             logits = load_memory(snap, memory)
         self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
-        self.tokens, self._next_logits = tokens, logits
+        self.tokens, self._next_logits, self._prompt_logits = tokens, logits, None
         return RestoreInfo(len(tokens), time.perf_counter() - t0)
 
     def prefill_with_snapshot(self, ids: list[int], path: Path | str, progress: Progress | None = None,

@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
     # session can run Triton on a CPU anyway.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The thread count stays what each test sets: edgectx.cpu_share would otherwise shrink it while the suite's own
+# subprocesses (llama.cpp references, servers) run, and numerics that depend on it would vary from run to run.
+# tests/test_cpu_share.py turns it back on for itself.
+os.environ.setdefault("EDGECTX_ADAPT_THREADS", "0")
+
 from edgectx.model.discover import embedded_model_path  # noqa: E402
 
 

@@ -51,10 +51,10 @@ def test_pop_turn_resends_from_where_the_turn_began(engine):
     prompt = engine.last_stats.prompt_tokens
     assert chat.pop_turn() == "two " * 60
     assert [m["content"] for m in chat.messages] == [("one " * 60), first]
-    assert chat.plan("two " * 60) == (prompt - 1, 1)  # the same turn again: all of it is still in memory
+    assert chat.plan("two " * 60) == (prompt, 0)  # the same turn again: all of it is in memory, its logits kept
     assert _send(chat, "two " * 60) == answer  # greedy: the same answer from the cut-back memory
-    assert engine.last_stats.reused_tokens == prompt - 1
+    assert engine.last_stats.reused_tokens == prompt
     chat.pop_turn()
     _send(chat, "three " * 60)
-    assert after_first <= engine.last_stats.reused_tokens < prompt - 1
+    assert after_first <= engine.last_stats.reused_tokens < prompt - 1  # a new turn: from where they differ
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]

@@ -20,7 +20,8 @@ def test_threads_for_leaves_the_cores_others_use():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 cores")
-def test_a_busy_process_takes_a_thread_and_gives_it_back():
+def test_a_busy_process_takes_a_thread_and_gives_it_back(monkeypatch):
+    monkeypatch.setenv("EDGECTX_ADAPT_THREADS", "1")  # the suite keeps it off (conftest)
     saved = torch.get_num_threads()
     n_cpus = len(os.sched_getaffinity(0))
     try:

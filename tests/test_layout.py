@@ -21,7 +21,8 @@ LAYERS = [
     {"errors"},  # the one-sentence errors: import nothing
     {"kernels"},  # Triton kernels: edgectx.errors at most
     {"quant"},  # weight and KV quantization: edgectx.errors, and the kernels (quant.gguf_cuda runs gguf_matmul)
-    {"config"},  # the data and config paths, the config file (it checks names against quant.formats)
+    {"config", "cpu_share"},  # the data and config paths, the config file (it checks names against quant.formats);
+    # the thread count that follows the free cores (sets ggml's too)
     {"model", "snapshot"},  # the transformer and its loaders; the .ectx file format
     {"memory", "store"},  # the long-context memory; the SQLite store
     {"engine"},

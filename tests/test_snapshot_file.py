@@ -392,7 +392,13 @@ def _reads_only_snapshot_errors(path: Path, data: bytes, original: dict) -> None
     except SnapshotError as e:
         assert str(e) and "\n" not in str(e)
         return
-    assert got.keys() == original.keys() and all(_same(got[k], original[k]) for k in got)
+    # An empty tensor has no bytes for a checksum to cover: a forged shape reads as another empty tensor (the
+    # memory's loader then rejects it by the shape it expects); every tensor with data must read back unchanged.
+    assert got.keys() == original.keys() and all(_same(got[k], original[k]) or _both_empty(got[k], original[k]) for k in got)
+
+
+def _both_empty(a, b) -> bool:
+    return not isinstance(a, bytes) and not isinstance(b, bytes) and a.numel() == b.numel() == 0 and a.dtype == b.dtype
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

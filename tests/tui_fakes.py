@@ -60,12 +60,16 @@ class FakeEngine:
     def reset(self) -> None:
         self.tokens = []
 
-    def sync(self, ids, progress=None, cancel=None) -> int:
-        if cancel and cancel():
-            raise Cancelled("Cancelled; the tokens read so far stay in memory.")
+    def reusable(self, ids) -> int:
         reused = 0
         while reused < min(len(ids) - 1, len(self.tokens)) and ids[reused] == self.tokens[reused]:
             reused += 1
+        return reused
+
+    def sync(self, ids, progress=None, cancel=None) -> int:
+        if cancel and cancel():
+            raise Cancelled("Cancelled; the tokens read so far stay in memory.")
+        reused = self.reusable(ids)
         self.tokens = list(ids)
         self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=reused)
         return reused

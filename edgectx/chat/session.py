@@ -51,9 +51,7 @@ class ChatSession:
     def plan(self, content: str) -> tuple[int, int]:
         """(tokens already in memory, tokens to prefill) if `content` were sent now; changes nothing."""
         ids, _ = self._ids_for(self.messages + [{"role": "user", "content": content}])
-        cached, limit = 0, min(len(ids) - 1, len(self.engine.tokens))
-        while cached < limit and ids[cached] == self.engine.tokens[cached]:
-            cached += 1
+        cached = self.engine.reusable(ids)
         return cached, len(ids) - cached
 
     def pop_turn(self) -> str:
