@@ -43,7 +43,7 @@ from edgectx.quant.blocks import QuantizedMatrix
 
 # Types whose products ggml's CPU backend computes from the blocks (the types of Q4_K_M, Q5_K_M and Q8_0 files).
 GGML_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-_F32 = 0
+_F32, _F16 = 0, 1
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 
 
@@ -88,6 +88,19 @@ class _Lib:
             (base, "ggml_graph_overhead", ctypes.c_size_t, []),
             (base, "ggml_new_tensor_2d", _TensorP, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]),
             (base, "ggml_new_tensor_1d", _TensorP, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]),
+            (base, "ggml_new_tensor_3d", _TensorP, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
+            (base, "ggml_view_2d", _TensorP, [ctypes.c_void_p, _TensorP, ctypes.c_int64, ctypes.c_int64, ctypes.c_size_t, ctypes.c_size_t]),
+            (base, "ggml_reshape_2d", _TensorP, [ctypes.c_void_p, _TensorP, ctypes.c_int64, ctypes.c_int64]),
+            (base, "ggml_reshape_3d", _TensorP, [ctypes.c_void_p, _TensorP, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
+            (base, "ggml_concat", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP, ctypes.c_int]),
+            (base, "ggml_cpy", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
+            (base, "ggml_flash_attn_ext", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP, _TensorP, _TensorP, ctypes.c_float,
+                                                    ctypes.c_float, ctypes.c_float]),
+            (base, "ggml_flash_attn_ext_set_prec", None, [_TensorP, ctypes.c_int]),
+            (base, "ggml_new_graph_custom", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_bool]),
+            (base, "ggml_graph_overhead_custom", ctypes.c_size_t, [ctypes.c_size_t, ctypes.c_bool]),
+            (base, "ggml_graph_n_nodes", ctypes.c_int, [ctypes.c_void_p]),
+            (base, "ggml_graph_node", _TensorP, [ctypes.c_void_p, ctypes.c_int]),
             (base, "ggml_mul_mat", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),
             (base, "ggml_rms_norm", _TensorP, [ctypes.c_void_p, _TensorP, ctypes.c_float]),
             (base, "ggml_mul", _TensorP, [ctypes.c_void_p, _TensorP, _TensorP]),

@@ -36,7 +36,7 @@ import torch
 from edgectx import kernels
 from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
-from edgectx.model.kv import grouped_attention
+from edgectx.model.kv import DecodeSlot, grouped_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.lexical import UNKNOWN, TokenIndex
 from edgectx.memory.tiers import Assembly, Resident
@@ -220,14 +220,47 @@ class LayerMemory:
         if self._record_now:
             self._record_now = False
             m.record.add(self._attended(qk[:n_heads], asm, start, n_new))
+        self._plan_commit(q, k, v, asm, start)
+        return out
+
+    def decode_slot(self) -> DecodeSlot | None:
+        """Where a one-token step may attend outside PyTorch (edgectx.quant.ggml_decode): the assembled context
+        as the last step left it, on the CPU in float32. None on a retrieval step, when the context must be
+        rebuilt (after an eviction), or before the first chunk: those go through `attend`."""
+        m, c, asm = self.memory, self.memory.config, self.asm
+        if asm is None or asm.key[0] != self.version or m.device.type != "cpu" or m.dtype != torch.float32 \
+                or m.kv_dtype not in (torch.float32, torch.float16) or m.rope.rope_dim != m.spec.head_dim:
+            return None
+        if self.evicted and c.top_k_blocks and self.steps_since_retrieval >= c.retrieve_every:
+            return None
+        if asm.length >= asm.capacity:
+            asm.reserve(asm.length + 1 + asm.capacity // 2)  # as `write` grows it
+        cos, sin = m.rope.signed_tables(asm.next_pos + 1)
+        return DecodeSlot(asm.k, asm.v, asm.length, cos[asm.next_pos], sin[asm.next_pos],
+                          m.kv_dtype == torch.float16, asm.head_mask(m.spec.n_heads))
+
+    def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor) -> None:
+        """The step `decode_slot` planned ran: its key and value are in the context's new column; plan the
+        commit as `attend` does. q (n_heads, 1, d), k and v (n_kv, 1, d) pre-RoPE, k and v as stored; qkv: the
+        three as one row (what the projection emitted, the heads scorer's input)."""
+        m, asm = self.memory, self.asm
+        asm.idx[:, asm.length] = m.n_tokens
+        self._plan_commit(q, k, v, asm, asm.length, features=qkv[None])
+
+    def _plan_commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asm: Assembly, start: int,
+                     features: torch.Tensor | None = None) -> None:
+        """What `commit` will do after a forward whose `n_new` tokens sit at columns [start, start + n_new)."""
+        m, c = self.memory, self.memory.config
+        n_new = q.shape[1]
         limit = c.resident_tokens if self.evicted else c.budget_tokens
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
         if n_new == 1 and m.scorer.scores_steps_together:  # every layer's at once, in ContextMemory.commit
-            self._pending = _Pending(k, v, q, None, observed, evict, features=m.scorer.step_features(q, k, v))
+            if features is None:
+                features = m.scorer.step_features(q, k, v)
+            self._pending = _Pending(k, v, q, None, observed, evict, features=features)
         else:
             self._pending = _Pending(k, v, q, m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens), observed, evict)
-        return out
 
     # -- commit -------------------------------------------------------------------------------------
 

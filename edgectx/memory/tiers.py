@@ -94,6 +94,7 @@ class Assembly:
         self.key = key  # (resident version, retrieved blocks): what this assembly was built from
         self.n_resident = n_resident  # columns [0, n_resident) and [n_keys_at_build, length) are resident tokens
         self.n_built = n_keys
+        self._head_mask: torch.Tensor | None = None  # head_mask's, until the capacity changes
 
     def write(self, start: int, k_rot: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
         """Write a chunk's keys and values at `start` (scratch until `advance`), growing if needed."""
@@ -135,6 +136,17 @@ class Assembly:
         n_kv = self.k.shape[0]
         context = self.valid[:, None, :start].expand(n_kv, n_new, start)
         return torch.cat((context, causal.expand(n_kv, n_new, n_new)), dim=2)
+
+    def head_mask(self, n_heads: int) -> torch.Tensor | None:
+        """`valid` per query head as an additive float16 mask (n_heads, capacity): 0 where a head may attend,
+        -inf where not (a fused decode step's attention reads it), or None when every column is valid."""
+        if self.valid is None:
+            return None
+        if self._head_mask is None or self._head_mask.shape[1] != self.capacity:
+            group = n_heads // self.valid.shape[0]
+            zero = torch.zeros((), dtype=torch.float16, device=self.valid.device)
+            self._head_mask = torch.where(self.valid, zero, -torch.inf).repeat_interleave(group, dim=0).contiguous()
+        return self._head_mask
 
     def resident_columns(self, per_column: torch.Tensor) -> torch.Tensor:
         """Pick the resident tokens' entries (in resident order) from a (n_kv, length) per-column tensor."""

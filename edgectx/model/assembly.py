@@ -111,6 +111,14 @@ def fuse_ggml_layers(model: Transformer) -> int:
         bias = b.attn.wqkv.bias
         b.fused = GgmlLayer(stack, b.attn.wqkv.matmul.parts, b.attn.wo.matmul.parts, gate, up, b.ffn.w_down.matmul.parts[0],
                             b.attn_norm.weight, b.ffn_norm.weight, b.attn_norm.eps, qkv_bias=None if bias is None else bias.data)
+    spec = model.spec
+    if len(blocks) == len(model.layers) and not spec.qkv_bias and spec.head_dim % 2 == 0 and not spec.sliding_window:
+        from edgectx.quant.ggml_decode import GgmlDecoder
+
+        head = model.lm_head
+        lm_parts = head.matmul.parts if isinstance(head, GgmlLinear) and head.bias is None else None
+        model.decoder = GgmlDecoder([b.fused for b in blocks], spec.n_heads, spec.n_kv_heads, spec.head_dim,
+                                    model.norm.weight, model.norm.eps, lm_parts)
     return len(blocks)
 
 

@@ -18,6 +18,7 @@ the products and the softmax stay float32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -81,9 +82,32 @@ class Widener:
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
 
 
+@dataclass
+class DecodeSlot:
+    """Where a one-token step of a layer may run its attention outside PyTorch (edgectx.quant.ggml_decode): the
+    layer's assembled context, the new token's column in it, and its rotary tables. The step writes the new
+    key (rotated, rounded as `as_stored`) and value at column `start`, attends to columns [0, start], and the
+    memory's `decoded(q, k, v)` does the rest of what `attend` does."""
+
+    k: torch.Tensor  # (n_kv, capacity, head_dim) float32, rotated keys; capacity > start
+    v: torch.Tensor  # (n_kv, capacity, head_dim) float32
+    start: int  # the new token's column
+    cos: torch.Tensor  # (head_dim,) float32: Rope.signed_tables' row for the new token's position
+    sin: torch.Tensor
+    rounded: bool  # K and V are stored in float16: round them so (ContextMemory.as_stored)
+    mask: torch.Tensor | None  # (n_heads, capacity) float16: 0 where a query head may attend, -inf where not
+
+
 class LayerKV(Protocol):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (n_heads, T, head_dim), k and v (n_kv_heads, T, head_dim), all pre-RoPE -> (n_heads, T, head_dim)."""
+
+    def decode_slot(self) -> DecodeSlot | None:
+        """For a one-token step: where it may attend outside PyTorch, or None if this step needs `attend`."""
+
+    def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor) -> None:
+        """The step that `decode_slot` planned ran (pre-RoPE projections, K and V as stored, and the three as one
+        row): record it."""
 
 
 class KVMemory(Protocol):

@@ -111,6 +111,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        # Set where every layer runs as ggml graphs: a one-token step of the whole model, attention included,
+        # as one ggml graph (edgectx.quant.ggml_decode), where the memory offers each layer's context.
+        self.decoder = None
 
     def forward(self, tokens: torch.Tensor, memory: KVMemory, all_logits: bool = False) -> torch.Tensor:
         """Run `tokens` (T,) through the model, appending them to `memory`.
@@ -119,8 +122,26 @@ class Transformer(nn.Module):
         spares prefill the largest matmul. The caller commits the memory once the forward succeeds.
         """
         x = self.embed(tokens)  # (T, dim)
+        if self.decoder is not None and tokens.shape[0] == 1 and not torch.compiler.is_compiling():
+            slots = [getattr(layer_memory, "decode_slot", _no_slot)() for layer_memory in memory.layers]
+            if all(slot is not None for slot in slots):
+                return self._decode(x, slots, memory)
         for block, layer_memory in zip(self.layers, memory.layers):
             x = block(x, layer_memory)
         if not all_logits:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
+
+    def _decode(self, x: torch.Tensor, slots: list, memory: KVMemory) -> torch.Tensor:
+        """One token through `decoder`; each layer's memory then records its Q, K and V."""
+        s = self.spec
+        out, qkv = self.decoder(x, slots)
+        for layer_memory, row in zip(memory.layers, qkv):
+            q, k, v = row.split((s.q_dim, s.kv_dim, s.kv_dim))
+            layer_memory.decoded(q.view(s.n_heads, 1, s.head_dim), k.view(s.n_kv_heads, 1, s.head_dim),
+                                 v.view(s.n_kv_heads, 1, s.head_dim), row)
+        return out if self.decoder.vocab else self.lm_head(self.norm(out)).float()
+
+
+def _no_slot() -> None:
+    return None

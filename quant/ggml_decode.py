@@ -1,0 +1,263 @@
+"""A whole decode step, every layer and its attention, as one ggml graph: what llama.cpp runs per token.
+
+With GGUF blocks on the CPU each layer already runs as two ggml graphs around attention (ggml_layer). A decode
+step still paid, per layer, two wake-ups of the OpenMP team and some twenty small PyTorch ops for RoPE, the
+context write and attention: about half of a 135M model's step. `GgmlDecoder` builds one graph for the
+step instead, over the same weights:
+
+    per layer:  qkv = W_qkv @ (rms_norm(x) * attn_norm)        -> a buffer the memory reads afterwards
+                k, v rounded to the memory's K/V dtype (as ContextMemory.as_stored), q and k rotated with the
+                rope tables (x * cos + swap_halves(x) * signed_sin: the same float32 ops as Rope.rotate),
+                the rotated key (rounded again) and the value written into the layer's assembled context at
+                the new column, flash attention (float32 K and V) over columns [0, start]
+                x = x + W_o @ attn;  x = x + W_down @ swiglu(W_gate @ n, W_up @ n),  n = rms_norm(x) * ffn_norm
+    then:       logits = W_out @ (rms_norm(x) * norm)
+
+The memory decides per step whether it may (`LayerKV.decode_slot`: not on a retrieval step, not right after an
+eviction) and records the step afterwards (`decoded`). Nodes run in graph order, so each layer's context
+writes precede its attention. Pointers and the context's length are written into the graph per call; the
+intermediate results have fixed places in one buffer.
+
+    decoder = GgmlDecoder(layers, n_heads, n_kv, head_dim, norm_weight, eps, lm_parts)
+    logits, qkv = decoder(x, slots)   # x (1, dim), slots: one DecodeSlot per layer -> (1, vocab), (n_layers, qkv rows)
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from edgectx.model.kv import DecodeSlot
+from edgectx.quant import ggml_cpu
+from edgectx.quant.blocks import QuantizedMatrix
+from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, lib, product
+from edgectx.quant.ggml_layer import GgmlLayer
+
+_PREC_F32 = 10  # ggml.h's GGML_PREC_F32
+_ALIGN = 64
+_MAX_NODES = 8192
+
+
+class _LayerHandles:
+    """The tensors of one layer's part of the graph whose pointers and sizes change per call."""
+
+    def __init__(self, k_dst, v_dst, k, v, mask, cos, sin):
+        self.k_dst, self.v_dst, self.k, self.v = k_dst.contents, v_dst.contents, k.contents, v.contents
+        self.mask = None if mask is None else mask.contents
+        self.cos, self.sin = cos.contents, sin.contents
+
+
+class _DecodeGraph:
+    """The graph for one combination of masked layers (a layer whose context holds duplicate copies of retrieved
+    tokens attends through a mask), with K and V rounded to float16 or not."""
+
+    def __init__(self, owner: "GgmlDecoder", round_kv: bool, masked: tuple[bool, ...]):
+        g = lib()
+        o = owner
+        size = _MAX_NODES * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(_MAX_NODES, False) + 4096
+        self.ctx = g.ggml_init(_InitParams(size, None, True))
+        if not self.ctx:
+            raise MemoryError("ggml_init failed")
+        ctx = self.ctx
+        self.round_kv = round_kv
+        self.graph = g.ggml_new_graph_custom(ctx, _MAX_NODES, False)
+        self.x = g.ggml_new_tensor_2d(ctx, _F32, o.dim, 1)
+        self.layers: list[_LayerHandles] = []
+        copies: list = []
+        x = self.x
+        for i, (layer, has_mask) in enumerate(zip(o.layers, masked)):
+            x = self._layer(o, layer, i, x, has_mask, copies)
+        if o.lm_parts:
+            h = self._normed(x, o.norm, o.eps)
+            self.logits = []
+            for part in o.lm_parts:
+                y = product(ctx, self.graph, part, h, 1, copies)
+                g.ggml_build_forward_expand(self.graph, y)
+                self.logits.append(y.contents)
+        else:
+            g.ggml_build_forward_expand(self.graph, x)
+            self.logits = [x.contents]
+        self._place(o)
+        self.plan: _CPlan | None = None
+
+    def _normed(self, x, weight: torch.Tensor, eps: float):
+        g = lib()
+        v = g.ggml_new_tensor_1d(self.ctx, _F32, weight.numel())
+        v.contents.data = weight.data_ptr()
+        return g.ggml_mul(self.ctx, g.ggml_rms_norm(self.ctx, x, eps), v)
+
+    def _rotate(self, t, n_heads: int, head_dim: int, cos, sin):
+        """t (head_dim, n_heads) contiguous -> t * cos + swap_halves(t) * signed_sin (Rope.rotate's ops)."""
+        g, ctx, half = lib(), self.ctx, head_dim // 2
+        first = g.ggml_view_2d(ctx, t, half, n_heads, head_dim * 4, 0)
+        second = g.ggml_view_2d(ctx, t, half, n_heads, head_dim * 4, half * 4)
+        swapped = g.ggml_concat(ctx, second, first, 0)
+        return g.ggml_add(ctx, g.ggml_mul(ctx, t, cos), g.ggml_mul(ctx, swapped, sin))
+
+    def _rounded(self, t):
+        """t as the memory stores it: float16 and back (ContextMemory.as_stored)."""
+        g = lib()
+        return g.ggml_cast(self.ctx, g.ggml_cast(self.ctx, t, _F16), _F32)
+
+    def _layer(self, o: "GgmlDecoder", layer: GgmlLayer, i: int, x, has_mask: bool, copies: list):
+        g, ctx, graph = lib(), self.ctx, self.graph
+        d, n_heads, n_kv = o.head_dim, o.n_heads, o.n_kv
+        h = self._normed(x, layer.attn_norm, layer.eps)
+        # Q, K and V land in the caller's buffer (row i): the memory records them after the step.
+        row = o.qkv.data_ptr() + i * o.qkv.shape[1] * 4
+        outs, offset = [], 0
+        for part in layer.qkv:
+            y = product(ctx, graph, part, h, 1, copies)
+            y.contents.data = row + offset * 4
+            g.ggml_build_forward_expand(graph, y)
+            outs.append((offset, part.rows, y))
+            offset += part.rows
+
+        def rows(first: int, n: int, width: int):
+            for start, count, y in outs:
+                if start <= first and first + n <= start + count:
+                    return g.ggml_view_2d(ctx, y, width, n // width, width * 4, (first - start) * 4)
+            raise ValueError("a Q/K/V range straddles two weight parts")
+
+        q = rows(0, n_heads * d, d)  # (d, n_heads)
+        k, v = rows(n_heads * d, n_kv * d, d), rows((n_heads + n_kv) * d, n_kv * d, d)  # (d, n_kv) each
+        if self.round_kv:  # the memory records K and V as stored: the rounded values go back into the buffer
+            k_in, v_in = k, v
+            k, v = self._rounded(k_in), self._rounded(v_in)
+            g.ggml_build_forward_expand(graph, g.ggml_cpy(ctx, k, k_in))
+            g.ggml_build_forward_expand(graph, g.ggml_cpy(ctx, v, v_in))
+        cos = g.ggml_new_tensor_2d(ctx, _F32, d, 1)
+        sin = g.ggml_new_tensor_2d(ctx, _F32, d, 1)
+        q_rot = self._rotate(q, n_heads, d, cos, sin)
+        k_rot = self._rotate(k, n_kv, d, cos, sin)
+        if self.round_kv:
+            k_rot = g.ggml_cast(ctx, k_rot, _F16)
+        # The new column of the context, (d, n_kv) with the context's head stride (set per call).
+        # (A copy's node is a view of its destination: the node is what ggml writes through.)
+        k_dst = g.ggml_cpy(ctx, k_rot, g.ggml_new_tensor_2d(ctx, _F32, d, n_kv))
+        v_dst = g.ggml_cpy(ctx, v, g.ggml_new_tensor_2d(ctx, _F32, d, n_kv))
+        g.ggml_build_forward_expand(graph, k_dst)
+        g.ggml_build_forward_expand(graph, v_dst)
+        # The whole context, read after the writes above (nodes run in order): (d, length, n_kv), set per call.
+        k_all = g.ggml_new_tensor_3d(ctx, _F32, d, 1, n_kv)
+        v_all = g.ggml_new_tensor_3d(ctx, _F32, d, 1, n_kv)
+        mask = g.ggml_new_tensor_3d(ctx, _F16, 1, 1, n_heads) if has_mask else None
+        attn = g.ggml_flash_attn_ext(ctx, g.ggml_reshape_3d(ctx, q_rot, d, 1, n_heads), k_all, v_all, mask,
+                                     d ** -0.5, 0.0, 0.0)
+        g.ggml_flash_attn_ext_set_prec(attn, _PREC_F32)
+        attn = g.ggml_reshape_2d(ctx, attn, n_heads * d, 1)
+        hidden = None
+        for part in layer.o:
+            y = product(ctx, graph, part, attn, 1, copies)
+            hidden = y if hidden is None else g.ggml_add(ctx, hidden, y)
+        hidden = g.ggml_add(ctx, hidden, x)  # the residual after attention
+        n = self._normed(hidden, layer.ffn_norm, layer.eps)
+        act = g.ggml_swiglu_split(ctx, product(ctx, graph, layer.gate, n, 1, copies),
+                                  product(ctx, graph, layer.up, n, 1, copies))
+        out = g.ggml_add(ctx, product(ctx, graph, layer.down, act, 1, copies), hidden)
+        self.layers.append(_LayerHandles(k_dst, v_dst, k_all, v_all, mask, cos, sin))
+        return out
+
+    def _place(self, o: "GgmlDecoder") -> None:
+        """Give every computed node without a place one in a buffer of its own (views follow their source)."""
+        g = lib()
+        g.ggml_build_forward_expand(self.graph, self.x)  # harmless: a leaf
+        nodes = [g.ggml_graph_node(self.graph, i).contents for i in range(g.ggml_graph_n_nodes(self.graph))]
+        sizes, total = [], 0
+        for t in nodes:
+            if t.view_src or t.data:
+                sizes.append(None)
+                continue
+            sizes.append(total)
+            total += (g.ggml_nbytes(ctypes.pointer(t)) + _ALIGN - 1) // _ALIGN * _ALIGN
+        self.scratch = torch.empty(total + _ALIGN, dtype=torch.uint8)
+        base = (self.scratch.data_ptr() + _ALIGN - 1) // _ALIGN * _ALIGN
+        for t, offset in zip(nodes, sizes):
+            if offset is not None:
+                t.data = base + offset
+            elif t.view_src and not t.data:
+                src = ctypes.cast(t.view_src, ctypes.POINTER(type(t))).contents
+                if src.data:  # else a view of a tensor pointed per call (a context column): pointed with it
+                    t.data = src.data + t.view_offs
+
+    def __del__(self):
+        if ggml_cpu._lib is not None and getattr(self, "ctx", None):
+            ggml_cpu._lib.ggml_free(self.ctx)
+            self.ctx = None
+
+
+class GgmlDecoder:
+    """One-token steps of a model whose every layer is a `GgmlLayer`, attention included (module docstring)."""
+
+    KEEP = 4  # graphs kept, one per combination of masked layers
+
+    def __init__(self, layers: list[GgmlLayer], n_heads: int, n_kv: int, head_dim: int, norm: torch.Tensor | None,
+                 eps: float, lm_parts: list[QuantizedMatrix] | None):
+        if head_dim % 2 or any(layer.qkv_bias is not None for layer in layers):
+            raise ValueError("the fused decode step needs an even head size and no Q/K/V bias")
+        self.layers, self.eps = layers, float(eps)
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.dim = layers[0].dim
+        self.norm = None if norm is None else norm.detach().float().contiguous().clone()
+        self.lm_parts = list(lm_parts or [])
+        self.vocab = sum(p.rows for p in self.lm_parts)
+        self.qkv = torch.empty(len(layers), layers[0].qkv_rows, dtype=torch.float32)  # valid until the next call
+        self.stack = layers[0].stack  # its lock: one ggml call at a time across the model's graphs
+        self._graphs: dict[tuple, _DecodeGraph] = {}
+        self._work = torch.empty(0, dtype=torch.uint8)
+
+    def _graph(self, round_kv: bool, masked: tuple[bool, ...]) -> _DecodeGraph:
+        key = (round_kv, masked)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._graphs) >= self.KEEP:
+                self._graphs.pop(next(iter(self._graphs)))
+            graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked)
+        return graph
+
+    def __call__(self, x: torch.Tensor, slots: list[DecodeSlot]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (1, dim): the token's embedding -> logits (1, vocab) (or the last hidden state (1, dim) without an
+        output layer), and Q, K, V pre-RoPE per layer (n_layers, qkv rows), K and V as the memory stores them."""
+        x = x.float().contiguous()
+        d4 = self.head_dim * 4
+        out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
+        with self.stack.lock:
+            gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots))
+            gr.x.contents.data = x.data_ptr()
+            for h, s in zip(gr.layers, slots):
+                head_bytes = s.k.shape[1] * d4  # the context's capacity, per KV head
+                h.cos.data = s.cos.data_ptr()
+                h.sin.data = s.sin.data_ptr()
+                for dst, src in ((h.k_dst, s.k), (h.v_dst, s.v)):
+                    dst.data = src.data_ptr() + s.start * d4
+                    dst.nb[1] = head_bytes
+                    dst.nb[2] = dst.nb[3] = head_bytes * self.n_kv
+                for t, src in ((h.k, s.k), (h.v, s.v)):
+                    t.data = src.data_ptr()
+                    t.ne[1] = s.start + 1
+                    t.nb[2] = head_bytes
+                    t.nb[3] = head_bytes * self.n_kv
+                if h.mask is not None:
+                    h.mask.data = s.mask.data_ptr()
+                    h.mask.ne[0] = s.start + 1
+                    h.mask.nb[1] = h.mask.nb[2] = s.mask.shape[1] * 2
+                    h.mask.nb[3] = s.mask.shape[1] * 2 * self.n_heads
+            offset = out.data_ptr()
+            for y, part in zip(gr.logits, self.lm_parts or [None]):
+                y.data = offset
+                offset += (part.rows if part is not None else self.dim) * 4
+            self._compute(gr)
+            qkv = self.qkv.clone()  # the buffer is the next step's (maybe another engine's on this model)
+        return out, qkv
+
+    def _compute(self, gr: _DecodeGraph) -> None:
+        g = lib()
+        # planned per call: the contexts' lengths changed (cheap: one pass over the nodes in C)
+        gr.plan = g.ggml_graph_plan(gr.graph, ggml_cpu.threads(), None)
+        if gr.plan.work_size > self._work.numel():
+            self._work = torch.empty(gr.plan.work_size + 4096, dtype=torch.uint8)
+        gr.plan.work_data = self._work.data_ptr()
+        status = g.ggml_graph_compute(gr.graph, ctypes.byref(gr.plan))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
