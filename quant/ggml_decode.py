@@ -28,7 +28,6 @@ import ctypes
 
 import torch
 
-from edgectx.model.kv import DecodeSlot
 from edgectx.quant import ggml_cpu
 from edgectx.quant.blocks import QuantizedMatrix
 from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, lib, product
@@ -216,9 +215,9 @@ class GgmlDecoder:
             graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked)
         return graph
 
-    def __call__(self, x: torch.Tensor, slots: list[DecodeSlot]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (1, dim): the token's embedding -> logits (1, vocab) (or the last hidden state (1, dim) without an
-        output layer), and Q, K, V pre-RoPE per layer (n_layers, qkv rows), K and V as the memory stores them."""
+    def __call__(self, x: torch.Tensor, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (1, dim): the token's embedding, `slots`: each layer's edgectx.model.kv.DecodeSlot -> logits
+        (1, vocab) (or the last hidden state (1, dim) without an output layer), and Q, K, V pre-RoPE per layer (n_layers, qkv rows), K and V as the memory stores them."""
         x = x.float().contiguous()
         d4 = self.head_dim * 4
         out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
