@@ -217,7 +217,8 @@ class GgmlDecoder:
 
     def __call__(self, x: torch.Tensor, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
         """x (1, dim): the token's embedding, `slots`: each layer's edgectx.model.kv.DecodeSlot -> logits
-        (1, vocab) (or the last hidden state (1, dim) without an output layer), and Q, K, V pre-RoPE per layer (n_layers, qkv rows), K and V as the memory stores them."""
+        (1, vocab) (or the last hidden state (1, dim) without an output layer), and Q, K, V pre-RoPE per layer
+        (n_layers, qkv rows), K and V as the memory stores them."""
         x = x.float().contiguous()
         d4 = self.head_dim * 4
         out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
