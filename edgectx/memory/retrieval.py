@@ -14,7 +14,6 @@ context (retrieved or resident) is recorded, so the UI can cite the passages the
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 
@@ -32,7 +31,8 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
     n_heads, _, head_dim = q.shape
     n_kv = representatives.shape[1]
     if n_eligible <= 0 or top_k <= 0:
-        return torch.empty(n_kv, 0, dtype=torch.long), torch.empty(n_kv, 0)
+        device = representatives.device
+        return torch.empty(n_kv, 0, dtype=torch.long, device=device), torch.empty(n_kv, 0, device=device)
     reps = representatives[:n_eligible].to(q.dtype)  # (n_blocks, n_kv, d)
     group = n_heads // n_kv
     q_group = q.mean(dim=1).reshape(n_kv, group, head_dim).sum(dim=1)  # (n_kv, d)
@@ -161,24 +161,46 @@ class BlockCache:
         return 0 if self.slots is None else self.slots.numel() * self.slots.element_size()
 
 
-@dataclass
 class RetrievalRecord:
     """What the queries attended to at each retrieval since the last `clear`: attention mass per block of the
-    context (resident tokens and retrieved blocks alike, the sinks left out), summed over layers and steps."""
+    context (resident tokens and retrieved blocks alike, the sinks left out), summed over layers and steps.
 
-    block_size: int
-    relevance: dict[int, float] = field(default_factory=dict)
-    n_retrievals: int = 0
+    The sums stay on the device (float64, as Python floats would sum them) until someone reads `relevance`:
+    recording a retrieval reads nothing back (issue 21)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.n_retrievals = 0
+        self._relevance: dict[int, float] = {}  # what has been read back, oldest first
+        self._sum: torch.Tensor | None = None  # (n_blocks,) float64: added since the last read
 
     def add(self, mass: torch.Tensor) -> None:
         """One layer's retrieval: the mean attention mass of its queries per block (n_blocks,)."""
         self.n_retrievals += 1
-        blocks = torch.nonzero(mass > 0).flatten()
-        for block, p in zip(blocks.tolist(), mass[blocks].tolist()):
-            self.relevance[block] = self.relevance.get(block, 0.0) + p
+        mass = mass.double()
+        if self._sum is None:
+            self._sum = mass.clone()
+            return
+        if mass.shape[0] > self._sum.shape[0]:
+            self._sum = torch.nn.functional.pad(self._sum, (0, mass.shape[0] - self._sum.shape[0]))
+        self._sum[: mass.shape[0]] += mass
+
+    @property
+    def relevance(self) -> dict[int, float]:
+        """Summed mass per block that received any, {block: mass}."""
+        if self._sum is not None:
+            total, self._sum = self._sum, None
+            blocks = torch.nonzero(total > 0).flatten()
+            for block, p in zip(blocks.tolist(), total[blocks].tolist()):
+                self._relevance[block] = self._relevance.get(block, 0.0) + p
+        return self._relevance
+
+    @relevance.setter
+    def relevance(self, value: dict[int, float]) -> None:
+        self._relevance, self._sum = value, None
 
     def clear(self) -> None:
-        self.relevance.clear()
+        self._relevance, self._sum = {}, None
         self.n_retrievals = 0
 
     def top(self, n: int = 8) -> list[dict]:
