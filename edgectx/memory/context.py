@@ -82,7 +82,7 @@ class LayerMemory:
                                     host_dtype=getattr(torch, c.host_dtype), copy_stream=memory.copy_stream,
                                     staged=memory.device_bookkeeping)
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.kv_dtype)
-        self.cache = BlockCache(memory.cache_blocks, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
+        self.cache = BlockCache(memory.cache_blocks * s.n_kv_heads, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head (host)
         self._facts: tuple | None = None  # (selection key, any duplicate, next position): read with the block ids
@@ -173,14 +173,14 @@ class LayerMemory:
         if selection.numel():
             # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.
             # Block ids live on the host as Python ints (they name host memory): the cache's bookkeeping is free.
-            ids = key[1]
-            wanted = sorted(set(ids))
-            slot_of_block = dict(zip(wanted, self.cache.fetch(wanted, self.store)))
-            pairs = torch.tensor([ids, [slot_of_block[b] for b in ids]]).reshape(2, *selection.shape)
-            blocks_d, slots_d = upload(pairs, m.device).unbind(0)  # (n_kv, k) each
+            # Each head's own blocks only, (block, KV head) pairs: a block two heads chose is two pairs.
+            ids, n_kv = key[1], r.n_kv
+            pairs = [block * n_kv + i // selection.shape[1] for i, block in enumerate(ids)]  # row-major (n_kv, k)
+            slots = self.cache.fetch(pairs, self.store)
+            blocks_d, slots_d = upload(torch.tensor([ids, slots]).reshape(2, *selection.shape), m.device).unbind(0)
             idx, duplicate = self._columns(blocks_d, n_resident)  # duplicate: resident copies of retrieved tokens
             self.cache.ready()
-            bk, bv = self.cache.kv(slots_d, torch.arange(r.n_kv, device=m.device)[:, None])  # (n_kv, k * block_size, d)
+            bk, bv = self.cache.kv(slots_d)  # (n_kv, k * block_size, d) each
             k, v = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1)  # (n_kv, S, d)
         # Compact positions: duplicates need no exclusion (a resident copy's index is its retrieved twin's).
         positions, n_present = _ranks(idx) if c.positions == "compact" else (idx, None)
@@ -466,7 +466,7 @@ class ContextMemory:
             "sink_bytes": sinks * token_bytes,
             "window_bytes": window * token_bytes,
             "retained_bytes": retained * token_bytes,
-            "cached_blocks": len(self.layers[0].cache.blocks),
+            "cached_blocks": len(self.layers[0].cache.blocks(self.spec.n_kv_heads)),
             "cache_capacity_blocks": self.cache_blocks,  # per layer; "auto" sizes it from free device memory
             "evicted_tokens": n - first.n,
             "host_tokens": self.layers[0].store.n_tokens,
