@@ -79,3 +79,28 @@ def test_cache_holds_exactly_the_pairs_fetched():
         assert torch.equal(k[h], want_k) and torch.equal(v[h], want_v)
     assert cache.copied_bytes == 8 * 2 * 4 * 8 * 4  # 8 pairs, not 6 distinct blocks x 4 heads
     assert cache.copy_calls == 2 + 2  # a gather per host segment, the copy and the scatter
+
+
+def test_blocks_are_scored_in_float32_under_bfloat16_compute():
+    """Issue 21, defect 9: bfloat16 scores tied blocks whose keys differ past its 8-bit mantissa."""
+    from edgectx.memory.retrieval import select_blocks
+
+    q = torch.ones(1, 1, 1, dtype=torch.bfloat16)  # (n_heads, T, d)
+    reps = torch.tensor([[[1.0]], [[1.0 + 2**-9]]], dtype=torch.float16)  # (n_blocks, n_kv, d): equal in bfloat16
+    blocks, _ = select_blocks(q, reps, n_eligible=2, top_k=1)
+    assert blocks.tolist() == [[1]]
+
+
+def test_a_bfloat16_memory_keeps_its_host_store_in_bfloat16(tiny):
+    """No conversion on every retrieval (and no float16 overflow): the host store, the block pool and the tiers
+    share the compute dtype when it is bfloat16."""
+    from edgectx.memory.context import ContextMemory
+
+    engine = Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16")
+    memory = ContextMemory(engine.spec, engine.rope, engine.device, torch.bfloat16, SMALL, kv_dtype=torch.bfloat16)
+    layer = memory.layers[0]
+    assert layer.store.host_dtype == layer.cache.dtype == torch.bfloat16
+    with torch.inference_mode():
+        big = torch.full((engine.spec.n_kv_heads, 40, engine.spec.head_dim), 1e5, dtype=torch.bfloat16)
+        layer.store.append(big, big)  # past float16's 65504
+    assert bool(layer.store.tokens(0, 40)[0].isfinite().all())

@@ -78,8 +78,14 @@ class LayerMemory:
     def __init__(self, memory: "ContextMemory", layer: int):
         self.memory, self.layer = memory, layer
         s, c = memory.spec, memory.config
-        self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
-                                    host_dtype=getattr(torch, c.host_dtype), copy_stream=memory.copy_stream,
+        host_dtype = getattr(torch, c.host_dtype)
+        if host_dtype == torch.float16 and memory.kv_dtype == torch.bfloat16:
+            # Half precision in the tiers' own format (CUDA's bfloat16): no conversion on every retrieval, and no
+            # float16 overflow of bfloat16 values (issue 21, defect 9). Same bytes.
+            host_dtype = torch.bfloat16
+        self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device, host_dtype=host_dtype,
+                                    repr_dtype=torch.float16 if host_dtype != torch.bfloat16 else torch.bfloat16,
+                                    copy_stream=memory.copy_stream,
                                     staged=memory.device_bookkeeping)
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.kv_dtype)
         self.cache = BlockCache(memory.cache_blocks * s.n_kv_heads, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)

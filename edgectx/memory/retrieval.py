@@ -33,9 +33,10 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
     if n_eligible <= 0 or top_k <= 0:
         device = representatives.device
         return torch.empty(n_kv, 0, dtype=torch.long, device=device), torch.empty(n_kv, 0, device=device)
-    reps = representatives[:n_eligible].to(q.dtype)  # (n_blocks, n_kv, d)
+    # Scored in float32 whatever the compute dtype: bfloat16's 8-bit mantissa ties blocks that differ (issue 21, defect 9).
+    reps = representatives[:n_eligible].float()  # (n_blocks, n_kv, d)
     group = n_heads // n_kv
-    q_group = q.mean(dim=1).reshape(n_kv, group, head_dim).sum(dim=1)  # (n_kv, d)
+    q_group = q.float().mean(dim=1).reshape(n_kv, group, head_dim).sum(dim=1)  # (n_kv, d)
     scores = torch.einsum("kd,bkd->kb", q_group, reps) / (head_dim**0.5 * group)  # (n_kv, n_blocks)
     probs = torch.softmax(scores.float(), dim=1)
     if chosen is not None and chosen.numel():
