@@ -255,3 +255,20 @@ def test_bench_speed_synthetic_keeps_the_contexts_measured_before_running_out_of
     assert first["edgectx"]["context"] == 300 and "edgectx_skipped" not in first
     assert second["edgectx"] is None and second["edgectx_skipped"] == "out of GPU memory after 300 tokens"
     assert second["edgectx_memory"]["context"] == 700 and "edgectx_memory_error" not in second
+
+
+def test_reset_gives_back_the_store_segments_and_unpins_them(tmp_path, monkeypatch):
+    """Issue 21, defect 7: a reset memory's pinned segments stayed pinned (PyTorch's host allocator caches freed
+    pinned blocks). The old memory drops its segments and pools at once, and the engine empties the pinned cache
+    (a no-op off CUDA; counted here)."""
+    emptied = []
+    monkeypatch.setattr(device_memory, "empty_host_cache", lambda device: emptied.append(device))
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    engine = Engine.load(path, device="cpu", memory_config=SMALL, weights="fp16")
+    engine.prefill([i % 258 for i in range(700)], chunk_tokens=64)
+    old = engine.memory
+    assert old.layers[0].store.segments and old.layers[0].cache.slots is not None
+    emptied.clear()  # the load resets once too
+    engine.reset()
+    assert all(not layer.store.segments and layer.cache.slots is None for layer in old.layers)
+    assert emptied == [engine.device] and engine.memory is not old and engine.memory.n_tokens == 0

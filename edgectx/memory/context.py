@@ -440,6 +440,16 @@ class ContextMemory:
         self._n_tokens += self._pending
         self._pending, self._pending_ids, self._lexical = 0, None, None
 
+    def release(self) -> None:
+        """Give back host and device buffers now (the conversation is reset): the block store's (pinned) segments,
+        the block pools and their pinned staging. The memory is empty afterwards and not to be used again."""
+        for layer in self.layers:
+            layer.cache.synchronize()
+            layer.cache.slots = layer.cache._pinned = None
+            layer.cache.where.clear()
+            layer.store.release()
+            layer.asm = None
+
     def truncate(self, n_tokens: int) -> None:
         """Forget every token from `n_tokens` on (a regenerated or edited turn)."""
         if n_tokens >= self._n_tokens:

@@ -77,6 +77,7 @@ class BlockCache:
         self.hits = self.misses = 0
         self.copied_bytes = self.copy_calls = 0  # what retrieval moved to the device (tests, benchmarks)
         self._copied: torch.cuda.Event | None = None  # the last batch of copies has landed (CUDA)
+        self._pinned: torch.Tensor | None = None  # pinned staging for the copies (CUDA), kept between retrievals
 
     def _plan(self, pairs: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Slots for `pairs` (distinct): hits are touched first, so a miss never takes a slot this batch uses."""
@@ -158,7 +159,7 @@ class BlockCache:
 
     def _staging(self, n: int, store: HostBlockStore) -> torch.Tensor:
         """A pinned host buffer of at least `n` pairs, kept for the next retrieval."""
-        buf = getattr(self, "_pinned", None)
+        buf = self._pinned
         if buf is None or buf.shape[0] < n:
             buf = torch.empty((max(n, 16), 2, store.block_size, store.head_dim), dtype=store.host_dtype, pin_memory=True)
             self._pinned = buf
