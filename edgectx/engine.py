@@ -33,6 +33,7 @@ from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_h
 from edgectx.model.kv import FullKVCache, KVMemory, kv_storage_dtype
 from edgectx.memory.context import ContextMemory
 from edgectx.memory.config import MemoryConfig
+from edgectx.memory import device as device_memory
 from edgectx.memory.plan import available_ram_bytes
 from edgectx.quant.formats import SNAPSHOT_CODECS
 from edgectx.memory.state import load_memory, memory_meta, memory_sections
@@ -246,7 +247,11 @@ class Engine:
         return self._next_logits
 
     def reset(self) -> None:
-        self.memory = None  # free the old memory first: an "auto" block cache is sized from free device memory
+        old, self.memory = getattr(self, "memory", None), None  # free the old memory first: an "auto" block cache is sized from free device memory
+        if isinstance(old, ContextMemory):
+            old.release()  # now, even if something still refers to it
+        del old
+        device_memory.empty_host_cache(self.device)  # and unpin its segments (issue 21): the allocator keeps them
         self.memory = self.new_memory()
         self.tokens = []
         self._prompt_logits = None

@@ -37,18 +37,20 @@ class PlainCache:
         self.held: list[torch.Tensor] = []
         self.hits = self.misses = 0
         self.capacity = 1 << 30
-        self.blocks: list[int] = []
 
-    def fetch(self, blocks, store):
-        first = len(self.held)
-        self.held += [store.slab(b).clone() for b in blocks]
+    def blocks(self, n_kv_heads):
+        return []
+
+    def fetch(self, pairs, store):  # (block, KV head) pairs, `block * n_kv + head`
+        first, n_kv = len(self.held), store.n_kv_heads
+        self.held += [store.slab(p // n_kv)[:, p % n_kv].clone() for p in pairs]
         return list(range(first, len(self.held)))
 
     def ready(self):
         pass
 
-    def kv(self, slots, heads):
-        pick = [[self.held[s][:, h] for s in row] for h, row in enumerate(slots.tolist())]  # (2, block_size, d) each
+    def kv(self, slots):
+        pick = [[self.held[s] for s in row] for row in slots.tolist()]  # (2, block_size, d) each
         out = tuple(torch.stack([torch.cat([p[i] for p in row]) for row in pick]).to(slots.device, self.dtype) for i in (0, 1))
         self.kv_dtypes.update(t.dtype for t in out)
         return out
@@ -86,7 +88,7 @@ def test_retrieval_through_a_churning_cache_equals_plain_copies(tmp_path, monkey
     assert plain_engine.memory.layers[0].cache.kv_dtypes == {cache.dtype}
     assert cache.dtype == (torch.float32 if kv_dtype else torch.float16)
     assert engine.stats()["evicted_tokens"] > 600 and engine.memory.layers[0].store.n_blocks == 28
-    assert cache.capacity == 4 and cache.hits > 0 and cache.misses > 2 * cache.capacity  # slots were reused
+    assert cache.capacity == 4 * 2 and cache.hits > 0 and cache.misses > 2 * cache.capacity  # slots were reused
     assert torch.equal(cached, plain)
 
 
@@ -114,7 +116,7 @@ def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cu
                      context_length=4096)
     cpu = torch.device("cpu")
     memory = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig())
-    assert MemoryConfig().cache_blocks == "auto" and memory.cache_blocks == 16 == memory.layers[1].cache.capacity
+    assert MemoryConfig().cache_blocks == "auto" and memory.cache_blocks == 16 == memory.layers[1].cache.capacity // 2  # pairs
     assert memory.stats()["cache_capacity_blocks"] == 16
     fixed = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig(cache_blocks=40))
     assert fixed.cache_blocks == 40
@@ -253,3 +255,20 @@ def test_bench_speed_synthetic_keeps_the_contexts_measured_before_running_out_of
     assert first["edgectx"]["context"] == 300 and "edgectx_skipped" not in first
     assert second["edgectx"] is None and second["edgectx_skipped"] == "out of GPU memory after 300 tokens"
     assert second["edgectx_memory"]["context"] == 700 and "edgectx_memory_error" not in second
+
+
+def test_reset_gives_back_the_store_segments_and_unpins_them(tmp_path, monkeypatch):
+    """Issue 21, defect 7: a reset memory's pinned segments stayed pinned (PyTorch's host allocator caches freed
+    pinned blocks). The old memory drops its segments and pools at once, and the engine empties the pinned cache
+    (a no-op off CUDA; counted here)."""
+    emptied = []
+    monkeypatch.setattr(device_memory, "empty_host_cache", lambda device: emptied.append(device))
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    engine = Engine.load(path, device="cpu", memory_config=SMALL, weights="fp16")
+    engine.prefill([i % 258 for i in range(700)], chunk_tokens=64)
+    old = engine.memory
+    assert old.layers[0].store.segments and old.layers[0].cache.slots is not None
+    emptied.clear()  # the load resets once too
+    engine.reset()
+    assert all(not layer.store.segments and layer.cache.slots is None for layer in old.layers)
+    assert emptied == [engine.device] and engine.memory is not old and engine.memory.n_tokens == 0

@@ -165,3 +165,17 @@ def test_gpu_plan_sizes_the_auto_block_cache_as_the_memory_does(capsys):
     assert plan["device_kv"]["block_cache_bytes"] == spec.n_layers * blocks * spec.n_kv_heads * 128 * 2 * 128 * 2
     tight = auto_cache_blocks(config, spec, 2 * GIB)  # a nearly full card: the cache shrinks to what fits
     assert config.top_k_blocks <= tight < AUTO_CACHE_MAX_BLOCKS
+
+
+def test_a_gguf_model_is_planned_with_its_own_blocks(embedded_model, capsys):
+    """Issue 21: on CUDA a GGUF file keeps its quantized blocks (quant/gguf_cuda.py), so `plan` counts the file's
+    tensor bytes, not nf4 weights re-quantized from it."""
+    g = open_gguf(embedded_model)
+    file_bytes = sum(int(t.n_bytes) for t in g.tensors.values())
+    code, out, err = _plan(capsys, "--model", str(embedded_model), "--context", "8192", "--gpu-mem-gib", "8", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["weights"] == "gguf" and plan["weight_bytes"] == file_bytes
+    assert plan["weight_bytes"] != read_spec(g).weight_bytes("nf4")
+    code, out, err = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "8192", "--gpu-mem-gib", "24",
+                           "--weights", "gguf")
+    assert code != 0 and len(err) == 1 and "--weights gguf" in err[0]

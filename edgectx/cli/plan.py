@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     from edgectx.cli.options import memory_config_from
     from edgectx.config import load_config
+    from edgectx.errors import UsageError
+    from edgectx.model.gguf import file_weight_bytes
     from edgectx.quant.linear import resolve_weights
 
     config = load_config()
@@ -47,13 +49,22 @@ def run(args: argparse.Namespace) -> int:
         from edgectx.model.discover import resolve_model
 
         path = resolve_model(args.model, config)
-        spec, name = open_model(path).spec, path.name  # a GGUF's metadata or a directory's config.json
+        source = open_model(path)
+        spec, name = source.spec, path.name  # a GGUF's metadata or a directory's config.json
+    gguf_file = source.handle if not args.synthetic and source.kind == "gguf" else None
     weights = args.weights or config.weights or "auto"
-    if weights == "auto":  # a format asked for by name is planned without bitsandbytes installed here
+    if weights == "auto" and gguf_file is not None:
+        weights = "gguf"  # on CUDA a GGUF file keeps its own blocks (edgectx.quant.gguf_cuda): plan those bytes
+    elif weights == "auto":  # a format asked for by name is planned without bitsandbytes installed here
         weights = resolve_weights(torch.device("cuda"), weights, spec.weight_bytes("fp16"))
+    if weights == "gguf" and gguf_file is None:
+        raise UsageError("--weights gguf keeps a GGUF file's own quantization: plan a .gguf file with --model, "
+                         "or use auto, fp16, nf4 or int8.")
+    file_bytes = file_weight_bytes(gguf_file) if weights == "gguf" else None
     # RAM available now, not all of it: the store is pinned on a GPU, and pinned pages cannot be swapped out
     host = int(args.host_mem_gib * GIB) if args.host_mem_gib else available_ram_bytes()
-    plan = plan_memory(spec, args.context, int(args.gpu_mem_gib * GIB), memory_config_from(args, config), weights, host, name)
+    plan = plan_memory(spec, args.context, int(args.gpu_mem_gib * GIB), memory_config_from(args, config), weights, host, name,
+                       file_weight_bytes=file_bytes)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

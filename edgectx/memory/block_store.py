@@ -8,6 +8,14 @@ as a device cache slot: bringing a block back is a single copy, and on CUDA (seg
 an asynchronous one. Each completed block gets a representative key (the mean of its keys per KV head,
 in the device's dtype) that retrieval scores queries against; representatives live on the device.
 
+On a CUDA device nothing in `append` waits for the GPU (issue 21): new K and V are *staged* in a device
+buffer of one block, and a completed block is flushed to its pinned host slab by one asynchronous copy on
+`copy_stream` (the stream that later copies blocks back, so a block is always written before it is read),
+with its representative computed on the device from the staged block. Two staging buffers take turns; the
+compute stream waits (an event, not the host) for a buffer's last flush before writing it again. Host reads
+of the store (`tokens`, `slab`, snapshots) first `settle` it: wait for the flushes and write the partial
+block through. On the CPU the store is host memory already and `append` writes straight into it.
+
     store = HostBlockStore(n_kv_heads=3, head_dim=64, block_size=128, device=torch.device("cpu"))
     store.append(k, v)           # (n_kv_heads, T, head_dim) each, pre-RoPE
     k, v = store.block(3)         # (n_kv_heads, 128, head_dim) in the host dtype
@@ -22,7 +30,8 @@ SEGMENT_BLOCKS = 32  # blocks per host segment: 4096 tokens at block_size 128
 
 class HostBlockStore:
     def __init__(self, n_kv_heads: int, head_dim: int, block_size: int, device: torch.device,
-                 host_dtype: torch.dtype = torch.float16, repr_dtype: torch.dtype = torch.float16):
+                 host_dtype: torch.dtype = torch.float16, repr_dtype: torch.dtype = torch.float16,
+                 copy_stream: "torch.cuda.Stream | None" = None, staged: bool | None = None):
         self.n_kv_heads, self.head_dim, self.block_size = n_kv_heads, head_dim, block_size
         self.device, self.host_dtype, self.repr_dtype = device, host_dtype, repr_dtype
         self.segment_blocks = SEGMENT_BLOCKS
@@ -32,6 +41,13 @@ class HostBlockStore:
         self.segments: list[torch.Tensor] = []  # each (segment_blocks, 2, n_kv_heads, block_size, head_dim)
         self.n_tokens = 0
         self.representatives = torch.empty(0, n_kv_heads, head_dim, device=device, dtype=repr_dtype)
+        # Decided once: stage on the device (CUDA; tests may force it on a CPU to check it against the plain path).
+        self.staged = device.type == "cuda" if staged is None else staged
+        self.copy_stream = copy_stream if copy_stream is not None or not self.pin else torch.cuda.Stream(device)
+        self._stage: torch.Tensor | None = None  # (2 buffers, 2 K|V, n_kv_heads, block_size, head_dim)
+        self._flushed: list = [None, None]  # per buffer: the event its last flush recorded (CUDA)
+        if self.staged:
+            self._stage = torch.empty(2, 2, n_kv_heads, block_size, head_dim, device=device, dtype=host_dtype)
 
     @property
     def segment_tokens(self) -> int:
@@ -55,25 +71,75 @@ class HostBlockStore:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append (n_kv_heads, T, head_dim) pre-RoPE keys and values; completes blocks and their representatives."""
+        if self.staged:
+            self._append_staged(k, v)
+            return
         done_blocks = self.n_blocks
-        kv = torch.stack((k, v)).to("cpu", self.host_dtype)  # (2, n_kv, T, d)
-        written, total = 0, kv.shape[2]
+        written, total = 0, k.shape[1]
         while written < total:
             block, offset = divmod(self.n_tokens, self.block_size)
             n = min(total - written, self.block_size - offset)
-            self._slab(block)[:, :, offset : offset + n] = kv[:, :, written : written + n]
+            slab = self._slab(block)  # host memory: K and V are written (and rounded) in place
+            slab[0, :, offset : offset + n] = k[:, written : written + n]
+            slab[1, :, offset : offset + n] = v[:, written : written + n]
             written += n
             self.n_tokens += n
         if self.n_blocks > done_blocks:
             reps = [self._slab(b)[0].float().mean(dim=1) for b in range(done_blocks, self.n_blocks)]
-            new = torch.stack(reps).to(self.device, self.repr_dtype)  # (new_blocks, n_kv, d)
+            new = torch.stack(reps).to(self.repr_dtype)  # (new_blocks, n_kv, d)
+            if self.device.type != "cpu":
+                new = new.to(self.device)
             self.representatives = torch.cat((self.representatives, new))
+
+    def _append_staged(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The device path: into the staging buffer, a completed block flushed to the host asynchronously."""
+        written, total = 0, k.shape[1]
+        while written < total:
+            block, offset = divmod(self.n_tokens, self.block_size)
+            n = min(total - written, self.block_size - offset)
+            buf = self._stage[block % 2]
+            if offset == 0 and self._flushed[block % 2] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._flushed[block % 2])  # its last flush read it
+            buf[0, :, offset : offset + n] = k[:, written : written + n]
+            buf[1, :, offset : offset + n] = v[:, written : written + n]
+            written += n
+            self.n_tokens += n
+            if offset + n == self.block_size:
+                self._flush(block, buf)
+
+    def _flush(self, block: int, buf: torch.Tensor) -> None:
+        rep = buf[0].float().mean(dim=1).to(self.repr_dtype)  # (n_kv, d), on the device
+        self.representatives = torch.cat((self.representatives, rep[None]))
+        slab = self._slab(block)
+        if self.copy_stream is None:  # a CPU test of this path: a plain copy
+            slab.copy_(buf)
+            return
+        stream = self.copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the block's last write comes first
+        with torch.cuda.stream(stream):
+            slab.copy_(buf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._flushed[block % 2] = event
+
+    def settle(self) -> None:
+        """Make host memory hold every token (waits for the flushes and copies the partial block; staged path only).
+        For host reads: snapshots, truncation, rebuilding tiers, the CPU-side block copies."""
+        if not self.staged:
+            return
+        for event in self._flushed:
+            if event is not None:
+                event.synchronize()
+        block, offset = divmod(self.n_tokens, self.block_size)
+        if offset:
+            with torch.inference_mode():  # segments made during a forward are inference tensors
+                self._slab(block)[:, :, :offset].copy_(self._stage[block % 2][:, :, :offset])
 
     def slab(self, block: int) -> torch.Tensor:
         """A completed block's K and V as one contiguous (2, n_kv_heads, block_size, head_dim) view of host memory."""
         if not 0 <= block < self.n_blocks:
             raise IndexError(f"block {block} is not a completed block (have {self.n_blocks})")
-        return self._slab(block)
+        return self._slab(block)  # staged: written by a flush on `copy_stream`, ordered before any copy read there
 
     def block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A completed block's (K, V), each (n_kv_heads, block_size, head_dim), views of host memory."""
@@ -84,6 +150,7 @@ class HostBlockStore:
         """K and V of tokens start..end (any range within the store), each (n_kv_heads, end - start, head_dim)."""
         if not 0 <= start <= end <= self.n_tokens:
             raise IndexError(f"tokens {start}..{end} outside the store's {self.n_tokens}")
+        self.settle()
         parts = []
         pos = start
         while pos < end:
@@ -99,10 +166,23 @@ class HostBlockStore:
 
     def truncate(self, n_tokens: int) -> None:
         """Forget tokens from `n_tokens` on; segments past the end are released."""
+        self.settle()
         self.n_tokens = min(self.n_tokens, n_tokens)
         keep_segments = -(-self.n_tokens // self.segment_tokens)
         del self.segments[keep_segments:]
         self.representatives = self.representatives[: self.n_blocks]
+        block, offset = divmod(self.n_tokens, self.block_size)
+        if self.staged and offset:  # the partial block goes on from its staging buffer
+            with torch.inference_mode():
+                self._stage[block % 2][:, :, :offset].copy_(self._slab(block)[:, :, :offset])
+
+    def release(self) -> None:
+        """Drop every segment (the memory is reset): pinned pages go back to the allocator at once rather than
+        whenever the last reference to this store goes away."""
+        self.settle()
+        self.segments.clear()
+        self.n_tokens = 0
+        self.representatives = self.representatives[:0]
 
     @property
     def host_bytes(self) -> int:

@@ -50,6 +50,19 @@ from edgectx.model.spec import ModelSpec
 RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
 
 
+def _ranks(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each entry's rank among the distinct values of `idx` (same shape), and their count (a 0-d tensor):
+    `searchsorted(unique(idx), idx)` and `len(unique(idx))` with static shapes, so nothing is read back."""
+    flat = idx.flatten()
+    if flat.numel() == 0:
+        return idx.clone(), torch.tensor(0, device=idx.device)
+    values, order = flat.sort()
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    rank = first.cumsum(0) - 1
+    return torch.empty_like(rank).scatter_(0, order, rank).view(idx.shape), rank[-1] + 1
+
+
 @dataclass
 class _Pending:
     k: torch.Tensor  # (n_kv, T, d) pre-RoPE
@@ -65,18 +78,35 @@ class LayerMemory:
     def __init__(self, memory: "ContextMemory", layer: int):
         self.memory, self.layer = memory, layer
         s, c = memory.spec, memory.config
-        self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device,
-                                    host_dtype=getattr(torch, c.host_dtype))
+        host_dtype = getattr(torch, c.host_dtype)
+        if host_dtype == torch.float16 and memory.kv_dtype == torch.bfloat16:
+            # Half precision in the tiers' own format (CUDA's bfloat16): no conversion on every retrieval, and no
+            # float16 overflow of bfloat16 values (issue 21, defect 9). Same bytes.
+            host_dtype = torch.bfloat16
+        self.store = HostBlockStore(s.n_kv_heads, s.head_dim, c.block_size, memory.device, host_dtype=host_dtype,
+                                    repr_dtype=torch.float16 if host_dtype != torch.bfloat16 else torch.bfloat16,
+                                    copy_stream=memory.copy_stream,
+                                    staged=memory.device_bookkeeping)
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.kv_dtype)
-        self.cache = BlockCache(memory.cache_blocks, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
+        self.cache = BlockCache(memory.cache_blocks * s.n_kv_heads, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
-        self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head
+        self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head (host)
+        self._facts: tuple | None = None  # (selection key, any duplicate, next position): read with the block ids
         self.steps_since_retrieval = 0
         self.recent = RecentQueries(s.n_heads, s.head_dim, c.n_observe, memory.device, memory.dtype)
         self.asm: Assembly | None = None
         self._record_now = False  # this forward retrieved: record what its queries attend to
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
+
+    @property
+    def selection(self) -> torch.Tensor:
+        """(n_kv, k) the blocks each KV head retrieved last, on the host; `_key` holds them as Python ints."""
+        return self._selection
+
+    @selection.setter
+    def selection(self, blocks: torch.Tensor) -> None:
+        self._selection, self._key = blocks, tuple(blocks.flatten().tolist())
 
     @property
     def q_recent(self) -> torch.Tensor:
@@ -99,15 +129,44 @@ class LayerMemory:
         n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
         blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
                                       m.lexical_blocks(n_eligible))
-        blocks = blocks.cpu()  # the host reads the ids anyway (to copy blocks); later steps compare them for free
-        self.selection, self.steps_since_retrieval, self._record_now = blocks, 0, True
-        return blocks
+        if m.device_bookkeeping:
+            # The one read of a retrieval: the block ids (the host copies blocks by id) together with what a
+            # rebuild would need to know on the host, computed on the device before knowing whether it will.
+            n_kv, k = blocks.shape
+            ids = torch.cat((blocks.flatten(), self._build_facts(blocks, self.resident.n))).tolist()
+            self._selection, self._key = torch.tensor(ids[: n_kv * k], dtype=torch.long).reshape(n_kv, k), tuple(ids[: n_kv * k])
+            self._facts = ((self.version, self._key, self.resident.n, m.n_tokens), bool(ids[-2]), ids[-1])
+        else:
+            self.selection = blocks.cpu()  # the host reads the ids anyway (to copy blocks)
+        self.steps_since_retrieval, self._record_now = 0, True
+        return self.selection
 
     def _assemble(self, selection: torch.Tensor) -> Assembly:
-        key = (self.version, tuple(selection.flatten().tolist()))
+        key = (self.version, self._key if selection is self.selection else tuple(selection.flatten().tolist()))
         if self.asm is None or self.asm.key != key:
             self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens)
         return self.asm
+
+    def _columns(self, blocks_d: torch.Tensor, n_resident: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original indices of the context's columns (n_kv, n_resident + k * block_size) and, per resident
+        column, whether it is a copy of a retrieved token (n_kv, n_resident); blocks_d (n_kv, k) on the device."""
+        c, r = self.memory.config, self.resident
+        offsets = torch.arange(c.block_size, device=blocks_d.device)
+        bidx = (blocks_d[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
+        picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=blocks_d.device)
+        picked.scatter_(1, blocks_d, True)
+        resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp(max=self.store.n_blocks)
+        return torch.cat((r.idx[:, :n_resident], bidx), dim=1), picked.gather(1, resident_blocks)
+
+    def _build_facts(self, blocks_d: torch.Tensor, n_resident: int) -> torch.Tensor:
+        """(2,) on the device: whether any resident token duplicates a retrieved one, and the position the next
+        token takes (compact: the distinct indices in the context; original: the token count)."""
+        idx, duplicate = self._columns(blocks_d, n_resident)
+        if self.memory.config.positions == "compact":
+            _, n_present = _ranks(idx)
+        else:
+            n_present = torch.tensor(self.memory.n_tokens, device=idx.device)
+        return torch.stack((duplicate.any().long(), n_present))
 
     def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int) -> Assembly:
         """The attention context from resident columns [0, n_resident) and the retrieved blocks, with
@@ -115,33 +174,40 @@ class LayerMemory:
         m, c = self.memory, self.memory.config
         r = self.resident
         k, v, idx = r.k[:, :n_resident], r.v[:, :n_resident], r.idx[:, :n_resident]
-        valid = None
+        valid = duplicate = None
+        facts = self._facts if self._facts is not None and self._facts[0] == key + (n_resident, n_tokens) else None
         if selection.numel():
             # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.
-            selection = selection.cpu()  # block ids live on the host (they name host memory)
-            wanted = selection.unique()  # sorted block ids
-            slots = torch.tensor(self.cache.fetch(wanted.tolist(), self.store))
-            slot_of = slots[torch.searchsorted(wanted, selection)]  # (n_kv, k) the slot of each head's blocks
-            blocks_d, slots_d = upload(torch.stack((selection, slot_of)), m.device).unbind(0)  # (n_kv, k) each
-            offsets = torch.arange(c.block_size, device=m.device)
-            bidx = (blocks_d[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
-            picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=m.device)
-            picked.scatter_(1, blocks_d, True)
-            resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp(max=self.store.n_blocks)
-            duplicate = picked.gather(1, resident_blocks)  # resident copies of retrieved tokens
-            if bool(duplicate.any()):
-                valid = torch.cat((~duplicate, torch.ones_like(bidx, dtype=torch.bool)), dim=1)
+            # Block ids live on the host as Python ints (they name host memory): the cache's bookkeeping is free.
+            # Each head's own blocks only, (block, KV head) pairs: a block two heads chose is two pairs.
+            ids, n_kv = key[1], r.n_kv
+            pairs = [block * n_kv + i // selection.shape[1] for i, block in enumerate(ids)]  # row-major (n_kv, k)
+            slots = self.cache.fetch(pairs, self.store)
+            blocks_d, slots_d = upload(torch.tensor([ids, slots]).reshape(2, *selection.shape), m.device).unbind(0)
+            idx, duplicate = self._columns(blocks_d, n_resident)  # duplicate: resident copies of retrieved tokens
             self.cache.ready()
-            bk, bv = self.cache.kv(slots_d, torch.arange(r.n_kv, device=m.device)[:, None])  # (n_kv, k * block_size, d)
-            k, v, idx = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1), torch.cat((idx, bidx), dim=1)  # (n_kv, S, ...)
-        if c.positions == "compact":
-            present = torch.unique(idx if valid is None else idx[valid])  # sorted original indices
-            positions, next_pos = torch.searchsorted(present, idx.contiguous()), len(present)
-        else:
-            positions, next_pos = idx, n_tokens
-        k_rot = m.as_stored(m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype)))
+            bk, bv = self.cache.kv(slots_d)  # (n_kv, k * block_size, d) each
+            k, v = torch.cat((k, bk), dim=1), torch.cat((v, bv), dim=1)  # (n_kv, S, d)
+        # Compact positions: duplicates need no exclusion (a resident copy's index is its retrieved twin's).
+        positions, n_present = _ranks(idx) if c.positions == "compact" else (idx, None)
+        _, any_duplicate, next_pos = facts or self._read_facts(duplicate, n_present, n_resident, n_tokens)
+        if any_duplicate:
+            valid = torch.cat((~duplicate, torch.ones(r.n_kv, idx.shape[1] - n_resident, dtype=torch.bool,
+                                                      device=m.device)), dim=1)
+        k_rot = m.as_stored(m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype, n_positions=next_pos)))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
         return Assembly(k_rot, v.to(m.dtype), idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
+
+    def _read_facts(self, duplicate: torch.Tensor | None, n_present: torch.Tensor | None, n_resident: int,
+                    n_tokens: int) -> tuple:
+        """(None, any duplicate, next position) for a build the retrieval did not foresee (after an eviction, a
+        restore): what the host cannot know, read back in one go; nothing when it knows it all."""
+        next_pos = n_tokens if n_present is None else n_resident if not self.evicted else None  # before any
+        # eviction every head holds every token, indices 0 .. n_resident - 1
+        unknown = ([duplicate.any().long()] if duplicate is not None else []) + ([n_present] if next_pos is None else [])
+        read = torch.stack(unknown).tolist() if unknown else []
+        any_duplicate = bool(read.pop(0)) if duplicate is not None else False
+        return None, any_duplicate, read.pop(0) if next_pos is None else next_pos
 
     def reassemble(self, selection: torch.Tensor, n_resident: int, capacity: int) -> Assembly:
         """Rebuild the attention context as `attend` left it (a restored snapshot): built from resident
@@ -190,7 +256,8 @@ class LayerMemory:
         q_obs = torch.cat((self.q_recent, q), dim=1)[:, -c.n_observe :]  # (n_heads, n_obs, d) pre-RoPE
         n_obs, n_heads, head_dim = q_obs.shape[1], q_obs.shape[0], q_obs.shape[2]
         last = asm.next_pos + q.shape[1]
-        q_rot = m.rope.rotate(q_obs, *m.rope.tables(torch.arange(last - n_obs, last, device=m.device), m.dtype))
+        q_rot = m.rope.rotate(q_obs, *m.rope.tables(torch.arange(last - n_obs, last, device=m.device), m.dtype,
+                                                    n_positions=last))
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, (n_heads // n_kv) * n_obs, head_dim)
         logits = qg @ asm.k[:, :n_keys].transpose(1, 2) / head_dim**0.5  # (n_kv, group * n_obs, n_keys)
@@ -291,7 +358,10 @@ class LayerMemory:
         c, r = self.memory.config, self.resident
         idx = r.idx[:, : r.n]
         protected = (idx < c.n_sink) | (idx >= n_total - c.n_local)
-        n_keep = int(protected[0].sum()) + c.n_retain
+        # Every sink and every window token is resident in every head (the window is always the newest tokens),
+        # so the host counts them without reading the device.
+        n_sinks = min(c.n_sink, n_total)
+        n_keep = n_sinks + max(0, n_total - max(n_sinks, n_total - c.n_local)) + c.n_retain
         if r.n > n_keep:
             ranked = torch.where(protected, torch.inf, r.score[:, : r.n])
             keep = torch.topk(ranked, n_keep, dim=1).indices.sort(dim=1).values  # (n_kv, n_keep) in original order
@@ -329,7 +399,7 @@ class ContextMemory:
 
     def __init__(self, spec: ModelSpec, rope: Rope, device: torch.device, dtype: torch.dtype,
                  config: MemoryConfig | None = None, scorer: EvictionScorer | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, device_bookkeeping: bool | None = None):
         self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
         self.kv_dtype = kv_dtype or dtype  # the device tiers' K and V; `dtype` is what the model computes in
         self.config = config or MemoryConfig()
@@ -337,6 +407,10 @@ class ContextMemory:
         self.record = RetrievalRecord(self.config.block_size)
         # On CUDA, block copies from the pinned host store run on their own stream, beside the compute.
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Decided once per device (issue 21): on CUDA the step's bookkeeping stays on the device and the host
+        # reads nothing but a retrieval's block ids; on the CPU, where reading is free, the plain path does
+        # less work. Tests turn it on for a CPU memory to count the syncs the CUDA path would make.
+        self.device_bookkeeping = device.type == "cuda" if device_bookkeeping is None else device_bookkeeping
         # One retrieval may need top_k blocks for each KV head at once: every layer's pool must hold them all.
         self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, self.kv_dtype),
                                 self.config.top_k_blocks * spec.n_kv_heads)
@@ -399,6 +473,16 @@ class ContextMemory:
         self._n_tokens += self._pending
         self._pending, self._pending_ids, self._lexical = 0, None, None
 
+    def release(self) -> None:
+        """Give back host and device buffers now (the conversation is reset): the block store's (pinned) segments,
+        the block pools and their pinned staging. The memory is empty afterwards and not to be used again."""
+        for layer in self.layers:
+            layer.cache.synchronize()
+            layer.cache.slots = layer.cache._pinned = None
+            layer.cache.where.clear()
+            layer.store.release()
+            layer.asm = None
+
     def truncate(self, n_tokens: int) -> None:
         """Forget every token from `n_tokens` on (a regenerated or edited turn)."""
         if n_tokens >= self._n_tokens:
@@ -431,7 +515,7 @@ class ContextMemory:
             "sink_bytes": sinks * token_bytes,
             "window_bytes": window * token_bytes,
             "retained_bytes": retained * token_bytes,
-            "cached_blocks": len(self.layers[0].cache.blocks),
+            "cached_blocks": len(self.layers[0].cache.blocks(self.spec.n_kv_heads)),
             "cache_capacity_blocks": self.cache_blocks,  # per layer; "auto" sizes it from free device memory
             "evicted_tokens": n - first.n,
             "host_tokens": self.layers[0].store.n_tokens,

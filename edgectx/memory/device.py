@@ -65,6 +65,15 @@ def peak_device_bytes(device: torch.device) -> dict | None:
     return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
 
 
+def empty_host_cache(device: torch.device) -> None:
+    """Unpin the pinned host memory PyTorch keeps cached after its tensors are freed (a reset memory's block
+    store): its caching host allocator holds freed pinned blocks for reuse, and pinned pages are RAM that
+    nothing else can use. A no-op off CUDA."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)  # copies may still read those pages
+        torch._C._host_emptyCache()
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -161,8 +161,14 @@ class MemoryPlan:
 
 
 def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: MemoryConfig | None, weights: str,
-                host_ram_bytes: int, model: str = "", elem_bytes: int = 2, pinned: bool = True) -> MemoryPlan:
-    """`pinned`: the host store is pinned memory (a CUDA device), whose allocations round up to powers of two."""
+                host_ram_bytes: int, model: str = "", elem_bytes: int = 2, pinned: bool = True,
+                file_weight_bytes: int | None = None) -> MemoryPlan:
+    """`pinned`: the host store is pinned memory (a CUDA device), whose allocations round up to powers of two.
+    `file_weight_bytes`: under `weights="gguf"` the GGUF file's own tensor bytes, which the device holds as they are
+    (edgectx.quant.gguf_cuda keeps the file's blocks on CUDA; ModelSpec cannot know the file's mix of types)."""
+    if weights == "gguf" and file_weight_bytes is None:
+        raise ValueError("planning a GGUF file's own blocks needs its tensor bytes (file_weight_bytes)")
+    weight_bytes = file_weight_bytes if weights == "gguf" else spec.weight_bytes(weights, dense_bytes=elem_bytes)
     chunk = config.chunk_tokens if config else 512
     kv_token = spec.kv_bytes_per_token(2)
     if config is None:
@@ -170,7 +176,7 @@ def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: Me
     else:
         from edgectx.memory.device import auto_cache_blocks  # imports torch: not at the CLI's start
 
-        free_after_weights = gpu_bytes - spec.weight_bytes(weights, dense_bytes=elem_bytes) - RUNTIME_BYTES
+        free_after_weights = gpu_bytes - weight_bytes - RUNTIME_BYTES
         tiers = device_kv(spec, config, context_tokens, elem_bytes, auto_cache_blocks(config, spec, free_after_weights, elem_bytes))
         kv_bytes, host = tiers.total_bytes, context_tokens * kv_token
         reserved, held = host_store_bytes(spec, config, context_tokens, pinned)
@@ -180,7 +186,7 @@ def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: Me
     return MemoryPlan(
         model=model, weights=weights, context_tokens=context_tokens,
         budget_tokens=config.budget_tokens if config else None,
-        weight_bytes=spec.weight_bytes(weights, dense_bytes=elem_bytes), device_kv=tiers, device_kv_bytes=kv_bytes,
+        weight_bytes=weight_bytes, device_kv=tiers, device_kv_bytes=kv_bytes,
         activation_bytes=activations, runtime_bytes=RUNTIME_BYTES, full_kv_bytes=context_tokens * kv_token,
         host_kv_bytes=host, host_reserved_bytes=reserved, gpu_bytes=gpu_bytes, host_ram_bytes=host_ram_bytes,
         query_buffer_bytes=queries, copy_pool_bytes=copies,

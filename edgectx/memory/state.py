@@ -10,6 +10,7 @@ What is saved, per layer (section names `layer.{i}.*`; docs/snapshot-format.md h
 | their original indices and eviction scores | `resident.idx`, `resident.score` | raw, exact | raw, exact |
 | retrieved blocks per KV head | `selection` | raw | raw |
 | LRU block cache: which blocks, oldest use first | `cache.blocks` | raw (contents are refetched from the store) | same |
+| the same as (block, KV head) pairs, `block * n_kv + head` | `cache.pairs` (absent in older files) | raw | same |
 | observation-window queries (attention-mass scorer) | `q_recent` | raw in the live dtype | the codec, as keys |
 | retrieved blocks the assembled context was built with | `asm.selection` | raw | raw |
 
@@ -113,7 +114,8 @@ def _layer_sections(p: str, layer: LayerMemory, codec: str, observes: bool) -> I
     yield tensor_section(p + "resident.idx", r.idx[:, : r.n])
     yield tensor_section(p + "resident.score", r.score[:, : r.n])
     yield tensor_section(p + "selection", layer.selection.long())
-    yield tensor_section(p + "cache.blocks", torch.tensor(layer.cache.blocks, dtype=torch.int64))
+    yield tensor_section(p + "cache.blocks", torch.tensor(layer.cache.blocks(store.n_kv_heads), dtype=torch.int64))
+    yield tensor_section(p + "cache.pairs", torch.tensor(list(layer.cache.where), dtype=torch.int64))
     if observes:
         q = layer.q_recent  # (n_heads, n_observed, d)
         yield tensor_section(p + "q_recent", q) if codec == "fp16" else tensor_section(p + "q_recent", q, codec, "key")
@@ -201,7 +203,14 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
              "its block cache lists blocks it cannot hold")
     # Oldest use first, so the LRU order comes back as it was; a smaller cache ("auto" sized it from this
     # GPU's free memory) keeps the most recent. The cache's contents never change the logits.
-    layer.cache.fetch(cached[-layer.cache.capacity :], store)
+    if rd.has("cache.pairs"):  # the exact LRU order of each head's blocks
+        n_pairs = store.n_blocks * n_kv
+        pairs = rd.tensor("cache.pairs", (None,), torch.int64, at_most=n_pairs).tolist()
+        rd.check(len(set(pairs)) == len(pairs) and all(0 <= p < n_pairs for p in pairs),
+                 "its block cache lists blocks it cannot hold")
+        layer.cache.fetch(pairs[len(pairs) - min(len(pairs), layer.cache.capacity) :], store)
+    else:
+        layer.cache.fetch_blocks(cached, store)
     _load_assembly(rd, layer, m["asm"])
     layer.cache.hits, layer.cache.misses = m["cache_hits"], m["cache_misses"]
 
@@ -237,6 +246,9 @@ class _Reader:
         c = memory.config
         # Generous bounds on the buffers a file may ask for (live ones stay far below them).
         self.max_capacity = 4 * (c.budget_tokens + c.chunk_tokens + c.evict_every + c.top_k_blocks * c.block_size) + 1024
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.snap
 
     def check(self, ok: bool, what: str) -> None:
         if not ok:

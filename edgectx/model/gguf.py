@@ -74,6 +74,12 @@ def open_gguf(path: Path) -> GGUFFile:
     return GGUFFile(path=path, metadata=metadata, tensors=tensors)
 
 
+def file_weight_bytes(g: GGUFFile) -> int:
+    """Bytes of every tensor in the file as stored (quantized blocks, float norms): what a model that keeps the
+    file's blocks holds (`--weights gguf`)."""
+    return sum(int(t.n_bytes) for t in g.tensors.values())
+
+
 def _check_version(path: Path, field: bytes) -> None:
     """The uint32 after the magic, read as the gguf package reads it: a file of the other byte order shows its
     version in the high half."""

@@ -1,0 +1,106 @@
+"""Retrieval copies only the (block, KV head) pairs its heads selected, in a few batched calls (issue 21, defect 8).
+
+Each KV head retrieves its own blocks; a cache slot that held every head of a block made a retrieval copy
+n_kv_heads times the bytes it needed, one copy call per block. Counted here on the CPU: every write into a
+layer's block pool (its storage), with the bytes written, per forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from edgectx.engine import Engine
+from edgectx.memory.block_store import HostBlockStore
+from edgectx.memory.config import MemoryConfig
+from edgectx.memory.retrieval import BlockCache
+from tiny_gguf import write_tiny_gguf
+
+# No lexical blocks: those are the same for every head, and this test wants each head's own choice.
+SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
+                     chunk_tokens=64, n_observe=16, retrieve_every=4, evict_every=16, lexical_blocks=0)
+WRITES = {torch.ops.aten.copy_.default, torch.ops.aten.index_copy_.default, torch.ops.aten.index_put_.default}
+
+
+class PoolWrites(TorchDispatchMode):
+    """Calls and bytes written into any of `pools` (tensors whose storage is watched)."""
+
+    def __init__(self, pools):
+        super().__init__()
+        self.pools, self.calls, self.bytes = pools, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in WRITES and any(p is not None and args[0].untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+                                  for p in self.pools()):
+            self.calls += 1
+            src = args[-1] if func is torch.ops.aten.index_copy_.default else args[1]
+            self.bytes += src.numel() * src.element_size() if isinstance(src, torch.Tensor) else 0
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("copies") / "m.gguf", arch="llama", n_kv_heads=2)
+
+
+def test_a_retrieval_copies_each_heads_own_blocks_in_one_batch(tiny):
+    engine = Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16")
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 1000)]
+    engine.prefill(ids[:512])
+    memory, n_kv = engine.memory, engine.spec.n_kv_heads
+    pair_bytes = 2 * SMALL.block_size * engine.spec.head_dim * memory.kv_dtype.itemsize
+    per_layer_limit = n_kv * SMALL.top_k_blocks * pair_bytes  # the pairs one retrieval selects
+    split = 0  # forwards where the heads of a layer chose different blocks
+    for start in range(512, 1000, 16):
+        with PoolWrites(lambda: [layer.cache.slots for layer in memory.layers]) as writes:
+            engine.forward(ids[start : start + 16])
+        assert writes.bytes <= len(memory.layers) * per_layer_limit, writes.bytes
+        assert writes.calls <= len(memory.layers), writes.calls  # one batched write per layer
+        split += any(len({tuple(row) for row in layer.selection.tolist()}) > 1 for layer in memory.layers)
+    assert split > 0 and memory.layers[0].cache.misses > 0, "the heads never disagreed: the test proves nothing"
+
+
+def test_cache_holds_exactly_the_pairs_fetched():
+    store = HostBlockStore(n_kv_heads=4, head_dim=8, block_size=4, device=torch.device("cpu"), host_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        store.append(torch.randn(4, 4 * 40, 8, generator=gen), torch.randn(4, 4 * 40, 8, generator=gen))
+        cache = BlockCache(capacity=8, device=torch.device("cpu"), dtype=torch.float32)
+        selection = torch.tensor([[1, 35], [2, 3], [1, 39], [0, 2]])  # (n_kv, k): blocks in two host segments
+        pairs = [b * 4 + h for h, row in enumerate(selection.tolist()) for b in row]
+        slots = cache.fetch(pairs, store)
+        k, v = cache.kv(torch.tensor(slots).reshape(4, 2))
+    for h, row in enumerate(selection.tolist()):
+        want_k = torch.cat([store.block(b)[0][h] for b in row])
+        want_v = torch.cat([store.block(b)[1][h] for b in row])
+        assert torch.equal(k[h], want_k) and torch.equal(v[h], want_v)
+    assert cache.copied_bytes == 8 * 2 * 4 * 8 * 4  # 8 pairs, not 6 distinct blocks x 4 heads
+    assert cache.copy_calls == 2 + 2  # a gather per host segment, the copy and the scatter
+
+
+def test_blocks_are_scored_in_float32_under_bfloat16_compute():
+    """Issue 21, defect 9: bfloat16 scores tied blocks whose keys differ past its 8-bit mantissa."""
+    from edgectx.memory.retrieval import select_blocks
+
+    q = torch.ones(1, 1, 1, dtype=torch.bfloat16)  # (n_heads, T, d)
+    reps = torch.tensor([[[1.0]], [[1.0 + 2**-9]]], dtype=torch.float16)  # (n_blocks, n_kv, d): equal in bfloat16
+    blocks, _ = select_blocks(q, reps, n_eligible=2, top_k=1)
+    assert blocks.tolist() == [[1]]
+
+
+def test_a_bfloat16_memory_keeps_its_host_store_in_bfloat16(tiny):
+    """No conversion on every retrieval (and no float16 overflow): the host store, the block pool and the tiers
+    share the compute dtype when it is bfloat16."""
+    from edgectx.memory.context import ContextMemory
+
+    engine = Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16")
+    memory = ContextMemory(engine.spec, engine.rope, engine.device, torch.bfloat16, SMALL, kv_dtype=torch.bfloat16)
+    layer = memory.layers[0]
+    assert layer.store.host_dtype == layer.cache.dtype == torch.bfloat16
+    with torch.inference_mode():
+        big = torch.full((engine.spec.n_kv_heads, 40, engine.spec.head_dim), 1e5, dtype=torch.bfloat16)
+        layer.store.append(big, big)  # past float16's 65504
+    assert bool(layer.store.tokens(0, 40)[0].isfinite().all())
