@@ -194,9 +194,11 @@ class LayerMemory:
         if any_duplicate:
             valid = torch.cat((~duplicate, torch.ones(r.n_kv, idx.shape[1] - n_resident, dtype=torch.bool,
                                                       device=m.device)), dim=1)
-        k_rot = m.as_stored(m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype, n_positions=next_pos)))
+        k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype, n_positions=next_pos))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
-        return Assembly(k_rot, v.to(m.dtype), idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom)
+        # K rounded to kv_dtype (as_stored) and V as stored: widened to the compute dtype as they are copied in
+        return Assembly(k_rot.to(m.kv_dtype), v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom,
+                        dtype=m.dtype)
 
     def _read_facts(self, duplicate: torch.Tensor | None, n_present: torch.Tensor | None, n_resident: int,
                     n_tokens: int) -> tuple:

@@ -78,11 +78,12 @@ class Assembly:
     """One layer's attention context: `length` committed keys (rotated) and values, room for more."""
 
     def __init__(self, k_rot: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None,
-                 next_pos: int, key: tuple, n_resident: int, headroom: int):
+                 next_pos: int, key: tuple, n_resident: int, headroom: int, dtype: torch.dtype | None = None):
+        """`dtype`: what the context holds (default k_rot's); k_rot and v are converted as they are copied in."""
         n_kv, n_keys, head_dim = k_rot.shape
         capacity = n_keys + headroom
-        self.k = k_rot.new_empty(n_kv, capacity, head_dim)
-        self.v = v.new_empty(n_kv, capacity, head_dim)
+        self.k = k_rot.new_empty(n_kv, capacity, head_dim, dtype=dtype or k_rot.dtype)
+        self.v = v.new_empty(n_kv, capacity, head_dim, dtype=dtype or v.dtype)
         self.idx = idx.new_empty(n_kv, capacity)
         self.k[:, :n_keys], self.v[:, :n_keys], self.idx[:, :n_keys] = k_rot, v, idx
         self.valid = None

@@ -78,6 +78,9 @@ class Rope:
         the largest position, which a device tensor must send back to the host: a sync that waits for the GPU."""
         if n_positions is None:
             n_positions = int(positions.max()) + 1 if positions.numel() else 0
+        if self.device.type == "cpu" and dtype == torch.float32:  # one gather per table, not a gather and a cat
+            cos, sin = self.signed_tables(n_positions)
+            return cos[positions], sin[positions]
         self._ensure(n_positions)
         return self._signed(self._cos[positions], self._sin[positions], dtype)
 
