@@ -26,6 +26,7 @@ import torch
 
 from edgectx.cpu_share import ThreadGovernor
 from edgectx.model.chat_template import ChatTemplate
+from edgectx.model.cuda_graph import with_cuda_graphs
 from edgectx.model.decode import CompiledDecode
 from edgectx.model.step import CompiledStep
 from edgectx.errors import EdgectxError, SnapshotError, UsageError
@@ -142,7 +143,9 @@ class Engine:
         self.tokenizer, self.template = tokenizer, template
         self.device, self.dtype = device, dtype
         self.weights = "fp16"  # the linear layers' format (Engine.load sets it: gguf, fp16, nf4 or int8)
-        self.step = model  # what runs a chunk: the model, or `compile_decode`'s wrapper around it
+        # What runs a chunk: the model, on CUDA wrapped to replay one-token steps as CUDA graphs (edgectx.model.
+        # cuda_graph; EDGECTX_CUDA_GRAPHS=0: eager), or `compile_decode`'s / `compile_step`'s wrapper when asked for.
+        self.step = with_cuda_graphs(model, device)
         self.governor: ThreadGovernor | None = None  # on the CPU (Engine.load): threads sized to the free cores
         self._prompt_logits: tuple[list[int], torch.Tensor] | None = None  # the last synced prompt and its logits
         self.last_stats = GenerationStats()

@@ -189,7 +189,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         cos = sin = torch.empty(1, 1, dtype=torch.float32, device=k.device)
         pos = dummy_i
     mask = valid.to(torch.bool).view(torch.uint8) if valid is not None else dummy_mask
-    lens = lengths.to(device=k.device, dtype=torch.int32) if lengths is not None else dummy_i
+    lens = dummy_i if lengths is None else lengths if (lengths.device, lengths.dtype) == (k.device, torch.int32) \
+        else lengths.to(device=k.device, dtype=torch.int32)  # already right (a captured step's): no call at all
 
     block_d = triton.next_power_of_2(head_dim)
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16

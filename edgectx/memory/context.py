@@ -36,6 +36,8 @@ import torch
 from edgectx import kernels
 from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
+from edgectx.memory.graph_step import memory_graph_step
+from edgectx.model.graph_step import GraphStep
 from edgectx.model.kv import DecodeSlot, grouped_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.lexical import UNKNOWN, TokenIndex
@@ -423,6 +425,11 @@ class ContextMemory:
         self._pending_ids: torch.Tensor | None = None
         self._lexical: tuple[int, torch.Tensor] | None = None  # (n_eligible, blocks) of the forward under way
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
+        self.graph_scalars: torch.Tensor | None = None  # (n_layers, 3) a captured decode step's inputs (graph_step)
+
+    def graph_step(self) -> GraphStep | None:
+        """This one-token step as a CUDA graph may capture it, or None: it runs eagerly (edgectx.memory.graph_step)."""
+        return memory_graph_step(self)
 
     def as_stored(self, t: torch.Tensor) -> torch.Tensor:
         """`t` rounded to `kv_dtype`, in the compute dtype. K and V are rounded as the tiers hold them before

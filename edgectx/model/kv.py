@@ -187,7 +187,9 @@ class _FullLayer:
         new_capacity = max(n_total, 2 * capacity, 256)
         for name in ("k", "v"):
             old = getattr(self, name)
-            grown = old.new_empty(old.shape[0], new_capacity, old.shape[2])
+            # zeros, not garbage, past the tokens: a captured decode step's masked attention reads every column
+            # (edgectx.model.graph_step), and a NaN there would poison it (0 * NaN)
+            grown = old.new_zeros(old.shape[0], new_capacity, old.shape[2])
             grown[:, :capacity] = old
             setattr(self, name, grown)
 
@@ -220,6 +222,7 @@ class FullKVCache:
         self.from_empty = False  # this chunk starts the sequence and sees all of itself: plain causal attention
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.layers = [_FullLayer(self) for _ in range(spec.n_layers)]
+        self.graph_scalars: torch.Tensor | None = None  # a captured decode step's column, on the device (graph_step)
 
     @property
     def n_tokens(self) -> int:

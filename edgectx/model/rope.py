@@ -51,7 +51,7 @@ class Rope:
         self._cos = torch.empty(0, half, device=device)
         self._sin = torch.empty(0, half, device=device)
         self._last_range: tuple | None = None  # ((start, n, dtype), tables): what every layer of a step asks for
-        self._signed_all: tuple | None = None  # (the cos table they came from, signed tables for all positions)
+        self._signed_all: tuple | None = None  # (the cos table they came from, {dtype: signed tables for all positions})
 
     def _ensure(self, n_positions: int) -> None:
         if n_positions <= self._cos.shape[0]:
@@ -98,14 +98,17 @@ class Rope:
         cos, sin = cos.to(dtype), sin.to(dtype)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
-    def signed_tables(self, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`tables` for every position below (at least) `n_positions`, float32 (N, rope_dim): row p is what
-        `range_tables(p, 1, torch.float32)` gives, bit for bit. Kept until the tables grow, so a caller may
-        address rows by pointer (edgectx.quant.ggml_decode)."""
+    def signed_tables(self, n_positions: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tables` for every position below (at least) `n_positions`, (N, rope_dim) in `dtype`: row p is what
+        `range_tables(p, 1, dtype)` gives, bit for bit. Kept until the tables grow, so a caller may address rows
+        by pointer (edgectx.quant.ggml_decode) or index them with a device tensor (a captured CUDA graph)."""
         self._ensure(n_positions)
         if self._signed_all is None or self._signed_all[0] is not self._cos:
-            self._signed_all = (self._cos, self._signed(self._cos, self._sin, torch.float32))
-        return self._signed_all[1]
+            self._signed_all = (self._cos, {})
+        by_dtype = self._signed_all[1]
+        if dtype not in by_dtype:
+            by_dtype[dtype] = self._signed(self._cos, self._sin, dtype)
+        return by_dtype[dtype]
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., T, head_dim) at `positions` (T,), returning a new tensor."""

@@ -1,0 +1,228 @@
+"""CUDA graphs for the decode step (issue 21): edgectx.model.cuda_graph, edgectx.model.graph_step and
+edgectx.memory.graph_step.
+
+On a CPU the runner replays with `capture_eager`: each "replay" runs the step captured at capture time again, with
+the step object of that time, so a step that read anything but the device tensors it holds (the static token and
+the memory's column/position tensor, written in place) would go wrong on later steps. That proves, without a GPU,
+the step's logits against the eager path's over many steps, which steps are graph steps and which fall back, when
+a new capture happens, that the per-step inputs stay at one address, and that a graph step makes no host sync.
+The `gpu` test does the same with real captures (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from edgectx import kernels
+from edgectx.engine import Engine
+from edgectx.memory.config import MemoryConfig
+from edgectx.memory.context import ContextMemory
+from edgectx.model.cuda_graph import CudaGraphStep, capture_eager, with_cuda_graphs
+from edgectx.model.graph_step import graph_step_of
+from edgectx.model.kv import FullKVCache
+from edgectx.model.sampling import Sampler, SamplingParams
+from sync_counter import SyncCounter
+from tiny_gguf import write_tiny_gguf
+
+SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=2, cache_blocks=4,
+                     chunk_tokens=64, n_observe=16, retrieve_every=4, evict_every=16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("graphs") / "m.gguf", arch="llama", n_kv_heads=2, context_length=4096)
+
+
+def _ids(n: int, seed: int = 0) -> list[int]:
+    return [int(i) for i in np.random.default_rng(seed).integers(0, 258, n)]
+
+
+def _device_path(engine: Engine) -> Engine:
+    """A fresh memory that keeps its bookkeeping on the device, as on CUDA (tests/test_host_syncs.py)."""
+    engine.memory = ContextMemory(engine.spec, engine.rope, engine.device, engine.dtype, engine.memory_config,
+                                  kv_dtype=engine.kv_dtype, scorer=engine.memory.scorer, device_bookkeeping=True)
+    return engine
+
+
+def _decode(engine: Engine, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Prefill `prompt`, then feed `tokens` one at a time (teacher-forced: both engines see the same steps)."""
+    engine.prefill(prompt)
+    return torch.stack([engine.next_logits] + [engine.forward([t])[-1] for t in tokens])
+
+
+def _pair(tiny, memory_config=None, **load):
+    eager = Engine.load(tiny, device="cpu", memory_config=memory_config, weights="fp16", **load)
+    graphed = Engine.load(tiny, device="cpu", memory_config=memory_config, weights="fp16", **load)
+    if memory_config is not None:
+        _device_path(eager), _device_path(graphed)
+    graphed.step = CudaGraphStep(graphed.model, capture=capture_eager)
+    return eager, graphed
+
+
+def test_full_attention_graph_steps_match_eager_and_capture_once_per_capacity(tiny):
+    eager, graphed = _pair(tiny, n_ctx=2048)
+    ids = _ids(300)
+    want, got = _decode(eager, ids[:200], ids[200:]), _decode(graphed, ids[:200], ids[200:])
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    runner = graphed.step
+    # 100 one-token steps: the cache grows once (256 -> 512 columns) at token 257, so two shape classes
+    assert (runner.n_replays, runner.n_captures, runner.n_eager) == (100, 2, 1), runner.stats()
+    # The graph wrote the same keys and values: bit for bit in the first layer (its inputs are the same); later
+    # layers' inputs carry the attention's summation order (the masked columns past the token).
+    first_eager, first_graphed = eager.memory.layers[0], graphed.memory.layers[0]
+    assert torch.equal(first_eager.k[:, :300], first_graphed.k[:, :300])
+    assert torch.equal(first_eager.v[:, :300], first_graphed.v[:, :300])
+    for a, b in zip(eager.memory.layers, graphed.memory.layers):
+        torch.testing.assert_close(b.k[:, :300], a.k[:, :300], rtol=0, atol=1e-3)
+        torch.testing.assert_close(b.v[:, :300], a.v[:, :300], rtol=0, atol=1e-3)
+
+
+def test_graph_step_inputs_are_written_in_place(tiny):
+    """The token buffer, the column tensor and the static logits keep their addresses from step to step (the
+    graph baked them in); the engine gets a copy of the logits, which the next replay does not touch."""
+    _, graphed = _pair(tiny, n_ctx=2048)
+    graphed.prefill(_ids(100))
+    runner, addresses, kept = graphed.step, set(), []
+    for t in _ids(20, seed=1):
+        kept.append((graphed.forward([t])[-1], graphed.next_logits.clone()))
+        (captured,) = runner.graphs.values()
+        addresses.add((runner.tokens.data_ptr(), graphed.memory.graph_scalars.data_ptr(), captured.logits.data_ptr()))
+        assert graphed.memory.graph_scalars[0].tolist() == [graphed.memory.n_tokens - 1] * 3
+    assert len(addresses) == 1 and runner.n_captures == 1
+    assert all(torch.equal(a, b) for a, b in kept)  # copies: later replays left them alone
+    assert kept[-1][0].data_ptr() != captured.logits.data_ptr()
+
+
+def test_which_full_attention_steps_are_graph_steps(tiny):
+    engine = Engine.load(tiny, device="cpu", n_ctx=2048, weights="fp16")
+    memory = engine.memory
+    memory.begin(8)  # a chunk
+    assert graph_step_of(memory) is None
+    memory.begin(1)
+    step = graph_step_of(memory)  # the first token of all: nothing to attend to but itself, still a graph step
+    assert step is not None and step.values == [[0, 0, 0]]
+    runner = CudaGraphStep(engine.model, capture=capture_eager)
+    tokens = torch.tensor([5])
+    assert runner.graph_step(tokens, memory, all_logits=True) is None
+    assert runner.graph_step(torch.tensor([5, 6]), memory) is None
+    assert runner.graph_step(tokens, memory) is not None
+    runner.failed = "a capture failed"
+    assert runner.graph_step(tokens, memory) is None
+    # A sliding window past its length needs a mask: eager; within it, a graph step.
+    windowed = FullKVCache(dataclasses.replace(engine.spec, sliding_window=64), engine.rope, engine.device, engine.dtype)
+    windowed.begin(63)
+    windowed.commit()
+    windowed.begin(1)
+    assert graph_step_of(windowed) is not None
+    windowed.commit()
+    windowed.begin(1)
+    assert graph_step_of(windowed) is None
+
+
+def test_the_key_changes_exactly_when_a_buffer_moves(tiny):
+    engine = Engine.load(tiny, device="cpu", n_ctx=2048, weights="fp16")
+    engine.prefill(_ids(250))
+    keys = []
+    for t in _ids(10, seed=2):
+        engine.memory.begin(1)
+        keys.append(graph_step_of(engine.memory).key)
+        engine.memory.commit()
+    # columns 250..255 fit the 256-column cache; token 257 grows it (new buffers, new key)
+    assert len(set(keys[:6])) == 1 and len(set(keys[6:])) == 1 and keys[5] != keys[6]
+
+
+def test_cuda_graphs_only_on_cuda_and_the_env_switch(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    assert with_cuda_graphs(model, torch.device("cpu")) is model
+    assert isinstance(with_cuda_graphs(model, torch.device("cuda")), CudaGraphStep)
+    monkeypatch.setenv("EDGECTX_CUDA_GRAPHS", "0")
+    assert with_cuda_graphs(model, torch.device("cuda")) is model
+
+
+def test_a_failed_capture_falls_back_to_eager_for_good(tiny, caplog):
+    eager, graphed = _pair(tiny, n_ctx=2048)
+
+    def broken(run):
+        run()  # as the warm-up would: the eager step must not mind the column it wrote
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed.step = CudaGraphStep(graphed.model, capture=broken)
+    ids = _ids(130)
+    with caplog.at_level("WARNING", logger="edgectx.model.cuda_graph"):
+        got = _decode(graphed, ids[:100], ids[100:])
+    torch.testing.assert_close(got, _decode(eager, ids[:100], ids[100:]), rtol=0, atol=0)
+    assert graphed.step.failed and graphed.step.n_captures == 0 and "CUDA graph failed" in caplog.text
+
+
+def test_memory_steady_steps_replay_and_the_rest_fall_back(tiny):
+    """The long-context memory past its budget: retrieval steps, the steps after an eviction or a new retrieval
+    (rebuilt contexts), and the steps that evict run eagerly; the rest replay, with the eager path's logits (the
+    decode kernel over the context's capacity, split differently, through Triton's interpreter) and the same
+    memory afterwards."""
+    eager, graphed = _pair(tiny, SMALL)
+    ids = _ids(700, seed=3)
+    with kernels.forced():
+        want, got = _decode(eager, ids[:600], ids[600:]), _decode(graphed, ids[:600], ids[600:])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    runner = graphed.step
+    n_prefill = -(-600 // SMALL.chunk_tokens)
+    # of 100 steps: every 4th retrieves, every 16th evicts, a few follow rebuilds
+    assert 40 <= runner.n_replays <= 75 and runner.n_eager - n_prefill == 100 - runner.n_replays, runner.stats()
+    assert runner.n_captures < runner.n_replays / 2, runner.stats()
+    for a, b in zip(eager.memory.layers, graphed.memory.layers):
+        assert torch.equal(a.resident.idx[:, : a.resident.n], b.resident.idx[:, : b.resident.n])
+        torch.testing.assert_close(a.resident.k[:, : a.resident.n], b.resident.k[:, : b.resident.n], rtol=0, atol=0)
+        assert a.selection.tolist() == b.selection.tolist() and a.store.n_tokens == b.store.n_tokens
+    assert eager.memory.stats()["evicted_tokens"] > 0
+
+
+def test_memory_graph_step_declines_without_the_kernel(tiny):
+    """Off the decode kernel the masked path would read the context's unwritten scratch columns: eager."""
+    engine = _device_path(Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16"))
+    engine.prefill(_ids(100))
+    engine.memory.begin(1)
+    assert graph_step_of(engine.memory) is None  # kernels are off on a CPU unless forced
+    with kernels.forced():
+        assert graph_step_of(engine.memory) is not None
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_graph_step_makes_no_host_sync(tiny, memory):
+    _, graphed = _pair(tiny, SMALL if memory else None)
+    sampler = Sampler(SamplingParams(temperature=0))
+    with kernels.forced():
+        graphed.prefill(_ids(600 if memory else 200, seed=4))
+        token, counts = sampler.sample(graphed.next_logits), []
+        for _ in range(8):
+            before = graphed.step.n_replays
+            with SyncCounter() as syncs:
+                logits = graphed.forward([token])
+            if graphed.step.n_replays > before:
+                counts.append(syncs)
+            token = sampler.sample(logits[-1])
+    assert counts and [c.total for c in counts] == [0] * len(counts), [dict(c.sites) for c in counts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory", [None, SMALL])
+def test_captured_cuda_graphs_match_eager(tiny, memory, monkeypatch):
+    """On a GPU: real captures, float32 so that eager and the graph differ only by summation order."""
+    ids = _ids(700, seed=5)
+    prompt, steps = (ids[:600], ids[600:]) if memory else (ids[:200], ids[200:])
+    monkeypatch.setattr("edgectx.engine.default_dtype", lambda device: torch.float32)
+    runs = []
+    for graphs in (False, True):
+        engine = Engine.load(tiny, device="cuda", memory_config=memory, weights="fp16")
+        engine.step = CudaGraphStep(engine.model) if graphs else engine.model
+        runs.append((_decode(engine, prompt, steps).cpu(), engine.step))
+    (want, _), (got, runner) = runs
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert runner.failed is None and runner.n_replays >= (40 if memory else len(steps)), runner.stats()
+    assert runner.n_captures <= (runner.n_replays // 2 if memory else 2), runner.stats()
