@@ -77,7 +77,7 @@ class _DecodeGraph:
         else:
             g.ggml_build_forward_expand(self.graph, x)
             self.logits = [x.contents]
-        self._place(o)
+        self._place()
         self.plan: _CPlan | None = None
 
     def _normed(self, x, weight: torch.Tensor, eps: float):
@@ -158,10 +158,9 @@ class _DecodeGraph:
         self.layers.append(_LayerHandles(k_dst, v_dst, k_all, v_all, mask, cos, sin))
         return out
 
-    def _place(self, o: "GgmlDecoder") -> None:
+    def _place(self) -> None:
         """Give every computed node without a place one in a buffer of its own (views follow their source)."""
         g = lib()
-        g.ggml_build_forward_expand(self.graph, self.x)  # harmless: a leaf
         nodes = [g.ggml_graph_node(self.graph, i).contents for i in range(g.ggml_graph_n_nodes(self.graph))]
         sizes, total = [], 0
         for t in nodes:
