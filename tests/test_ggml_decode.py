@@ -126,3 +126,9 @@ def test_full_attention_keeps_the_pytorch_step(embedded_model):
     finally:
         ggml_decode.GgmlDecoder.__call__ = real
     assert calls == []
+
+
+def test_the_switch_keeps_decode_steps_in_pytorch(embedded_model, monkeypatch):
+    monkeypatch.setenv("EDGECTX_GGML_DECODE", "0")
+    engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=MemoryConfig())
+    assert engine.model.decoder is None and engine.model.layers[0].fused is not None

@@ -10,6 +10,8 @@ Peak memory: the model plus one layer of float32 weights.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -112,7 +114,9 @@ def fuse_ggml_layers(model: Transformer) -> int:
         b.fused = GgmlLayer(stack, b.attn.wqkv.matmul.parts, b.attn.wo.matmul.parts, gate, up, b.ffn.w_down.matmul.parts[0],
                             b.attn_norm.weight, b.ffn_norm.weight, b.attn_norm.eps, qkv_bias=None if bias is None else bias.data)
     spec = model.spec
-    if len(blocks) == len(model.layers) and not spec.qkv_bias and spec.head_dim % 2 == 0 and not spec.sliding_window:
+    whole_step = os.environ.get("EDGECTX_GGML_DECODE", "1") != "0"  # =0: decode steps keep PyTorch attention
+    if whole_step and len(blocks) == len(model.layers) and not spec.qkv_bias and spec.head_dim % 2 == 0 \
+            and not spec.sliding_window:
         from edgectx.quant.ggml_decode import GgmlDecoder
 
         head = model.lm_head
