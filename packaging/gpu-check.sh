@@ -7,22 +7,24 @@
 # plan against measured peak). Each step has its share of the deadline: a hang costs that step, not the file.
 #
 # Usage (from anywhere; it runs in the checkout):
-#   bash packaging/gpu-check.sh [--out FILE] [--wheels DIR] [--cpu] [--deadline-s N]
+#   bash packaging/gpu-check.sh [--out FILE] [--wheels DIR] [--cpu] [--deadline-s N] [--work DIR]
 #   --wheels DIR  install the carried wheels in DIR (no index, no network) into a private folder first; carry
 #                 what the machine lacks (bitsandbytes, gguf, zstandard, platformdirs, llama-cpp-python, ...).
+#   --work DIR    the steps' logs (NAME.out, NAME.err) and JUnit files (default: beside --out)
 #   --cpu         the same harness at CPU size (tiny model, no GPU steps): how tests/test_gpu_check.py tests it.
 # edgectx itself need not be installed: without an installed edgectx the checkout's folders are linked into the
 # edgectx namespace (tui/, quant/, kernels/ live at the top level) in a temporary folder put on PYTHONPATH.
 # Exit status 0 when every step passed; the JSON is written either way.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-out="$root/gpu-check.json"; wheels=""; mode=gpu; deadline=470
+out="$root/gpu-check.json"; wheels=""; mode=gpu; deadline=470; work=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$(realpath -m "$2"); shift 2 ;;
     --wheels) wheels=$(realpath "$2"); shift 2 ;;
     --cpu) mode=cpu; shift ;;
     --deadline-s) deadline="$2"; shift 2 ;;
+    --work) work=(--work "$(realpath -m "$2")"); shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -44,4 +46,4 @@ if ! (cd "$scratch" && "$python" -c "import edgectx.quant, edgectx.kernels" 2>/d
   export PYTHONPATH="$scratch/ns${PYTHONPATH:+:$PYTHONPATH}"
 fi
 cd "$root"
-timeout $((${deadline%.*} + 20)) "$python" packaging/gpu_check.py --out "$out" --mode "$mode" --deadline-s "$deadline"
+timeout $((${deadline%.*} + 20)) "$python" packaging/gpu_check.py --out "$out" --mode "$mode" --deadline-s "$deadline" "${work[@]}"

@@ -61,38 +61,55 @@ class Steps:
         self.on_step = on_step  # called after each step: the JSON is rewritten, so a killed run still leaves one
 
     def run(self, name: str, cmd: list[str], cap_s: float, parse=None) -> dict:
+        return self.run_together({name: (cmd, cap_s, parse)})[name]
+
+    def run_together(self, jobs: dict[str, tuple[list[str], float, object]]) -> dict[str, dict]:
+        """Runs each job (name: (cmd, cap_s, parse)) in its own process, all at once, each under its own cap and the
+        deadline; records and returns every step."""
         left = self.end - time.monotonic()
-        step = {"cmd": " ".join(cmd), "rc": None, "seconds": 0.0, "timed_out": False}
-        self.results[name] = step
-        if left < 10:
-            step["skipped"] = "no time left under the deadline"
-            return step
-        t0 = time.monotonic()
-        # Its own session, so that a step past its time is stopped with everything it started (a child holding
-        # the pipes would keep communicate() waiting); not in the checkout: there its edgectx/ (without quant/,
-        # kernels/, tui/) and kernels/ (which bitsandbytes imports as PyPI's `kernels`) would shadow the namespace.
-        proc = subprocess.Popen(cmd, cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=min(cap_s, left))
-            step["rc"] = proc.returncode
-        except subprocess.TimeoutExpired:
-            step["timed_out"] = True
-            os.killpg(proc.pid, signal.SIGKILL)
+        started, t0 = {}, time.monotonic()
+        for name, (cmd, cap_s, _parse) in jobs.items():
+            step = {"cmd": " ".join(cmd), "rc": None, "seconds": 0.0, "timed_out": False}
+            self.results[name] = step
+            if left < 10:
+                step["skipped"] = "no time left under the deadline"
+                continue
+            # Its own session, so that a step past its time is stopped with everything it started (a child holding
+            # the pipes would keep communicate() waiting); not in the checkout: there its edgectx/ (without quant/,
+            # kernels/, tui/) and kernels/ (which bitsandbytes imports as PyPI's `kernels`) would shadow the
+            # namespace. Output goes to files, so that parallel steps never block on a full pipe.
+            logs = (open(self.work / f"{name}.out", "w+"), open(self.work / f"{name}.err", "w+"))
+            proc = subprocess.Popen(cmd, cwd=self.work, stdout=logs[0], stderr=logs[1], text=True,
+                                    start_new_session=True)
+            started[name] = (proc, logs, t0 + min(cap_s, left))
+        for name, (proc, logs, until) in started.items():
+            step = self.results[name]
             try:
-                out, err = proc.communicate(timeout=10)
+                proc.wait(timeout=max(0.0, until - time.monotonic()))
+                step["rc"] = proc.returncode
             except subprocess.TimeoutExpired:
-                out, err = "", "(output lost: the step's processes did not exit)"
-        step["seconds"] = round(time.monotonic() - t0, 2)
-        step["output_tail"] = ((out or "") + (err or ""))[-3000:]
-        if parse is not None and not step["timed_out"]:
-            try:
-                step["result"] = parse(out)
-            except Exception as e:  # noqa: BLE001 - a figure missing is recorded, not fatal
-                step["parse_error"] = f"{type(e).__name__}: {e}"[:300]
+                step["timed_out"] = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            step["seconds"] = round(time.monotonic() - t0, 2)
+            out, err = (_read(log) for log in logs)
+            step["output_tail"] = (out[-3000:] + err[-3000:])[-4000:]
+            parse = jobs[name][2]
+            if parse is not None and not step["timed_out"]:
+                try:
+                    step["result"] = parse(out)
+                except Exception as e:  # noqa: BLE001 - a figure missing is recorded, not fatal
+                    step["parse_error"] = f"{type(e).__name__}: {e}"[:300]
         if self.on_step:
             self.on_step()
-        return step
+        return {name: self.results[name] for name in jobs}
+
+
+def _read(log) -> str:
+    log.seek(0)
+    text = log.read()
+    log.close()
+    return text
 
 
 def junit(path: Path):
@@ -112,7 +129,7 @@ def junit(path: Path):
 
 
 def pytest_cmd(files: list[str], marker: str | None, xml: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={ROOT}", f"--junitxml={xml}",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider", f"--rootdir={ROOT}", f"--junitxml={xml}",
            *(str(ROOT / f) for f in files)]
     return cmd + (["-m", marker] if marker else [])
 
@@ -134,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu-check.json")
     p.add_argument("--mode", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--deadline-s", type=float, default=470.0)
+    p.add_argument("--work", help="folder for the steps' logs and JUnit files (default: beside --out)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
-    work = out.parent / (out.stem + "-work")
+    work = Path(args.work).resolve() if args.work else out.parent / (out.stem + "-work")
     work.mkdir(parents=True, exist_ok=True)
     gpu = args.mode == "gpu"
     edgectx = [sys.executable, "-m", "edgectx"]
@@ -152,21 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         name, contexts = "tiny", [300, 600]
         speed_args = ["--device", "cpu", "--threads", "1", "--decode-tokens", "2", "--budget", "256"]
         plan_args = ["--gpu-mem-gib", "4"]  # the 1 GiB CUDA runtime the plan counts, and room
-    # The figures issue 21 asks for first: if a later step hangs, the deadline cuts that one, not these.
+    # The tests first, both at once (small models: the GPU has room for both), then the figures alone on the GPU.
+    kernel_files = KERNEL_TEST_FILES if gpu else ["tests/test_kernel_specialization.py"]  # compiled on a GPU
+    steps.run_together({"kernel_tests": (pytest_cmd(kernel_files, None, work / "kernels.xml"), 130, junit(work / "kernels.xml")),
+                        "gpu_tests": (pytest_cmd(GPU_TEST_FILES, "gpu", work / "gpu.xml"), 130, junit(work / "gpu.xml"))})
     speed = steps.run("bench_speed", [*edgectx, "bench", "speed", "--synthetic", name, "--context",
-                                      ",".join(map(str, contexts)), *speed_args, "--json"], 300 if gpu else 150,
+                                      ",".join(map(str, contexts)), *speed_args, "--json"], 280 if gpu else 150,
                       parse=json.loads)
     weights = (speed.get("result") or {}).get("weights", "nf4" if gpu else "fp16")
     plan = steps.run("plan", [*edgectx, "plan", "--synthetic", name, "--context", str(max(contexts)), *plan_args,
                               "--weights", weights, "--host-mem-gib", "1024", "--json"], 60, parse=json.loads)
-    kernel_files = KERNEL_TEST_FILES if gpu else ["tests/test_kernel_specialization.py"]  # compiled on a GPU
-    steps.run("kernel_tests", pytest_cmd(kernel_files, None, work / "kernels.xml"), 120, parse=junit(work / "kernels.xml"))
-    steps.run("gpu_tests", pytest_cmd(GPU_TEST_FILES, "gpu", work / "gpu.xml"), 150, parse=junit(work / "gpu.xml"))
     if gpu:
         steps.run("bench_kernels", [sys.executable, "-m", "edgectx.bench.kernels", "--keys", "1024,4608,16384,65536",
                                     "--json"], 60, parse=json.loads)
         steps.run("bench_gguf_matvec", [sys.executable, "-m", "edgectx.bench.kernels", "--gguf", "--tokens", "1,4",
-                                        "--json"], 45, parse=json.loads)
+                                        "--json"], 40, parse=json.loads)
     else:
         for skipped in ("bench_kernels", "bench_gguf_matvec"):
             steps.results[skipped] = {"skipped": "needs a CUDA GPU"}

@@ -16,6 +16,8 @@ engines decode eagerly (no compiled decode step), so their decode times compare 
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -126,7 +128,7 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
             ids = _random_ids(n_new, vocab, gen)
             _sync(device)
             t0 = time.perf_counter()
-            engine.prefill(ids)
+            engine.prefill(ids, progress=_progress(engine.memory.n_tokens, t0))
             _sync(device)
             prefill_s += time.perf_counter() - t0
             prefilled += n_new
@@ -139,7 +141,7 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
         decode_ms = (time.perf_counter() - t0) * 1e3 / max(1, decode_tokens)
         stats = engine.stats()
         peak = peak_device_bytes(device)
-        rows.append({
+        row = {
             "context": context,
             "prefill_s": prefill_s,
             "prefill_tok_s": prefilled / prefill_s if prefill_s else None,
@@ -149,7 +151,21 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
             "peak_gpu_reserved_bytes": peak and peak["reserved"],
             "device_kv_bytes": stats["device_kv_bytes"],
             "host_kv_bytes": stats["host_kv_bytes"],
-        })
+        }
+        rows.append(row)
+        print(f"bench: {json.dumps(row)}", file=sys.stderr, flush=True)  # a run cut short still leaves its rows
+
+
+def _progress(start: int, t0: float, every: int = 8192):
+    """A prefill progress callback printing a line to stderr every `every` tokens (not synchronized: a lower bound)."""
+    last = [0]
+
+    def report(done: int, total: int) -> None:
+        if done - last[0] >= every or done == total:
+            last[0] = done
+            print(f"bench: prefill {start + done} tokens, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _guarded(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: float | None) -> tuple[list[dict], str | None]:
