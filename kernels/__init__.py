@@ -50,7 +50,16 @@ def available(device: torch.device | str) -> bool:
         return False  # the CPU decode path, first and cheapest: it runs per layer and token
     if os.environ.get("EDGECTX_KERNELS", "1") == "0" or not has_triton():
         return False
-    return _probe(str(device))
+    return _probe(_key(device))
+
+
+def _key(device: torch.device | str) -> str:
+    """One name per device: "cuda" and the "cuda:0" its tensors report are the same GPU, and must share one
+    probe and one off switch."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return str(device)
 
 
 def _probe(device: str) -> bool:
@@ -110,7 +119,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torc
     except (ValueError, torch.OutOfMemoryError):  # the caller's shapes, or memory: not the toolchain
         raise
     except Exception as e:  # noqa: BLE001
-        _disable(str(q.device), e)
+        _disable(_key(q.device), e)
     from edgectx.kernels.reference import decode_attention_reference
 
     return decode_attention_reference(q, k, v, **{k: v for k, v in options.items() if k not in ("n_splits", "block_n")})

@@ -217,14 +217,25 @@ def test_bench_speed_synthetic_with_the_real_tiny_model(capsys):
     assert row["edgectx_memory"]["host_kv_bytes"] == 302 * spec.kv_bytes_per_token(2)
 
 
+def test_the_cap_names_the_device_by_its_index(monkeypatch):
+    """torch 2.11 refuses `set_per_process_memory_fraction(f, torch.device("cuda"))` (no index): the first GPU run
+    failed there, so the cap passes the current device's index."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: seen.append((fraction, device)))
+    monkeypatch.setattr(device_memory, "_caps", {})
+    device_memory.set_memory_cap(torch.device("cuda"), 20 << 30)
+    assert seen == [(0.25, 0)] and device_memory.memory_cap(torch.device("cuda", 0)) == 20 << 30
+
+
 @pytest.mark.gpu
 def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
-    cuda = torch.device("cuda")
     try:
         assert run(["bench", "speed", "--synthetic", "tiny", "--context", "600,1200", "--decode-tokens", "4", "--budget", "256",
                     "--full", "--device", "cuda", "--gpu-mem-cap-gib", "2", "--json"]) == 0
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, cuda)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         device_memory._caps.clear()
     result = json.loads(capsys.readouterr().out)
     assert result["gpu_mem_cap_bytes"] == 2 << 30 and result["weights"] in ("nf4", "fp16")

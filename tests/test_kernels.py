@@ -205,7 +205,7 @@ def _decode_logits(model, spec, config, dtype, ids, n_decode):
     return torch.cat(out), saw_duplicates
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), pytest.param(torch.bfloat16, 5e-2, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.gpu)])
 def test_memory_decode_with_kernel_matches_reference_path(tmp_path, monkeypatch, dtype, atol):
     """A tiny model past its budget (evicting, retrieving): the kernel decode gives the torch path's logits."""
     path = write_tiny_gguf(tmp_path / "tiny.gguf", arch="llama", n_heads=6, n_kv_heads=2, dim=96, n_layers=1)
@@ -227,7 +227,7 @@ def test_memory_decode_with_kernel_matches_reference_path(tmp_path, monkeypatch,
     assert len(calls) == 4 * spec.n_layers  # decode steps only: prefill chunks keep SDPA
     assert duplicates, "expected retrieved blocks overlapping resident tokens (the valid mask)"
     err = (with_kernel - reference).abs().max().item()
-    assert err < atol, err
+    assert err < atol * max(1.0, reference.abs().max().item()), err  # bf16: relative (an ulp at |logit| 32 is 0.25)
     assert torch.equal(with_kernel.argmax(-1), reference.argmax(-1))
 
 
@@ -305,6 +305,17 @@ def test_the_real_probe_launch_runs_through_the_interpreter(fresh_probe):
     with kernels.forced():
         assert kernels.available("cpu")
     assert kernels._probed == {"cpu"} and not kernels._broken
+
+
+def test_a_device_named_with_or_without_its_index_shares_one_probe_and_one_off_switch(monkeypatch, fresh_probe):
+    """`available(torch.device("cuda"))` and a failed launch on a tensor's "cuda:0" are the same GPU (the first GPU
+    run found the switch keyed on two names: the kernels stayed on after a failure)."""
+    monkeypatch.setattr(kernels, "_tiny_launch", lambda device: None)  # a GPU where one launch runs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert kernels._key("cuda") == kernels._key(torch.device("cuda", 0)) == "cuda:0" and kernels._key("cpu") == "cpu"
+    kernels._disable("cuda:0", RuntimeError("a launch failed"))
+    assert not kernels.available(torch.device("cuda"))
 
 
 def test_a_launch_failing_mid_decode_answers_with_the_reference_and_stays_off(monkeypatch, fresh_probe, caplog):

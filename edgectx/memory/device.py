@@ -38,7 +38,7 @@ def set_memory_cap(device: torch.device, cap_bytes: int) -> None:
     if not 0 < cap_bytes <= total:
         raise UsageError(f"The GPU memory cap must be between 0 and the GPU's {total / 2**30:.1f} GiB, "
                          f"not {cap_bytes / 2**30:.1f} GiB.")
-    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, device)
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, _index(device))  # an index: torch 2.11 refuses a bare 'cuda'
     _caps[_index(device)] = cap_bytes
 
 
