@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                                     "--json"], 60, parse=json.loads)
         steps.run("bench_gguf_matvec", [sys.executable, "-m", "edgectx.bench.kernels", "--gguf", "--tokens", "1,4",
                                         "--json"], 40, parse=json.loads)
+        # The tile sweep for the types of a Q4_K_M file (the first GPU run: Q4_K matvec 213 GB/s, 0.41x fp16)
+        for qtype in ("Q4_K", "Q6_K"):
+            steps.run(f"sweep_gguf_{qtype}", [sys.executable, "-m", "edgectx.bench.kernels", "--gguf", "--qtype", qtype,
+                                              "--tokens", "1", "--block-n", "4,8,16,32", "--blocks-per-step", "1,2,4,8",
+                                              "--num-warps", "2,4,8", "--repeats", "20", "--json"], 45, parse=json.loads)
     else:
         for skipped in ("bench_kernels", "bench_gguf_matvec"):
             steps.results[skipped] = {"skipped": "needs a CUDA GPU"}

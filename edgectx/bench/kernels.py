@@ -18,8 +18,10 @@ the byte ratio (4.5 bits per weight against 16) when it runs near the GPU's memo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
+import sys
 
 import torch
 
@@ -40,6 +42,25 @@ def _time_ms(fn, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _graph_ms(fn, repeats: int, launches: int = 10) -> float | None:
+    """The time of one `fn()` replayed from a CUDA graph of `launches` calls: the GPU's time without the host's
+    launch overhead (which `_time_ms` includes: a Triton launch costs tens of microseconds in Python). None if
+    the capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # compiled and warm before the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(launches):
+                fn()
+    except RuntimeError:
+        return None
+    return _time_ms(graph.replay, repeats) / launches
 
 
 def run_kernels(keys: list[int], n_kv: int = 8, group: int = 4, head_dim: int = 128,
@@ -73,10 +94,12 @@ def run_kernels(keys: list[int], n_kv: int = 8, group: int = 4, head_dim: int = 
 
 def run_gguf_matvec(rows: int = 14336, cols: int = 4096, tokens: tuple[int, ...] = (1,), qtype: str = "Q4_K",
                     dtype: torch.dtype = torch.float16, block_ns: tuple[int | None, ...] = (None,),
-                    repeats: int = 50) -> list[dict]:
-    """One row per (token count, BLOCK_N; None: the type's default): the GGUF kernel's and the fp16 matmul's
-    times and weight GB/s, the layer's time (TritonGgufLinear, Python overhead included) and the kernel's
-    largest error against float32, relative to the output's scale."""
+                    repeats: int = 50, steps: tuple[int | None, ...] = (None,), warps: tuple[int, ...] = (4,),
+                    on_row=None) -> list[dict]:
+    """One row per (token count, BLOCK_N, blocks per step, warps; None: the type's default): the GGUF kernel's
+    and the fp16 matmul's times and weight GB/s, the layer's time (TritonGgufLinear, Python overhead included)
+    and the kernel's largest error against float32, relative to the output's scale. `on_row(row)`: called as
+    each row lands (a sweep cut short keeps its rows)."""
     if not (torch.cuda.is_available() and kernels.has_triton()):
         raise UsageError("The GGUF kernel benchmark needs a CUDA GPU and Triton installed.")
     from gguf import GGMLQuantizationType
@@ -98,18 +121,25 @@ def run_gguf_matvec(rows: int = 14336, cols: int = 4096, tokens: tuple[int, ...]
         ref = x.float() @ m.dequantize(torch.float32).t()
         dense_ms = _time_ms(lambda: x @ w16.t(), repeats)
         layer_ms = _time_ms(lambda: layer(x), repeats)
-        for block_n in block_ns:
-            kernel_ms = _time_ms(lambda: gguf_matvec(x, m.raw, m.qtype, rows, cols, block_n=block_n), repeats)
-            y = gguf_matvec(x, m.raw, m.qtype, rows, cols, block_n=block_n).float()
+        fp16_graph_ms = _graph_ms(lambda: x @ w16.t(), repeats)
+        for block_n, nb, n_warps in itertools.product(block_ns, steps, warps):
+            tile = dict(block_n=block_n, blocks_per_step=nb, num_warps=n_warps)
+            kernel_ms = _time_ms(lambda: gguf_matvec(x, m.raw, m.qtype, rows, cols, **tile), repeats)
+            y = gguf_matvec(x, m.raw, m.qtype, rows, cols, **tile).float()
+            graph_ms = _graph_ms(lambda: gguf_matvec(x, m.raw, m.qtype, rows, cols, **tile), repeats)
             out.append({
                 "qtype": qtype, "rows": rows, "cols": cols, "tokens": n_tokens,
                 "block_n": block_n or LAYOUTS[int(m.qtype)].block_n,
+                "blocks_per_step": nb or LAYOUTS[int(m.qtype)].blocks_per_step, "num_warps": n_warps,
                 "dtype": str(dtype).split(".")[-1], "weight_bytes": m.nbytes, "fp16_bytes": w16.nbytes,
-                "kernel_ms": kernel_ms, "layer_ms": layer_ms, "fp16_ms": dense_ms,
+                "kernel_ms": kernel_ms, "layer_ms": layer_ms, "fp16_ms": dense_ms, "kernel_graph_ms": graph_ms,
+                "fp16_graph_ms": fp16_graph_ms,
                 "kernel_gbps": m.nbytes / kernel_ms / 1e6, "fp16_gbps": w16.nbytes / dense_ms / 1e6,
                 "speedup": dense_ms / kernel_ms,
                 "max_rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),
             })
+            if on_row:
+                on_row(out[-1])
     return out
 
 
@@ -127,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="1", help="with --gguf: rows of x, comma-separated")
     parser.add_argument("--block-n", default="", help="with --gguf: output rows per program, comma-separated "
                         "(default: the type's own)")
+    parser.add_argument("--blocks-per-step", default="", help="with --gguf: blocks a program decodes per step, "
+                        "comma-separated (default: the type's own)")
+    parser.add_argument("--num-warps", default="4", help="with --gguf: warps per program, comma-separated")
+    parser.add_argument("--repeats", type=int, default=50, help="with --gguf: timed launches per row (the median)")
     args = parser.parse_args(argv)
     if args.gguf:
         return _main_gguf(args)
@@ -146,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int | None, ...]:
+    return tuple(int(n) for n in text.split(",")) if text else (None,)
+
+
 def _main_gguf(args: argparse.Namespace) -> int:
     try:
         rows = run_gguf_matvec(tokens=tuple(int(n) for n in args.tokens.split(",")), qtype=args.qtype,
                                dtype=getattr(torch, args.dtype or "float16"),
-                               block_ns=tuple(int(n) for n in args.block_n.split(",")) if args.block_n else (None,))
+                               block_ns=_ints(args.block_n), steps=_ints(args.blocks_per_step),
+                               warps=tuple(int(n) for n in args.num_warps.split(",")), repeats=args.repeats,
+                               on_row=lambda row: print(f"row: {json.dumps(row)}", file=sys.stderr, flush=True))
     except UsageError as e:
         print(f"error: {e}")
         return 2
