@@ -84,6 +84,10 @@ def run_kernels(keys: list[int], n_kv: int = 8, group: int = 4, head_dim: int = 
         row["kernel_ms"] = _time_ms(lambda: decode_attention(q, k, v), repeats)
         row["sdpa_masked_ms"] = _time_ms(lambda: grouped_attention(q, k, v, mask), repeats)
         row["kernel_masked_ms"] = _time_ms(lambda: decode_attention(q, k, v, valid=valid), repeats)
+        for name, fn in (("sdpa", lambda: grouped_attention(q, k, v, None)), ("kernel", lambda: decode_attention(q, k, v)),
+                         ("sdpa_masked", lambda: grouped_attention(q, k, v, mask)),
+                         ("kernel_masked", lambda: decode_attention(q, k, v, valid=valid))):
+            row[f"{name}_graph_ms"] = _graph_ms(fn, repeats)  # without the host's launch overhead
         row["speedup"] = row["sdpa_ms"] / row["kernel_ms"]
         row["speedup_masked"] = row["sdpa_masked_ms"] / row["kernel_masked_ms"]
         ref = decode_attention_reference(q, k, v, valid=valid)
