@@ -43,6 +43,10 @@ class BlockLayout:
     run: int  # contiguous quant bytes a sub-group decodes at once: the last tile dimension
     blocks_per_step: int  # NB: blocks a program decodes per loop step
     block_n: int  # output rows per program: ptxas for sm_90 at 4 warps gives 48..96 registers, no spills (untimed)
+    # matvec's tile (BLOCK_N, blocks per step, warps) where one was measured; else (block_n, blocks_per_step, 4).
+    # Q4_K, Q6_K: the fastest of 48 tiles on an H200 (14336 x 4096, one token, replayed from a CUDA graph, 2026-12-04):
+    # Q4_K 0.033 ms (the tile above: 0.094 ms), Q6_K 0.042 ms (0.051 ms); cuBLAS fp16 0.030 ms
+    matvec_tile: tuple[int, int, int] | None = None
 
 
 LAYOUTS: dict[int, BlockLayout] = {
@@ -51,9 +55,9 @@ LAYOUTS: dict[int, BlockLayout] = {
     Q5_0: BlockLayout(32, 22, 16, 8, 8),
     Q5_1: BlockLayout(32, 24, 16, 8, 16),
     Q8_0: BlockLayout(32, 34, 32, 4, 16),
-    Q4_K: BlockLayout(256, 144, 32, 4, 16),
+    Q4_K: BlockLayout(256, 144, 32, 4, 16, matvec_tile=(4, 8, 2)),
     Q5_K: BlockLayout(256, 176, 32, 4, 8),
-    Q6_K: BlockLayout(256, 210, 32, 4, 8),
+    Q6_K: BlockLayout(256, 210, 32, 4, 8, matvec_tile=(4, 4, 8)),
 }
 
 
@@ -217,7 +221,7 @@ def _steps(layout: BlockLayout, cols: int, blocks_per_step: int | None) -> int:
 
 
 def gguf_matvec(x: torch.Tensor, raw: torch.Tensor, qtype: int, rows: int, cols: int, out: torch.Tensor | None = None,
-                *, block_n: int | None = None, blocks_per_step: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                *, block_n: int | None = None, blocks_per_step: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """x (T, cols) @ W.T -> (T, rows) in x's dtype (or written into `out`, any (T, rows) view with unit column
     stride, such as a column slice of a fused output). W: raw uint8 (rows, row_bytes) blocks of ggml type `qtype`.
     Meant for small T (decode): every token decodes the weights again. block_n, blocks_per_step (powers of
@@ -234,7 +238,8 @@ def gguf_matvec(x: torch.Tensor, raw: torch.Tensor, qtype: int, rows: int, cols:
         raise ValueError(f"out {tuple(out.shape)} with strides {out.stride()} cannot take ({n_tokens}, {rows}) by rows")
     if n_tokens == 0 or rows == 0:
         return out
-    block_n = block_n or layout.block_n
+    tile = layout.matvec_tile or (layout.block_n, layout.blocks_per_step, 4)
+    block_n, blocks_per_step, num_warps = block_n or tile[0], blocks_per_step or tile[1], num_warps or tile[2]
     grid = (n_tokens, triton.cdiv(rows, block_n))
     _gguf_kernel[grid](raw, x, out, rows, cols // layout.elems, raw.stride(0), x.stride(0), out.stride(0),
                        QTYPE=int(qtype), QK=layout.elems, BB=layout.nbytes, RUN=layout.run,

@@ -225,4 +225,5 @@ def test_captured_cuda_graphs_match_eager(tiny, memory, monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert runner.failed is None and runner.n_replays >= (40 if memory else len(steps)), runner.stats()
-    assert runner.n_captures <= (runner.n_replays // 2 if memory else 2), runner.stats()
+    # full attention: one capture per capacity the cache grows through from 200 to 700 tokens (256, 512, 1024)
+    assert runner.n_captures <= (runner.n_replays // 2 if memory else 3), runner.stats()

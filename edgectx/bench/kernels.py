@@ -98,7 +98,7 @@ def run_kernels(keys: list[int], n_kv: int = 8, group: int = 4, head_dim: int = 
 
 def run_gguf_matvec(rows: int = 14336, cols: int = 4096, tokens: tuple[int, ...] = (1,), qtype: str = "Q4_K",
                     dtype: torch.dtype = torch.float16, block_ns: tuple[int | None, ...] = (None,),
-                    repeats: int = 50, steps: tuple[int | None, ...] = (None,), warps: tuple[int, ...] = (4,),
+                    repeats: int = 50, steps: tuple[int | None, ...] = (None,), warps: tuple[int | None, ...] = (None,),
                     on_row=None) -> list[dict]:
     """One row per (token count, BLOCK_N, blocks per step, warps; None: the type's default): the GGUF kernel's
     and the fp16 matmul's times and weight GB/s, the layer's time (TritonGgufLinear, Python overhead included)
@@ -126,6 +126,8 @@ def run_gguf_matvec(rows: int = 14336, cols: int = 4096, tokens: tuple[int, ...]
         dense_ms = _time_ms(lambda: x @ w16.t(), repeats)
         layer_ms = _time_ms(lambda: layer(x), repeats)
         fp16_graph_ms = _graph_ms(lambda: x @ w16.t(), repeats)
+        layout = LAYOUTS[int(m.qtype)]
+        default = layout.matvec_tile or (layout.block_n, layout.blocks_per_step, 4)
         for block_n, nb, n_warps in itertools.product(block_ns, steps, warps):
             tile = dict(block_n=block_n, blocks_per_step=nb, num_warps=n_warps)
             kernel_ms = _time_ms(lambda: gguf_matvec(x, m.raw, m.qtype, rows, cols, **tile), repeats)
@@ -133,8 +135,7 @@ def run_gguf_matvec(rows: int = 14336, cols: int = 4096, tokens: tuple[int, ...]
             graph_ms = _graph_ms(lambda: gguf_matvec(x, m.raw, m.qtype, rows, cols, **tile), repeats)
             out.append({
                 "qtype": qtype, "rows": rows, "cols": cols, "tokens": n_tokens,
-                "block_n": block_n or LAYOUTS[int(m.qtype)].block_n,
-                "blocks_per_step": nb or LAYOUTS[int(m.qtype)].blocks_per_step, "num_warps": n_warps,
+                "block_n": block_n or default[0], "blocks_per_step": nb or default[1], "num_warps": n_warps or default[2],
                 "dtype": str(dtype).split(".")[-1], "weight_bytes": m.nbytes, "fp16_bytes": w16.nbytes,
                 "kernel_ms": kernel_ms, "layer_ms": layer_ms, "fp16_ms": dense_ms, "kernel_graph_ms": graph_ms,
                 "fp16_graph_ms": fp16_graph_ms,
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the type's own)")
     parser.add_argument("--blocks-per-step", default="", help="with --gguf: blocks a program decodes per step, "
                         "comma-separated (default: the type's own)")
-    parser.add_argument("--num-warps", default="4", help="with --gguf: warps per program, comma-separated")
+    parser.add_argument("--num-warps", default="", help="with --gguf: warps per program, comma-separated "
+                        "(default: the type's own)")
     parser.add_argument("--repeats", type=int, default=50, help="with --gguf: timed launches per row (the median)")
     args = parser.parse_args(argv)
     if args.gguf:
@@ -193,7 +195,7 @@ def _main_gguf(args: argparse.Namespace) -> int:
         rows = run_gguf_matvec(tokens=tuple(int(n) for n in args.tokens.split(",")), qtype=args.qtype,
                                dtype=getattr(torch, args.dtype or "float16"),
                                block_ns=_ints(args.block_n), steps=_ints(args.blocks_per_step),
-                               warps=tuple(int(n) for n in args.num_warps.split(",")), repeats=args.repeats,
+                               warps=_ints(args.num_warps), repeats=args.repeats,
                                on_row=lambda row: print(f"row: {json.dumps(row)}", file=sys.stderr, flush=True))
     except UsageError as e:
         print(f"error: {e}")

@@ -17,6 +17,7 @@ engines decode eagerly (no compiled decode step), so their decode times compare 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,11 +135,16 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
             prefilled += n_new
         token = int(torch.argmax(engine.next_logits))
         _sync(device)
+        graphs_before = _graph_stats(engine)
         t0 = time.perf_counter()
+        step_ms = []
         for _ in range(decode_tokens):
-            token = int(torch.argmax(engine.forward([token])[-1]))
+            t_step = time.perf_counter()
+            token = int(torch.argmax(engine.forward([token])[-1]))  # reading the token waits for the step
+            step_ms.append((time.perf_counter() - t_step) * 1e3)
         _sync(device)
         decode_ms = (time.perf_counter() - t0) * 1e3 / max(1, decode_tokens)
+        graphs = {k: v - graphs_before.get(k, 0) for k, v in _graph_stats(engine).items() if isinstance(v, int)}
         stats = engine.stats()
         peak = peak_device_bytes(device)
         row = {
@@ -147,13 +153,30 @@ def _run(engine: Engine, contexts: list[int], decode_tokens: int, floor_ms: floa
             "prefill_tok_s": prefilled / prefill_s if prefill_s else None,
             "decode_ms_per_token": decode_ms,
             "decode_floor_ratio": decode_ms / floor_ms if floor_ms else None,
+            # where the steps' time goes: the median step (a replayed graph, in steady state) against the slowest
+            # (retrieval, a rebuilt context, a capture), and the CUDA-graph runner's counts over these steps
+            "decode_step_ms": _spread(step_ms), "decode_graphs": graphs or None,
             "peak_gpu_bytes": peak and peak["allocated"],
             "peak_gpu_reserved_bytes": peak and peak["reserved"],
             "device_kv_bytes": stats["device_kv_bytes"],
             "host_kv_bytes": stats["host_kv_bytes"],
         }
         rows.append(row)
-        print(f"bench: {json.dumps(row)}", file=sys.stderr, flush=True)  # a run cut short still leaves its rows
+        print(f"bench: {json.dumps(row)}", file=sys.stderr, flush=True)
+        print(f"bench: decode steps ms {[round(t, 2) for t in step_ms]}", file=sys.stderr, flush=True)  # a run cut short still leaves its rows
+
+
+def _graph_stats(engine: Engine) -> dict:
+    stats = getattr(engine.step, "stats", None)
+    return stats() if callable(stats) else {}
+
+
+def _spread(ms: list[float]) -> dict | None:
+    if not ms:
+        return None
+    ordered = sorted(ms)
+    return {"median": statistics.median(ordered), "p90": ordered[int(0.9 * (len(ordered) - 1))], "max": ordered[-1],
+            "min": ordered[0]}
 
 
 def _progress(start: int, t0: float, every: int = 8192):
