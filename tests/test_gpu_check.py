@@ -78,3 +78,14 @@ def test_the_cpu_half_writes_every_figure_to_one_json_file(tmp_path):
     assert acceptance["measured"] and acceptance["context"] == 600 and acceptance["decode_ms_per_token"] > 0
     assert report["plan_vs_measured"]["plan_device_total_bytes"] == steps["plan"]["result"]["device_total_bytes"] > 0
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_prepared_profile_runs_at_cpu_size(tmp_path):
+    """packaging/gpu_profile.py (the next GPU run's decode profile) runs end to end on the tiny model here."""
+    done = subprocess.run([sys.executable, str(ROOT / "packaging" / "gpu_profile.py"), "--synthetic", "tiny", "--context", "600",
+                           "--steps", "3", "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "EDGECTX_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("\n{") + 1:])
+    assert len(report["step_ms"]) == 3 == len(report["step_ms_unprofiled"]) and "aten::" in report["by_self_cuda"]
+    assert report["planned_weight_bytes"] > 0 and report["prefill_s"] >= 0
