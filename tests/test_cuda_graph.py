@@ -174,10 +174,16 @@ def test_memory_steady_steps_replay_and_the_rest_fall_back(tiny):
     n_prefill = -(-600 // SMALL.chunk_tokens)
     # of 100 steps: every 4th retrieves, every 16th evicts, a few follow rebuilds
     assert 40 <= runner.n_replays <= 75 and runner.n_eager - n_prefill == 100 - runner.n_replays, runner.stats()
-    assert runner.n_captures < runner.n_replays / 2, runner.stats()
+    # a rebuilt context takes over the buffers of the one it replaces: the key stays, one capture serves every
+    # steady step (before: a capture after most rebuilds, 25 in 200 steps; each costs an eager step and more)
+    assert runner.n_captures == 1, runner.stats()
     for a, b in zip(eager.memory.layers, graphed.memory.layers):
         assert torch.equal(a.resident.idx[:, : a.resident.n], b.resident.idx[:, : b.resident.n])
-        torch.testing.assert_close(a.resident.k[:, : a.resident.n], b.resident.k[:, : b.resident.n], rtol=0, atol=0)
+        # keys project hidden states that attention's summation order (the kernel split over the context or over its
+        # capacity) moved in the last bits: a few may round to the neighbouring float16
+        ka, kb = a.resident.k[:, : a.resident.n].float(), b.resident.k[:, : b.resident.n].float()
+        diff = (ka - kb).abs()
+        assert (diff > 0).float().mean() < 0.01 and diff.max() <= 2**-10 * ka.abs().max().clamp(min=1)
         assert a.selection.tolist() == b.selection.tolist() and a.store.n_tokens == b.store.n_tokens
     assert eager.memory.stats()["evicted_tokens"] > 0
 

@@ -258,3 +258,29 @@ def test_kv_dtype_setting():
     assert kv_storage_dtype("float32", cpu, torch.float32) == torch.float32
     with pytest.raises(UsageError, match="kv_dtype must be one of"):
         kv_storage_dtype("int8", cpu, torch.float32)
+
+
+def test_a_rebuilt_context_takes_over_the_buffers_it_replaces():
+    """Assembly(reuse=old): the same buffers (addresses a captured CUDA graph baked in), the data a fresh build
+    has; a validity buffer kept all true where no column needs masking, and fresh buffers when the old are small."""
+    from edgectx.memory.tiers import Assembly
+
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 40, 8, generator=gen), torch.randn(2, 40, 8, generator=gen)
+    idx = torch.arange(40).expand(2, 40)
+    valid = torch.rand(2, 40, generator=gen) > 0.3
+    first = Assembly(k, v, idx, valid, 40, ("a",), n_resident=30, headroom=10)
+    first.write(40, k[:, :3], v[:, :3], idx[:, :3])  # scratch the next build overwrites
+    second = Assembly(k[:, :32] * 2, v[:, :32], idx[:, :32], None, 32, ("b",), n_resident=20, headroom=10, reuse=first,
+                      always_valid=True)
+    fresh = Assembly(k[:, :32] * 2, v[:, :32], idx[:, :32], None, 32, ("b",), n_resident=20, headroom=10)
+    assert second.k.data_ptr() == first.k.data_ptr() and second.capacity == first.capacity == 50
+    assert torch.equal(second.k[:, :32], fresh.k[:, :32]) and torch.equal(second.v[:, :32], fresh.v[:, :32])
+    assert second.valid is None and fresh.valid is None  # attention needs no mask: none is made
+    assert second.valid_buffer.data_ptr() == first.valid.data_ptr() and bool(second.valid_buffer.all())
+    third = Assembly(k, v, idx, valid, 40, ("c",), n_resident=30, headroom=10, reuse=second)
+    assert third.valid.data_ptr() == first.valid.data_ptr() and torch.equal(third.valid[:, :40], valid)
+    assert bool(third.valid[:, 40:].all())
+    bigger = Assembly(torch.randn(2, 60, 8), torch.randn(2, 60, 8), torch.arange(60).expand(2, 60), None, 60, ("d",),
+                      n_resident=60, headroom=10, reuse=third)
+    assert bigger.k.data_ptr() != first.k.data_ptr() and bigger.capacity == 70

@@ -146,7 +146,7 @@ class LayerMemory:
     def _assemble(self, selection: torch.Tensor) -> Assembly:
         key = (self.version, self._key if selection is self.selection else tuple(selection.flatten().tolist()))
         if self.asm is None or self.asm.key != key:
-            self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens)
+            self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens, reuse=self.asm)
         return self.asm
 
     def _columns(self, blocks_d: torch.Tensor, n_resident: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,9 +170,11 @@ class LayerMemory:
             n_present = torch.tensor(self.memory.n_tokens, device=idx.device)
         return torch.stack((duplicate.any().long(), n_present))
 
-    def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int) -> Assembly:
+    def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int,
+               reuse: Assembly | None = None) -> Assembly:
         """The attention context from resident columns [0, n_resident) and the retrieved blocks, with
-        `n_tokens` tokens in memory (what `original` positions continue from)."""
+        `n_tokens` tokens in memory (what `original` positions continue from), in `reuse`'s buffers if they fit
+        (the context it replaces: see Assembly)."""
         m, c = self.memory, self.memory.config
         r = self.resident
         k, v, idx = r.k[:, :n_resident], r.v[:, :n_resident], r.idx[:, :n_resident]
@@ -199,8 +201,10 @@ class LayerMemory:
         k_rot = m.rope.rotate(k.to(m.dtype), *m.rope.tables(positions, m.dtype, n_positions=next_pos))
         headroom = max(c.chunk_tokens, c.evict_every) + 1
         # K rounded to kv_dtype (as_stored) and V as stored: widened to the compute dtype as they are copied in
+        # With the bookkeeping on the device (CUDA), the validity buffer is always there: with the buffers reused,
+        # the CUDA-graph step's key then stays the same across rebuilds
         return Assembly(k_rot.to(m.kv_dtype), v, idx, valid, next_pos, key, n_resident=n_resident, headroom=headroom,
-                        dtype=m.dtype)
+                        dtype=m.dtype, reuse=reuse, always_valid=m.device_bookkeeping)
 
     def _read_facts(self, duplicate: torch.Tensor | None, n_present: torch.Tensor | None, n_resident: int,
                     n_tokens: int) -> tuple:

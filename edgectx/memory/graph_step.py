@@ -13,10 +13,10 @@ reads block ids back); a step whose context must be rebuilt (the first after an 
 a step that evicts at commit (every `evict_every`th: its plan observes attention mass over the context); and a
 device where the decode kernel cannot run (the masked torch path would read the scratch columns).
 
-The key names each layer's assembled K, V, index and validity buffers: a rebuild allocates new ones, so the step
-after it is captured again, unless the allocator handed back the addresses of a context the runner still has a
-graph for (alternating rebuilds of the same size do). The budget keeps the assembled context's size steady once
-evicted, which is what makes that likely.
+The key names each layer's assembled K, V, index and validity buffers. A rebuild writes into the buffers of the
+context it replaces (Assembly's `reuse`) whenever they are big enough, which the budget makes the rule once
+evicted, and with the bookkeeping on the device a validity buffer is always there (all true where nothing is
+masked): the key stays, and the step after a rebuild replays the graph already captured.
 
     step = memory.graph_step()   # after memory.begin(1); None: eager
 """
@@ -34,7 +34,7 @@ class _MemoryGraphLayer:
 
     def __init__(self, asm, cos: torch.Tensor, sin: torch.Tensor, row: torch.Tensor, rope, kv_dtype: torch.dtype,
                  outputs: list, index: int):
-        self.k, self.v, self.idx, self.valid = asm.k, asm.v, asm.idx, asm.valid
+        self.k, self.v, self.idx, self.valid = asm.k, asm.v, asm.idx, asm.valid_buffer
         self.cos, self.sin, self.row, self.rope, self.kv_dtype = cos, sin, row, rope, kv_dtype
         self.outputs, self.index = outputs, index
 

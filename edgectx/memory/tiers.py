@@ -78,18 +78,34 @@ class Assembly:
     """One layer's attention context: `length` committed keys (rotated) and values, room for more."""
 
     def __init__(self, k_rot: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None,
-                 next_pos: int, key: tuple, n_resident: int, headroom: int, dtype: torch.dtype | None = None):
-        """`dtype`: what the context holds (default k_rot's); k_rot and v are converted as they are copied in."""
+                 next_pos: int, key: tuple, n_resident: int, headroom: int, dtype: torch.dtype | None = None,
+                 reuse: "Assembly | None" = None, always_valid: bool = False):
+        """`dtype`: what the context holds (default k_rot's); k_rot and v are converted as they are copied in.
+        `reuse`: the context this one replaces, whose buffers it takes over when they are big enough (its data is
+        overwritten): a context rebuilt at every retrieval then keeps its addresses and shapes, so the decode
+        step captured as a CUDA graph over it replays instead of being captured again. `always_valid`: hold a
+        validity buffer even when every column is valid (all true), so that its presence does not change either."""
         n_kv, n_keys, head_dim = k_rot.shape
+        k_dtype, v_dtype = dtype or k_rot.dtype, dtype or v.dtype
         capacity = n_keys + headroom
-        self.k = k_rot.new_empty(n_kv, capacity, head_dim, dtype=dtype or k_rot.dtype)
-        self.v = v.new_empty(n_kv, capacity, head_dim, dtype=dtype or v.dtype)
-        self.idx = idx.new_empty(n_kv, capacity)
+        if reuse is not None and reuse.k.shape[0] == n_kv and reuse.capacity >= capacity and reuse.k.dtype == k_dtype \
+                and reuse.v.dtype == v_dtype and reuse.k.device == k_rot.device:
+            self.k, self.v, self.idx, valid_buf = reuse.k, reuse.v, reuse.idx, reuse._valid_buf
+            capacity = reuse.capacity
+        else:
+            self.k = k_rot.new_empty(n_kv, capacity, head_dim, dtype=k_dtype)
+            self.v = v.new_empty(n_kv, capacity, head_dim, dtype=v_dtype)
+            self.idx = idx.new_empty(n_kv, capacity)
+            valid_buf = None
         self.k[:, :n_keys], self.v[:, :n_keys], self.idx[:, :n_keys] = k_rot, v, idx
-        self.valid = None
-        if valid is not None:
-            self.valid = torch.ones(n_kv, capacity, dtype=torch.bool, device=valid.device)
-            self.valid[:, :n_keys] = valid
+        if valid is not None or always_valid:
+            if valid_buf is None or valid_buf.shape[1] != capacity:
+                valid_buf = torch.ones(n_kv, capacity, dtype=torch.bool, device=k_rot.device)
+            else:
+                valid_buf[:, n_keys:] = True  # columns written later are valid until a rebuild says otherwise
+            valid_buf[:, :n_keys] = True if valid is None else valid
+        self._valid_buf = valid_buf  # all true where `valid` is None; kept for the next rebuild either way
+        self.valid = valid_buf if valid is not None else None  # None: every column valid (attention needs no mask)
         self.length = n_keys
         self.next_pos = next_pos  # position the next token takes
         self.key = key  # (resident version, retrieved blocks): what this assembly was built from
@@ -108,15 +124,22 @@ class Assembly:
         """Grow the buffers to `capacity` columns, keeping the committed ones."""
         if capacity <= self.k.shape[1]:
             return
-        for name in ("k", "v", "idx", "valid"):
+        for name in ("k", "v", "idx", "_valid_buf"):
             old = getattr(self, name)
             if old is None:
                 continue
             shape = (old.shape[0], capacity) + old.shape[2:]
-            new = old.new_ones(shape) if name == "valid" else old.new_empty(shape)
+            new = old.new_ones(shape) if name == "_valid_buf" else old.new_empty(shape)
             new[:, : self.length] = old[:, : self.length]
             setattr(self, name, new)
+        if self.valid is not None:
+            self.valid = self._valid_buf
 
+    @property
+    def valid_buffer(self) -> torch.Tensor | None:
+        """`valid`, or where every column is valid the all-true buffer kept for reuse (None if there is none): what
+        a captured step reads, so that a context with duplicates and one without share a graph."""
+        return self._valid_buf if self._valid_buf is not None else self.valid
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
