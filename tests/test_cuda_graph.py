@@ -160,20 +160,22 @@ def test_a_failed_capture_falls_back_to_eager_for_good(tiny, caplog):
 
 
 def test_memory_steady_steps_replay_and_the_rest_fall_back(tiny):
-    """The long-context memory past its budget: retrieval steps, the steps after an eviction or a new retrieval
-    (rebuilt contexts), and the steps that evict run eagerly; the rest replay, with the eager path's logits (the
+    """The long-context memory past its budget: the steps that evict run eagerly; the rest replay, retrieval and
+    rebuilt contexts included (done ahead, at the commit before), with the eager path's logits (the
     decode kernel over the context's capacity, split differently, through Triton's interpreter) and the same
     memory afterwards."""
     eager, graphed = _pair(tiny, SMALL)
     ids = _ids(700, seed=3)
     with kernels.forced():
         want, got = _decode(eager, ids[:600], ids[600:]), _decode(graphed, ids[:600], ids[600:])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # summation order moves a few stored float16 keys by an ulp, and later steps see those keys: 1e-3, not 1e-4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     runner = graphed.step
     n_prefill = -(-600 // SMALL.chunk_tokens)
-    # of 100 steps: every 4th retrieves, every 16th evicts, a few follow rebuilds
-    assert 40 <= runner.n_replays <= 75 and runner.n_eager - n_prefill == 100 - runner.n_replays, runner.stats()
+    # of 100 steps: retrievals (every 4th) and rebuilds are done ahead, in the commit before (prepare_next), so
+    # only the steps that evict (every 16th) run eagerly (before that: 40-75 replays)
+    assert 90 <= runner.n_replays <= 96 and runner.n_eager - n_prefill == 100 - runner.n_replays, runner.stats()
     # a rebuilt context takes over the buffers of the one it replaces: the key stays, one capture serves every
     # steady step (before: a capture after most rebuilds, 25 in 200 steps; each costs an eager step and more)
     assert runner.n_captures == 1, runner.stats()
@@ -206,10 +208,12 @@ def test_a_graph_step_makes_no_host_sync(tiny, memory):
         graphed.prefill(_ids(600 if memory else 200, seed=4))
         token, counts = sampler.sample(graphed.next_logits), []
         for _ in range(8):
-            before = graphed.step.n_replays
+            before, retrievals = graphed.step.n_replays, graphed.memory.record.n_retrievals if memory else 0
             with SyncCounter() as syncs:
                 logits = graphed.forward([token])
-            if graphed.step.n_replays > before:
+            # a commit that retrieves ahead for the next step reads the block ids (tests/test_host_syncs.py)
+            retrieved = memory and graphed.memory.record.n_retrievals > retrievals
+            if graphed.step.n_replays > before and not retrieved:
                 counts.append(syncs)
             token = sampler.sample(logits[-1])
     assert counts and [c.total for c in counts] == [0] * len(counts), [dict(c.sites) for c in counts]
@@ -233,3 +237,16 @@ def test_captured_cuda_graphs_match_eager(tiny, memory, monkeypatch):
     assert runner.failed is None and runner.n_replays >= (40 if memory else len(steps)), runner.stats()
     # full attention: one capture per capacity the cache grows through from 200 to 700 tokens (256, 512, 1024)
     assert runner.n_captures <= (runner.n_replays // 2 if memory else 3), runner.stats()
+
+
+def test_without_retrieving_ahead_retrieval_steps_run_eagerly(tiny, monkeypatch):
+    """EDGECTX_RETRIEVE_AHEAD=0: each retrieval runs at its own step, with its own query, eagerly."""
+    from edgectx.memory import context
+
+    monkeypatch.setattr(context, "RETRIEVE_AHEAD", False)
+    _, graphed = _pair(tiny, SMALL)
+    ids = _ids(700, seed=3)
+    with kernels.forced():
+        _decode(graphed, ids[:600], ids[600:])
+    runner = graphed.step
+    assert 40 <= runner.n_replays <= 75 and runner.n_captures == 1, runner.stats()  # every 4th retrieves, and more

@@ -23,11 +23,19 @@ assembled (a rebuild or a restore), and within the budget the memory is exactly 
 Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
 length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
 
+Ahead of time: after a decode step's commit, a layer whose next step would retrieve (every `retrieve_every`th)
+or rebuild its context (after an eviction) does it then, with the query of the step just taken (consecutive
+queries are alike: the same premise as `retrieve_every`). The next step then finds its context ready and runs
+as a steady one: the fused ggml step on a CPU, a replayed CUDA graph on a GPU, instead of the eager model.
+`EDGECTX_RETRIEVE_AHEAD=0` keeps retrieval at the step itself, with that step's own query.
+
     memory = ContextMemory(spec, rope, device, dtype, MemoryConfig(budget_tokens=2048), kv_dtype=torch.float16)
     memory.begin(len(chunk)); logits = model(chunk, memory); memory.commit()
 """
 
 from __future__ import annotations
+
+import os
 
 from dataclasses import dataclass
 
@@ -98,6 +106,7 @@ class LayerMemory:
         self.recent = RecentQueries(s.n_heads, s.head_dim, c.n_observe, memory.device, memory.dtype)
         self.asm: Assembly | None = None
         self._record_now = False  # this forward retrieved: record what its queries attend to
+        self._last_q: torch.Tensor | None = None  # the last decode step's query (pre-RoPE), for `prepare_next`
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
 
@@ -356,10 +365,30 @@ class LayerMemory:
             self.recent.append(p.q)
         if n_new == 1:
             self.steps_since_retrieval += 1
+        self._last_q = p.q if n_new == 1 else None  # what `prepare_next` retrieves with
         if p.evict:
             self._evict(m.n_tokens + n_new)
         else:
             asm.advance(n_new)
+
+    def prepare_next(self) -> None:
+        """After a decode step's commit (ContextMemory.commit, once the token count is updated): retrieve and
+        rebuild now if the next step would (see the module's "Ahead of time"), recording what the query attends to
+        in the new context as `attend` would have."""
+        q, self._last_q = self._last_q, None
+        c = self.memory.config
+        if q is None or self.asm is None:
+            return
+        due = self.evicted and c.top_k_blocks > 0 and self.steps_since_retrieval >= c.retrieve_every
+        if not due and self.asm.key[0] == self.version:
+            return
+        asm = self._assemble(self._retrieve(q))
+        if self._record_now:
+            self._record_now = False
+            m = self.memory
+            # the query as the newest token of the new context: its last resident column, the last position
+            q_rot = m.rope.rotate(q, *m.rope.range_tables(asm.next_pos - 1, 1, m.dtype))
+            m.record.add(self._attended(q_rot, asm, asm.length - 1, 1))
 
     def _evict(self, n_total: int) -> None:
         """Keep sinks, the window and the top `n_retain` older tokens per KV head; the rest live on in the host store."""
@@ -400,6 +429,9 @@ class LayerMemory:
         sink_k, sink_v = self.store.tokens(0, min(c.n_sink, n_tokens))
         win_k, win_v = self.store.tokens(window_start, n_tokens)
         r.rebuild([(sink_k, sink_v, 0), retained, (win_k, win_v, window_start)], headroom=c.chunk_tokens + 1)
+
+
+RETRIEVE_AHEAD = os.environ.get("EDGECTX_RETRIEVE_AHEAD", "1") != "0"
 
 
 class ContextMemory:
@@ -485,6 +517,10 @@ class ContextMemory:
             self.query_start = self._n_tokens
         self._n_tokens += self._pending
         self._pending, self._pending_ids, self._lexical = 0, None, None
+        if RETRIEVE_AHEAD:
+            for layer in self.layers:
+                layer.prepare_next()
+            self._lexical = None  # the next forward matches its own tokens
 
     def release(self) -> None:
         """Give back host and device buffers now (the conversation is reset): the block store's (pinned) segments,
