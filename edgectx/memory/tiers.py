@@ -88,7 +88,8 @@ class Assembly:
         n_kv, n_keys, head_dim = k_rot.shape
         k_dtype, v_dtype = dtype or k_rot.dtype, dtype or v.dtype
         capacity = n_keys + headroom
-        if reuse is not None and reuse.k.shape[0] == n_kv and reuse.capacity >= capacity and reuse.k.dtype == k_dtype \
+        if reuse is not None and reuse.k.shape[0] == n_kv and capacity <= reuse.capacity <= capacity + 64 \
+                and reuse.k.dtype == k_dtype \
                 and reuse.v.dtype == v_dtype and reuse.k.device == k_rot.device:
             self.k, self.v, self.idx, valid_buf = reuse.k, reuse.v, reuse.idx, reuse._valid_buf
             capacity = reuse.capacity
