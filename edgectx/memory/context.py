@@ -36,7 +36,6 @@ as a steady one: the fused ggml step on a CPU, a replayed CUDA graph on a GPU, i
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 import torch

@@ -14,7 +14,7 @@ a step that evicts at commit (every `evict_every`th: its plan observes attention
 device where the decode kernel cannot run (the masked torch path would read the scratch columns).
 
 The key names each layer's assembled K, V, index and validity buffers. A rebuild writes into the buffers of the
-context it replaces (Assembly's `reuse`) whenever they are big enough, which the budget makes the rule once
+context it replaces (Assembly's `reuse`) whenever they are big enough and not much bigger, which the budget makes the rule once
 evicted, and with the bookkeeping on the device a validity buffer is always there (all true where nothing is
 masked): the key stays, and the step after a rebuild replays the graph already captured.
 

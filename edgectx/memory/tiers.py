@@ -74,6 +74,9 @@ class Resident:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx, self.score))
 
 
+REUSE_SLACK = 64  # columns a reused context may have beyond its own need: more would outgrow the plan's work bytes
+
+
 class Assembly:
     """One layer's attention context: `length` committed keys (rotated) and values, room for more."""
 
@@ -81,16 +84,15 @@ class Assembly:
                  next_pos: int, key: tuple, n_resident: int, headroom: int, dtype: torch.dtype | None = None,
                  reuse: "Assembly | None" = None, always_valid: bool = False):
         """`dtype`: what the context holds (default k_rot's); k_rot and v are converted as they are copied in.
-        `reuse`: the context this one replaces, whose buffers it takes over when they are big enough (its data is
-        overwritten): a context rebuilt at every retrieval then keeps its addresses and shapes, so the decode
+        `reuse`: the context this one replaces, whose buffers it takes over when they are big enough and at most
+        REUSE_SLACK columns bigger (its data is overwritten): a context rebuilt at every retrieval then keeps its addresses and shapes, so the decode
         step captured as a CUDA graph over it replays instead of being captured again. `always_valid`: hold a
         validity buffer even when every column is valid (all true), so that its presence does not change either."""
         n_kv, n_keys, head_dim = k_rot.shape
         k_dtype, v_dtype = dtype or k_rot.dtype, dtype or v.dtype
         capacity = n_keys + headroom
-        if reuse is not None and reuse.k.shape[0] == n_kv and capacity <= reuse.capacity <= capacity + 64 \
-                and reuse.k.dtype == k_dtype \
-                and reuse.v.dtype == v_dtype and reuse.k.device == k_rot.device:
+        if reuse is not None and capacity <= reuse.capacity <= capacity + REUSE_SLACK and reuse.k.shape[0] == n_kv \
+                and (reuse.k.dtype, reuse.v.dtype, reuse.k.device) == (k_dtype, v_dtype, k_rot.device):
             self.k, self.v, self.idx, valid_buf = reuse.k, reuse.v, reuse.idx, reuse._valid_buf
             capacity = reuse.capacity
         else:
@@ -140,7 +142,8 @@ class Assembly:
     def valid_buffer(self) -> torch.Tensor | None:
         """`valid`, or where every column is valid the all-true buffer kept for reuse (None if there is none): what
         a captured step reads, so that a context with duplicates and one without share a graph."""
-        return self._valid_buf if self._valid_buf is not None else self.valid
+        return self._valid_buf
+
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
