@@ -13,9 +13,11 @@ from cli_helpers import assert_one_sentence, run_cli
 from tiny_gguf import write_tiny_gguf
 
 from edgectx.bench.needles import Haystack, Placed, Question, Task, grade, make_task
+import edgectx.bench.recall as recall_module
 from edgectx.bench.recall import RecallGrid, build_sample, run_recall, visibility
 from edgectx.bench.report import print_report
 from edgectx.engine import Engine
+from edgectx.errors import UsageError
 from edgectx.memory.config import MemoryConfig
 
 WORDS = "the of a river stone over under light green quiet house small garden road evening bridge".split()
@@ -200,3 +202,45 @@ def test_bad_texts_and_contexts_end_in_one_sentence(model, text_file, tmp_path):
     assert_one_sentence(run_cli(*common, "--text", str(text_file), "--context", "100"), "--context 100")
     assert_one_sentence(run_cli(*common, "--text", str(tmp_path / "missing.txt")), "Cannot read")
     assert_one_sentence(run_cli(*common, "--text", str(text_file), "--corpus", "docs"), "pick one")
+    assert_one_sentence(run_cli(*common, "--text", str(text_file), "--context", "700", "--resume", str(tmp_path)),
+                        "Cannot read the resume file")
+
+
+def test_a_resumed_run_reads_only_the_missing_samples_and_gives_the_same_figures(engine, text_file, tmp_path, monkeypatch):
+    """`--resume FILE`: a run stopped part way (its last line cut by the kill) goes on from the samples it kept and
+    ends with the figures of one whole run; a log from other settings, or a damaged one, is refused."""
+    grid = RecallGrid([1000], [0.2, 0.9], trials=2, tasks=["single"], answer_tokens=4, full=True)
+    whole = run_recall(engine, grid, SMALL, texts=[str(text_file)], log=False)
+    log = tmp_path / "grid.jsonl"
+    first = run_recall(engine, RecallGrid([1000], [0.2, 0.9], trials=1, tasks=["single"], answer_tokens=4, full=True),
+                       SMALL, texts=[str(text_file)], log=False, resume=log)
+    lines = log.read_text().splitlines(keepends=True)
+    assert len(lines) == 1 + 2 * 2  # the header, then memory and full attention for each of 2 samples
+    log.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed while writing the last record
+    asked = []
+    ask = recall_module._ask
+    monkeypatch.setattr(recall_module, "_ask", lambda e, s, n: asked.append((s.key.rsplit(":", 1)[0], "memory" in s.results)) or ask(e, s, n))
+    resumed = run_recall(engine, grid, SMALL, texts=[str(text_file)], log=False, resume=log)
+    # Trial 2's four answers, and the full-attention answer whose record was cut (full attention reads the
+    # latest needle first, so its last record is depth 0.2's)
+    expected = [(f"single:1000:{d}:1", full) for d in (0.2, 0.9) for full in (False, True)] + [("single:1000:0.2:0", True)]
+    assert sorted(asked) == sorted(expected), asked
+    strip = [{k: v for k, v in s.items() if not k.endswith("_s")} for s in whole["samples"]]
+    assert [{k: v for k, v in s.items() if not k.endswith("_s")} for s in resumed["samples"]] == strip
+    assert [c["recall"] for c in resumed["cells"]] == [c["recall"] for c in whole["cells"]]
+    assert len(log.read_text().splitlines()) == 1 + 4 * 2 and json.loads(log.read_text().splitlines()[-1])["key"].startswith("single:1000:")
+    asked.clear()
+    again = run_recall(engine, grid, SMALL, texts=[str(text_file)], log=False, resume=log)
+    assert asked == [] and [s["memory"] for s in again["samples"]] == [s["memory"] for s in whole["samples"]]
+
+    with pytest.raises(UsageError, match="other settings \\(seed differ"):
+        run_recall(engine, RecallGrid([1000], [0.2], seed=1, answer_tokens=4), SMALL, texts=[str(text_file)], log=False,
+                   resume=log)
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text(lines[0] + "not json\n" + lines[1])
+    with pytest.raises(UsageError, match="Line 2 of .* is not a sample record"):
+        run_recall(engine, grid, SMALL, texts=[str(text_file)], log=False, resume=damaged)
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\n")
+    with pytest.raises(UsageError, match="is not a recall log"):
+        run_recall(engine, grid, SMALL, texts=[str(text_file)], log=False, resume=foreign)

@@ -28,6 +28,7 @@ where a plain read puts them, so the figures are those of reading each document 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import random
 import sys
 import tempfile
@@ -39,6 +40,7 @@ import torch
 
 from edgectx.bench.corpus import docs_text, stdlib_text
 from edgectx.bench.needles import Haystack, Placed, Task, grade, make_task
+from edgectx.bench.recall_log import SampleLog, sample_key
 from edgectx.chat.citations import cite
 from edgectx.chat.documents import Document
 from edgectx.chat.opening import Opening, build_opening, system_content
@@ -77,6 +79,10 @@ class Sample:
     doc_tokens: tuple[int, int]  # the document text's tokens [start, end) in opening.ids
     shared: int = 0  # tokens read before it that other samples share (a chunk boundary)
     results: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.task.name, self.context, self.depth, self.trial, self.task.needles)
 
 
 def visibility(memory, start: int, end: int) -> dict | None:
@@ -190,6 +196,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _read_shared(engine: Engine, samples: list[Sample], chunk: int):
     """Yield each sample with the engine's memory holding exactly its opening, reading shared text once: a
     lossless snapshot at the last chunk boundary before the sample's first needle is restored for the next."""
+    if not samples:
+        return
     ref = max(samples, key=lambda s: min(a for a, _ in s.spans))
     for s in samples:
         first_needle = min(a for a, _ in s.spans)
@@ -269,17 +277,41 @@ def _log(s: Sample, engine_name: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _from_log(sample_log: SampleLog | None, samples: list[Sample], engine_name: str) -> list[Sample]:
+    """The samples still to read: those without a record in the log (whose results are filled in from it)."""
+    todo = []
+    for s in samples:
+        record = sample_log.get(engine_name, s.key) if sample_log else None
+        if record is None:
+            todo.append(s)
+        else:
+            s.results[engine_name], s.results[f"{engine_name}_s"] = record["results"], record["s"]
+    return todo
+
+
+def _finished(s: Sample, engine_name: str, sample_log: SampleLog | None, log: bool) -> None:
+    if sample_log:
+        sample_log.add(engine_name, s.key, s.results[engine_name], s.results[f"{engine_name}_s"])
+    if log:
+        _log(s, engine_name)
+
+
 def _fits_full(s: Sample, grid: RecallGrid, trained: int) -> bool:
     """Whether the whole conversation (each question, then its answer) stays inside the trained context."""
     return s.prompt_tokens + len(s.task.questions) * (grid.answer_tokens + 64) <= trained
 
 
 def run_recall(engine: Engine, grid: RecallGrid, memory: MemoryConfig, texts: list[str] | None = None,
-               corpus: str = "docs", log: bool = True, share_prefix: bool = True) -> dict:
+               corpus: str = "docs", log: bool = True, share_prefix: bool = True, resume: Path | None = None) -> dict:
     """Every cell of the grid (task x context x depth, `trials` samples each) through the memory, and through full
-    attention where it fits; `share_prefix=False` reads every document from its start (the same figures, slower)."""
+    attention where it fits; `share_prefix=False` reads every document from its start (the same figures, slower).
+    `resume`: a SampleLog file; samples already in it are taken from it, each new one is appended."""
     t0 = time.perf_counter()
     text, text_name, doc_name = _haystack_text(texts, corpus, max(grid.contexts))
+    sample_log = SampleLog.open(resume, {
+        "model": engine.path.name, "text": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "seed": grid.seed, "answer_tokens": grid.answer_tokens, "questions": grid.questions,
+        "scorer": engine.scorer(memory.scorer).name, "memory_config": memory.to_dict()}) if resume else None
     hay = Haystack(text, engine.tokenizer, max(grid.contexts))
     trained = engine.spec.context_length
     samples: list[Sample] = []
@@ -297,23 +329,23 @@ def run_recall(engine: Engine, grid: RecallGrid, memory: MemoryConfig, texts: li
                     task_rng = random.Random(f"{grid.seed}:{name}:{context}:{trial}:{depth}")
                     task = make_task(name, task_rng, grid.depths[d_index:] + grid.depths[:d_index], grid.questions)
                     group.append(build_sample(engine, hay, task, context, depth, trial, start, doc_name))
-        engine.configure_memory(memory)
+        todo = _from_log(sample_log, group, "memory")
+        if todo:
+            engine.configure_memory(memory)
         tick = time.perf_counter()
-        for s in (_read_shared(engine, group, memory.chunk_tokens) if share_prefix else _read_each(engine, group)):
+        for s in (_read_shared(engine, todo, memory.chunk_tokens) if share_prefix else _read_each(engine, todo)):
             s.results["memory"] = _ask(engine, s, grid.answer_tokens)
             s.results["memory_s"] = round(time.perf_counter() - tick, 2)  # with the shared text it read first
-            if log:
-                _log(s, "memory")
+            _finished(s, "memory", sample_log, log)
             tick = time.perf_counter()
-        fitting = [s for s in group if grid.full and _fits_full(s, grid, trained)]
+        fitting = _from_log(sample_log, [s for s in group if grid.full and _fits_full(s, grid, trained)], "full")
         if fitting:
             engine.configure_memory(None)
         tick = time.perf_counter()
         for s in _read_full(engine, fitting):
             s.results["full"] = _ask(engine, s, grid.answer_tokens)
             s.results["full_s"] = round(time.perf_counter() - tick, 2)
-            if log:
-                _log(s, "full")
+            _finished(s, "full", sample_log, log)
             tick = time.perf_counter()
         samples += group
     return _result(engine, grid, memory, samples, text_name, time.perf_counter() - t0)

@@ -123,6 +123,9 @@ def _add_recall_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="needles, keys and values (default 0)")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                    help="also answer with full attention where the conversation fits the trained context (default on)")
+    p.add_argument("--resume", type=Path, metavar="FILE",
+                   help="keep each finished sample in FILE (JSON lines) and take those already there: a long grid "
+                   "can stop and go on later with the same command")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
 
@@ -256,7 +259,7 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
 
         grid = RecallGrid(args.context, args.depths, trials=args.trials, tasks=args.tasks, seed=args.seed,
                           answer_tokens=args.answer_tokens, questions=args.questions, full=args.full)
-        return run_recall(engine, grid, memory, texts=args.text, corpus=args.corpus or "docs")
+        return run_recall(engine, grid, memory, texts=args.text, corpus=args.corpus or "docs", resume=args.resume)
     if args.bench == "reopen":
         from edgectx.bench.reopen import run_reopen
 
