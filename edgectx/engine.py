@@ -33,7 +33,7 @@ from edgectx.errors import EdgectxError, SnapshotError, UsageError
 from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
 from edgectx.model.kv import FullKVCache, KVMemory, kv_storage_dtype
 from edgectx.memory.context import ContextMemory
-from edgectx.memory.config import MemoryConfig
+from edgectx.memory.config import SCORERS, MemoryConfig
 from edgectx.memory import device as device_memory
 from edgectx.memory.plan import available_ram_bytes
 from edgectx.quant.formats import SNAPSHOT_CODECS
@@ -129,6 +129,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 # Contexts the long-context memory accepts by default: the host store holds them in RAM (fp16 K and V;
 # about 23 GB per million tokens for the embedded model), far past what any document needs.
 MEMORY_MAX_TOKENS = 1 << 20
+# What `--scorer auto` (the default) means: attention mass, which beat the shipped retaining heads on held-out
+# prose and code (docs/recall.md, "The default scorer"); a string so that a test can change it
+AUTO_SCORER = "attention"
 UNEXPECTED = "an unexpected failure"  # in a SnapshotError that no explicit check raised (the fuzz tests look for it)
 
 
@@ -220,17 +223,17 @@ class Engine:
         return self._heads
 
     def scorer(self, name: str) -> EvictionScorer:
+        """`auto` is attention mass (AUTO_SCORER); heads only when asked for by name."""
+        name = AUTO_SCORER if name == "auto" else name
         if name == "window":
             return WindowScorer()
         if name == "attention":
             return AttentionMassScorer()
         heads = self.heads()
-        if heads is not None:
-            return HeadsScorer(heads)
-        if name == "heads":
+        if heads is None:
             raise HeadsError(f"{self.path.name} has no retaining heads: train them with `edgectx heads train`, "
                              "or use --scorer attention.")
-        return AttentionMassScorer()
+        return HeadsScorer(heads)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -450,8 +453,9 @@ class Engine:
                                     f"{host_bytes / 2**30:.1f} GiB: more RAM than is free now.")
             tokens = snap.tokens().tolist()  # checked against the token chain before any KV is read
             rope = self._rope_for(config, n_ctx)  # fresh: load_memory grows its tables as the live ones were
-            try:
-                scorer = self.scorer(config.scorer)
+            made_with = snap.header.meta.get("scorer") if isinstance(snap.header.meta, dict) else None
+            try:  # "auto" once meant the heads: a snapshot goes on with the scorer it was made with
+                scorer = self.scorer(made_with if config.scorer == "auto" and made_with in SCORERS else config.scorer)
             except HeadsError as e:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
             memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype)

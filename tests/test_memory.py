@@ -284,3 +284,26 @@ def test_a_rebuilt_context_takes_over_the_buffers_it_replaces():
     bigger = Assembly(torch.randn(2, 60, 8), torch.randn(2, 60, 8), torch.arange(60).expand(2, 60), None, 60, ("d",),
                       n_resident=60, headroom=10, reuse=third)
     assert bigger.k.data_ptr() != first.k.data_ptr() and bigger.capacity == 70
+
+
+@pytest.mark.parametrize("stride", [1, 4, 16])
+def test_eviction_observes_every_strideth_recent_query(engine, stride, monkeypatch):
+    """`observe_stride`: each softmax row sums to 1, so the mass an evicting chunk observes per KV head sums to the
+    observed query rows: group x ceil(n_observe / stride)."""
+    config = MemoryConfig(**{**SMALL.to_dict(), "scorer": "attention", "observe_stride": stride})
+    engine.configure_memory(config)
+    seen = []
+    layer = engine.memory.layers[0]
+    observe = type(layer)._observe
+    monkeypatch.setattr(type(layer), "_observe", lambda self, q, asm, n: seen.append(observe(self, q, asm, n)) or seen[-1])
+    engine.forward(corpus_tokens(engine.tokenizer, 400)[:384])
+    assert len(seen) >= engine.spec.n_layers, "no chunk evicted: the test proves nothing"
+    group = engine.spec.n_heads // engine.spec.n_kv_heads
+    expected = group * -(-config.n_observe // stride)
+    for mass in seen:
+        assert torch.allclose(mass.sum(dim=1), torch.full((engine.spec.n_kv_heads,), float(expected)), atol=1e-3)
+
+
+def test_observe_stride_must_be_positive():
+    with pytest.raises(UsageError, match="observe_stride must be positive"):
+        MemoryConfig(observe_stride=0)

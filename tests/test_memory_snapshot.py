@@ -14,6 +14,7 @@ from cli_helpers import run_cli
 from tiny_gguf import write_tiny_gguf
 
 from edgectx.bench.corpus import corpus_tokens
+import edgectx.engine as engine_module
 from edgectx.engine import Engine
 from edgectx.errors import SnapshotError, UsageError
 from edgectx.memory.heads import HeadsInfo, RetainingHeads, save_heads
@@ -337,11 +338,30 @@ def test_another_models_snapshot_is_refused(models, tmp_path):
 
 def test_a_snapshot_made_with_retaining_heads_is_refused_without_them(models, tmp_path):
     heads = _heads(models[0], tmp_path)
-    live = _engine(models[0], heads_path=heads)
+    live = _engine(models[0], MemoryConfig(**{**SMALL.to_dict(), "scorer": "heads"}), heads_path=heads)
     live.prefill(_ids(200))
     path = live.snapshot(tmp_path / "doc.edgectxs").path
-    with pytest.raises(SnapshotError, match="'heads' eviction scorer"):
+    with pytest.raises(SnapshotError, match="cannot be restored: .* has no retaining heads"):
         _engine(models[0]).restore(path)
+
+
+def test_a_snapshot_from_when_auto_meant_the_heads_goes_on_with_the_heads(models, tmp_path, monkeypatch):
+    """`--scorer auto` was the heads before it was attention mass: a document read then restores with the heads and
+    continues exactly (not refused for a scorer the user never chose)."""
+    heads = _heads(models[0], tmp_path)
+    monkeypatch.setattr(engine_module, "AUTO_SCORER", "heads")
+    live = _engine(models[0], heads_path=heads)
+    assert live.memory_config.scorer == "auto" and live.memory.scorer.name == "heads"
+    ids = _ids(700)
+    live.prefill(ids[:640])
+    path = live.snapshot(tmp_path / "doc.edgectxs", codec="fp16").path
+    monkeypatch.setattr(engine_module, "AUTO_SCORER", "attention")
+    assert _engine(models[0], heads_path=heads).memory.scorer.name == "attention"
+    restored = _engine(models[0], heads_path=heads)
+    restored.restore(path)
+    assert restored.memory.scorer.name == "heads"
+    for token in ids[640:660]:
+        assert torch.equal(live.forward([token]), restored.forward([token]))
 
 
 def test_forged_memory_state_is_refused_with_one_sentence(models, tmp_path):
