@@ -59,7 +59,6 @@ from edgectx.model.spec import ModelSpec
 RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
 
 
-
 def _ranks(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each entry's rank among the distinct values of `idx` (same shape), and their count (a 0-d tensor):
     `searchsorted(unique(idx), idx)` and `len(unique(idx))` with static shapes, so nothing is read back."""

@@ -81,7 +81,9 @@ def activation_bytes(spec: ModelSpec, config: MemoryConfig | None, chunk_tokens:
     stream = 3 * t * s.dim * elem_bytes
     qkv = t * (2 * s.q_dim + 3 * s.kv_dim) * elem_bytes
     mask = (s.n_heads if config else s.group_size) * t * context_keys  # per-KV-head masks are expanded to every head
-    observe = 3 * s.n_heads * min(config.n_observe, t) * context_keys * 4 if config else 0
+    # every observe_stride-th of up to n_observe recent queries (an evicting decode step observes them too), in
+    # place: float32 logits and a bool mask per (query head, observed query, key)
+    observe = 5 * s.n_heads * -(-config.n_observe // config.observe_stride) * context_keys if config else 0
     ffn = 4 * t * s.ffn_dim * elem_bytes
     dequantized = max(o * i for o, i in s.block_linear_shapes) * elem_bytes if weights != "fp16" else 0
     logits = s.vocab_size * 4
