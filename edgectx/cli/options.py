@@ -164,7 +164,7 @@ def add_memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: 
     p.add_argument("--chunk", type=int_range(1, LIMITS["chunk_tokens"]), default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
     p.add_argument("--scorer", type=_scorers if lists else None, choices=None if lists else SCORERS,
                    help="eviction scores: Locret retaining heads, attention mass, or recency (window) "
-                   f"(default auto: heads when the model has them){several}"
+                   f"(default auto: attention mass; heads only by name){several}"
                    + ("; oracle / oracle-logprob: the true labels heads learn, read from the future (a ceiling)" if lists else ""))
 
 
