@@ -111,7 +111,7 @@ def _train(args: argparse.Namespace, path: Path) -> int:
         print(f"Heads written to {out} ({out.stat().st_size / 2**20:.1f} MiB): read {result.collect_s:.0f} s, "
               f"trained {result.train_s:.0f} s; held-out loss {last['heldout_loss']:.3f}, top-10% recall {last['heldout_recall']:.3f}.")
         if not args.out:
-            print("edgectx uses them for this model from now on (--scorer heads, or the default auto).")
+            print("edgectx finds them for this model from now on: evict with them by --scorer heads (or scorer = \"heads\" in the config).")
     return 0
 
 
