@@ -36,7 +36,7 @@ def test_chunk_size_does_not_change_logits(embedded_engine, float32_kv):
     assert torch.allclose(whole, chunked, atol=1e-3), (whole - chunked).abs().max()
 
 
-def test_sync_reuses_prefix_and_matches_fresh_prefill(embedded_engine):
+def test_sync_reuses_prefix_and_matches_fresh_prefill(embedded_engine, float32_kv):
     e = embedded_engine
     ids = _ids(e, 200)
     e.reset()

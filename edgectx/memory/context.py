@@ -45,7 +45,7 @@ from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
 from edgectx.memory.graph_step import memory_graph_step
 from edgectx.model.graph_step import GraphStep
-from edgectx.model.kv import DecodeSlot, grouped_attention
+from edgectx.model.kv import DecodeSlot, chunk_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.lexical import UNKNOWN, TokenIndex
 from edgectx.memory.tiers import Assembly, Resident
@@ -252,12 +252,12 @@ class LayerMemory:
         n_kv, end, t = asm.k.shape[0], start + n_new, min(n_new, RECORD_QUERIES)
         group = n_heads // n_kv
         qg = q_rot[:, n_new - t :].reshape(n_kv, group * t, head_dim)  # heads h*group.. share KV head h
-        logits = (qg @ asm.k[:, :end].transpose(1, 2)).float() / head_dim**0.5  # (n_kv, group * t, end)
+        logits = (qg @ asm.k[:, :end].transpose(1, 2)).float().div_(head_dim**0.5)  # (n_kv, group * t, end)
         mask = asm.mask(start, n_new)
-        if mask is not None:
-            mask = mask[..., n_new - t :, :].expand(n_kv, t, end).repeat(1, group, 1)  # rows as qg's
-            logits = logits.masked_fill(~mask, float("-inf"))
-        mass = torch.softmax(logits, dim=-1).sum(dim=1)  # (n_kv, end)
+        if mask is not None:  # in place, the mask broadcast over each KV head's group of query heads
+            rows = mask[..., n_new - t :, :]
+            logits.view(n_kv, group, t, end).masked_fill_(~(rows[:, None] if rows.dim() == 3 else rows), float("-inf"))
+        mass = torch.softmax(logits, dim=-1, out=logits).sum(dim=1)  # (n_kv, end)
         # Completed blocks before this forward only: a passage of the context, not the query's own tokens.
         n_blocks = m.n_tokens // c.block_size
         idx = asm.idx[:, :end]
@@ -305,7 +305,7 @@ class LayerMemory:
             valid = None if asm.valid is None else asm.valid[:, :end]
             out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
         else:
-            out = grouped_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], asm.mask(start, n_new))
+            out = chunk_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], start, asm.valid)
         if self._record_now:
             self._record_now = False
             m.record.add(self._attended(qk[:n_heads], asm, start, n_new))

@@ -154,6 +154,47 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.reshape(n_heads, n_tokens, head_dim)
 
 
+# The fused CPU kernel with its log-sum-exp (torch >= 2.2): what lets `chunk_attention` run a chunk's two parts apart
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """`grouped_attention` for a chunk of T queries whose keys sit at columns [start, start + T) of k and v
+    (n_kv, start + T, d): each query sees every earlier column its KV head's `valid` (n_kv, >= start, bool;
+    None: all) allows, and the chunk causally.
+
+    On the CPU the earlier columns and the chunk are two fused-kernel calls merged by their log-sum-exp: the
+    earlier columns under a (n_kv, 1, start) mask broadcast over the rows, the chunk with `is_causal`, which
+    skips its upper triangle. A single call would need the whole (n_heads x T, S) mask, which PyTorch widens to
+    float per call (measured on 2 cores' one thread, 9 heads over 3 KV heads, 512 queries over 2,560 keys with
+    per-head duplicates masked: 92 ms one call, 55 ms two). Equal to the one-call result to float32 rounding."""
+    n_heads, n_new, head_dim = q.shape
+    n_kv, group = k.shape[0], n_heads // k.shape[0]
+    if start == 0:
+        return causal_attention(q, k, v)
+    if q.device.type != "cpu" or _FLASH_WITH_LSE is None or n_new == 1 or group * n_new <= SMALL_QUERY_ROWS:
+        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
+        if valid is None and n_new == 1:
+            return grouped_attention(q, k, v, None)
+        if valid is None:
+            mask = torch.cat((torch.ones(n_new, start, dtype=torch.bool, device=q.device), causal), dim=1)
+        else:
+            mask = torch.cat((valid[:, None, :start].expand(n_kv, n_new, start), causal.expand(n_kv, n_new, n_new)), dim=2)
+        return grouped_attention(q, k, v, mask)
+    qg = q.reshape(1, n_kv, group * n_new, head_dim)  # heads h*group..h*group+group-1 share KV head h
+    mask = None
+    if valid is not None:
+        mask = torch.zeros(1, n_kv, 1, start, dtype=q.dtype).masked_fill_(~valid[None, :, None, :start], float("-inf"))
+    before, lse_before = _FLASH_WITH_LSE(qg, k[None, :, :start], v[None, :, :start], attn_mask=mask)
+    k_new, v_new = (x[:, start:].repeat_interleave(group, dim=0)[None] for x in (k, v))  # the chunk's few keys
+    own, lse_own = _FLASH_WITH_LSE(q[None], k_new, v_new, is_causal=True)
+    lse_before, lse_own = lse_before.reshape(n_heads, n_new, 1), lse_own.reshape(n_heads, n_new, 1)
+    lse = torch.logaddexp(lse_before, lse_own)
+    out = before.reshape(n_heads, n_new, head_dim) * (lse_before - lse).exp_()
+    return out.add_(own.reshape(n_heads, n_new, head_dim) * (lse_own - lse).exp_())
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`grouped_attention` for T queries at positions 0..T-1 over their own T keys, causally: without a
     mask tensor the fused kernel skips the blocks above the diagonal (half the work of a long prefill)."""
@@ -205,6 +246,8 @@ class _FullLayer:
         k_all, v_all = o.widen(self.k[:, :end], self.v[:, :end], q.dtype)
         if o.from_empty:
             return causal_attention(qk[:n_heads], k_all, v_all)
+        if not o.spec.sliding_window:
+            return chunk_attention(qk[:n_heads], k_all, v_all, start)
         return grouped_attention(qk[:n_heads], k_all, v_all, o.mask)
 
 
