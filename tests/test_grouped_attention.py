@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgectx.model.kv import SMALL_QUERY_ROWS, chunk_attention, grouped_attention
+from edgectx.model.kv import SMALL_QUERY_ROWS, _flash_with_lse, chunk_attention, grouped_attention
 
 
 @pytest.mark.parametrize("n_heads,n_kv,n_tokens,n_keys", [(8, 2, 1, 50), (9, 3, 1, 700), (32, 8, 2, 300), (6, 2, 40, 90)])
@@ -53,6 +53,7 @@ def test_chunk_attention_equals_one_masked_call(n_heads, n_kv, n_new, start, hol
     if holes:  # duplicate copies masked per KV head, as a rebuilt context's are; the chunk's own keys always valid
         valid = torch.rand(n_kv, start + n_new + 5, generator=gen) > 0.2
         valid[:, :1] = True
+    assert _flash_with_lse() is not None  # the pinned torch has the kernel: the two-call path is what runs here
     got = chunk_attention(q, k, v, start, valid)
     torch.testing.assert_close(got, _one_call(q, k, v, start, valid), rtol=1e-5, atol=1e-5)
     assert got.shape == (n_heads, n_new, 64) and got.is_contiguous()

@@ -18,6 +18,7 @@ the products and the softmax stay float32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -154,8 +155,21 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.reshape(n_heads, n_tokens, head_dim)
 
 
-# The fused CPU kernel with its log-sum-exp (torch >= 2.2): what lets `chunk_attention` run a chunk's two parts apart
-_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+@functools.cache
+def _flash_with_lse():
+    """PyTorch's fused CPU attention kernel that also returns each row's log-sum-exp (what lets `chunk_attention`
+    run a chunk's two parts apart), or None where this torch lacks it or takes other arguments: a private op,
+    so it is tried once on a tiny input rather than trusted by version."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return None
+    x = torch.zeros(1, 1, 2, 8)
+    try:
+        out, lse = op(x, x, x, attn_mask=torch.zeros(1, 1, 1, 2))
+        op(x, x, x, is_causal=True)
+    except (RuntimeError, TypeError):
+        return None
+    return op if out.shape == x.shape and lse.numel() == 2 else None
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
@@ -173,7 +187,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     n_kv, group = k.shape[0], n_heads // k.shape[0]
     if start == 0:
         return causal_attention(q, k, v)
-    if q.device.type != "cpu" or _FLASH_WITH_LSE is None or n_new == 1 or group * n_new <= SMALL_QUERY_ROWS:
+    flash = _flash_with_lse() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    if flash is None or n_new == 1 or group * n_new <= SMALL_QUERY_ROWS:
         causal = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
         if valid is None and n_new == 1:
             return grouped_attention(q, k, v, None)
@@ -186,9 +201,9 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     mask = None
     if valid is not None:
         mask = torch.zeros(1, n_kv, 1, start, dtype=q.dtype).masked_fill_(~valid[None, :, None, :start], float("-inf"))
-    before, lse_before = _FLASH_WITH_LSE(qg, k[None, :, :start], v[None, :, :start], attn_mask=mask)
+    before, lse_before = flash(qg, k[None, :, :start], v[None, :, :start], attn_mask=mask)
     k_new, v_new = (x[:, start:].repeat_interleave(group, dim=0)[None] for x in (k, v))  # the chunk's few keys
-    own, lse_own = _FLASH_WITH_LSE(q[None], k_new, v_new, is_causal=True)
+    own, lse_own = flash(q[None], k_new, v_new, is_causal=True)
     lse_before, lse_own = lse_before.reshape(n_heads, n_new, 1), lse_own.reshape(n_heads, n_new, 1)
     lse = torch.logaddexp(lse_before, lse_own)
     out = before.reshape(n_heads, n_new, head_dim) * (lse_before - lse).exp_()
