@@ -254,14 +254,18 @@ class Engine:
 
     def reset(self) -> None:
         old, self.memory = getattr(self, "memory", None), None  # free the old memory first: an "auto" block cache is sized from free device memory
-        if isinstance(old, ContextMemory):
-            old.release()  # now, even if something still refers to it
-        del old
-        device_memory.empty_host_cache(self.device)  # and unpin its segments (issue 21): the allocator keeps them
+        self._release(old)
         self.memory = self.new_memory()
         self.tokens = []
         self._prompt_logits = None
         self._next_logits = None
+
+    def _release(self, old: KVMemory | None) -> None:
+        """Free a memory this engine no longer holds, and give its host RAM back (`empty_host_cache`)."""
+        if isinstance(old, ContextMemory):
+            old.release()  # now, even if something still refers to it
+        del old
+        device_memory.empty_host_cache(self.device)  # unpin its segments (issue 21), return glibc's free pages
 
     def take_memory(self) -> HeldMemory:
         """Hand out the conversation held now (several conversations take turns on one engine); a fresh,
@@ -460,8 +464,10 @@ class Engine:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
             memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype)
             logits = load_memory(snap, memory)
-        self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
+        old, self.memory = self.memory, memory
+        self.memory_config, self.n_ctx, self.rope = config, n_ctx, rope
         self.tokens, self._next_logits, self._prompt_logits = tokens, logits, None
+        self._release(old)
         return RestoreInfo(len(tokens), time.perf_counter() - t0)
 
     def prefill_with_snapshot(self, ids: list[int], path: Path | str, progress: Progress | None = None,

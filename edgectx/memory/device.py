@@ -12,6 +12,10 @@ device every figure is None and the cache keeps its fixed default.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+
 import torch
 
 from edgectx.errors import UsageError
@@ -66,12 +70,30 @@ def peak_device_bytes(device: torch.device) -> dict | None:
 
 
 def empty_host_cache(device: torch.device) -> None:
-    """Unpin the pinned host memory PyTorch keeps cached after its tensors are freed (a reset memory's block
-    store): its caching host allocator holds freed pinned blocks for reuse, and pinned pages are RAM that
-    nothing else can use. A no-op off CUDA."""
+    """Give the host RAM of a released memory (its block store) back to the system. On CUDA, unpin what
+    PyTorch's caching host allocator keeps of freed pinned blocks (pinned pages are RAM nothing else can use).
+    On glibc, return the C heap's free pages: a block store is a thousand 3 MB segments at 128K tokens for the
+    embedded model, below glibc's mmap threshold, and glibc keeps freed heap memory in its arenas. Without this
+    the 128K recall grid, reading one document after another in one process, grew by a whole store per
+    document until it filled the machine's 24 GB (a 12K-token restore loop: 1.9 GB and rising by ~40 MB a
+    turn, against a steady 1.1 GB with it)."""
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)  # copies may still read those pages
         torch._C._host_emptyCache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None elsewhere (macOS, musl: their allocators return memory their own way)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def reset_peak(device: torch.device) -> None:
