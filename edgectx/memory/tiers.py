@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from edgectx.model.kv import chunk_mask
+
 
 class Resident:
     def __init__(self, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype):
@@ -155,15 +157,7 @@ class Assembly:
     def mask(self, start: int, n_new: int) -> torch.Tensor | None:
         """Attention mask for a chunk of `n_new` queries written at `start`: the context (minus duplicate
         copies), and the chunk causally. (T, S) when every head sees the same keys, else (n_kv, T, S)."""
-        if n_new == 1 and self.valid is None:
-            return None
-        device = self.k.device
-        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
-        if self.valid is None:
-            return torch.cat((torch.ones(n_new, start, dtype=torch.bool, device=device), causal), dim=1)
-        n_kv = self.k.shape[0]
-        context = self.valid[:, None, :start].expand(n_kv, n_new, start)
-        return torch.cat((context, causal.expand(n_kv, n_new, n_new)), dim=2)
+        return chunk_mask(start, n_new, self.valid, self.k.device)
 
     def head_mask(self, n_heads: int) -> torch.Tensor | None:
         """`valid` per query head as an additive float16 mask (n_heads, capacity): 0 where a head may attend,

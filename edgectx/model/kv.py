@@ -189,14 +189,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
         return causal_attention(q, k, v)
     flash = _flash_with_lse() if q.device.type == "cpu" and q.dtype == torch.float32 else None
     if flash is None or n_new == 1 or group * n_new <= SMALL_QUERY_ROWS:
-        causal = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
-        if valid is None and n_new == 1:
-            return grouped_attention(q, k, v, None)
-        if valid is None:
-            mask = torch.cat((torch.ones(n_new, start, dtype=torch.bool, device=q.device), causal), dim=1)
-        else:
-            mask = torch.cat((valid[:, None, :start].expand(n_kv, n_new, start), causal.expand(n_kv, n_new, n_new)), dim=2)
-        return grouped_attention(q, k, v, mask)
+        return grouped_attention(q, k, v, chunk_mask(start, n_new, valid, q.device))
     qg = q.reshape(1, n_kv, group * n_new, head_dim)  # heads h*group..h*group+group-1 share KV head h
     mask = None
     if valid is not None:
@@ -214,6 +207,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """`grouped_attention` for T queries at positions 0..T-1 over their own T keys, causally: without a
     mask tensor the fused kernel skips the blocks above the diagonal (half the work of a long prefill)."""
     return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0]
+
+
+def chunk_mask(start: int, n_new: int, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`grouped_attention`'s mask for a chunk of `n_new` queries at columns [start, start + n_new): every earlier
+    column `valid` (n_kv, >= start, bool; None: all) allows, and the chunk causally. (T, S) without `valid`
+    (None for a single query), else (n_kv, T, S)."""
+    if valid is None:
+        return causal_mask(start, n_new, 0, device)
+    n_kv = valid.shape[0]
+    causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+    return torch.cat((valid[:, None, :start].expand(n_kv, n_new, start), causal.expand(n_kv, n_new, n_new)), dim=2)
 
 
 def causal_mask(n_past: int, n_new: int, sliding_window: int, device: torch.device) -> torch.Tensor | None:
