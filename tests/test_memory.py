@@ -304,6 +304,25 @@ def test_eviction_observes_every_strideth_recent_query(engine, stride, monkeypat
         assert torch.allclose(mass.sum(dim=1), torch.full((engine.spec.n_kv_heads,), float(expected)), atol=1e-3)
 
 
+def test_a_decode_steps_eviction_observes_only_the_steps_since_the_last(engine, monkeypatch):
+    """A one-token step's eviction observes the last `evict_every` queries (every `observe_stride`th), not the whole
+    `n_observe` window: the older ones were observed by the eviction before."""
+    config = MemoryConfig(**{**SMALL.to_dict(), "scorer": "attention", "n_observe": 64, "observe_stride": 2,
+                             "evict_every": 8})
+    engine.configure_memory(config)
+    engine.forward(corpus_tokens(engine.tokenizer, 400)[:384])  # chunks of 64 past the budget: evicting
+    seen = []
+    layer = engine.memory.layers[0]
+    observe = type(layer)._observe
+    monkeypatch.setattr(type(layer), "_observe", lambda self, q, asm, n: seen.append(observe(self, q, asm, n)) or seen[-1])
+    _greedy(engine, 2 * config.evict_every + 2)
+    assert len(seen) >= 2, "no decode step evicted: the test proves nothing"
+    group = engine.spec.n_heads // engine.spec.n_kv_heads
+    expected = group * config.evict_every // config.observe_stride  # not n_observe // observe_stride
+    for mass in seen:
+        assert torch.allclose(mass.sum(dim=1), torch.full((engine.spec.n_kv_heads,), float(expected)), atol=1e-3)
+
+
 def test_observe_stride_must_be_positive():
     with pytest.raises(UsageError, match="observe_stride must be positive"):
         MemoryConfig(observe_stride=0)

@@ -44,7 +44,8 @@ class MemoryConfig:
     # (measured at 4096 tokens, budget 1024: top-1 agreement 0.962 with 512 vs 0.956 with SnapKV's 32)
     # of those, every `observe_stride`th (counted back from the newest) is observed: on held-out prose and code
     # (8192 tokens, budget 2048), every 4th matched all 512 in top-1 agreement (0.948 / 0.973 against 0.948 /
-    # 0.973) at a quarter of the cost, which is a fifth of an evicting chunk's prefill with all of them
+    # 0.973) at a quarter of the cost, which is a fifth of an evicting chunk's prefill with all of them.
+    # A decode step's eviction observes only the last `evict_every` (the steps since the one before).
     observe_stride: int = 4
     retrieve_every: int = 8  # decode steps that reuse one retrieval (consecutive queries are alike)
     evict_every: int = 64  # decode tokens the window may overflow by before eviction runs again

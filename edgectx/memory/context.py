@@ -268,14 +268,22 @@ class LayerMemory:
 
     def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
         """Attention mass (n_kv, n_keys) that every `observe_stride`th of the last `n_observe` queries puts on
-        each assembled key."""
+        each assembled key; for a decode step, of the last `evict_every` (the steps since the last decode step's
+        eviction): each query is observed once, as a prefill chunk observes its own queries, and the scores keep
+        their maximum anyway. Observing the whole window again at every 64th step cost a quarter of the steps'
+        time at 4096 tokens (0.47 s for 128 queries x 30 layers, against 1.4 s for the 64 steps)."""
         m, c = self.memory, self.memory.config
-        q_obs = torch.cat((self.q_recent, q), dim=1)[:, -c.n_observe :]  # (n_heads, n_obs, d) pre-RoPE
+        window = c.n_observe if q.shape[1] > 1 else min(c.n_observe, c.evict_every)
+        q_obs = torch.cat((self.q_recent[:, -window:], q), dim=1)[:, -window:]  # (n_heads, n_obs, d) pre-RoPE
         n_obs, n_heads, head_dim = q_obs.shape[1], q_obs.shape[0], q_obs.shape[2]
         last = asm.next_pos + q.shape[1]
         back = torch.arange(0, n_obs, c.observe_stride, device=m.device).flip(0)  # counted back from the newest
         q_obs = q_obs[:, n_obs - 1 - back]
-        q_rot = m.rope.rotate(q_obs, *m.rope.tables(last - 1 - back, m.dtype, n_positions=last))
+        # Counted back from the newest; in a context whose positions are fewer than the window (a small budget under
+        # compact positions) the oldest queries stop at position 0 (indexing with a negative position took a row
+        # from the end of the table)
+        q_pos = (last - 1 - back).clamp_(min=0)
+        q_rot = m.rope.rotate(q_obs, *m.rope.tables(q_pos, m.dtype, n_positions=last))
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, -1, head_dim).float()
         # (n_kv, group * n_obs, n_keys), each step in place: this runs at every evicting chunk, and the copies of

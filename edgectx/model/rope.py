@@ -78,11 +78,16 @@ class Rope:
         the largest position, which a device tensor must send back to the host: a sync that waits for the GPU."""
         if n_positions is None:
             n_positions = int(positions.max()) + 1 if positions.numel() else 0
+        # Rows gathered with index_select: indexing a table with a (n_kv, S) position tensor took PyTorch's general
+        # advanced-indexing kernel, ten times slower on the CPU (1.1 against 0.12 ms for 3 x 2,600 rows of 64).
+        flat, shape = positions.reshape(-1), positions.shape
         if self.device.type == "cpu" and dtype == torch.float32:  # one gather per table, not a gather and a cat
             cos, sin = self.signed_tables(n_positions)
-            return cos[positions], sin[positions]
+            return cos.index_select(0, flat).view(*shape, cos.shape[1]), sin.index_select(0, flat).view(*shape, sin.shape[1])
         self._ensure(n_positions)
-        return self._signed(self._cos[positions], self._sin[positions], dtype)
+        half = self._cos.shape[1]
+        return self._signed(self._cos.index_select(0, flat).view(*shape, half),
+                            self._sin.index_select(0, flat).view(*shape, half), dtype)
 
     def range_tables(self, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`tables` for positions start .. start + n - 1, sliced from the tables with no index and no sync (the
@@ -115,8 +120,10 @@ class Rope:
         return self.rotate(x, *self.tables(positions, x.dtype))
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x (..., T, head_dim) with tables from `tables`."""
-        if self.rope_dim == x.shape[-1]:
-            return x * cos + x.roll(self.rope_dim // 2, dims=-1) * signed_sin
-        head, tail = x[..., : self.rope_dim], x[..., self.rope_dim :]
-        return torch.cat((head * cos + head.roll(self.rope_dim // 2, dims=-1) * signed_sin, tail), dim=-1)
+        """Rotate x (..., T, head_dim) with tables from `tables`: x * cos + swap_halves(x) * signed_sin, one half
+        at a time in place of a rolled copy of x (the same float32 products and sums, so the same bits)."""
+        rd, half = self.rope_dim, self.rope_dim // 2
+        out = x * cos if rd == x.shape[-1] else torch.cat((x[..., :rd] * cos, x[..., rd:]), dim=-1)
+        out[..., :half] += x[..., half:rd] * signed_sin[..., :half]
+        out[..., half:rd] += x[..., :half] * signed_sin[..., half:]
+        return out
