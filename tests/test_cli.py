@@ -94,6 +94,17 @@ def test_long_context_benches_on_a_tiny_model(tmp_path):
     tight = json.loads(run_cli("bench", "fidelity", "--context", "500", "--budget", "256", *common).stdout)
     assert tight["evicted_tokens"] > 0 and tight["budget_tokens"] == 256 and 0 < tight["top1_agreement"] <= 1
     assert tight["elapsed_s"] > 0
+    # the last 120 positions one token at a time, as generation feeds them: within the budget still full attention
+    stepped = run_cli("bench", "fidelity", "--context", "500", "--budget", "1024", "--decode-tail", "120", *common)
+    assert stepped.returncode == 0, stepped.stderr
+    stepped = json.loads(stepped.stdout)
+    assert stepped["decode_tail"] == 120 and stepped["decode_top1_agreement"] == 1.0
+    assert abs(stepped["decode_nll_rel_diff"]) < 1e-4 and abs(stepped["nll_full"] - exact["nll_full"]) < 1e-3
+    evicting = json.loads(run_cli("bench", "fidelity", "--context", "500", "--budget", "256", "--decode-tail", "120",
+                                  *common).stdout)
+    assert evicting["evicted_tokens"] > 0 and 0 < evicting["decode_top1_agreement"] <= 1
+    too_long = run_cli("bench", "fidelity", "--context", "500", "--decode-tail", "500", *common)
+    assert too_long.returncode != 0 and "--decode-tail" in too_long.stderr and "Traceback" not in too_long.stderr
     both = run_cli("bench", "fidelity", "--context", "500", "--budget", "256", "--scorer", "window,oracle", *common)
     assert both.returncode == 0, both.stderr
     assert [r["scorer"] for r in json.loads(both.stdout)["runs"]] == ["window", "oracle"]

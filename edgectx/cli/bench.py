@@ -64,6 +64,9 @@ def add_parser(sub) -> None:
     speed.add_argument("--context", type=token_counts, default=[512, 4096], help="comma-separated lengths (default 512,4096)")
     speed.add_argument("--decode-tokens", type=int_range(1, MAX_TOKENS), default=64, help="tokens decoded at each depth (default 64)")
     fidelity.add_argument("--context", type=int_range(2, MAX_TOKENS), default=8192, help="tokens of text (default 8192)")
+    fidelity.add_argument("--decode-tail", type=int_range(0, MAX_TOKENS), default=0,
+                          help="feed the last N tokens one at a time, as generation does (decode-time retrieval and "
+                          "eviction), and score them apart (default 0)")
     longppl.add_argument("--context", type=int_range(2, MAX_TOKENS), default=131072, help="tokens of text (default 131072)")
     longppl.add_argument("--full-max", type=int_range(0, MAX_TOKENS), default=16384, help="score full attention up to here (default 16384; 0 skips it)")
     memory.add_argument("--contexts", type=token_counts, default=[8192, 32768, 131072], help="comma-separated lengths")
@@ -248,7 +251,10 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
         configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=args.chunk,
                                            scorer=scorer if scorer in SCORERS else "auto") for budget, scorer in runs]
         oracles = [None if scorer in SCORERS else scorer for _, scorer in runs]
-        return run_fidelity(engine, args.context, configs, text_file=args.text, corpus=args.corpus or "stdlib", oracles=oracles)
+        if args.decode_tail >= args.context:
+            raise UsageError(f"--decode-tail ({args.decode_tail}) must be below --context ({args.context}).")
+        return run_fidelity(engine, args.context, configs, text_file=args.text, corpus=args.corpus or "stdlib", oracles=oracles,
+                            decode_tail=args.decode_tail)
     if args.bench == "longppl":
         from edgectx.bench.longppl import run_longppl
 
