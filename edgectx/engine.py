@@ -253,15 +253,16 @@ class Engine:
         return self._next_logits
 
     def reset(self) -> None:
-        old, self.memory = getattr(self, "memory", None), None  # free the old memory first: an "auto" block cache is sized from free device memory
-        self._release(old)
+        self._drop_memory()  # first: an "auto" block cache is sized from free device memory
         self.memory = self.new_memory()
         self.tokens = []
         self._prompt_logits = None
         self._next_logits = None
 
-    def _release(self, old: KVMemory | None) -> None:
-        """Free a memory this engine no longer holds, and give its host RAM back (`empty_host_cache`)."""
+    def _drop_memory(self) -> None:
+        """Let go of the memory this engine holds (`self.memory` becomes None) and give its host RAM back
+        (`empty_host_cache`), with no reference to it left in any caller's frame."""
+        old, self.memory = getattr(self, "memory", None), None
         if isinstance(old, ContextMemory):
             old.release()  # now, even if something still refers to it
         del old
@@ -464,10 +465,9 @@ class Engine:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
             memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype)
             logits = load_memory(snap, memory)
-        old, self.memory = self.memory, memory
-        self.memory_config, self.n_ctx, self.rope = config, n_ctx, rope
+        self._drop_memory()
+        self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
         self.tokens, self._next_logits, self._prompt_logits = tokens, logits, None
-        self._release(old)
         return RestoreInfo(len(tokens), time.perf_counter() - t0)
 
     def prefill_with_snapshot(self, ids: list[int], path: Path | str, progress: Progress | None = None,
