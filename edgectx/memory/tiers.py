@@ -91,26 +91,43 @@ class Assembly:
         step captured as a CUDA graph over it replays instead of being captured again. `always_valid`: hold a
         validity buffer even when every column is valid (all true), so that its presence does not change either."""
         n_kv, n_keys, head_dim = k_rot.shape
-        k_dtype, v_dtype = dtype or k_rot.dtype, dtype or v.dtype
+        self._allocate(n_kv, n_keys, head_dim, headroom, dtype or k_rot.dtype, dtype or v.dtype, k_rot.device, reuse)
+        self.k[:, :n_keys], self.v[:, :n_keys], self.idx[:, :n_keys] = k_rot, v, idx
+        self.finish(n_keys, valid, next_pos, key, n_resident, always_valid)
+
+    @classmethod
+    def empty(cls, n_kv: int, n_keys: int, head_dim: int, headroom: int, dtype: torch.dtype, device: torch.device,
+              reuse: "Assembly | None" = None) -> "Assembly":
+        """Buffers for `n_keys` columns and `headroom` more (`reuse`'s, as in the constructor), not yet filled: the
+        caller writes k, v and idx in place (no staging copy of the whole context), then calls `finish`."""
+        asm = cls.__new__(cls)
+        asm._allocate(n_kv, n_keys, head_dim, headroom, dtype, dtype, device, reuse)
+        return asm
+
+    def _allocate(self, n_kv: int, n_keys: int, head_dim: int, headroom: int, k_dtype: torch.dtype,
+                  v_dtype: torch.dtype, device: torch.device, reuse: "Assembly | None") -> None:
         capacity = n_keys + headroom
         if reuse is not None and capacity <= reuse.capacity <= capacity + REUSE_SLACK and reuse.k.shape[0] == n_kv \
-                and (reuse.k.dtype, reuse.v.dtype, reuse.k.device) == (k_dtype, v_dtype, k_rot.device):
-            self.k, self.v, self.idx, valid_buf = reuse.k, reuse.v, reuse.idx, reuse._valid_buf
-            capacity = reuse.capacity
+                and (reuse.k.dtype, reuse.v.dtype, reuse.k.device) == (k_dtype, v_dtype, device):
+            self.k, self.v, self.idx, self._valid_buf = reuse.k, reuse.v, reuse.idx, reuse._valid_buf
         else:
-            self.k = k_rot.new_empty(n_kv, capacity, head_dim, dtype=k_dtype)
-            self.v = v.new_empty(n_kv, capacity, head_dim, dtype=v_dtype)
-            self.idx = idx.new_empty(n_kv, capacity)
-            valid_buf = None
-        self.k[:, :n_keys], self.v[:, :n_keys], self.idx[:, :n_keys] = k_rot, v, idx
+            self.k = torch.empty(n_kv, capacity, head_dim, dtype=k_dtype, device=device)
+            self.v = torch.empty(n_kv, capacity, head_dim, dtype=v_dtype, device=device)
+            self.idx = torch.empty(n_kv, capacity, dtype=torch.long, device=device)
+            self._valid_buf = None
+
+    def finish(self, n_keys: int, valid: torch.Tensor | None, next_pos: int, key: tuple, n_resident: int,
+               always_valid: bool = False) -> None:
+        """The first `n_keys` columns are written: take `valid` (n_kv, n_keys) or None (all valid) and the rest."""
         if valid is not None or always_valid:
-            if valid_buf is None or valid_buf.shape[1] != capacity:
-                valid_buf = torch.ones(n_kv, capacity, dtype=torch.bool, device=k_rot.device)
+            valid_buf = self._valid_buf
+            if valid_buf is None or valid_buf.shape[1] != self.capacity:
+                valid_buf = torch.ones(self.k.shape[0], self.capacity, dtype=torch.bool, device=self.k.device)
             else:
                 valid_buf[:, n_keys:] = True  # columns written later are valid until a rebuild says otherwise
             valid_buf[:, :n_keys] = True if valid is None else valid
-        self._valid_buf = valid_buf  # all true where `valid` is None; kept for the next rebuild either way
-        self.valid = valid_buf if valid is not None else None  # None: every column valid (attention needs no mask)
+            self._valid_buf = valid_buf  # all true where `valid` is None; kept for the next rebuild either way
+        self.valid = self._valid_buf if valid is not None else None  # None: every column valid (attention needs no mask)
         self.length = n_keys
         self.next_pos = next_pos  # position the next token takes
         self.key = key  # (resident version, retrieved blocks): what this assembly was built from

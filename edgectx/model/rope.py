@@ -119,11 +119,20 @@ class Rope:
         """Rotate x (..., T, head_dim) at `positions` (T,), returning a new tensor."""
         return self.rotate(x, *self.tables(positions, x.dtype))
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate x (..., T, head_dim) with tables from `tables`: x * cos + swap_halves(x) * signed_sin, one half
-        at a time in place of a rolled copy of x (the same float32 products and sums, so the same bits)."""
+        at a time in place of a rolled copy of x (the same float32 products and sums, so the same bits). `x` may be
+        narrower than the tables (float16 keys with float32 tables: each product widens it exactly, as a copy in
+        float32 first would). `out`: where to write (not overlapping x), else a new tensor."""
         rd, half = self.rope_dim, self.rope_dim // 2
-        out = x * cos if rd == x.shape[-1] else torch.cat((x[..., :rd] * cos, x[..., rd:]), dim=-1)
+        if rd == x.shape[-1]:
+            out = torch.mul(x, cos, out=out) if out is not None else x * cos
+        elif out is not None:
+            torch.mul(x[..., :rd], cos, out=out[..., :rd])
+            out[..., rd:] = x[..., rd:]
+        else:
+            out = torch.cat((x[..., :rd] * cos, x[..., rd:].to(torch.result_type(x, cos))), dim=-1)
         out[..., :half] += x[..., half:rd] * signed_sin[..., :half]
         out[..., half:rd] += x[..., :half] * signed_sin[..., half:]
         return out
