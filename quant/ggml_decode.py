@@ -41,17 +41,19 @@ _MAX_NODES = 8192
 class _LayerHandles:
     """The tensors of one layer's part of the graph whose pointers and sizes change per call."""
 
-    def __init__(self, k_dst, v_dst, k, v, mask, cos, sin):
+    def __init__(self, k_dst, v_dst, k, v, mask, cos, sin, writes):
         self.k_dst, self.v_dst, self.k, self.v = k_dst.contents, v_dst.contents, k.contents, v.contents
         self.mask = None if mask is None else mask.contents
         self.cos, self.sin = cos.contents, sin.contents
+        self.writes = [w.contents for w in writes]  # the copies into DecodeSlot.writes' views, in their order
 
 
 class _DecodeGraph:
     """The graph for one combination of masked layers (a layer whose context holds duplicate copies of retrieved
-    tokens attends through a mask), with K and V rounded to float16 or not."""
+    tokens attends through a mask), with K and V rounded to float16 or not, and with the step's K, V and Q also
+    copied where the memory keeps them (`writes`: the ggml types of DecodeSlot.writes' views) or not."""
 
-    def __init__(self, owner: "GgmlDecoder", round_kv: bool, masked: tuple[bool, ...]):
+    def __init__(self, owner: "GgmlDecoder", round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...] = ()):
         g = lib()
         o = owner
         size = _MAX_NODES * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(_MAX_NODES, False) + 4096
@@ -59,7 +61,7 @@ class _DecodeGraph:
         if not self.ctx:
             raise MemoryError("ggml_init failed")
         ctx = self.ctx
-        self.round_kv = round_kv
+        self.round_kv, self.write_types = round_kv, writes
         self.graph = g.ggml_new_graph_custom(ctx, _MAX_NODES, False)
         self.x = g.ggml_new_tensor_2d(ctx, _F32, o.dim, 1)
         self.layers: list[_LayerHandles] = []
@@ -138,6 +140,13 @@ class _DecodeGraph:
         v_dst = g.ggml_cpy(ctx, v, g.ggml_new_tensor_2d(ctx, _F32, d, n_kv))
         g.ggml_build_forward_expand(graph, k_dst)
         g.ggml_build_forward_expand(graph, v_dst)
+        # K and V as stored (before RoPE) into the resident tier and the host store, Q into the recent queries:
+        # (d, rows) copies whose destination is pointed per call, like the context's column
+        writes = []
+        for src, rows, kind in zip((k, v, k, v, q), (n_kv, n_kv, n_kv, n_kv, n_heads), self.write_types):
+            node = g.ggml_cpy(ctx, src, g.ggml_new_tensor_2d(ctx, kind, d, rows))
+            g.ggml_build_forward_expand(graph, node)
+            writes.append(node)
         # The whole context, read after the writes above (nodes run in order): (d, length, n_kv), set per call.
         k_all = g.ggml_new_tensor_3d(ctx, _F32, d, 1, n_kv)
         v_all = g.ggml_new_tensor_3d(ctx, _F32, d, 1, n_kv)
@@ -155,7 +164,7 @@ class _DecodeGraph:
         act = g.ggml_swiglu_split(ctx, product(ctx, graph, layer.gate, n, 1, copies),
                                   product(ctx, graph, layer.up, n, 1, copies))
         out = g.ggml_add(ctx, product(ctx, graph, layer.down, act, 1, copies), hidden)
-        self.layers.append(_LayerHandles(k_dst, v_dst, k_all, v_all, mask, cos, sin))
+        self.layers.append(_LayerHandles(k_dst, v_dst, k_all, v_all, mask, cos, sin, writes))
         return out
 
     def _place(self) -> None:
@@ -185,6 +194,16 @@ class _DecodeGraph:
             self.ctx = None
 
 
+_GGML_TYPES = {torch.float32: _F32, torch.float16: _F16}
+
+
+def _write_types(slot) -> tuple[int, ...]:
+    """The ggml types of a slot's `writes` (what its graph copies into), () if none or one it cannot write."""
+    if slot.writes is None or any(w.dtype not in _GGML_TYPES for w in slot.writes):
+        return ()
+    return tuple(_GGML_TYPES[w.dtype] for w in slot.writes)
+
+
 class GgmlDecoder:
     """One-token steps of a model whose every layer is a `GgmlLayer`, attention included (module docstring)."""
 
@@ -205,13 +224,13 @@ class GgmlDecoder:
         self._graphs: dict[tuple, _DecodeGraph] = {}
         self._work = torch.empty(0, dtype=torch.uint8)
 
-    def _graph(self, round_kv: bool, masked: tuple[bool, ...]) -> _DecodeGraph:
-        key = (round_kv, masked)
+    def _graph(self, round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...]) -> _DecodeGraph:
+        key = (round_kv, masked, writes)
         graph = self._graphs.get(key)
         if graph is None:
             if len(self._graphs) >= self.KEEP:
                 self._graphs.pop(next(iter(self._graphs)))
-            graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked)
+            graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked, writes)
         return graph
 
     def __call__(self, x: torch.Tensor, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +240,13 @@ class GgmlDecoder:
         x = x.float().contiguous()
         d4 = self.head_dim * 4
         out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
+        writes = _write_types(slots[0])
+        if not writes or any(_write_types(s) != writes for s in slots[1:]):  # one graph copies alike in every layer
+            for s in slots:  # the memory copies them itself
+                s.writes = None
+            writes = ()
         with self.stack.lock:
-            gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots))
+            gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes)
             gr.x.contents.data = x.data_ptr()
             for h, s in zip(gr.layers, slots):
                 head_bytes = s.k.shape[1] * d4  # the context's capacity, per KV head
@@ -237,6 +261,10 @@ class GgmlDecoder:
                     t.ne[1] = s.start + 1
                     t.nb[2] = head_bytes
                     t.nb[3] = head_bytes * self.n_kv
+                for node, col in zip(h.writes, s.writes or ()):
+                    node.data = col.ptr
+                    node.nb[1] = col.row_bytes
+                    node.nb[2] = node.nb[3] = col.row_bytes * col.rows
                 if h.mask is not None:
                     h.mask.data = s.mask.data_ptr()
                     h.mask.ne[0] = s.start + 1

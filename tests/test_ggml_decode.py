@@ -132,3 +132,44 @@ def test_the_switch_keeps_decode_steps_in_pytorch(embedded_model, monkeypatch):
     monkeypatch.setenv("EDGECTX_GGML_DECODE", "0")
     engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=MemoryConfig())
     assert engine.model.decoder is None and engine.model.layers[0].fused is not None
+
+
+def _state_after_steps(engine: Engine, ids: list[int], n_steps: int) -> dict:
+    engine.reset()
+    token = int(torch.argmax(engine.prefill(ids)))
+    for _ in range(n_steps):
+        token = int(torch.argmax(engine.forward([token])[-1]))
+    layer = engine.memory.layers[3]
+    r, store = layer.resident, layer.store
+    return {"k": r.k[:, : r.n].clone(), "v": r.v[:, : r.n].clone(), "idx": r.idx[:, : r.n].clone(),
+            "score": r.score[:, : r.n].clone(), "recent": layer.q_recent.clone(), "n_tokens": store.n_tokens,
+            "store": torch.cat(store.tokens(0, store.n_tokens), dim=1),
+            "reps": store.representatives.clone(), "token": token}
+
+
+def test_a_fused_step_writes_the_tiers_the_store_and_the_queries_as_the_memory_would(embedded_model, monkeypatch):
+    """The fused step copies its K, V and Q into the resident tier, the host store and the recent queries itself
+    (DecodeSlot.writes); with those writes off the memory copies them at commit. Both leave the same state,
+    past the budget (evictions, retrievals, completed blocks and their representatives included)."""
+    engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=SMALL)
+    ids = corpus_tokens(engine.tokenizer, 600, None)
+    written = []
+    real = GgmlDecoder.__call__
+
+    def recording(self, x, slots):
+        out = real(self, x, slots)
+        written.append(all(slot.writes is not None for slot in slots))
+        return out
+
+    monkeypatch.setattr(GgmlDecoder, "__call__", recording)
+    fused = _state_after_steps(engine, ids, 40)
+    assert written and all(written), "every fused step wrote in place"
+    from edgectx.memory import context
+    monkeypatch.setattr(context, "_GRAPH_WRITES", ())
+    written.clear()
+    copied = _state_after_steps(engine, ids, 40)
+    assert written and not any(written)
+    assert engine.memory.layers[3].evicted and fused["n_tokens"] > 600 + 32
+    for name in fused:
+        a, b = fused[name], copied[name]
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name

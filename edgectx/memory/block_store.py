@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from edgectx.model.kv import Column
+
 SEGMENT_BLOCKS = 32  # blocks per host segment: 4096 tokens at block_size 128
 
 
@@ -84,6 +86,29 @@ class HostBlockStore:
             slab[1, :, offset : offset + n] = v[:, written : written + n]
             written += n
             self.n_tokens += n
+        self._completed(done_blocks)
+
+    def next_column(self) -> tuple[Column, Column]:
+        """Where the next token's K and V go in host memory (CPU store only): a fused decode step writes them there
+        itself, then `advance` counts the token."""
+        block, offset = divmod(self.n_tokens, self.block_size)
+        self._slab(block)  # allocated
+        segment = self.segments[block // self.segment_blocks]  # (blocks, K|V, n_kv_heads, block_size, head_dim)
+        row = self.head_dim * segment.element_size()
+        k_at = ((block % self.segment_blocks * 2) * self.n_kv_heads * self.block_size + offset) * row
+        v_at = k_at + self.n_kv_heads * self.block_size * row
+        head = self.block_size * row
+        return (Column(segment.data_ptr() + k_at, head, self.n_kv_heads, segment.dtype),
+                Column(segment.data_ptr() + v_at, head, self.n_kv_heads, segment.dtype))
+
+    def advance(self) -> None:
+        """The token `next_column` pointed at has been written."""
+        done_blocks = self.n_blocks
+        self.n_tokens += 1
+        self._completed(done_blocks)
+
+    def _completed(self, done_blocks: int) -> None:
+        """Representatives for the blocks completed since there were `done_blocks`."""
         if self.n_blocks > done_blocks:
             reps = [self._slab(b)[0].float().mean(dim=1) for b in range(done_blocks, self.n_blocks)]
             new = torch.stack(reps).to(self.repr_dtype)  # (new_blocks, n_kv, d)

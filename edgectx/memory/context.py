@@ -56,6 +56,9 @@ from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer
 from edgectx.model.spec import ModelSpec
 
 
+# Host store dtypes a fused decode step writes itself (edgectx.quant.ggml_decode: float16 and float32 convert as
+# PyTorch does, round to nearest even)
+_GRAPH_WRITES = (torch.float16, torch.float32)
 RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
 
 
@@ -87,6 +90,7 @@ class _Pending:
     observed: torch.Tensor | None  # (n_kv, assembled + T) attention mass from the observation window
     evict: bool
     features: torch.Tensor | None = None  # a decode step's scorer input, scored with every layer's at commit
+    written: bool = False  # a fused step wrote K and V to the tiers and the store, Q to the recent queries
 
 
 class LayerMemory:
@@ -353,16 +357,23 @@ class LayerMemory:
         if asm.length >= asm.capacity:
             asm.reserve(asm.length + 1 + asm.capacity // 2)  # as `write` grows it
         cos, sin = m.rope.signed_tables(asm.next_pos + 1)
+        writes = None
+        if self.store.host_dtype in _GRAPH_WRITES and not self.store.staged:
+            writes = (*self.resident.next_column(), *self.store.next_column()) + \
+                ((self.recent.next_column(),) if m.scorer.observes else ())
         return DecodeSlot(asm.k, asm.v, asm.length, cos[asm.next_pos], sin[asm.next_pos],
-                          m.kv_dtype == torch.float16, asm.head_mask(m.spec.n_heads))
+                          m.kv_dtype == torch.float16, asm.head_mask(m.spec.n_heads), writes)
 
-    def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor) -> None:
+    def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor,
+                written: bool = False) -> None:
         """The step `decode_slot` planned ran: its key and value are in the context's new column; plan the
         commit as `attend` does. q (n_heads, 1, d), k and v (n_kv, 1, d) pre-RoPE, k and v as stored; qkv: the
-        three as one row (what the projection emitted, the heads scorer's input)."""
+        three as one row (what the projection emitted, the heads scorer's input). `written`: the step also wrote
+        them where the slot's `writes` said (the commit then only counts them)."""
         m, asm = self.memory, self.asm
         asm.idx[:, asm.length] = m.n_tokens
         self._plan_commit(q, k, v, asm, asm.length, features=qkv[None])
+        self._pending.written = written
 
     def _plan_commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asm: Assembly, start: int,
                      features: torch.Tensor | None = None) -> None:
@@ -386,16 +397,24 @@ class LayerMemory:
         m, c = self.memory, self.memory.config
         asm, r = self.asm, self.resident
         n_new = p.k.shape[1]
-        self.store.append(p.k, p.v)
+        if p.written:
+            self.store.advance()
+        else:
+            self.store.append(p.k, p.v)
         scores = p.scores
         if p.observed is not None:
             observed_resident = asm.resident_columns(p.observed[:, : asm.length])
             r.score[:, : r.n] = m.scorer.update(r.score[:, : r.n], observed_resident)
             scores = m.scorer.update(scores, p.observed[:, asm.length :])
-        idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device).expand(r.n_kv, -1)
-        r.append(p.k, p.v, idx, scores)
-        if m.scorer.observes:
-            self.recent.append(p.q)
+        if p.written:  # K, V and Q are in place: the fused step wrote them (decode_slot's `writes`)
+            r.advance(m.n_tokens, scores)
+            if m.scorer.observes:
+                self.recent.advance(1)
+        else:
+            idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device).expand(r.n_kv, -1)
+            r.append(p.k, p.v, idx, scores)
+            if m.scorer.observes:
+                self.recent.append(p.q)
         if n_new == 1:
             self.steps_since_retrieval += 1
         self._last_q = p.q if n_new == 1 else None  # what `prepare_next` retrieves with

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from edgectx.model.kv import Column
+
 
 class RecentQueries:
     def __init__(self, n_heads: int, head_dim: int, keep: int, device: torch.device, dtype: torch.dtype):
@@ -37,13 +39,29 @@ class RecentQueries:
         if n_new >= self.keep:
             self.set(q)
             return
-        if self._end + n_new > self._buf.shape[1]:  # full: the part still wanted moves to the front of a buffer
-            kept = self._buf[:, max(self._start, self._end + n_new - self.keep) : self._end]
-            size = max(2 * self.keep, kept.shape[1] + n_new)
-            buf = self._buf if self._buf.shape[1] >= size else torch.empty(
-                self._buf.shape[0], size, self._buf.shape[2], device=self._buf.device, dtype=self._buf.dtype)
-            buf[:, : kept.shape[1]] = kept.clone() if buf is self._buf else kept
-            self._buf, self._start, self._end = buf, 0, kept.shape[1]
+        self._room(n_new)
         self._buf[:, self._end : self._end + n_new] = q
+        self.advance(n_new)
+
+    def next_column(self) -> Column:
+        """Where the next query goes (a fused decode step writes it there), then `advance(1)`."""
+        self._room(1)
+        step = self._buf.shape[2] * self._buf.element_size()  # (n_heads, size, head_dim), contiguous
+        return Column(self._buf.data_ptr() + self._end * step, self._buf.shape[1] * step, self._buf.shape[0],
+                      self._buf.dtype)
+
+    def advance(self, n_new: int) -> None:
         self._end += n_new
         self._start = max(self._start, self._end - self.keep)
+
+    def _room(self, n_new: int) -> None:
+        """Room for `n_new` more queries past the window's end; when the buffer is full, the window (unchanged: a
+        step about to run may still observe all of it) moves to the front of a buffer."""
+        if self._end + n_new <= self._buf.shape[1]:
+            return
+        kept = self._buf[:, self._start : self._end]
+        size = max(2 * self.keep, kept.shape[1] + n_new)
+        buf = self._buf if self._buf.shape[1] >= size else torch.empty(
+            self._buf.shape[0], size, self._buf.shape[2], device=self._buf.device, dtype=self._buf.dtype)
+        buf[:, : kept.shape[1]] = kept.clone() if buf is self._buf else kept
+        self._buf, self._start, self._end = buf, 0, kept.shape[1]

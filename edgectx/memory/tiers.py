@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from edgectx.model.kv import chunk_mask
+from edgectx.model.kv import Column, chunk_mask
 
 
 class Resident:
@@ -45,6 +45,21 @@ class Resident:
         self.k[:, self.n : end], self.v[:, self.n : end] = k, v
         self.idx[:, self.n : end], self.score[:, self.n : end] = idx, score
         self.n = end
+
+    def next_column(self) -> tuple[Column, Column]:
+        """Where the next token's K and V go (a fused decode step writes them), then `advance` records its index
+        and score."""
+        self.reserve(self.n + 1)
+        step = self.head_dim * self.k.element_size()
+        head = self.k.shape[1] * step  # (n_kv, capacity, head_dim), contiguous
+        return (Column(self.k.data_ptr() + self.n * step, head, self.n_kv, self.k.dtype),
+                Column(self.v.data_ptr() + self.n * step, head, self.n_kv, self.v.dtype))
+
+    def advance(self, idx: int, score: torch.Tensor) -> None:
+        """The token `next_column` pointed at has been written: its original index, its scores (n_kv, 1)."""
+        self.idx[:, self.n] = idx
+        self.score[:, self.n : self.n + 1] = score
+        self.n += 1
 
     def gather(self, cols: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(k, v, idx, score) of columns `cols` (n_kv, m) per head."""

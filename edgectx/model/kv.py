@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,20 @@ class DecodeSlot:
     sin: torch.Tensor
     rounded: bool  # K and V are stored in float16: round them so (ContextMemory.as_stored)
     mask: torch.Tensor | None  # (n_heads, capacity) float16: 0 where a query head may attend, -inf where not
+    # Where the step also writes its K and V (as stored, before RoPE) and Q, so that recording the step copies
+    # nothing: the resident tier's next K and V columns, the host store's, the recent queries' next column (K and V
+    # n_kv rows, Q n_heads). None: `decoded` copies them.
+    writes: "tuple[Column, ...] | None" = None
+
+
+class Column(NamedTuple):
+    """Rows of head_dim elements in host memory, a fixed number of bytes apart: where a fused step writes a token's
+    K, V or Q (a pointer, not a view: a step makes 150 of them, and a view costs more than the arithmetic)."""
+
+    ptr: int
+    row_bytes: int
+    rows: int
+    dtype: torch.dtype
 
 
 class LayerKV(Protocol):
@@ -106,9 +120,10 @@ class LayerKV(Protocol):
     def decode_slot(self) -> DecodeSlot | None:
         """For a one-token step: where it may attend outside PyTorch, or None if this step needs `attend`."""
 
-    def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor) -> None:
+    def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor,
+                written: bool = False) -> None:
         """The step that `decode_slot` planned ran (pre-RoPE projections, K and V as stored, and the three as one
-        row): record it."""
+        row): record it. `written`: the step also wrote them where the slot's `writes` said."""
 
 
 class KVMemory(Protocol):

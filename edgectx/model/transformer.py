@@ -136,10 +136,10 @@ class Transformer(nn.Module):
         """One token through `decoder`; each layer's memory then records its Q, K and V."""
         s = self.spec
         out, qkv = self.decoder(x, slots)
-        for layer_memory, row in zip(memory.layers, qkv):
+        for layer_memory, row, slot in zip(memory.layers, qkv, slots):
             q, k, v = row.split((s.q_dim, s.kv_dim, s.kv_dim))
             layer_memory.decoded(q.view(s.n_heads, 1, s.head_dim), k.view(s.n_kv_heads, 1, s.head_dim),
-                                 v.view(s.n_kv_heads, 1, s.head_dim), row)
+                                 v.view(s.n_kv_heads, 1, s.head_dim), row, written=slot.writes is not None)
         return out if self.decoder.vocab else self.lm_head(self.norm(out)).float()
 
 
