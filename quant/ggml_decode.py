@@ -46,6 +46,29 @@ class _LayerHandles:
         self.mask = None if mask is None else mask.contents
         self.cos, self.sin = cos.contents, sin.contents
         self.writes = [w.contents for w in writes]  # the copies into DecodeSlot.writes' views, in their order
+        self.layout: tuple | None = None  # what `point` last pointed the tensors at
+
+    def point(self, layout: tuple, n_kv: int, n_heads: int, d4: int) -> None:
+        """Bases and strides that change only when a buffer does: the context's K and V (capacity columns per KV
+        head), the mask, the rows the step's K, V and Q are copied to. Per step only pointers and lengths move."""
+        k_ptr, v_ptr, capacity, mask, write_rows = layout
+        head_bytes = capacity * d4
+        for dst in (self.k_dst, self.v_dst):
+            dst.nb[1] = head_bytes
+            dst.nb[2] = dst.nb[3] = head_bytes * n_kv
+        for t, ptr in ((self.k, k_ptr), (self.v, v_ptr)):
+            t.data = ptr
+            t.nb[2] = head_bytes
+            t.nb[3] = head_bytes * n_kv
+        for node, (row_bytes, rows) in zip(self.writes, write_rows):
+            node.nb[1] = row_bytes
+            node.nb[2] = node.nb[3] = row_bytes * rows
+        if self.mask is not None:
+            mask_ptr, mask_cols = mask
+            self.mask.data = mask_ptr
+            self.mask.nb[1] = self.mask.nb[2] = mask_cols * 2
+            self.mask.nb[3] = mask_cols * 2 * n_heads
+        self.layout = layout
 
 
 class _DecodeGraph:
@@ -249,27 +272,20 @@ class GgmlDecoder:
             gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes)
             gr.x.contents.data = x.data_ptr()
             for h, s in zip(gr.layers, slots):
-                head_bytes = s.k.shape[1] * d4  # the context's capacity, per KV head
+                k_ptr, v_ptr = s.k.data_ptr(), s.v.data_ptr()
+                layout = (k_ptr, v_ptr, s.k.shape[1], None if s.mask is None else (s.mask.data_ptr(), s.mask.shape[1]),
+                          tuple((col.row_bytes, col.rows) for col in s.writes or ()))
+                if h.layout != layout:  # the context (or a tier) was rebuilt or grew: its strides and bases
+                    h.point(layout, self.n_kv, self.n_heads, d4)
                 h.cos.data = s.cos.data_ptr()
                 h.sin.data = s.sin.data_ptr()
-                for dst, src in ((h.k_dst, s.k), (h.v_dst, s.v)):
-                    dst.data = src.data_ptr() + s.start * d4
-                    dst.nb[1] = head_bytes
-                    dst.nb[2] = dst.nb[3] = head_bytes * self.n_kv
-                for t, src in ((h.k, s.k), (h.v, s.v)):
-                    t.data = src.data_ptr()
-                    t.ne[1] = s.start + 1
-                    t.nb[2] = head_bytes
-                    t.nb[3] = head_bytes * self.n_kv
+                h.k_dst.data = k_ptr + s.start * d4
+                h.v_dst.data = v_ptr + s.start * d4
+                h.k.ne[1] = h.v.ne[1] = s.start + 1
                 for node, col in zip(h.writes, s.writes or ()):
                     node.data = col.ptr
-                    node.nb[1] = col.row_bytes
-                    node.nb[2] = node.nb[3] = col.row_bytes * col.rows
                 if h.mask is not None:
-                    h.mask.data = s.mask.data_ptr()
                     h.mask.ne[0] = s.start + 1
-                    h.mask.nb[1] = h.mask.nb[2] = s.mask.shape[1] * 2
-                    h.mask.nb[3] = s.mask.shape[1] * 2 * self.n_heads
             offset = out.data_ptr()
             for y, part in zip(gr.logits, self.lm_parts or [None]):
                 y.data = offset

@@ -41,6 +41,7 @@ class HostBlockStore:
         # builds cannot pin, and a CPU device has nothing to copy to.
         self.pin = device.type == "cuda" and torch.cuda.is_available()
         self.segments: list[torch.Tensor] = []  # each (segment_blocks, 2, n_kv_heads, block_size, head_dim)
+        self._column_base: tuple | None = None  # next_column's (segment, its address)
         self.n_tokens = 0
         self.representatives = torch.empty(0, n_kv_heads, head_dim, device=device, dtype=repr_dtype)
         # Decided once: stage on the device (CUDA; tests may force it on a CPU to check it against the plain path).
@@ -92,14 +93,17 @@ class HostBlockStore:
         """Where the next token's K and V go in host memory (CPU store only): a fused decode step writes them there
         itself, then `advance` counts the token."""
         block, offset = divmod(self.n_tokens, self.block_size)
-        self._slab(block)  # allocated
-        segment = self.segments[block // self.segment_blocks]  # (blocks, K|V, n_kv_heads, block_size, head_dim)
-        row = self.head_dim * segment.element_size()
-        k_at = ((block % self.segment_blocks * 2) * self.n_kv_heads * self.block_size + offset) * row
+        seg, b = divmod(block, self.segment_blocks)
+        if seg == len(self.segments):
+            self.segments.append(self._new_segment())
+        segment = self.segments[seg]
+        if self._column_base is None or self._column_base[0] is not segment:
+            self._column_base = (segment, segment.data_ptr())
+        row = self.head_dim * self.host_dtype.itemsize  # segments: (blocks, K|V, n_kv_heads, block_size, head_dim)
+        k_at = self._column_base[1] + ((b * 2) * self.n_kv_heads * self.block_size + offset) * row
         v_at = k_at + self.n_kv_heads * self.block_size * row
-        head = self.block_size * row
-        return (Column(segment.data_ptr() + k_at, head, self.n_kv_heads, segment.dtype),
-                Column(segment.data_ptr() + v_at, head, self.n_kv_heads, segment.dtype))
+        return (Column(k_at, self.block_size * row, self.n_kv_heads, self.host_dtype),
+                Column(v_at, self.block_size * row, self.n_kv_heads, self.host_dtype))
 
     def advance(self) -> None:
         """The token `next_column` pointed at has been written."""

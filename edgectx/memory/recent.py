@@ -22,6 +22,7 @@ class RecentQueries:
         self.keep = keep
         self._buf = torch.empty(n_heads, 0, head_dim, device=device, dtype=dtype)
         self._start = self._end = 0
+        self._base: tuple | None = None  # next_column's: (the buffer it is of, its address, strides)
 
     @property
     def window(self) -> torch.Tensor:
@@ -46,9 +47,12 @@ class RecentQueries:
     def next_column(self) -> Column:
         """Where the next query goes (a fused decode step writes it there), then `advance(1)`."""
         self._room(1)
-        step = self._buf.shape[2] * self._buf.element_size()  # (n_heads, size, head_dim), contiguous
-        return Column(self._buf.data_ptr() + self._end * step, self._buf.shape[1] * step, self._buf.shape[0],
-                      self._buf.dtype)
+        buf = self._buf
+        if self._base is None or self._base[0] is not buf:
+            step = buf.shape[2] * buf.element_size()  # (n_heads, size, head_dim), contiguous
+            self._base = (buf, buf.data_ptr(), step, Column(0, buf.shape[1] * step, buf.shape[0], buf.dtype))
+        _, ptr, step, shape = self._base
+        return shape._replace(ptr=ptr + self._end * step)
 
     def advance(self, n_new: int) -> None:
         self._end += n_new

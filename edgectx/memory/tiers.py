@@ -21,6 +21,7 @@ class Resident:
     def __init__(self, n_kv: int, head_dim: int, device: torch.device, dtype: torch.dtype):
         self.n_kv, self.head_dim, self.device, self.dtype = n_kv, head_dim, device, dtype
         self.n = 0
+        self._bases: tuple | None = None  # next_column's: (the K buffer they are of, K and V pointers, strides)
         self._alloc(256)
 
     def _alloc(self, capacity: int) -> None:
@@ -50,10 +51,12 @@ class Resident:
         """Where the next token's K and V go (a fused decode step writes them), then `advance` records its index
         and score."""
         self.reserve(self.n + 1)
-        step = self.head_dim * self.k.element_size()
-        head = self.k.shape[1] * step  # (n_kv, capacity, head_dim), contiguous
-        return (Column(self.k.data_ptr() + self.n * step, head, self.n_kv, self.k.dtype),
-                Column(self.v.data_ptr() + self.n * step, head, self.n_kv, self.v.dtype))
+        if self._bases is None or self._bases[0] is not self.k:
+            step = self.head_dim * self.k.element_size()  # (n_kv, capacity, head_dim), contiguous
+            self._bases = (self.k, self.k.data_ptr(), self.v.data_ptr(), step, self.k.shape[1] * step)
+        _, k_ptr, v_ptr, step, head = self._bases
+        return (Column(k_ptr + self.n * step, head, self.n_kv, self.dtype),
+                Column(v_ptr + self.n * step, head, self.n_kv, self.dtype))
 
     def advance(self, idx: int, score: torch.Tensor) -> None:
         """The token `next_column` pointed at has been written: its original index, its scores (n_kv, 1)."""

@@ -136,10 +136,12 @@ class Transformer(nn.Module):
         """One token through `decoder`; each layer's memory then records its Q, K and V."""
         s = self.spec
         out, qkv = self.decoder(x, slots)
-        for layer_memory, row, slot in zip(memory.layers, qkv, slots):
-            q, k, v = row.split((s.q_dim, s.kv_dim, s.kv_dim))
-            layer_memory.decoded(q.view(s.n_heads, 1, s.head_dim), k.view(s.n_kv_heads, 1, s.head_dim),
-                                 v.view(s.n_kv_heads, 1, s.head_dim), row, written=slot.writes is not None)
+        n = qkv.shape[0]  # every layer's views at once (one call each, not one per layer)
+        q, k, v = qkv.split((s.q_dim, s.kv_dim, s.kv_dim), dim=1)
+        qs = q.view(n, s.n_heads, 1, s.head_dim).unbind(0)
+        ks, vs = (t.view(n, s.n_kv_heads, 1, s.head_dim).unbind(0) for t in (k, v))
+        for layer_memory, q, k, v, row, slot in zip(memory.layers, qs, ks, vs, qkv.unbind(0), slots):
+            layer_memory.decoded(q, k, v, row, written=slot.writes is not None)
         return out if self.decoder.vocab else self.lm_head(self.norm(out)).float()
 
 
