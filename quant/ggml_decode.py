@@ -277,8 +277,8 @@ class GgmlDecoder:
                           tuple((col.row_bytes, col.rows) for col in s.writes or ()))
                 if h.layout != layout:  # the context (or a tier) was rebuilt or grew: its strides and bases
                     h.point(layout, self.n_kv, self.n_heads, d4)
-                h.cos.data = s.cos.data_ptr()
-                h.sin.data = s.sin.data_ptr()
+                h.cos.data = s.cos
+                h.sin.data = s.sin
                 h.k_dst.data = k_ptr + s.start * d4
                 h.v_dst.data = v_ptr + s.start * d4
                 h.k.ne[1] = h.v.ne[1] = s.start + 1

@@ -349,19 +349,19 @@ class LayerMemory:
         as the last step left it, on the CPU in float32. None on a retrieval step, when the context must be
         rebuilt (after an eviction), or before the first chunk: those go through `attend`."""
         m, c, asm = self.memory, self.memory.config, self.asm
-        if asm is None or asm.key[0] != self.version or m.device.type != "cpu" or m.dtype != torch.float32 \
-                or m.kv_dtype not in (torch.float32, torch.float16) or m.rope.rope_dim != m.spec.head_dim:
+        if asm is None or asm.key[0] != self.version or not m.fusable:
             return None
         if self.evicted and c.top_k_blocks and self.steps_since_retrieval >= c.retrieve_every:
             return None
         if asm.length >= asm.capacity:
             asm.reserve(asm.length + 1 + asm.capacity // 2)  # as `write` grows it
         cos, sin = m.rope.signed_tables(asm.next_pos + 1)
+        row = asm.next_pos * cos.shape[1] * 4  # the position's row of each float32 table
         writes = None
         if self.store.host_dtype in _GRAPH_WRITES and not self.store.staged:
             writes = (*self.resident.next_column(), *self.store.next_column()) + \
                 ((self.recent.next_column(),) if m.scorer.observes else ())
-        return DecodeSlot(asm.k, asm.v, asm.length, cos[asm.next_pos], sin[asm.next_pos],
+        return DecodeSlot(asm.k, asm.v, asm.length, cos.data_ptr() + row, sin.data_ptr() + row,
                           m.kv_dtype == torch.float16, asm.head_mask(m.spec.n_heads), writes)
 
     def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor,
@@ -372,7 +372,7 @@ class LayerMemory:
         them where the slot's `writes` said (the commit then only counts them)."""
         m, asm = self.memory, self.asm
         asm.idx[:, asm.length] = m.n_tokens
-        self._plan_commit(q, k, v, asm, asm.length, features=qkv[None])
+        self._plan_commit(q, k, v, asm, asm.length, features=qkv)
         self._pending.written = written
 
     def _plan_commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asm: Assembly, start: int,
@@ -384,8 +384,7 @@ class LayerMemory:
         evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
         if n_new == 1 and m.scorer.scores_steps_together:  # every layer's at once, in ContextMemory.commit
-            if features is None:
-                features = m.scorer.step_features(q, k, v)
+            features = m.scorer.step_features(q, k, v) if features is None else features[None]
             self._pending = _Pending(k, v, q, None, observed, evict, features=features)
         else:
             self._pending = _Pending(k, v, q, m.scorer.new_token_scores(self.layer, q, k, v, m.n_tokens), observed, evict)
@@ -503,6 +502,10 @@ class ContextMemory:
         # reads nothing but a retrieval's block ids; on the CPU, where reading is free, the plain path does
         # less work. Tests turn it on for a CPU memory to count the syncs the CUDA path would make.
         self.device_bookkeeping = device.type == "cuda" if device_bookkeeping is None else device_bookkeeping
+        # Whether a one-token step may run as one ggml graph (LayerMemory.decode_slot): a float32 model on the CPU
+        # with K and V in 16 or 32 bits and RoPE over whole heads
+        self.fusable = device.type == "cpu" and dtype == torch.float32 and self.kv_dtype in (torch.float32, torch.float16) \
+            and rope.rope_dim == spec.head_dim
         # One retrieval may need top_k blocks for each KV head at once: every layer's pool must hold them all.
         self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, self.kv_dtype),
                                 self.config.top_k_blocks * spec.n_kv_heads)

@@ -40,8 +40,13 @@ class AttentionMassScorer:
     name = "attention"
     observes = True
     scores_steps_together = False
+    _step: torch.Tensor | None = None  # a decode step's scores (zeros), shared by its layers
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
+        if k.shape[1] == 1:  # a decode step, every layer: one zero column, read (copied), never written
+            if self._step is None or self._step.shape[0] != k.shape[0] or self._step.device != k.device:
+                self._step = torch.zeros(k.shape[0], 1, device=k.device)
+            return self._step
         return torch.zeros(k.shape[0], k.shape[1], device=k.device)
 
     def update(self, stored: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:

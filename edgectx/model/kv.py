@@ -93,8 +93,8 @@ class DecodeSlot:
     k: torch.Tensor  # (n_kv, capacity, head_dim) float32, rotated keys; capacity > start
     v: torch.Tensor  # (n_kv, capacity, head_dim) float32
     start: int  # the new token's column
-    cos: torch.Tensor  # (head_dim,) float32: Rope.signed_tables' row for the new token's position
-    sin: torch.Tensor
+    cos: int  # the address of Rope.signed_tables' float32 row (head_dim,) for the new token's position
+    sin: int  # (the tables are kept until they grow, which no step does)
     rounded: bool  # K and V are stored in float16: round them so (ContextMemory.as_stored)
     mask: torch.Tensor | None  # (n_heads, capacity) float16: 0 where a query head may attend, -inf where not
     # Where the step also writes its K and V (as stored, before RoPE) and Q, so that recording the step copies
