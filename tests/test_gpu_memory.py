@@ -55,6 +55,10 @@ class PlainCache:
         self.kv_dtypes.update(t.dtype for t in out)
         return out
 
+    def kv_into(self, slots, k_out, v_out):  # as BlockCache.kv_into: kv's result written into the context's columns
+        k, v = self.kv(slots)
+        k_out.copy_(k), v_out.copy_(v)
+
     def clear(self):
         pass
 
