@@ -199,6 +199,7 @@ class HostBlockStore:
         self.n_tokens = min(self.n_tokens, n_tokens)
         keep_segments = -(-self.n_tokens // self.segment_tokens)
         del self.segments[keep_segments:]
+        self._column_base = None  # it may name a segment just released
         self.representatives = self.representatives[: self.n_blocks]
         block, offset = divmod(self.n_tokens, self.block_size)
         if self.staged and offset:  # the partial block goes on from its staging buffer
@@ -210,6 +211,7 @@ class HostBlockStore:
         whenever the last reference to this store goes away."""
         self.settle()
         self.segments.clear()
+        self._column_base = None
         self.n_tokens = 0
         self.representatives = self.representatives[:0]
 
