@@ -65,9 +65,13 @@ class Resident:
         self.n += 1
 
     def gather(self, cols: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(k, v, idx, score) of columns `cols` (n_kv, m) per head."""
-        cols_d = cols[..., None].expand(-1, -1, self.head_dim)
-        return (self.k.gather(1, cols_d), self.v.gather(1, cols_d), self.idx.gather(1, cols), self.score.gather(1, cols))
+        """(k, v, idx, score) of columns `cols` (n_kv, m) per head. K and V as rows of their (n_kv x capacity,
+        head_dim) views picked by `index_select`: `gather` with the index widened over head_dim reads an index per
+        element (0.41 against 0.03 ms for 3 x 1,600 of 2,700 columns, each eviction of every layer)."""
+        n_kv, capacity = cols.shape[0], self.k.shape[1]
+        rows = (cols + torch.arange(n_kv, device=cols.device)[:, None] * capacity).flatten()
+        k, v = (t.view(-1, self.head_dim).index_select(0, rows).view(n_kv, -1, self.head_dim) for t in (self.k, self.v))
+        return k, v, self.idx.gather(1, cols), self.score.gather(1, cols)
 
     def keep(self, cols: torch.Tensor, headroom: int) -> None:
         """Keep only columns `cols` (n_kv, m), in that order; room for `headroom` more tokens."""
