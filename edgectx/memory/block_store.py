@@ -65,12 +65,16 @@ class HostBlockStore:
         shape = (self.segment_blocks, 2, self.n_kv_heads, self.block_size, self.head_dim)
         return torch.empty(shape, dtype=self.host_dtype, pin_memory=self.pin)
 
+    def _segment(self, seg: int) -> torch.Tensor:
+        """Segment `seg`, allocated on demand (the next one after the last)."""
+        if seg == len(self.segments):
+            self.segments.append(self._new_segment())
+        return self.segments[seg]
+
     def _slab(self, block: int) -> torch.Tensor:
         """Block `block`'s storage, (2, n_kv_heads, block_size, head_dim), contiguous; allocated on demand."""
         seg, b = divmod(block, self.segment_blocks)
-        if seg == len(self.segments):
-            self.segments.append(self._new_segment())
-        return self.segments[seg][b]
+        return self._segment(seg)[b]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append (n_kv_heads, T, head_dim) pre-RoPE keys and values; completes blocks and their representatives."""
@@ -94,9 +98,7 @@ class HostBlockStore:
         itself, then `advance` counts the token."""
         block, offset = divmod(self.n_tokens, self.block_size)
         seg, b = divmod(block, self.segment_blocks)
-        if seg == len(self.segments):
-            self.segments.append(self._new_segment())
-        segment = self.segments[seg]
+        segment = self._segment(seg)
         if self._column_base is None or self._column_base[0] is not segment:
             self._column_base = (segment, segment.data_ptr())
         row = self.head_dim * self.host_dtype.itemsize  # segments: (blocks, K|V, n_kv_heads, block_size, head_dim)

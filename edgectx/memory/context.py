@@ -356,7 +356,7 @@ class LayerMemory:
         if asm.length >= asm.capacity:
             asm.reserve(asm.length + 1 + asm.capacity // 2)  # as `write` grows it
         cos, sin = m.rope.signed_tables(asm.next_pos + 1)
-        row = asm.next_pos * cos.shape[1] * 4  # the position's row of each float32 table
+        row = asm.next_pos * cos.stride(0) * cos.element_size()  # the position's row of each table
         writes = None
         if self.store.host_dtype in _GRAPH_WRITES and not self.store.staged:
             writes = (*self.resident.next_column(), *self.store.next_column()) + \
