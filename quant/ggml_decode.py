@@ -45,7 +45,7 @@ class _LayerHandles:
         self.k_dst, self.v_dst, self.k, self.v = k_dst.contents, v_dst.contents, k.contents, v.contents
         self.mask = None if mask is None else mask.contents
         self.cos, self.sin = cos.contents, sin.contents
-        self.writes = [w.contents for w in writes]  # the copies into DecodeSlot.writes' views, in their order
+        self.writes = [w.contents for w in writes]  # the copies to DecodeSlot.writes' addresses, in their order
         self.layout: tuple | None = None  # what `point` last pointed the tensors at
 
     def point(self, layout: tuple, n_kv: int, n_heads: int, d4: int) -> None:
@@ -74,7 +74,7 @@ class _LayerHandles:
 class _DecodeGraph:
     """The graph for one combination of masked layers (a layer whose context holds duplicate copies of retrieved
     tokens attends through a mask), with K and V rounded to float16 or not, and with the step's K, V and Q also
-    copied where the memory keeps them (`writes`: the ggml types of DecodeSlot.writes' views) or not."""
+    copied where the memory keeps them (`writes`: the ggml types of DecodeSlot.write_dtypes) or not."""
 
     def __init__(self, owner: "GgmlDecoder", round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...] = ()):
         g = lib()
@@ -119,10 +119,11 @@ class _DecodeGraph:
         swapped = g.ggml_concat(ctx, second, first, 0)
         return g.ggml_add(ctx, g.ggml_mul(ctx, t, cos), g.ggml_mul(ctx, swapped, sin))
 
-    def _rounded(self, t):
-        """t as the memory stores it: float16 and back (ContextMemory.as_stored)."""
-        g = lib()
-        return g.ggml_cast(self.ctx, g.ggml_cast(self.ctx, t, _F16), _F32)
+    def _at(self, address: int, cols: int, rows: int):
+        """A (cols, rows) float32 tensor over memory at `address` (a buffer that earlier nodes write)."""
+        t = lib().ggml_new_tensor_2d(self.ctx, _F32, cols, rows)
+        t.contents.data = address
+        return t
 
     def _layer(self, o: "GgmlDecoder", layer: GgmlLayer, i: int, x, has_mask: bool, copies: list):
         g, ctx, graph = lib(), self.ctx, self.graph
@@ -130,31 +131,28 @@ class _DecodeGraph:
         h = self._normed(x, layer.attn_norm, layer.eps)
         # Q, K and V land in the caller's buffer (row i): the memory records them after the step.
         row = o.qkv.data_ptr() + i * o.qkv.shape[1] * 4
-        outs, offset = [], 0
+        offset = 0
         for part in layer.qkv:
             y = product(ctx, graph, part, h, 1, copies)
             y.contents.data = row + offset * 4
             g.ggml_build_forward_expand(graph, y)
-            outs.append((offset, part.rows, y))
             offset += part.rows
-
-        def rows(first: int, n: int, width: int):
-            for start, count, y in outs:
-                if start <= first and first + n <= start + count:
-                    return g.ggml_view_2d(ctx, y, width, n // width, width * 4, (first - start) * 4)
-            raise ValueError("a Q/K/V range straddles two weight parts")
-
-        q = rows(0, n_heads * d, d)  # (d, n_heads)
-        k, v = rows(n_heads * d, n_kv * d, d), rows((n_heads + n_kv) * d, n_kv * d, d)  # (d, n_kv) each
+        # Views of the buffer over the products' outputs, whichever of them wrote it (read after them: nodes run in
+        # order): Q (d, n_heads), then K and V as one (d, 2 n_kv), K heads first
+        q, kv = self._at(row, d, n_heads), self._at(row + n_heads * d * 4, d, 2 * n_kv)
         if self.round_kv:  # the memory records K and V as stored: the rounded values go back into the buffer
-            k_in, v_in = k, v
-            k, v = self._rounded(k_in), self._rounded(v_in)
-            g.ggml_build_forward_expand(graph, g.ggml_cpy(ctx, k, k_in))
-            g.ggml_build_forward_expand(graph, g.ggml_cpy(ctx, v, v_in))
+            stored = g.ggml_cast(ctx, kv, _F16)
+            kv = g.ggml_cpy(ctx, g.ggml_cast(ctx, stored, _F32), kv)
+        else:
+            stored = kv
+        g.ggml_build_forward_expand(graph, kv)
+        k, v = (g.ggml_view_2d(ctx, kv, d, n_kv, d * 4, j * n_kv * d * 4) for j in (0, 1))
         cos = g.ggml_new_tensor_2d(ctx, _F32, d, 1)
         sin = g.ggml_new_tensor_2d(ctx, _F32, d, 1)
-        q_rot = self._rotate(q, n_heads, d, cos, sin)
-        k_rot = self._rotate(k, n_kv, d, cos, sin)
+        # Q and K rotated together: the buffer's first n_heads + n_kv rows, K rounded by now
+        qk_rot = self._rotate(self._at(row, d, n_heads + n_kv), n_heads + n_kv, d, cos, sin)
+        q_rot = g.ggml_view_2d(ctx, qk_rot, d, n_heads, d * 4, 0)
+        k_rot = g.ggml_view_2d(ctx, qk_rot, d, n_kv, d * 4, n_heads * d * 4)
         if self.round_kv:
             k_rot = g.ggml_cast(ctx, k_rot, _F16)
         # The new column of the context, (d, n_kv) with the context's head stride (set per call).
@@ -163,10 +161,10 @@ class _DecodeGraph:
         v_dst = g.ggml_cpy(ctx, v, g.ggml_new_tensor_2d(ctx, _F32, d, n_kv))
         g.ggml_build_forward_expand(graph, k_dst)
         g.ggml_build_forward_expand(graph, v_dst)
-        # K and V as stored (before RoPE) into the resident tier and the host store, Q into the recent queries:
-        # (d, rows) copies whose destination is pointed per call, like the context's column
+        # K and V as stored (before RoPE) into the resident tier and the host store (K rows then V rows, evenly
+        # spaced in both), Q into the recent queries: copies whose destination is pointed per call, like the column
         writes = []
-        for src, rows, kind in zip((k, v, k, v, q), (n_kv, n_kv, n_kv, n_kv, n_heads), self.write_types):
+        for src, rows, kind in zip((stored, stored, q), (2 * n_kv, 2 * n_kv, n_heads), self.write_types):
             node = g.ggml_cpy(ctx, src, g.ggml_new_tensor_2d(ctx, kind, d, rows))
             g.ggml_build_forward_expand(graph, node)
             writes.append(node)
@@ -220,11 +218,11 @@ class _DecodeGraph:
 _GGML_TYPES = {torch.float32: _F32, torch.float16: _F16}
 
 
-def _write_types(slot) -> tuple[int, ...]:
-    """The ggml types of a slot's `writes` (what its graph copies into), () if none or one it cannot write."""
-    if slot.writes is None or any(w.dtype not in _GGML_TYPES for w in slot.writes):
+def _write_types(dtypes: tuple[torch.dtype, ...]) -> tuple[int, ...]:
+    """The ggml types of a slot's `write_dtypes` (what its graph copies into), () if none or one it cannot write."""
+    if not dtypes or any(t not in _GGML_TYPES for t in dtypes):
         return ()
-    return tuple(_GGML_TYPES[w.dtype] for w in slot.writes)
+    return tuple(_GGML_TYPES[t] for t in dtypes)
 
 
 class GgmlDecoder:
@@ -263,29 +261,28 @@ class GgmlDecoder:
         x = x.float().contiguous()
         d4 = self.head_dim * 4
         out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
-        writes = _write_types(slots[0])
-        if not writes or any(_write_types(s) != writes for s in slots[1:]):  # one graph copies alike in every layer
+        dtypes = slots[0].write_dtypes  # one tuple that the memory's layers share: one graph copies alike in each
+        writes = _write_types(dtypes) if all(s.writes is not None and s.write_dtypes is dtypes for s in slots) else ()
+        if not writes:
             for s in slots:  # the memory copies them itself
                 s.writes = None
-            writes = ()
         with self.stack.lock:
             gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes)
             gr.x.contents.data = x.data_ptr()
             for h, s in zip(gr.layers, slots):
-                k_ptr, v_ptr = s.k.data_ptr(), s.v.data_ptr()
-                layout = (k_ptr, v_ptr, s.k.shape[1], None if s.mask is None else (s.mask.data_ptr(), s.mask.shape[1]),
-                          tuple((col.row_bytes, col.rows) for col in s.writes or ()))
-                if h.layout != layout:  # the context (or a tier) was rebuilt or grew: its strides and bases
+                layout, start = s.layout, s.start
+                if h.layout is not layout:  # the context (or a tier) was rebuilt or grew: its strides and bases
                     h.point(layout, self.n_kv, self.n_heads, d4)
                 h.cos.data = s.cos
                 h.sin.data = s.sin
-                h.k_dst.data = k_ptr + s.start * d4
-                h.v_dst.data = v_ptr + s.start * d4
-                h.k.ne[1] = h.v.ne[1] = s.start + 1
-                for node, col in zip(h.writes, s.writes or ()):
-                    node.data = col.ptr
+                h.k_dst.data = layout[0] + start * d4
+                h.v_dst.data = layout[1] + start * d4
+                h.k.ne[1] = h.v.ne[1] = start + 1
+                if s.writes is not None:
+                    for node, ptr in zip(h.writes, s.writes):
+                        node.data = ptr
                 if h.mask is not None:
-                    h.mask.ne[0] = s.start + 1
+                    h.mask.ne[0] = start + 1
             offset = out.data_ptr()
             for y, part in zip(gr.logits, self.lm_parts or [None]):
                 y.data = offset

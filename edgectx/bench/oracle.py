@@ -23,6 +23,7 @@ UNREACHED = 1e9  # tokens no counted query reaches (the text ends first): kept, 
 class OracleScorer:
     observes = False
     scores_steps_together = False
+    zero_steps = False
 
     def __init__(self, name: str, labels: list[torch.Tensor]):
         self.name, self.labels = name, labels

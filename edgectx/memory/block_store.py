@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from edgectx.model.kv import Column
 
 SEGMENT_BLOCKS = 32  # blocks per host segment: 4096 tokens at block_size 128
 
@@ -41,7 +40,7 @@ class HostBlockStore:
         # builds cannot pin, and a CPU device has nothing to copy to.
         self.pin = device.type == "cuda" and torch.cuda.is_available()
         self.segments: list[torch.Tensor] = []  # each (segment_blocks, 2, n_kv_heads, block_size, head_dim)
-        self._column_base: tuple | None = None  # next_column's (segment, its address)
+        self._column_base: tuple | None = None  # next_column's (segment, its address, row bytes, rows)
         self.n_tokens = 0
         self.representatives = torch.empty(0, n_kv_heads, head_dim, device=device, dtype=repr_dtype)
         # Decided once: stage on the device (CUDA; tests may force it on a CPU to check it against the plain path).
@@ -93,19 +92,18 @@ class HostBlockStore:
             self.n_tokens += n
         self._completed(done_blocks)
 
-    def next_column(self) -> tuple[Column, Column]:
-        """Where the next token's K and V go in host memory (CPU store only): a fused decode step writes them there
-        itself, then `advance` counts the token."""
+    def next_column(self) -> tuple[int, tuple[int, int]]:
+        """Where the next token's K and V go in host memory (CPU store only): the address of its first K row and
+        (bytes between its rows, rows): n_kv K rows then n_kv V rows, the same tuple every time. A fused decode step
+        writes them there itself, then `advance` counts the token."""
         block, offset = divmod(self.n_tokens, self.block_size)
         seg, b = divmod(block, self.segment_blocks)
         segment = self._segment(seg)
         if self._column_base is None or self._column_base[0] is not segment:
-            self._column_base = (segment, segment.data_ptr())
-        row = self.head_dim * self.host_dtype.itemsize  # segments: (blocks, K|V, n_kv_heads, block_size, head_dim)
-        k_at = self._column_base[1] + ((b * 2) * self.n_kv_heads * self.block_size + offset) * row
-        v_at = k_at + self.n_kv_heads * self.block_size * row
-        return (Column(k_at, self.block_size * row, self.n_kv_heads, self.host_dtype),
-                Column(v_at, self.block_size * row, self.n_kv_heads, self.host_dtype))
+            row = self.head_dim * self.host_dtype.itemsize  # segments: (blocks, K|V, n_kv_heads, block_size, head_dim)
+            self._column_base = (segment, segment.data_ptr(), row, (self.block_size * row, 2 * self.n_kv_heads))
+        _, base, row, rows = self._column_base
+        return base + ((b * 2) * self.n_kv_heads * self.block_size + offset) * row, rows
 
     def advance(self) -> None:
         """The token `next_column` pointed at has been written."""

@@ -118,6 +118,7 @@ class LayerMemory:
         self._last_q: torch.Tensor | None = None  # the last decode step's query (pre-RoPE), for `prepare_next`
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
+        self._layout: tuple | None = None  # decode_slot's: (context K, V, mask, write rows, the slot's layout)
 
     @property
     def selection(self) -> torch.Tensor:
@@ -357,12 +358,24 @@ class LayerMemory:
             asm.reserve(asm.length + 1 + asm.capacity // 2)  # as `write` grows it
         cos, sin = m.rope.signed_tables(asm.next_pos + 1)
         row = asm.next_pos * cos.stride(0) * cos.element_size()  # the position's row of each table
-        writes = None
-        if self.store.host_dtype in _GRAPH_WRITES and not self.store.staged:
-            writes = (*self.resident.next_column(), *self.store.next_column()) + \
-                ((self.recent.next_column(),) if m.scorer.observes else ())
+        mask = asm.head_mask(m.spec.n_heads)
+        writes, rows = None, ()
+        if m.write_dtypes:
+            r_at, r_rows = self.resident.next_column()
+            s_at, s_rows = self.store.next_column()
+            if m.scorer.observes:
+                q_at, q_rows = self.recent.next_column()
+                writes, rows = (r_at, s_at, q_at), (r_rows, s_rows, q_rows)
+            else:
+                writes, rows = (r_at, s_at), (r_rows, s_rows)
+        # One layout tuple while the buffers stay (each part the same object): the step re-points nothing then
+        last = self._layout
+        if last is None or last[0] is not asm.k or last[1] is not asm.v or last[2] is not mask or last[3] != rows:
+            layout = (asm.k.data_ptr(), asm.v.data_ptr(), asm.capacity,
+                      None if mask is None else (mask.data_ptr(), mask.shape[1]), rows)
+            self._layout = last = (asm.k, asm.v, mask, rows, layout)
         return DecodeSlot(asm.k, asm.v, asm.length, cos.data_ptr() + row, sin.data_ptr() + row,
-                          m.kv_dtype == torch.float16, asm.head_mask(m.spec.n_heads), writes)
+                          m.kv_dtype == torch.float16, mask, last[4], writes, m.write_dtypes if writes else ())
 
     def decoded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor,
                 written: bool = False) -> None:
@@ -371,7 +384,7 @@ class LayerMemory:
         three as one row (what the projection emitted, the heads scorer's input). `written`: the step also wrote
         them where the slot's `writes` said (the commit then only counts them)."""
         m, asm = self.memory, self.asm
-        asm.idx[:, asm.length] = m.n_tokens
+        asm.index_column(m.n_tokens)
         self._plan_commit(q, k, v, asm, asm.length, features=qkv)
         self._pending.written = written
 
@@ -406,7 +419,7 @@ class LayerMemory:
             r.score[:, : r.n] = m.scorer.update(r.score[:, : r.n], observed_resident)
             scores = m.scorer.update(scores, p.observed[:, asm.length :])
         if p.written:  # K, V and Q are in place: the fused step wrote them (decode_slot's `writes`)
-            r.advance(m.n_tokens, scores)
+            r.advance(m.n_tokens, None if m.scorer.zero_steps and p.observed is None else scores)
             if m.scorer.observes:
                 self.recent.advance(1)
         else:
@@ -467,7 +480,7 @@ class LayerMemory:
         self.version += 1
         counts = (r.idx[:, : r.n] < n_tokens).sum(dim=1)
         if bool((counts == counts[0]).all()):
-            r.n = int(counts[0])  # the same prefix of every head: a plain cut, exact
+            r.truncate(int(counts[0]))  # the same prefix of every head: a plain cut, exact
             return
         # The cut falls among per-head retained tokens: rebuild sinks and window from the host store and keep
         # each head's best surviving retained tokens (as many as every head has).
@@ -516,6 +529,11 @@ class ContextMemory:
         self._pending_ids: torch.Tensor | None = None
         self._lexical: tuple[int, torch.Tensor] | None = None  # (n_eligible, blocks) of the forward under way
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
+        # What a fused step writes besides the context (DecodeSlot.writes), in these dtypes: the resident K and V, the
+        # host store's, the recent queries (for a scorer that observes); () where the memory copies them itself
+        store = self.layers[0].store
+        self.write_dtypes = (self.kv_dtype, store.host_dtype) + \
+            ((dtype,) if self.scorer.observes else ()) if store.host_dtype in _GRAPH_WRITES and not store.staged else ()
         self._scratch: torch.Tensor | None = None  # see `scratch`
         self.graph_scalars: torch.Tensor | None = None  # (n_layers, 3) a captured decode step's inputs (graph_step)
 

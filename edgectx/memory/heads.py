@@ -84,6 +84,7 @@ class HeadsScorer:
     name = "heads"
     observes = False
     scores_steps_together = True  # a decode step: every layer's one token in one batched product (step_scores)
+    zero_steps = False
 
     def __init__(self, heads: RetainingHeads):
         self.heads = heads

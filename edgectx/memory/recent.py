@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from edgectx.model.kv import Column
 
 
 class RecentQueries:
@@ -44,15 +43,16 @@ class RecentQueries:
         self._buf[:, self._end : self._end + n_new] = q
         self.advance(n_new)
 
-    def next_column(self) -> Column:
-        """Where the next query goes (a fused decode step writes it there), then `advance(1)`."""
+    def next_column(self) -> tuple[int, tuple[int, int]]:
+        """Where the next query goes (a fused decode step writes it there): its address and (bytes between its rows,
+        rows), one tuple for as long as the buffer stays; then `advance(1)`."""
         self._room(1)
         buf = self._buf
         if self._base is None or self._base[0] is not buf:
             step = buf.shape[2] * buf.element_size()  # (n_heads, size, head_dim), contiguous
-            self._base = (buf, buf.data_ptr(), step, Column(0, buf.shape[1] * step, buf.shape[0], buf.dtype))
-        _, ptr, step, shape = self._base
-        return shape._replace(ptr=ptr + self._end * step)
+            self._base = (buf, buf.data_ptr(), step, (buf.shape[1] * step, buf.shape[0]))
+        _, ptr, step, rows = self._base
+        return ptr + self._end * step, rows
 
     def advance(self, n_new: int) -> None:
         self._end += n_new

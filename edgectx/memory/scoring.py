@@ -22,6 +22,7 @@ class EvictionScorer(Protocol):
     observes: bool  # whether `update` needs the observation window's attention mass
     # whether a decode step's scores come from `step_features` (per layer) and `step_scores` (every layer at once)
     scores_steps_together: bool
+    zero_steps: bool  # whether a decode step's new token scores are zeros (the resident tier writes them ahead)
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         """Scores (n_kv_heads, T) for new tokens `first`.. from pre-RoPE q (n_heads, T, d), k and v (n_kv_heads, T, d)."""
@@ -40,6 +41,7 @@ class AttentionMassScorer:
     name = "attention"
     observes = True
     scores_steps_together = False
+    zero_steps = True
     _step: torch.Tensor | None = None  # a decode step's scores (zeros), shared by its layers
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
@@ -60,6 +62,7 @@ class WindowScorer:
     name = "window"
     observes = False
     scores_steps_together = False
+    zero_steps = False
 
     def new_token_scores(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
         index = torch.arange(first, first + k.shape[1], device=k.device, dtype=torch.float32)

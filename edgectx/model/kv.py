@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,20 +97,16 @@ class DecodeSlot:
     sin: int  # (the tables are kept until they grow, which no step does)
     rounded: bool  # K and V are stored in float16: round them so (ContextMemory.as_stored)
     mask: torch.Tensor | None  # (n_heads, capacity) float16: 0 where a query head may attend, -inf where not
+    # The buffers' addresses and strides: (K address, V address, capacity, (mask address, mask columns) or None,
+    # ((row bytes, rows), ...) of each of `writes`), one tuple for as long as none of them changes, so that the step
+    # re-points its graph only when it is handed another.
+    layout: tuple = ()
     # Where the step also writes its K and V (as stored, before RoPE) and Q, so that recording the step copies
-    # nothing: the resident tier's next K and V columns, the host store's, the recent queries' next column (K and V
-    # n_kv rows, Q n_heads). None: `decoded` copies them.
-    writes: "tuple[Column, ...] | None" = None
-
-
-class Column(NamedTuple):
-    """Rows of head_dim elements in host memory, a fixed number of bytes apart: where a fused step writes a token's
-    K, V or Q (a pointer, not a view: a step makes 150 of them, and a view costs more than the arithmetic)."""
-
-    ptr: int
-    row_bytes: int
-    rows: int
-    dtype: torch.dtype
+    # nothing: the addresses of the resident tier's next column, the host store's (each n_kv K rows of head_dim then
+    # n_kv V rows) and the recent queries' (n_heads rows), the rows as far apart as `layout` says. None: `decoded`
+    # copies them.
+    writes: tuple[int, ...] | None = None
+    write_dtypes: tuple[torch.dtype, ...] = ()  # theirs, in order: one tuple that every layer's slot shares
 
 
 class LayerKV(Protocol):
