@@ -71,6 +71,9 @@ def _(tokens: torch.Tensor, handle: int, dim: int) -> torch.Tensor:
     return tokens.new_empty(*tokens.shape, dim, dtype=_embedding_by_handle[handle].dtype)
 
 
+ROW_CACHE_BYTES = 8 << 20  # dequantized embedding rows kept for one-token lookups
+
+
 class QuantizedEmbedding(nn.Module):
     """A token embedding kept in its GGUF blocks: a lookup dequantizes just the rows it reads (in `dtype`).
     A tied output projection reads the same `matrix`."""
@@ -81,14 +84,29 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = matrix.rows, matrix.cols
         self.weight_bytes = matrix.nbytes
         self.raw_tensors = [matrix.raw]
+        self._rows: dict[int, torch.Tensor] = {}  # one-token lookups, dequantized (`_row`)
         self._handle = next(_next_handle)
         _embedding_by_handle[self._handle] = self
         weakref.finalize(self, _embedding_by_handle.pop, self._handle, None)
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.numel() == 1 and tokens.device.type == "cpu" and self.matrix.raw.device.type == "cpu":
+            return self._row(int(tokens.reshape(-1)[0])).clone().reshape(*tokens.shape, self.matrix.cols)
         rows = self.matrix.raw[tokens.reshape(-1).to(self.matrix.raw.device)]
         out = dequantize_blocks(rows, self.matrix.qtype, (rows.shape[0], self.matrix.cols), self.dtype)
         return out.reshape(*tokens.shape, self.matrix.cols)
+
+    def _row(self, token: int) -> torch.Tensor:
+        """One token's row, dequantized once and kept (the newest ROW_CACHE_BYTES' worth): a decode step's lookup
+        dequantized it again each time, 0.15 ms on the caches a step leaves."""
+        row = self._rows.get(token)
+        if row is None:
+            raw = self.matrix.raw[token : token + 1]
+            row = dequantize_blocks(raw, self.matrix.qtype, (1, self.matrix.cols), self.dtype)
+            if len(self._rows) >= max(1, ROW_CACHE_BYTES // (self.matrix.cols * row.element_size())):
+                self._rows.pop(next(iter(self._rows)))
+            self._rows[token] = row
+        return row
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():

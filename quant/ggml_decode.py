@@ -25,12 +25,14 @@ intermediate results have fixed places in one buffer.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
+import numpy as np
 import torch
 
 from edgectx.quant import ggml_cpu
 from edgectx.quant.blocks import QuantizedMatrix
-from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, lib, product
+from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, _Tensor, lib, product
 from edgectx.quant.ggml_layer import GgmlLayer
 
 _PREC_F32 = 10  # ggml.h's GGML_PREC_F32
@@ -51,7 +53,7 @@ class _LayerHandles:
     def point(self, layout: tuple, n_kv: int, n_heads: int, d4: int) -> None:
         """Bases and strides that change only when a buffer does: the context's K and V (capacity columns per KV
         head), the mask, the rows the step's K, V and Q are copied to. Per step only pointers and lengths move."""
-        k_ptr, v_ptr, capacity, mask, write_rows = layout
+        k_ptr, v_ptr, capacity, mask, write_rows, _ = layout
         head_bytes = capacity * d4
         for dst in (self.k_dst, self.v_dst):
             dst.nb[1] = head_bytes
@@ -69,6 +71,19 @@ class _LayerHandles:
             self.mask.nb[1] = self.mask.nb[2] = mask_cols * 2
             self.mask.nb[3] = mask_cols * 2 * n_heads
         self.layout = layout
+
+    def step_fields(self, d4: int, head_dim: int, write_types: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(address, increment) of each field a step one column on changes: the context column's K and V addresses,
+        the context's length, the rope rows, the write addresses, the mask's length."""
+        def at(t, name: str, i: int | None = None) -> int:
+            return ctypes.addressof(t) + getattr(_Tensor, name).offset + (0 if i is None else 8 * i)
+        row = self.layout[5]  # bytes between the rope tables' rows
+        fields = [(at(self.k_dst, "data"), d4), (at(self.v_dst, "data"), d4), (at(self.k, "ne", 1), 1),
+                  (at(self.v, "ne", 1), 1), (at(self.cos, "data"), row), (at(self.sin, "data"), row)]
+        fields += [(at(node, "data"), head_dim * (2 if kind == _F16 else 4)) for node, kind in zip(self.writes, write_types)]
+        if self.mask is not None:
+            fields.append((at(self.mask, "ne", 0), 1))
+        return fields
 
 
 class _DecodeGraph:
@@ -104,6 +119,8 @@ class _DecodeGraph:
             self.logits = [x.contents]
         self._place()
         self.plan: _CPlan | None = None
+        self.points = 0  # calls of a layer's `point` so far: what `step_on` was planned at
+        self._step_on: tuple | None = None  # step_on's: (points, int64 view of the structs' memory, fields, increments)
 
     def _normed(self, x, weight: torch.Tensor, eps: float):
         g = lib()
@@ -244,6 +261,7 @@ class GgmlDecoder:
         self.stack = layers[0].stack  # its lock: one ggml call at a time across the model's graphs
         self._graphs: dict[tuple, _DecodeGraph] = {}
         self._work = torch.empty(0, dtype=torch.uint8)
+        self._last: tuple | None = None  # (graph, weak reference to the memory, its step count) of the last step run
 
     def _graph(self, round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...]) -> _DecodeGraph:
         key = (round_kv, masked, writes)
@@ -254,13 +272,12 @@ class GgmlDecoder:
             graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked, writes)
         return graph
 
-    def __call__(self, x: torch.Tensor, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, slots: list, step: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (1, dim): the token's embedding, `slots`: each layer's edgectx.model.kv.DecodeSlot -> logits
         (1, vocab) (or the last hidden state (1, dim) without an output layer), and Q, K, V pre-RoPE per layer
-        (n_layers, qkv rows), K and V as the memory stores them."""
+        (n_layers, qkv rows), K and V as the memory stores them. `step`: (memory, its step count), for `again`."""
         x = x.float().contiguous()
         d4 = self.head_dim * 4
-        out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
         dtypes = slots[0].write_dtypes  # one tuple that the memory's layers share: one graph copies alike in each
         writes = _write_types(dtypes) if all(s.writes is not None and s.write_dtypes is dtypes for s in slots) else ()
         if not writes:
@@ -268,11 +285,11 @@ class GgmlDecoder:
                 s.writes = None
         with self.stack.lock:
             gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes)
-            gr.x.contents.data = x.data_ptr()
             for h, s in zip(gr.layers, slots):
                 layout, start = s.layout, s.start
                 if h.layout is not layout:  # the context (or a tier) was rebuilt or grew: its strides and bases
                     h.point(layout, self.n_kv, self.n_heads, d4)
+                    gr.points += 1
                 h.cos.data = s.cos
                 h.sin.data = s.sin
                 h.k_dst.data = layout[0] + start * d4
@@ -283,21 +300,59 @@ class GgmlDecoder:
                         node.data = ptr
                 if h.mask is not None:
                     h.mask.ne[0] = start + 1
-            offset = out.data_ptr()
-            for y, part in zip(gr.logits, self.lm_parts or [None]):
-                y.data = offset
-                offset += (part.rows if part is not None else self.dim) * 4
-            self._compute(gr)
+            out = self._run(gr, x)
             qkv = self.qkv.clone()  # the buffer is the next step's (maybe another engine's on this model)
+            self._last = None if step is None else (gr, weakref.ref(step[0]), step[1])
         return out, qkv
 
-    def _compute(self, gr: _DecodeGraph) -> None:
+    def again(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
+        """The next step of the memory whose step `step` (memory, its step count) follows the last one run, when every
+        layer's context, tiers and rope row are where the last step left them, one column on (the memory says so:
+        ContextMemory.steady): the same graph with every pointer and length one column on, a handful of µs instead of
+        the slots' 30 layers of bookkeeping. -> the logits (as `__call__`), or None: this decoder's last step was
+        another's (run `__call__`). Q, K and V are where the last step's slots said, one column on."""
+        last = self._last
+        if last is None or last[1]() is not step[0] or last[2] != step[1] - 1:
+            return None
+        gr = last[0]
+        x = x.float().contiguous()
+        with self.stack.lock:
+            plan = gr._step_on
+            if plan is None or plan[0] != gr.points:  # the fields and increments of the layouts pointed now
+                fields = [f for h in gr.layers for f in h.step_fields(self.head_dim * 4, self.head_dim, gr.write_types)]
+                low = min(a for a, _ in fields)
+                span = (max(a for a, _ in fields) - low) // 8 + 1
+                memory = np.frombuffer((ctypes.c_int64 * span).from_address(low), dtype=np.int64)
+                plan = gr._step_on = (gr.points, memory, np.array([(a - low) // 8 for a, _ in fields], dtype=np.intp),
+                                      np.array([inc for _, inc in fields], dtype=np.int64))
+            _, memory, where, increments = plan
+            memory[where] += increments
+            out = self._run(gr, x, replan=False)
+            self._last = (gr, last[1], step[1])
+        return out
+
+    def _run(self, gr: _DecodeGraph, x: torch.Tensor, replan: bool = True) -> torch.Tensor:
+        """Compute `gr` (pointed) on x (1, dim) -> the logits (1, vocab), or the last hidden state."""
+        gr.x.contents.data = x.data_ptr()
+        out = torch.empty(1, self.vocab or self.dim, dtype=torch.float32)
+        offset = out.data_ptr()
+        for y, part in zip(gr.logits, self.lm_parts or [None]):
+            y.data = offset
+            offset += (part.rows if part is not None else self.dim) * 4
+        self._compute(gr, replan)
+        return out
+
+    def _compute(self, gr: _DecodeGraph, replan: bool = True) -> None:
+        """Compute `gr`. `replan=False`: the last plan holds (only lengths moved, which no work size depends on)
+        unless the thread count or the shared work buffer changed (planning cost 70 µs a step on the caches a step
+        leaves)."""
         g = lib()
-        # planned per call: the contexts' lengths changed (cheap: one pass over the nodes in C)
-        gr.plan = g.ggml_graph_plan(gr.graph, ggml_cpu.threads(), None)
-        if gr.plan.work_size > self._work.numel():
-            self._work = torch.empty(gr.plan.work_size + 4096, dtype=torch.uint8)
-        gr.plan.work_data = self._work.data_ptr()
+        threads = ggml_cpu.threads()
+        if replan or gr.plan is None or gr.plan.n_threads != threads or gr.plan.work_data != self._work.data_ptr():
+            gr.plan = g.ggml_graph_plan(gr.graph, threads, None)
+            if gr.plan.work_size > self._work.numel():
+                self._work = torch.empty(gr.plan.work_size + 4096, dtype=torch.uint8)
+            gr.plan.work_data = self._work.data_ptr()
         status = g.ggml_graph_compute(gr.graph, ctypes.byref(gr.plan))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")

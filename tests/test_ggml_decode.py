@@ -98,14 +98,20 @@ def test_past_the_budget_steps_between_retrievals_run_fused_and_agree(embedded_m
     """Evicting, retrieving (with duplicate copies masked) and decoding through the graph between retrievals."""
     engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=SMALL)
     calls, masked = [], []
-    real = GgmlDecoder.__call__
+    real, real_again = GgmlDecoder.__call__, GgmlDecoder.again
 
-    def counting(self, x, slots):
+    def counting(self, x, slots, step=None):
         calls.append(1)
         masked.append(any(slot.mask is not None for slot in slots))
-        return real(self, x, slots)
+        return real(self, x, slots, step)
+
+    def counting_again(self, x, step):  # a steady step: the last graph again, one column on
+        out = real_again(self, x, step)
+        calls.extend([1] if out is not None else [])
+        return out
 
     monkeypatch.setattr(GgmlDecoder, "__call__", counting)
+    monkeypatch.setattr(GgmlDecoder, "again", counting_again)
     n_steps = 24
     agreement = _agreement(engine, corpus_tokens(engine.tokenizer, 700, None), n_steps)
     assert engine.memory.layers[0].evicted
@@ -120,7 +126,7 @@ def test_full_attention_keeps_the_pytorch_step(embedded_model):
     calls = []
     real = ggml_decode.GgmlDecoder.__call__
     try:
-        ggml_decode.GgmlDecoder.__call__ = lambda self, x, slots: calls.append(1) or real(self, x, slots)
+        ggml_decode.GgmlDecoder.__call__ = lambda self, x, slots, step=None: calls.append(1) or real(self, x, slots, step)
         engine.prefill(corpus_tokens(engine.tokenizer, 64, None))
         engine.forward([5])
     finally:
@@ -156,8 +162,8 @@ def test_a_fused_step_writes_the_tiers_the_store_and_the_queries_as_the_memory_w
     written = []
     real = GgmlDecoder.__call__
 
-    def recording(self, x, slots):
-        out = real(self, x, slots)
+    def recording(self, x, slots, step=None):
+        out = real(self, x, slots, step)
         written.append(all(slot.writes is not None for slot in slots))
         return out
 
@@ -173,3 +179,63 @@ def test_a_fused_step_writes_the_tiers_the_store_and_the_queries_as_the_memory_w
     for name in fused:
         a, b = fused[name], copied[name]
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name
+
+
+def _steps(engine: Engine, ids: list[int], n_steps: int) -> torch.Tensor:
+    engine.reset()
+    logits = [engine.prefill(ids)]
+    for _ in range(n_steps):
+        logits.append(engine.forward([int(torch.argmax(logits[-1]))])[-1])
+    return torch.stack(logits)
+
+
+def test_steady_steps_are_the_planned_steps_one_column_on(embedded_model, monkeypatch):
+    """Between anything that changes a layer but counts (a retrieval, an eviction, a completed host block, a grown
+    buffer), a step runs the last step's graph again with every pointer one column on (ContextMemory.steady_key,
+    GgmlDecoder.again) instead of planning 30 slots. Logits and the memory's state are the planned steps' exactly,
+    past the budget."""
+    engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=SMALL)
+    ids = corpus_tokens(engine.tokenizer, 600, None)
+    steady = []
+    real_again = GgmlDecoder.again
+
+    def counting_again(self, x, step):
+        out = real_again(self, x, step)
+        steady.append(out is not None)
+        return out
+
+    monkeypatch.setattr(GgmlDecoder, "again", counting_again)
+    n_steps = 60
+    fast = _steps(engine, ids, n_steps)
+    assert 10 <= sum(steady) < n_steps, sum(steady)  # steady runs, and planned steps between them
+    fast_state = _state_after_steps(engine, ids, n_steps)
+    assert engine.memory.layers[0].evicted
+    from edgectx.memory import context
+    monkeypatch.setattr(context.ContextMemory, "steady_key", lambda self: None)
+    steady.clear()
+    planned = _steps(engine, ids, n_steps)
+    planned_state = _state_after_steps(engine, ids, n_steps)
+    assert not steady
+    assert torch.equal(fast, planned)
+    for name in fast_state:
+        a, b = fast_state[name], planned_state[name]
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name
+
+
+def test_conversations_taking_turns_do_not_run_each_others_graph(embedded_model):
+    """Two conversations on one engine, a step each in turn (a server's): the graph the decoder last ran is the
+    other's, so neither runs it again one column on; each gets the logits it gets alone."""
+    engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=SMALL)
+    ids_a, ids_b = corpus_tokens(engine.tokenizer, 400, None), corpus_tokens(engine.tokenizer, 300, None, corpus="stdlib")
+    alone_a, alone_b = _steps(engine, ids_a, 12), _steps(engine, ids_b, 12)
+    engine.reset()
+    a = [engine.prefill(ids_a)]
+    held_a = engine.take_memory()
+    b = [engine.prefill(ids_b)]
+    held_b = engine.take_memory()
+    for _ in range(12):
+        for held, out in ((held_a, a), (held_b, b)):
+            engine.put_memory(held)
+            out.append(engine.forward([int(torch.argmax(out[-1]))])[-1])
+            engine.take_memory()
+    assert torch.equal(torch.stack(a), alone_a) and torch.equal(torch.stack(b), alone_b)

@@ -119,6 +119,7 @@ class LayerMemory:
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
         self._layout: tuple | None = None  # decode_slot's: (context K, V, mask, write rows, the slot's layout)
+        self._slotted: tuple | None = None  # (the context, its column) of the last slot: what steady_steps goes on from
 
     @property
     def selection(self) -> torch.Tensor:
@@ -372,8 +373,9 @@ class LayerMemory:
         last = self._layout
         if last is None or last[0] is not asm.k or last[1] is not asm.v or last[2] is not mask or last[3] != rows:
             layout = (asm.k.data_ptr(), asm.v.data_ptr(), asm.capacity,
-                      None if mask is None else (mask.data_ptr(), mask.shape[1]), rows)
+                      None if mask is None else (mask.data_ptr(), mask.shape[1]), rows, cos.stride(0) * cos.element_size())
             self._layout = last = (asm.k, asm.v, mask, rows, layout)
+        self._slotted = (asm, asm.length)
         return DecodeSlot(asm.k, asm.v, asm.length, cos.data_ptr() + row, sin.data_ptr() + row,
                           m.kv_dtype == torch.float16, mask, last[4], writes, m.write_dtypes if writes else ())
 
@@ -434,6 +436,9 @@ class LayerMemory:
             self._evict(m.n_tokens + n_new)
         else:
             asm.advance(n_new)
+            if n_new > 1:  # room for the decode steps that may follow a chunk: no growth (a copy) in the first of them
+                r.reserve(r.n + c.evict_every + 1)
+                asm.reserve(asm.length + c.evict_every + 1)
 
     def prepare_next(self) -> None:
         """After a decode step's commit (ContextMemory.commit, once the token count is updated): retrieve and
@@ -453,6 +458,38 @@ class LayerMemory:
             # the query as the newest token of the new context: its last resident column, the last position
             q_rot = m.rope.rotate(q, *m.rope.range_tables(asm.next_pos - 1, 1, m.dtype))
             m.record.add(self._attended(q_rot, asm, asm.length - 1, 1))
+
+    def steady_steps(self) -> int:
+        """How many of the next decode steps may run as the last one did with every pointer one column on
+        (GgmlDecoder.again; after a fused step's commit): none of them grows a buffer, starts or completes a host
+        block, evicts, or leaves a retrieval due after it, and the context's and the resident tier's next columns
+        hold their indices already. 0: the next step is planned (`decode_slot`)."""
+        m, c, asm, r = self.memory, self.memory.config, self.asm, self.resident
+        offset = self.store.n_tokens % c.block_size
+        # the context the last slot pointed at, its next column (not rebuilt since); offset 0: a new block (segment)
+        if self._slotted is None or self._slotted[0] is not asm or self._slotted[1] + 1 != asm.length or offset == 0 \
+                or asm.key[0] != self.version:
+            return 0
+        limit = c.resident_tokens if self.evicted else c.budget_tokens
+        n = min(asm.capacity - asm.length, r.room(), c.block_size - 1 - offset, limit + c.evict_every - r.n,
+                m.rope.n_positions - asm.next_pos, asm.index_column(m.n_tokens), r.indexed_ahead(m.n_tokens))
+        if m.scorer.observes:
+            n = min(n, self.recent.room())
+        if self.evicted and c.top_k_blocks:
+            n = min(n, c.retrieve_every - 1 - self.steps_since_retrieval)
+        return max(n, 0)
+
+    def counted(self) -> None:
+        """A steady step (ContextMemory.steady_key) ran: the fused step wrote the context's column, K and V and Q where
+        the last step's slot said, one column on, and nothing is due: count it. Plain counts, as `steady_steps`
+        measured: no host block completes (no representative is due), the resident tier's next index and zero score
+        are written ahead, no buffer grows."""
+        self.store.n_tokens += 1
+        self.resident.n += 1
+        if self.memory.scorer.observes:
+            self.recent.advance(1)
+        self.steps_since_retrieval += 1
+        self.asm.advance(1)
 
     def _evict(self, n_total: int) -> None:
         """Keep sinks, the window and the top `n_retain` older tokens per KV head; the rest live on in the host store."""
@@ -524,9 +561,12 @@ class ContextMemory:
                                 self.config.top_k_blocks * spec.n_kv_heads)
         self._n_tokens = 0
         self._pending = 0
+        self._steps = 0  # forwards committed (one a step), what `steady_key` names a step by
+        self._steady = 0  # the next decode steps that may run as the last one did, one column on (`steady_key`)
+        self._steady_now = False  # the forward under way is one of them
         self.token_index = TokenIndex(self.config.block_size)  # every token's id, for lexical retrieval
         self.query_start = 0  # the lexical query: tokens from the last multi-token chunk's first on
-        self._pending_ids: torch.Tensor | None = None
+        self._pending_ids: list[int] | None = None
         self._lexical: tuple[int, torch.Tensor] | None = None  # (n_eligible, blocks) of the forward under way
         self.layers = [LayerMemory(self, i) for i in range(spec.n_layers)]
         # What a fused step writes besides the context (DecodeSlot.writes), in these dtypes: the resident K and V, the
@@ -561,17 +601,30 @@ class ContextMemory:
     def n_tokens(self) -> int:
         return self._n_tokens
 
+    def step_key(self) -> tuple:
+        """(this memory, its step count): what a fused decode step is recorded under (GgmlDecoder)."""
+        return self, self._steps
+
+    def steady_key(self) -> tuple | None:
+        """The step key when the one-token step under way may run as the last fused one did with every pointer one
+        column on (GgmlDecoder.again; the last commit measured how many may, LayerMemory.steady_steps), else None.
+        Such a step skips the 30 layers' slots and records: `stepped_steady` says it ran so, `commit` counts it."""
+        return (self, self._steps) if self._steady > 0 and self._pending == 1 else None
+
+    def stepped_steady(self) -> None:
+        self._steady_now = True
+
     def begin(self, n_new: int, token_ids: list[int] | None = None) -> None:
         """A forward of `n_new` tokens starts; `token_ids` (their ids) let retrieval match them lexically."""
+        self._steady_now = False
         self._pending = n_new
-        self._pending_ids = torch.tensor(token_ids, dtype=torch.int32) if token_ids is not None \
-            else torch.full((n_new,), UNKNOWN, dtype=torch.int32)
+        self._pending_ids = list(token_ids) if token_ids is not None else [UNKNOWN] * n_new
         self._lexical = None
 
     def lexical_query(self) -> torch.Tensor:
         """Token ids the forward under way retrieves for: a chunk's own, or for a decode step the last chunk
         (the question) and the answer so far; at most a chunk's worth, the newest."""
-        new = self._pending_ids if self._pending_ids is not None else torch.empty(0, dtype=torch.int32)
+        new = torch.tensor(self._pending_ids or [], dtype=torch.int32)
         start = self._n_tokens if len(new) > 1 else self.query_start
         start = max(start, self._n_tokens + len(new) - self.config.chunk_tokens)
         return torch.cat((self.token_index.tokens(min(start, self._n_tokens), self._n_tokens), new))
@@ -586,28 +639,41 @@ class ContextMemory:
         return self._lexical[1]
 
     def commit(self) -> None:
-        pending = [layer._pending for layer in self.layers]
-        if pending[0] is not None and pending[0].features is not None:
-            scores = self.scorer.step_scores(torch.cat([p.features for p in pending]))  # (n_layers, n_kv, 1)
-            for p, s in zip(pending, scores):
-                p.scores = s
-        for layer in self.layers:
-            layer.commit()
-        if self._pending_ids is None:
-            self._pending_ids = torch.full((self._pending,), UNKNOWN, dtype=torch.int32)
-        self.token_index.append(self._pending_ids)
+        steady, self._steady_now = self._steady_now, False
+        if steady:
+            for layer in self.layers:
+                layer.counted()
+        else:
+            pending = [layer._pending for layer in self.layers]
+            fused = self._pending == 1 and all(p is not None and p.written for p in pending)
+            if pending[0] is not None and pending[0].features is not None:
+                scores = self.scorer.step_scores(torch.cat([p.features for p in pending]))  # (n_layers, n_kv, 1)
+                for p, s in zip(pending, scores):
+                    p.scores = s
+            for layer in self.layers:
+                layer.commit()
+        self.token_index.append(self._pending_ids if self._pending_ids is not None else [UNKNOWN] * self._pending)
         if self._pending > 1:
             self.query_start = self._n_tokens
         self._n_tokens += self._pending
         self._pending, self._pending_ids, self._lexical = 0, None, None
+        self._steps += 1
+        if steady:  # nothing is due after a steady step (steady_steps)
+            self._steady -= 1
+            return
         if RETRIEVE_AHEAD:
             for layer in self.layers:
                 layer.prepare_next()
             self._lexical = None  # the next forward matches its own tokens
+        # After a fused step that recorded itself, the steps that may follow as it ran (a scorer that gives new tokens
+        # zero scores: the resident tier writes them ahead)
+        together = fused and self.scorer.zero_steps and not self.scorer.scores_steps_together
+        self._steady = min(layer.steady_steps() for layer in self.layers) if together else 0
 
     def release(self) -> None:
         """Give back host and device buffers now (the conversation is reset): the block store's (pinned) segments,
         the block pools and their pinned staging. The memory is empty afterwards and not to be used again."""
+        self._steady = 0
         for layer in self.layers:
             layer.cache.synchronize()
             layer.cache.slots = layer.cache._pinned = None
@@ -619,6 +685,7 @@ class ContextMemory:
         """Forget every token from `n_tokens` on (a regenerated or edited turn)."""
         if n_tokens >= self._n_tokens:
             return
+        self._steady, self._steps = 0, self._steps + 1
         for layer in self.layers:
             layer.truncate(n_tokens)
         self.token_index.truncate(n_tokens)

@@ -29,23 +29,50 @@ MIN_IDF = 1.0  # a matched token counts only if at most ~1/e of the eligible blo
 
 
 class TokenIndex:
-    """The token id of every token in the host store, in order (host memory: 4 bytes a token)."""
+    """The token id of every token in the host store, in order (host memory: 4 bytes a token). Ids that come one at a
+    time (decode steps) wait in a list until the index is read: one tensor write a step cost more than the lookup."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.ids = torch.empty(0, dtype=torch.int32)
-        self.n = 0
+        self._ids = torch.empty(0, dtype=torch.int32)
+        self._n = 0  # ids in the tensor
+        self._tail: list[int] = []  # ids appended since, not yet in it
 
-    def append(self, ids: torch.Tensor) -> None:
-        if self.n + len(ids) > len(self.ids):
-            grown = torch.full((max(self.n + len(ids), 2 * len(self.ids), 4096),), UNKNOWN, dtype=torch.int32)
-            grown[: self.n] = self.ids[: self.n]
-            self.ids = grown
-        self.ids[self.n : self.n + len(ids)] = ids
-        self.n += len(ids)
+    @property
+    def n(self) -> int:
+        return self._n + len(self._tail)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """Every id so far (and spare room after them)."""
+        self._flush()
+        return self._ids
+
+    def _flush(self) -> None:
+        if self._tail:
+            tail, self._tail = self._tail, []
+            self._write(torch.tensor(tail, dtype=torch.int32))
+
+    def append(self, ids: torch.Tensor | list[int]) -> None:
+        """Append a tensor of ids, or a list of them (kept as they are until the index is read)."""
+        if isinstance(ids, list):
+            self._tail.extend(ids)
+            return
+        self._flush()  # whatever waits goes first
+        self._write(ids)
+
+    @torch.inference_mode()  # its buffer may come from a forward's (an inference tensor), the ids read later
+    def _write(self, ids: torch.Tensor) -> None:
+        if self._n + len(ids) > len(self._ids):
+            grown = torch.full((max(self._n + len(ids), 2 * len(self._ids), 4096),), UNKNOWN, dtype=torch.int32)
+            grown[: self._n] = self._ids[: self._n]
+            self._ids = grown
+        self._ids[self._n : self._n + len(ids)] = ids
+        self._n += len(ids)
 
     def truncate(self, n_tokens: int) -> None:
-        self.n = min(self.n, n_tokens)
+        self._flush()
+        self._n = min(self._n, n_tokens)
 
     def tokens(self, start: int, end: int) -> torch.Tensor:
         return self.ids[start:end]

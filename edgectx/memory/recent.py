@@ -54,6 +54,10 @@ class RecentQueries:
         _, ptr, step, rows = self._base
         return ptr + self._end * step, rows
 
+    def room(self) -> int:
+        """Queries that `next_column` takes before the window moves."""
+        return self._buf.shape[1] - self._end
+
     def advance(self, n_new: int) -> None:
         self._end += n_new
         self._start = max(self._start, self._end - self.keep)

@@ -31,17 +31,17 @@ class _Ahead:
     def reset(self) -> None:
         self.state = None
 
-    def ensure(self, idx: torch.Tensor, col: int, index: int, zeros: tuple[torch.Tensor, ...] = ()) -> None:
+    def ensure(self, idx: torch.Tensor, col: int, index: int, zeros: tuple[torch.Tensor, ...] = ()) -> int:
         """Make column `col` of `idx` hold `index`, writing it and the next columns' ahead if they do not; `zeros`:
-        buffers whose same columns are zeroed with them."""
+        buffers whose same columns are zeroed with them. -> how many columns from `col` on hold theirs."""
         s = self.state
-        if s is not None and s[0] is idx and s[1] <= col < s[2] and s[3] == index - col:
-            return
-        end = min(idx.shape[1], col + AHEAD)
-        idx[:, col:end] = torch.arange(index, index + end - col, device=idx.device)
-        for t in zeros:
-            t[:, col:end] = 0
-        self.state = (idx, col, end, index - col)
+        if s is None or s[0] is not idx or not s[1] <= col < s[2] or s[3] != index - col:
+            end = min(idx.shape[1], col + AHEAD)
+            idx[:, col:end] = torch.arange(index, index + end - col, device=idx.device)
+            for t in zeros:
+                t[:, col:end] = 0
+            s = self.state = (idx, col, end, index - col)
+        return s[2] - col
 
 
 class Resident:
@@ -93,6 +93,14 @@ class Resident:
             self._bases = (self.k, self.k.data_ptr(), step, (self.k.shape[1] * step, 2 * self.n_kv))
         _, k_ptr, step, rows = self._bases
         return k_ptr + self.n * step, rows
+
+    def room(self) -> int:
+        """Tokens that fit before the buffers grow."""
+        return self.k.shape[1] - self.n
+
+    def indexed_ahead(self, index: int) -> int:
+        """How many of the next columns hold their decode steps' indices (from `index` on) and zero scores."""
+        return self._ahead.ensure(self.idx, self.n, index, (self.score,))
 
     def advance(self, idx: int, score: torch.Tensor | None) -> None:
         """The token `next_column` pointed at has been written: its original index, its scores (n_kv, 1) or None
@@ -205,9 +213,10 @@ class Assembly:
         self.k[:, start:end], self.v[:, start:end], self.idx[:, start:end] = k_rot, v, idx
         self._ahead.reset()
 
-    def index_column(self, index: int) -> None:
-        """The original index of the token a decode step wrote at column `length` (uncommitted, as `write`'s)."""
-        self._ahead.ensure(self.idx, self.length, index)
+    def index_column(self, index: int) -> int:
+        """The original index of the token a decode step wrote at column `length` (uncommitted, as `write`'s). -> how
+        many columns from `length` on hold their decode steps' indices (this one's on)."""
+        return self._ahead.ensure(self.idx, self.length, index)
 
     def reserve(self, capacity: int) -> None:
         """Grow the buffers to `capacity` columns, keeping the committed ones."""

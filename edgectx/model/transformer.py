@@ -123,7 +123,13 @@ class Transformer(nn.Module):
         """
         x = self.embed(tokens)  # (T, dim)
         if self.decoder is not None and tokens.shape[0] == 1 and not torch.compiler.is_compiling():
-            slots = [getattr(layer_memory, "decode_slot", _no_slot)() for layer_memory in memory.layers]
+            key = getattr(memory, "steady_key", _nothing)()
+            if key is not None:  # the last step's graph again, one column on (ContextMemory.steady_key)
+                out = self.decoder.again(x, key)
+                if out is not None:
+                    memory.stepped_steady()
+                    return out if self.decoder.vocab else self.lm_head(self.norm(out)).float()
+            slots = [getattr(layer_memory, "decode_slot", _nothing)() for layer_memory in memory.layers]
             if all(slot is not None for slot in slots):
                 return self._decode(x, slots, memory)
         for block, layer_memory in zip(self.layers, memory.layers):
@@ -135,7 +141,7 @@ class Transformer(nn.Module):
     def _decode(self, x: torch.Tensor, slots: list, memory: KVMemory) -> torch.Tensor:
         """One token through `decoder`; each layer's memory then records its Q, K and V."""
         s = self.spec
-        out, qkv = self.decoder(x, slots)
+        out, qkv = self.decoder(x, slots, getattr(memory, "step_key", _nothing)())
         n = qkv.shape[0]  # every layer's views at once (one call each, not one per layer)
         q, k, v = qkv.split((s.q_dim, s.kv_dim, s.kv_dim), dim=1)
         qs = q.view(n, s.n_heads, 1, s.head_dim).unbind(0)
@@ -145,5 +151,5 @@ class Transformer(nn.Module):
         return out if self.decoder.vocab else self.lm_head(self.norm(out)).float()
 
 
-def _no_slot() -> None:
+def _nothing() -> None:
     return None
