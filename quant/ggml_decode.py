@@ -311,12 +311,12 @@ class GgmlDecoder:
         ContextMemory.steady): the same graph with every pointer and length one column on, a handful of µs instead of
         the slots' 30 layers of bookkeeping. -> the logits (as `__call__`), or None: this decoder's last step was
         another's (run `__call__`). Q, K and V are where the last step's slots said, one column on."""
-        last = self._last
-        if last is None or last[1]() is not step[0] or last[2] != step[1] - 1:
-            return None
-        gr = last[0]
         x = x.float().contiguous()
-        with self.stack.lock:
+        with self.stack.lock:  # the check too: another thread's step may re-point the graph meanwhile
+            last = self._last
+            if last is None or last[1]() is not step[0] or last[2] != step[1] - 1:
+                return None
+            gr = last[0]
             plan = gr._step_on
             if plan is None or plan[0] != gr.points:  # the fields and increments of the layouts pointed now
                 fields = [f for h in gr.layers for f in h.step_fields(self.head_dim * 4, self.head_dim, gr.write_types)]
