@@ -204,8 +204,12 @@ class LayerMemory:
         headroom = max(c.chunk_tokens, c.evict_every) + 1
         asm = Assembly.empty(n_kv, n_keys, r.head_dim, headroom, m.dtype, m.device, reuse=reuse)
         k = m.scratch(n_kv, n_keys, r.head_dim, m.kv_dtype)  # keys before RoPE, as stored
-        k[:, :n_resident], asm.v[:, :n_resident], asm.idx[:, :n_resident] = \
-            r.k[:, :n_resident], r.v[:, :n_resident], r.idx[:, :n_resident]
+        # The resident columns whose values and indices the context it replaces holds in place already: its own
+        # resident prefix, in the same buffers, when the tier has not been compacted since (the same version)
+        kept = reuse.n_resident if reuse is not None and asm.v is reuse.v and reuse.key[0] == key[0] \
+            and reuse.n_resident <= n_resident else 0
+        k[:, :n_resident] = r.k[:, :n_resident]
+        asm.v[:, kept:n_resident], asm.idx[:, kept:n_resident] = r.v[:, kept:n_resident], r.idx[:, kept:n_resident]
         valid = duplicate = None
         facts = self._facts if self._facts is not None and self._facts[0] == key + (n_resident, n_tokens) else None
         if selection.numel():
