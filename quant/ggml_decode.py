@@ -16,7 +16,9 @@ step instead, over the same weights:
 The memory decides per step whether it may (`LayerKV.decode_slot`: not on a retrieval step, not right after an
 eviction) and records the step afterwards (`decoded`). Nodes run in graph order, so each layer's context
 writes precede its attention. Pointers and the context's length are written into the graph per call; the
-intermediate results have fixed places in one buffer.
+intermediate results have fixed places in one buffer. A step the memory calls steady (ContextMemory.steady_key)
+runs as `again`: the last step's graph with every per-step field one column on, added in one go to the tensor
+structs' memory, no slots.
 
     decoder = GgmlDecoder(layers, n_heads, n_kv, head_dim, norm_weight, eps, lm_parts)
     logits, qkv = decoder(x, slots)   # x (1, dim), slots: one DecodeSlot per layer -> (1, vocab), (n_layers, qkv rows)

@@ -29,6 +29,11 @@ queries are alike: the same premise as `retrieve_every`). The next step then fin
 as a steady one: the fused ggml step on a CPU, a replayed CUDA graph on a GPU, instead of the eager model.
 `EDGECTX_RETRIEVE_AHEAD=0` keeps retrieval at the step itself, with that step's own query.
 
+Steady steps: after a fused step the memory counts how many of the next steps change nothing in any layer but
+counts (LayerMemory.steady_steps: no buffer grows, no host block starts or completes, nothing evicts, no retrieval
+is due). Those run the last step's graph again with every pointer one column on (`steady_key`,
+edgectx.quant.ggml_decode's `again`), and `commit` only counts them (LayerMemory.counted): no slots, no records.
+
     memory = ContextMemory(spec, rope, device, dtype, MemoryConfig(budget_tokens=2048), kv_dtype=torch.float16)
     memory.begin(len(chunk)); logits = model(chunk, memory); memory.commit()
 """

@@ -98,8 +98,8 @@ class DecodeSlot:
     rounded: bool  # K and V are stored in float16: round them so (ContextMemory.as_stored)
     mask: torch.Tensor | None  # (n_heads, capacity) float16: 0 where a query head may attend, -inf where not
     # The buffers' addresses and strides: (K address, V address, capacity, (mask address, mask columns) or None,
-    # ((row bytes, rows), ...) of each of `writes`), one tuple for as long as none of them changes, so that the step
-    # re-points its graph only when it is handed another.
+    # ((row bytes, rows), ...) of each of `writes`, bytes between the rope tables' rows), one tuple for as long as
+    # none of them changes, so that the step re-points its graph only when it is handed another.
     layout: tuple = ()
     # Where the step also writes its K and V (as stored, before RoPE) and Q, so that recording the step copies
     # nothing: the addresses of the resident tier's next column, the host store's (each n_kv K rows of head_dim then
