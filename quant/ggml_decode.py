@@ -310,7 +310,7 @@ class GgmlDecoder:
     def again(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
         """The next step of the memory whose step `step` (memory, its step count) follows the last one run, when every
         layer's context, tiers and rope row are where the last step left them, one column on (the memory says so:
-        ContextMemory.steady): the same graph with every pointer and length one column on, a handful of µs instead of
+        ContextMemory.steady_key): the same graph with every pointer and length one column on, a handful of µs instead of
         the slots' 30 layers of bookkeeping. -> the logits (as `__call__`), or None: this decoder's last step was
         another's (run `__call__`). Q, K and V are where the last step's slots said, one column on."""
         x = x.float().contiguous()

@@ -649,6 +649,7 @@ class ContextMemory:
 
     def commit(self) -> None:
         steady, self._steady_now = self._steady_now, False
+        fused = False  # a one-token step that the fused graph ran and recorded itself (what may arm steady steps)
         if steady:
             for layer in self.layers:
                 layer.counted()

@@ -39,10 +39,6 @@ class TokenIndex:
         self._tail: list[int] = []  # ids appended since, not yet in it
 
     @property
-    def n(self) -> int:
-        return self._n + len(self._tail)
-
-    @property
     def ids(self) -> torch.Tensor:
         """Every id so far (and spare room after them)."""
         self._flush()
