@@ -312,6 +312,9 @@ class Engine:
             logits = self.forward(ids[start : start + chunk_tokens])
             if progress:
                 progress(min(start + chunk_tokens, len(ids)), len(ids))
+        if isinstance(self.memory, ContextMemory):
+            with torch.inference_mode():
+                self.memory.ready()  # the context the first decode step reads, built now (not in that step)
         return logits[-1]
 
     def sync(self, ids: list[int], progress: Progress | None = None, cancel: Cancel | None = None) -> int:

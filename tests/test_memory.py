@@ -323,6 +323,60 @@ def test_a_decode_steps_eviction_observes_only_the_steps_since_the_last(engine, 
         assert torch.allclose(mass.sum(dim=1), torch.full((engine.spec.n_kv_heads,), float(expected)), atol=1e-3)
 
 
+def test_a_decode_steps_eviction_is_one_of_its_retrievals(engine, monkeypatch):
+    """Decode steps evict every `evict_every`th step, and that step's rebuild retrieves: with `retrieve_every` dividing
+    `evict_every`, every rebuild of the context is a retrieval's (no second rebuild a few steps after an eviction)."""
+    engine.configure_memory(SMALL)
+    engine.forward(corpus_tokens(engine.tokenizer, 400)[:384])  # chunks of 64 past the budget: evicting
+    layer = engine.memory.layers[0]
+    events = []
+    def watch(name):
+        method = getattr(type(layer), name)
+
+        def watched(self, *args, **kwargs):
+            out = method(self, *args, **kwargs)
+            if self is layer and (name != "_retrieve" or self._record_now):  # a retrieval that selected blocks
+                events.append((name, engine.memory.n_tokens))
+            return out
+        monkeypatch.setattr(type(layer), name, watched)
+    for name in ("_build", "_evict", "_retrieve"):
+        watch(name)
+    _greedy(engine, 3 * SMALL.evict_every + 1)
+    evictions = [n for name, n in events if name == "_evict"]  # at a commit: the step's retrieval counts one more
+    assert len(evictions) >= 2, "no decode step evicted: the test proves nothing"
+    assert all(b - a == SMALL.evict_every for a, b in zip(evictions, evictions[1:]))
+    retrievals = [n for name, n in events if name == "_retrieve"]
+    assert {n + 1 for n in evictions} <= set(retrievals), "an eviction that did not retrieve"
+    # the first step rebuilds the context the prefill's last chunk evicted from; after it, only retrievals rebuild
+    builds = [n for name, n in events if name == "_build"][1:]
+    assert set(builds) <= set(retrievals), "a rebuild without a retrieval"
+
+
+def test_decode_steps_rebuild_their_context_in_the_same_buffers(engine):
+    """Every retrieval and eviction among decode steps rebuilds each layer's context; from the prefill's end on, they
+    all take over the buffers already there (room for the tokens decode adds before the next eviction), rather than
+    allocating a context per retrieval."""
+    engine.configure_memory(SMALL)
+    engine.prefill(corpus_tokens(engine.tokenizer, 400)[:384])
+    layers = engine.memory.layers
+    builds, buffers = [], set()
+    build = type(layers[0])._build
+
+    def counting(self, *args, **kwargs):
+        builds.append(1)
+        return build(self, *args, **kwargs)
+
+    type(layers[0])._build = counting
+    try:
+        for _ in range(3 * SMALL.evict_every):
+            _greedy(engine, 1)
+            buffers.update(layer.asm.k.data_ptr() for layer in layers)
+    finally:
+        type(layers[0])._build = build
+    assert len(builds) >= 4 * len(layers), "few rebuilds: the test proves nothing"
+    assert len(buffers) == len(layers)
+
+
 def test_observe_stride_must_be_positive():
     with pytest.raises(UsageError, match="observe_stride must be positive"):
         MemoryConfig(observe_stride=0)

@@ -25,7 +25,8 @@ length) and records what `commit` will do; a failed or cancelled forward leaves 
 
 Ahead of time: after a decode step's commit, a layer whose next step would retrieve (every `retrieve_every`th)
 or rebuild its context (after an eviction) does it then, with the query of the step just taken (consecutive
-queries are alike: the same premise as `retrieve_every`). The next step then finds its context ready and runs
+queries are alike: the same premise as `retrieve_every`); a decode step that evicts (every `evict_every`th) retrieves
+too, its context being rebuilt anyway. The next step then finds its context ready and runs
 as a steady one: the fused ggml step on a CPU, a replayed CUDA graph on a GPU, instead of the eager model.
 `EDGECTX_RETRIEVE_AHEAD=0` keeps retrieval at the step itself, with that step's own query.
 
@@ -53,7 +54,7 @@ from edgectx.model.graph_step import GraphStep
 from edgectx.model.kv import DecodeSlot, chunk_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.lexical import UNKNOWN, TokenIndex
-from edgectx.memory.tiers import Assembly, Resident
+from edgectx.memory.tiers import REUSE_SLACK, Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
 from edgectx.model.rope import Rope
 from edgectx.memory.recent import RecentQueries
@@ -168,10 +169,16 @@ class LayerMemory:
         self.steps_since_retrieval, self._record_now = 0, True
         return self.selection
 
-    def _assemble(self, selection: torch.Tensor) -> Assembly:
+    def _assemble(self, selection: torch.Tensor, decoding: bool = False) -> Assembly:
+        """The context for `selection`, rebuilt if it is not the current one. `decoding`: decode steps read it: they
+        grow the resident tokens until the next eviction, and each retrieval among them rebuilds the context, which
+        then finds buffers with room for all of them (Assembly's `ahead`)."""
         key = (self.version, self._key if selection is self.selection else tuple(selection.flatten().tolist()))
         if self.asm is None or self.asm.key != key:
-            self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens, reuse=self.asm)
+            c, n = self.memory.config, self.resident.n
+            limit = c.resident_tokens if self.evicted else c.budget_tokens
+            ahead = min(REUSE_SLACK, max(0, limit + c.evict_every - n)) if decoding else 0
+            self.asm = self._build(selection, key, n, self.memory.n_tokens, reuse=self.asm, ahead=ahead)
         return self.asm
 
     def _columns(self, blocks_d: torch.Tensor, n_resident: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +203,7 @@ class LayerMemory:
         return torch.stack((duplicate.any().long(), n_present))
 
     def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int,
-               reuse: Assembly | None = None) -> Assembly:
+               reuse: Assembly | None = None, ahead: int = 0) -> Assembly:
         """The attention context from resident columns [0, n_resident) and the retrieved blocks, with
         `n_tokens` tokens in memory (what `original` positions continue from), in `reuse`'s buffers if they fit
         (the context it replaces: see Assembly). Every column is written into the context's buffers directly: the
@@ -207,7 +214,7 @@ class LayerMemory:
         n_kv = r.n_kv
         n_keys = n_resident + selection.shape[1] * c.block_size
         headroom = max(c.chunk_tokens, c.evict_every) + 1
-        asm = Assembly.empty(n_kv, n_keys, r.head_dim, headroom, m.dtype, m.device, reuse=reuse)
+        asm = Assembly.empty(n_kv, n_keys, r.head_dim, headroom, m.dtype, m.device, reuse=reuse, ahead=ahead)
         k = m.scratch(n_kv, n_keys, r.head_dim, m.kv_dtype)  # keys before RoPE, as stored
         # The resident columns whose values and indices the context it replaces holds in place already: its own
         # resident prefix, in the same buffers, when the tier has not been compacted since (the same version)
@@ -337,7 +344,7 @@ class LayerMemory:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m, c = self.memory, self.memory.config
         n_heads, n_new = q.shape[0], q.shape[1]
-        asm = self._assemble(self._retrieve(q))
+        asm = self._assemble(self._retrieve(q), decoding=n_new == 1)
         start = asm.length
         k, v = m.as_stored(k), m.as_stored(v)  # as the tiers will hold them
         qk = m.rope.rotate(torch.cat((q, k)), *m.rope.range_tables(asm.next_pos, n_new, m.dtype))
@@ -399,13 +406,20 @@ class LayerMemory:
         self._plan_commit(q, k, v, asm, asm.length, features=qkv)
         self._pending.written = written
 
+    def evicts(self, n_new: int) -> bool:
+        """Whether a forward of `n_new` tokens evicts at its commit: a chunk whenever the resident tier outgrows its
+        limit, a decode step every `evict_every`th (when the tier reaches its limit + `evict_every` tokens), so that
+        with `retrieve_every` dividing `evict_every` the retrieval an eviction does (`commit`) is one that was due."""
+        c = self.memory.config
+        limit = c.resident_tokens if self.evicted else c.budget_tokens
+        return self.resident.n + n_new > limit + (c.evict_every - 1 if n_new == 1 else 0)
+
     def _plan_commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asm: Assembly, start: int,
                      features: torch.Tensor | None = None) -> None:
         """What `commit` will do after a forward whose `n_new` tokens sit at columns [start, start + n_new)."""
         m, c = self.memory, self.memory.config
         n_new = q.shape[1]
-        limit = c.resident_tokens if self.evicted else c.budget_tokens
-        evict = self.resident.n + n_new > limit + (c.evict_every if n_new == 1 else 0)
+        evict = self.evicts(n_new)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
         if n_new == 1 and m.scorer.scores_steps_together:  # every layer's at once, in ContextMemory.commit
             features = m.scorer.step_features(q, k, v) if features is None else features[None]
@@ -443,6 +457,8 @@ class LayerMemory:
         self._last_q = p.q if n_new == 1 else None  # what `prepare_next` retrieves with
         if p.evict:
             self._evict(m.n_tokens + n_new)
+            if n_new == 1:  # the context is rebuilt anyway: retrieve for it now, and count the next retrieval from here
+                self.steps_since_retrieval = c.retrieve_every
         else:
             asm.advance(n_new)
             if n_new > 1:  # room for the decode steps that may follow a chunk: no growth (a copy) in the first of them
@@ -460,13 +476,24 @@ class LayerMemory:
         due = self.evicted and c.top_k_blocks > 0 and self.steps_since_retrieval >= c.retrieve_every
         if not due and self.asm.key[0] == self.version:
             return
-        asm = self._assemble(self._retrieve(q))
+        asm = self._assemble(self._retrieve(q), decoding=True)
         if self._record_now:
             self._record_now = False
             m = self.memory
             # the query as the newest token of the new context: its last resident column, the last position
             q_rot = m.rope.rotate(q, *m.rope.range_tables(asm.next_pos - 1, 1, m.dtype))
             m.record.add(self._attended(q_rot, asm, asm.length - 1, 1))
+
+    def ready(self) -> None:
+        """The next forward is a decode step (a prefill ended): rebuild now the context that the last chunk's eviction
+        left stale, as that step's `attend` would (the same blocks: it retrieves none), so that it runs fused."""
+        c = self.memory.config
+        if self.asm is None or self.asm.key[0] == self.version:
+            return
+        retrieving = self.evicted and c.top_k_blocks > 0
+        if retrieving and self.steps_since_retrieval >= c.retrieve_every:
+            return  # that step retrieves: it rebuilds for what it retrieves
+        self._assemble(self.selection if retrieving else self.selection[:, :0], decoding=True)
 
     def steady_steps(self) -> int:
         """How many of the next decode steps may run as the last one did with every pointer one column on
@@ -480,7 +507,7 @@ class LayerMemory:
                 or asm.key[0] != self.version:
             return 0
         limit = c.resident_tokens if self.evicted else c.budget_tokens
-        n = min(asm.capacity - asm.length, r.room(), c.block_size - 1 - offset, limit + c.evict_every - r.n,
+        n = min(asm.capacity - asm.length, r.room(), c.block_size - 1 - offset, limit + c.evict_every - 1 - r.n,
                 m.rope.n_positions - asm.next_pos, asm.index_column(m.n_tokens), r.indexed_ahead(m.n_tokens))
         if m.scorer.observes:
             n = min(n, self.recent.room())
@@ -591,7 +618,8 @@ class ContextMemory:
         its contents are the last user's."""
         buf = self._scratch
         if buf is None or buf.dtype != dtype or buf.shape[0] != n_kv or buf.shape[1] < n or buf.shape[2] != head_dim:
-            buf = self._scratch = torch.empty(n_kv, max(n, 0 if buf is None else buf.shape[1]), head_dim, dtype=dtype,
+            grown = n + REUSE_SLACK if buf is not None and buf.shape[1] < n else n  # as an outgrown context grows
+            buf = self._scratch = torch.empty(n_kv, max(grown, 0 if buf is None else buf.shape[1]), head_dim, dtype=dtype,
                                               device=self.device)
         return buf[:, :n]
 
@@ -679,6 +707,11 @@ class ContextMemory:
         # zero scores: the resident tier writes them ahead)
         together = fused and self.scorer.zero_steps and not self.scorer.scores_steps_together
         self._steady = min(layer.steady_steps() for layer in self.layers) if together else 0
+
+    def ready(self) -> None:
+        """A prefill ended (Engine.prefill): every layer's context ready for the first decode step (LayerMemory.ready)."""
+        for layer in self.layers:
+            layer.ready()
 
     def release(self) -> None:
         """Give back host and device buffers now (the conversation is reset): the block store's (pinned) segments,

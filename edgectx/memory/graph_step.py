@@ -58,7 +58,7 @@ class _MemoryGraphLayer:
 def steady(layer) -> bool:
     """Whether this layer's one-token step is steady: `attend` would neither retrieve, nor rebuild the context,
     nor plan an eviction (the conditions `_retrieve`, `_assemble` and `_plan_commit` test)."""
-    m, c, asm = layer.memory, layer.memory.config, layer.asm
+    c, asm = layer.memory.config, layer.asm
     if asm is None or layer._record_now:
         return False
     retrieving = layer.evicted and c.top_k_blocks > 0
@@ -66,8 +66,7 @@ def steady(layer) -> bool:
         return False
     if asm.key != (layer.version, layer._key if retrieving else ()):
         return False
-    limit = c.resident_tokens if layer.evicted else c.budget_tokens
-    return layer.resident.n + 1 <= limit + c.evict_every
+    return not layer.evicts(1)
 
 
 def memory_graph_step(memory) -> GraphStep | None:
