@@ -35,6 +35,7 @@ def _prefill(spec, config, n_tokens, dtype, keep=None, scorer=None):
             k, v = (torch.randn(spec.n_kv_heads, t, spec.head_dim, generator=gen, dtype=dtype) for _ in range(2))
             layer.attend(q, k, v)
         memory.commit()
+    memory.ready()  # as Engine.prefill leaves it: the context rebuilt for the decode steps
     if keep is not None:
         keep.append(memory)
     return memory.stats()

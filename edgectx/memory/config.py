@@ -48,8 +48,8 @@ class MemoryConfig:
     # A decode step's eviction observes only the last `evict_every` (the steps since the one before).
     observe_stride: int = 4
     # decode steps that reuse one retrieval (consecutive queries are alike). On held-out text (8192 tokens, the last 512
-    # one token at a time), every 16th step decoded as near full attention as every 8th (top-1 0.879 / 0.980 against
-    # 0.873 / 0.984 on the Vim manual's chapters 20-29 and Textual's sources; every 32nd: 0.887 / 0.980), and each
+    # one token at a time), every 16th step decoded as near full attention as every 8th (top-1 0.885 / 0.977 against
+    # 0.877 / 0.977 on the Vim manual's chapters 20-29 and Textual's sources; docs/speed-2026-12-06.md), and each
     # retrieval rebuilds every layer's context: half as many cost a tenth of decode time at 4,096 tokens
     retrieve_every: int = 16
     evict_every: int = 64  # decode steps between evictions (the window overflows by at most that many tokens); the

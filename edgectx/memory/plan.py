@@ -49,24 +49,27 @@ class DeviceKV:
 
 
 CPU_CACHE_BLOCKS = 16  # edgectx.memory.device.CPU_CACHE_BLOCKS (that module imports torch)
+DECODE_ROOM = 64  # edgectx.memory.tiers.REUSE_SLACK: a context's room for the decode steps up to the next eviction
 
 
 def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: int = 2,
               cache_blocks: int | None = None) -> DeviceKV:
-    """Device bytes of a ContextMemory holding `n_tokens` (past the budget, after a prefill in chunks).
-    `cache_blocks`: what an "auto" block cache came to (default: the CPU's fixed count)."""
+    """Device bytes of a ContextMemory holding `n_tokens` (past the budget, after a prefill in chunks, its context
+    ready for decode steps: Engine.prefill). `cache_blocks`: what an "auto" block cache came to (default: the CPU's
+    fixed count)."""
     c, n_kv, d, layers = config, spec.n_kv_heads, spec.head_dim, spec.n_layers
     headroom = max(c.chunk_tokens, c.evict_every) + 1  # what Resident.keep and Assembly leave for the next chunk
     if n_tokens <= c.budget_tokens:  # nothing evicted yet: every token resident, no retrieval
-        resident_tokens, retrieved, capacity = n_tokens, 0, 0
+        resident_tokens, retrieved, capacity, room = n_tokens, 0, 0, 0
     else:
         resident_tokens, retrieved = c.resident_tokens, c.top_k_blocks * c.block_size
+        room = min(DECODE_ROOM, c.evict_every)  # ContextMemory.ready's rebuild, for the decode steps
         chosen = c.cache_blocks if c.cache_blocks != "auto" else cache_blocks or CPU_CACHE_BLOCKS
         capacity = max(chosen, c.top_k_blocks * n_kv)  # LayerMemory's BlockCache size
     kv_token = 2 * d * elem_bytes  # one token's K and V in one KV head
     resident = layers * n_kv * (resident_tokens + headroom) * (kv_token + INDEX_BYTES + SCORE_BYTES)
     cache = layers * capacity * n_kv * c.block_size * kv_token
-    work = layers * n_kv * (resident_tokens + retrieved + headroom) * (kv_token + INDEX_BYTES + (VALID_BYTES if retrieved else 0))
+    work = layers * n_kv * (resident_tokens + retrieved + headroom + room) * (kv_token + INDEX_BYTES + (VALID_BYTES if retrieved else 0))
     reprs = layers * (n_tokens // c.block_size) * n_kv * d * 2
     return DeviceKV(resident_tokens * spec.kv_bytes_per_token(elem_bytes), resident, cache, work, reprs)
 

@@ -148,7 +148,7 @@ class Resident:
 # its need a reused context may be: the decode steps between two evictions grow the resident tokens by up to
 # `evict_every` (64), and every retrieval among them then takes over the same buffers (a new 4 MB context per layer at
 # each retrieval, its pages touched for the first time, cost a third of a retrieval step at 4,096 tokens)
-REUSE_SLACK = 64
+REUSE_SLACK = 64  # edgectx.memory.plan.DECODE_ROOM counts the room
 
 
 class Assembly:
