@@ -52,8 +52,9 @@ class MemoryConfig:
     # 0.877 / 0.977 on the Vim manual's chapters 20-29 and Textual's sources; docs/speed-2026-12-06.md), and each
     # retrieval rebuilds every layer's context: half as many cost a tenth of decode time at 4,096 tokens
     retrieve_every: int = 16
-    evict_every: int = 64  # decode steps between evictions (the window overflows by at most that many tokens); the
-    # evicting step retrieves for its rebuilt context and restarts the retrieval count: keep it a multiple of retrieve_every
+    # decode steps between evictions (the window overflows by at most that many tokens); the evicting step retrieves
+    # for its rebuilt context and restarts the retrieval count: keep it a multiple of retrieve_every
+    evict_every: int = 64
     host_dtype: str = "float16"  # the host store's precision: halves its RAM at 128K with no measured loss
     scorer: str = "auto"  # eviction scores: "heads" (Locret retaining heads), "attention" (attention mass from
     # the observation window), "window" (recency, as StreamingLLM); "auto" = attention: on held-out prose and

@@ -619,8 +619,8 @@ class ContextMemory:
         buf = self._scratch
         if buf is None or buf.dtype != dtype or buf.shape[0] != n_kv or buf.shape[1] < n or buf.shape[2] != head_dim:
             grown = n + REUSE_SLACK if buf is not None and buf.shape[1] < n else n  # as an outgrown context grows
-            buf = self._scratch = torch.empty(n_kv, max(grown, 0 if buf is None else buf.shape[1]), head_dim, dtype=dtype,
-                                              device=self.device)
+            width = max(grown, 0 if buf is None else buf.shape[1])
+            buf = self._scratch = torch.empty(n_kv, width, head_dim, dtype=dtype, device=self.device)
         return buf[:, :n]
 
     def graph_step(self) -> GraphStep | None:
@@ -709,7 +709,8 @@ class ContextMemory:
         self._steady = min(layer.steady_steps() for layer in self.layers) if together else 0
 
     def ready(self) -> None:
-        """A prefill ended (Engine.prefill): every layer's context ready for the first decode step (LayerMemory.ready)."""
+        """A prefill ended (Engine.prefill): every layer's context ready for the first decode step
+        (LayerMemory.ready)."""
         for layer in self.layers:
             layer.ready()
 

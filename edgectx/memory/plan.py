@@ -69,7 +69,8 @@ def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: 
     kv_token = 2 * d * elem_bytes  # one token's K and V in one KV head
     resident = layers * n_kv * (resident_tokens + headroom) * (kv_token + INDEX_BYTES + SCORE_BYTES)
     cache = layers * capacity * n_kv * c.block_size * kv_token
-    work = layers * n_kv * (resident_tokens + retrieved + headroom + room) * (kv_token + INDEX_BYTES + (VALID_BYTES if retrieved else 0))
+    work = layers * n_kv * (resident_tokens + retrieved + headroom + room) \
+        * (kv_token + INDEX_BYTES + (VALID_BYTES if retrieved else 0))
     reprs = layers * (n_tokens // c.block_size) * n_kv * d * 2
     return DeviceKV(resident_tokens * spec.kv_bytes_per_token(elem_bytes), resident, cache, work, reprs)
 

@@ -144,10 +144,10 @@ class Resident:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx, self.score))
 
 
-# At most this many columns of room for the decode steps ahead (Assembly's `ahead`), and twice that, how much bigger than
-# its need a reused context may be: the decode steps between two evictions grow the resident tokens by up to
-# `evict_every` (64), and every retrieval among them then takes over the same buffers (a new 4 MB context per layer at
-# each retrieval, its pages touched for the first time, cost a third of a retrieval step at 4,096 tokens)
+# At most this many columns of room for the decode steps ahead (Assembly's `ahead`), and twice that, how much bigger
+# than its need a reused context may be: the decode steps between two evictions grow the resident tokens by up to
+# `evict_every` (64), and every retrieval among them then takes over the same buffers (a new 4 MB context per layer
+# at each retrieval, its pages touched for the first time, cost a third of a retrieval step at 4,096 tokens)
 REUSE_SLACK = 64  # edgectx.memory.plan.DECODE_ROOM counts the room
 
 
@@ -159,9 +159,10 @@ class Assembly:
                  reuse: "Assembly | None" = None, always_valid: bool = False):
         """`dtype`: what the context holds (default k_rot's); k_rot and v are converted as they are copied in.
         `reuse`: the context this one replaces, whose buffers it takes over when they are big enough and at most
-        2 x REUSE_SLACK columns bigger (its data is overwritten): a context rebuilt at every retrieval then keeps its addresses and shapes, so the decode
-        step captured as a CUDA graph over it replays instead of being captured again. `always_valid`: hold a
-        validity buffer even when every column is valid (all true), so that its presence does not change either."""
+        2 x REUSE_SLACK columns bigger (its data is overwritten): a context rebuilt at every retrieval then keeps its
+        addresses and shapes, so the decode step captured as a CUDA graph over it replays instead of being captured
+        again. `always_valid`: hold a validity buffer even when every column is valid (all true), so that its presence
+        does not change either."""
         n_kv, n_keys, head_dim = k_rot.shape
         self._allocate(n_kv, n_keys, head_dim, headroom, dtype or k_rot.dtype, dtype or v.dtype, k_rot.device, reuse)
         self.k[:, :n_keys], self.v[:, :n_keys], self.idx[:, :n_keys] = k_rot, v, idx
@@ -181,7 +182,8 @@ class Assembly:
     def _allocate(self, n_kv: int, n_keys: int, head_dim: int, headroom: int, k_dtype: torch.dtype,
                   v_dtype: torch.dtype, device: torch.device, reuse: "Assembly | None", ahead: int = 0) -> None:
         capacity = n_keys + headroom
-        if reuse is not None and capacity + ahead <= reuse.capacity <= capacity + 2 * REUSE_SLACK and reuse.k.shape[0] == n_kv \
+        if reuse is not None and capacity + ahead <= reuse.capacity <= capacity + 2 * REUSE_SLACK \
+                and reuse.k.shape[0] == n_kv \
                 and (reuse.k.dtype, reuse.v.dtype, reuse.k.device) == (k_dtype, v_dtype, device):
             self.k, self.v, self.idx, self._valid_buf = reuse.k, reuse.v, reuse.idx, reuse._valid_buf
         else:
