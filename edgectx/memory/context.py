@@ -176,8 +176,7 @@ class LayerMemory:
         key = (self.version, self._key if selection is self.selection else tuple(selection.flatten().tolist()))
         if self.asm is None or self.asm.key != key:
             c, n = self.memory.config, self.resident.n
-            limit = c.resident_tokens if self.evicted else c.budget_tokens
-            ahead = min(REUSE_SLACK, max(0, limit + c.evict_every - n)) if decoding else 0
+            ahead = min(REUSE_SLACK, max(0, self._limit + c.evict_every - n)) if decoding else 0
             self.asm = self._build(selection, key, n, self.memory.n_tokens, reuse=self.asm, ahead=ahead)
         return self.asm
 
@@ -342,7 +341,7 @@ class LayerMemory:
         return torch.softmax(logits, dim=-1, out=logits).sum(dim=1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        m, c = self.memory, self.memory.config
+        m = self.memory
         n_heads, n_new = q.shape[0], q.shape[1]
         asm = self._assemble(self._retrieve(q), decoding=n_new == 1)
         start = asm.length
@@ -366,10 +365,10 @@ class LayerMemory:
         """Where a one-token step may attend outside PyTorch (edgectx.quant.ggml_decode): the assembled context
         as the last step left it, on the CPU in float32. None on a retrieval step, when the context must be
         rebuilt (after an eviction), or before the first chunk: those go through `attend`."""
-        m, c, asm = self.memory, self.memory.config, self.asm
+        m, asm = self.memory, self.asm
         if asm is None or asm.key[0] != self.version or not m.fusable:
             return None
-        if self.evicted and c.top_k_blocks and self.steps_since_retrieval >= c.retrieve_every:
+        if self._retrieval_due:
             return None
         if asm.length >= asm.capacity:
             asm.reserve(asm.length + 1 + asm.capacity // 2)  # as `write` grows it
@@ -411,13 +410,24 @@ class LayerMemory:
         limit, a decode step every `evict_every`th (when the tier reaches its limit + `evict_every` tokens), so that
         with `retrieve_every` dividing `evict_every` the retrieval an eviction does (`commit`) is one that was due."""
         c = self.memory.config
-        limit = c.resident_tokens if self.evicted else c.budget_tokens
-        return self.resident.n + n_new > limit + (c.evict_every - 1 if n_new == 1 else 0)
+        return self.resident.n + n_new > self._limit + (c.evict_every - 1 if n_new == 1 else 0)
+
+    @property
+    def _limit(self) -> int:
+        """The resident tokens a layer holds after an eviction (before any: the budget), decode's overflow aside."""
+        c = self.memory.config
+        return c.resident_tokens if self.evicted else c.budget_tokens
+
+    @property
+    def _retrieval_due(self) -> bool:
+        """Whether the next decode step retrieves (every `retrieve_every`th, once anything is evicted)."""
+        c = self.memory.config
+        return self.evicted and c.top_k_blocks > 0 and self.steps_since_retrieval >= c.retrieve_every
 
     def _plan_commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asm: Assembly, start: int,
                      features: torch.Tensor | None = None) -> None:
         """What `commit` will do after a forward whose `n_new` tokens sit at columns [start, start + n_new)."""
-        m, c = self.memory, self.memory.config
+        m = self.memory
         n_new = q.shape[1]
         evict = self.evicts(n_new)
         observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
@@ -470,11 +480,9 @@ class LayerMemory:
         rebuild now if the next step would (see the module's "Ahead of time"), recording what the query attends to
         in the new context as `attend` would have."""
         q, self._last_q = self._last_q, None
-        c = self.memory.config
         if q is None or self.asm is None:
             return
-        due = self.evicted and c.top_k_blocks > 0 and self.steps_since_retrieval >= c.retrieve_every
-        if not due and self.asm.key[0] == self.version:
+        if not self._retrieval_due and self.asm.key[0] == self.version:
             return
         asm = self._assemble(self._retrieve(q), decoding=True)
         if self._record_now:
@@ -487,12 +495,9 @@ class LayerMemory:
     def ready(self) -> None:
         """The next forward is a decode step (a prefill ended): rebuild now the context that the last chunk's eviction
         left stale, as that step's `attend` would (the same blocks: it retrieves none), so that it runs fused."""
-        c = self.memory.config
-        if self.asm is None or self.asm.key[0] == self.version:
-            return
-        retrieving = self.evicted and c.top_k_blocks > 0
-        if retrieving and self.steps_since_retrieval >= c.retrieve_every:
-            return  # that step retrieves: it rebuilds for what it retrieves
+        if self.asm is None or self.asm.key[0] == self.version or self._retrieval_due:
+            return  # (a step that retrieves rebuilds for what it retrieves)
+        retrieving = self.evicted and self.memory.config.top_k_blocks > 0
         self._assemble(self.selection if retrieving else self.selection[:, :0], decoding=True)
 
     def steady_steps(self) -> int:
@@ -506,8 +511,7 @@ class LayerMemory:
         if self._slotted is None or self._slotted[0] is not asm or self._slotted[1] + 1 != asm.length or offset == 0 \
                 or asm.key[0] != self.version:
             return 0
-        limit = c.resident_tokens if self.evicted else c.budget_tokens
-        n = min(asm.capacity - asm.length, r.room(), c.block_size - 1 - offset, limit + c.evict_every - 1 - r.n,
+        n = min(asm.capacity - asm.length, r.room(), c.block_size - 1 - offset, self._limit + c.evict_every - 1 - r.n,
                 m.rope.n_positions - asm.next_pos, asm.index_column(m.n_tokens), r.indexed_ahead(m.n_tokens))
         if m.scorer.observes:
             n = min(n, self.recent.room())

@@ -61,9 +61,9 @@ def steady(layer) -> bool:
     c, asm = layer.memory.config, layer.asm
     if asm is None or layer._record_now:
         return False
-    retrieving = layer.evicted and c.top_k_blocks > 0
-    if retrieving and layer.steps_since_retrieval >= c.retrieve_every:
+    if layer._retrieval_due:
         return False
+    retrieving = layer.evicted and c.top_k_blocks > 0
     if asm.key != (layer.version, layer._key if retrieving else ()):
         return False
     return not layer.evicts(1)
