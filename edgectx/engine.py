@@ -241,11 +241,21 @@ class Engine:
         float16 where the model computes in float32 (the CPU; llama.cpp's f16 KV), else the compute dtype."""
         return kv_storage_dtype(os.environ.get("EDGECTX_KV_DTYPE", "auto"), self.device, self.dtype)
 
+    @property
+    def context_dtype(self) -> torch.dtype:
+        """What a ContextMemory assembles its attention context in: float16 where K and V are stored so and the
+        model's fused decode step attends a float16 context (edgectx.kernels.cpu_attention), else the compute dtype."""
+        decoder = getattr(self.model, "decoder", None)
+        if self.kv_dtype == torch.float16 and self.device.type == "cpu" and decoder is not None and decoder.reads_half:
+            return torch.float16
+        return self.dtype
+
     def new_memory(self) -> KVMemory:
         if self.memory_config is None:
             return FullKVCache(self.spec, self.rope, self.device, self.dtype, self.kv_dtype)
         return ContextMemory(self.spec, self.rope, self.device, self.dtype, self.memory_config, kv_dtype=self.kv_dtype,
-                             scorer=self.scorer_override or self.scorer(self.memory_config.scorer))
+                             scorer=self.scorer_override or self.scorer(self.memory_config.scorer),
+                             context_dtype=self.context_dtype)
 
     @property
     def next_logits(self) -> torch.Tensor | None:
@@ -466,7 +476,8 @@ class Engine:
                 scorer = self.scorer(made_with if config.scorer == "auto" and made_with in SCORERS else config.scorer)
             except HeadsError as e:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
-            memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype)
+            memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype,
+                                   context_dtype=self.context_dtype)
             logits = load_memory(snap, memory)
         self._drop_memory()
         self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory

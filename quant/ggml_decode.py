@@ -9,7 +9,9 @@ step instead, over the same weights:
                 k, v rounded to the memory's K/V dtype (as ContextMemory.as_stored), q and k rotated with the
                 rope tables (x * cos + swap_halves(x) * signed_sin: the same float32 ops as Rope.rotate),
                 the rotated key (rounded again) and the value written into the layer's assembled context at
-                the new column, flash attention (float32 K and V) over columns [0, start]
+                the new column, attention over columns [0, start]: a float16 context through
+                edgectx.kernels.cpu_attention's two ops, twice as fast as ggml's flash attention, which
+                attends a float32 context where they are not available
                 x = x + W_o @ attn;  x = x + W_down @ swiglu(W_gate @ n, W_up @ n),  n = rms_norm(x) * ffn_norm
     then:       logits = W_out @ (rms_norm(x) * norm)
 
@@ -27,17 +29,21 @@ structs' memory, no slots.
 from __future__ import annotations
 
 import ctypes
+import os
 import weakref
 
 import numpy as np
 import torch
 
+from edgectx.kernels import cpu_attention
 from edgectx.quant import ggml_cpu
 from edgectx.quant.blocks import QuantizedMatrix
-from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, _Tensor, lib, product
+from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, _Tensor, _TensorP, lib, product
 from edgectx.quant.ggml_layer import GgmlLayer
 
 _PREC_F32 = 10  # ggml.h's GGML_PREC_F32
+_ALL_THREADS = -1  # ggml.h's GGML_N_TASKS_MAX: a custom op runs on every thread of the compute
+_MAX_PARTS = min(64, os.cpu_count() or 1)  # threads whose shares of the keys the float16 attention keeps apart (more idle)
 _ALIGN = 64
 _MAX_NODES = 8192
 
@@ -52,11 +58,12 @@ class _LayerHandles:
         self.writes = [w.contents for w in writes]  # the copies to DecodeSlot.writes' addresses, in their order
         self.layout: tuple | None = None  # what `point` last pointed the tensors at
 
-    def point(self, layout: tuple, n_kv: int, n_heads: int, d4: int) -> None:
+    def point(self, layout: tuple, n_kv: int, n_heads: int, column_bytes: int) -> None:
         """Bases and strides that change only when a buffer does: the context's K and V (capacity columns per KV
-        head), the mask, the rows the step's K, V and Q are copied to. Per step only pointers and lengths move."""
+        head, `column_bytes` each), the mask, the rows the step's K, V and Q are copied to. Per step only pointers
+        and lengths move."""
         k_ptr, v_ptr, capacity, mask, write_rows, _ = layout
-        head_bytes = capacity * d4
+        head_bytes = capacity * column_bytes
         for dst in (self.k_dst, self.v_dst):
             dst.nb[1] = head_bytes
             dst.nb[2] = dst.nb[3] = head_bytes * n_kv
@@ -74,13 +81,13 @@ class _LayerHandles:
             self.mask.nb[3] = mask_cols * 2 * n_heads
         self.layout = layout
 
-    def step_fields(self, d4: int, head_dim: int, write_types: tuple[int, ...]) -> list[tuple[int, int]]:
+    def step_fields(self, column_bytes: int, head_dim: int, write_types: tuple[int, ...]) -> list[tuple[int, int]]:
         """(address, increment) of each field a step one column on changes: the context column's K and V addresses,
         the context's length, the rope rows, the write addresses, the mask's length."""
         def at(t, name: str, i: int | None = None) -> int:
             return ctypes.addressof(t) + getattr(_Tensor, name).offset + (0 if i is None else 8 * i)
         row = self.layout[5]  # bytes between the rope tables' rows
-        fields = [(at(self.k_dst, "data"), d4), (at(self.v_dst, "data"), d4), (at(self.k, "ne", 1), 1),
+        fields = [(at(self.k_dst, "data"), column_bytes), (at(self.v_dst, "data"), column_bytes), (at(self.k, "ne", 1), 1),
                   (at(self.v, "ne", 1), 1), (at(self.cos, "data"), row), (at(self.sin, "data"), row)]
         fields += [(at(node, "data"), head_dim * (2 if kind == _F16 else 4)) for node, kind in zip(self.writes, write_types)]
         if self.mask is not None:
@@ -93,7 +100,8 @@ class _DecodeGraph:
     tokens attends through a mask), with K and V rounded to float16 or not, and with the step's K, V and Q also
     copied where the memory keeps them (`writes`: the ggml types of DecodeSlot.write_dtypes) or not."""
 
-    def __init__(self, owner: "GgmlDecoder", round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...] = ()):
+    def __init__(self, owner: "GgmlDecoder", round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...] = (),
+                 half: bool = False):
         g = lib()
         o = owner
         size = _MAX_NODES * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(_MAX_NODES, False) + 4096
@@ -102,6 +110,9 @@ class _DecodeGraph:
             raise MemoryError("ggml_init failed")
         ctx = self.ctx
         self.round_kv, self.write_types = round_kv, writes
+        # A float16 context, attended by edgectx.kernels.cpu_attention's ops; else float32 and ggml's flash attention
+        self.half = half
+        self.column_bytes = owner.head_dim * (2 if half else 4)  # one key's row in the context
         self.graph = g.ggml_new_graph_custom(ctx, _MAX_NODES, False)
         self.x = g.ggml_new_tensor_2d(ctx, _F32, o.dim, 1)
         self.layers: list[_LayerHandles] = []
@@ -176,8 +187,9 @@ class _DecodeGraph:
             k_rot = g.ggml_cast(ctx, k_rot, _F16)
         # The new column of the context, (d, n_kv) with the context's head stride (set per call).
         # (A copy's node is a view of its destination: the node is what ggml writes through.)
-        k_dst = g.ggml_cpy(ctx, k_rot, g.ggml_new_tensor_2d(ctx, _F32, d, n_kv))
-        v_dst = g.ggml_cpy(ctx, v, g.ggml_new_tensor_2d(ctx, _F32, d, n_kv))
+        context = _F16 if self.half else _F32
+        k_dst = g.ggml_cpy(ctx, k_rot, g.ggml_new_tensor_2d(ctx, context, d, n_kv))
+        v_dst = g.ggml_cpy(ctx, v, g.ggml_new_tensor_2d(ctx, context, d, n_kv))
         g.ggml_build_forward_expand(graph, k_dst)
         g.ggml_build_forward_expand(graph, v_dst)
         # K and V as stored (before RoPE) into the resident tier and the host store (K rows then V rows, evenly
@@ -188,12 +200,19 @@ class _DecodeGraph:
             g.ggml_build_forward_expand(graph, node)
             writes.append(node)
         # The whole context, read after the writes above (nodes run in order): (d, length, n_kv), set per call.
-        k_all = g.ggml_new_tensor_3d(ctx, _F32, d, 1, n_kv)
-        v_all = g.ggml_new_tensor_3d(ctx, _F32, d, 1, n_kv)
+        k_all = g.ggml_new_tensor_3d(ctx, context, d, 1, n_kv)
+        v_all = g.ggml_new_tensor_3d(ctx, context, d, 1, n_kv)
         mask = g.ggml_new_tensor_3d(ctx, _F16, 1, 1, n_heads) if has_mask else None
-        attn = g.ggml_flash_attn_ext(ctx, g.ggml_reshape_3d(ctx, q_rot, d, 1, n_heads), k_all, v_all, mask,
-                                     d ** -0.5, 0.0, 0.0)
-        g.ggml_flash_attn_ext_set_prec(attn, _PREC_F32)
+        if self.half:  # each thread a share of the keys, then their partial results combined (cpu_attention.c)
+            partial, reduce = cpu_attention.ops()
+            args = (q_rot, k_all, v_all) + ((mask,) if mask is not None else ())
+            parts = g.ggml_custom_4d(ctx, _F32, d + 2, n_heads, _MAX_PARTS, 1, (_TensorP * len(args))(*args), len(args),
+                                     partial, _ALL_THREADS, None)
+            attn = g.ggml_custom_4d(ctx, _F32, d, n_heads, 1, 1, (_TensorP * 1)(parts), 1, reduce, _ALL_THREADS, None)
+        else:
+            attn = g.ggml_flash_attn_ext(ctx, g.ggml_reshape_3d(ctx, q_rot, d, 1, n_heads), k_all, v_all, mask,
+                                         d ** -0.5, 0.0, 0.0)
+            g.ggml_flash_attn_ext_set_prec(attn, _PREC_F32)
         attn = g.ggml_reshape_2d(ctx, attn, n_heads * d, 1)
         hidden = None
         for part in layer.o:
@@ -265,13 +284,19 @@ class GgmlDecoder:
         self._work = torch.empty(0, dtype=torch.uint8)
         self._last: tuple | None = None  # (graph, weak reference to the memory, its step count) of the last step run
 
-    def _graph(self, round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...]) -> _DecodeGraph:
-        key = (round_kv, masked, writes)
+    @property
+    def reads_half(self) -> bool:
+        """Whether a slot's context may be float16 (edgectx.kernels.cpu_attention's ops run here, for this shape):
+        what the memory then assembles (ContextMemory's `context_dtype`)."""
+        return cpu_attention.supports(self.n_heads, self.n_kv, self.head_dim)
+
+    def _graph(self, round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...], half: bool) -> _DecodeGraph:
+        key = (round_kv, masked, writes, half)
         graph = self._graphs.get(key)
         if graph is None:
             if len(self._graphs) >= self.KEEP:
                 self._graphs.pop(next(iter(self._graphs)))
-            graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked, writes)
+            graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked, writes, half)
         return graph
 
     def __call__(self, x: torch.Tensor, slots: list, step: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,23 +304,26 @@ class GgmlDecoder:
         (1, vocab) (or the last hidden state (1, dim) without an output layer), and Q, K, V pre-RoPE per layer
         (n_layers, qkv rows), K and V as the memory stores them. `step`: (memory, its step count), for `again`."""
         x = x.float().contiguous()
-        d4 = self.head_dim * 4
         dtypes = slots[0].write_dtypes  # one tuple that the memory's layers share: one graph copies alike in each
         writes = _write_types(dtypes) if all(s.writes is not None and s.write_dtypes is dtypes for s in slots) else ()
         if not writes:
             for s in slots:  # the memory copies them itself
                 s.writes = None
         with self.stack.lock:
-            gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes)
+            half = slots[0].k.dtype == torch.float16
+            if half and not self.reads_half:
+                raise ValueError("a float16 context needs edgectx.kernels.cpu_attention, which is off here")
+            gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes, half)
+            column = gr.column_bytes
             for h, s in zip(gr.layers, slots):
                 layout, start = s.layout, s.start
                 if h.layout is not layout:  # the context (or a tier) was rebuilt or grew: its strides and bases
-                    h.point(layout, self.n_kv, self.n_heads, d4)
+                    h.point(layout, self.n_kv, self.n_heads, column)
                     gr.points += 1
                 h.cos.data = s.cos
                 h.sin.data = s.sin
-                h.k_dst.data = layout[0] + start * d4
-                h.v_dst.data = layout[1] + start * d4
+                h.k_dst.data = layout[0] + start * column
+                h.v_dst.data = layout[1] + start * column
                 h.k.ne[1] = h.v.ne[1] = start + 1
                 if s.writes is not None:
                     for node, ptr in zip(h.writes, s.writes):
@@ -321,7 +349,7 @@ class GgmlDecoder:
             gr = last[0]
             plan = gr._step_on
             if plan is None or plan[0] != gr.points:  # the fields and increments of the layouts pointed now
-                fields = [f for h in gr.layers for f in h.step_fields(self.head_dim * 4, self.head_dim, gr.write_types)]
+                fields = [f for h in gr.layers for f in h.step_fields(gr.column_bytes, self.head_dim, gr.write_types)]
                 low = min(a for a, _ in fields)
                 span = (max(a for a, _ in fields) - low) // 8 + 1
                 memory = np.frombuffer((ctypes.c_int64 * span).from_address(low), dtype=np.int64)

@@ -3,8 +3,8 @@ attention, on the embedded model's real weights (GGUF blocks through ggml, the d
 
 The graph does what the two-graphs-per-layer path does around attention with the same ggml products, and RoPE
 and the context writes with the same float32 operations: a layer's new key and value column and its output
-are bit-identical. Attention itself is ggml's flash attention instead of three PyTorch products: its output
-differs in the last bits, which the 8-bit activations of later layers amplify (this model's residual stream
+are bit-identical. Attention itself runs in C (edgectx.kernels.cpu_attention's ops over a float16 context, or
+ggml's flash attention over a float32 one) instead of three PyTorch products: its output differs in the last bits, which the 8-bit activations of later layers amplify (this model's residual stream
 reaches ~350, so one rounding step of an activation is large), so the whole model is compared on top-1 tokens
 with both paths fed the same tokens."""
 
@@ -15,6 +15,7 @@ import torch
 
 from edgectx.bench.corpus import corpus_tokens
 from edgectx.engine import Engine
+from edgectx.kernels import cpu_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.quant import ggml_decode
 from edgectx.quant.ggml_cpu import ggml_available
@@ -94,15 +95,24 @@ def test_greedy_decode_matches_the_pytorch_path_within_the_budget(engine):
     assert _agreement(engine, corpus_tokens(engine.tokenizer, 400, None), 16) >= 12 / 17
 
 
-def test_past_the_budget_steps_between_retrievals_run_fused_and_agree(embedded_model, monkeypatch):
-    """Evicting, retrieving (with duplicate copies masked) and decoding through the graph between retrievals."""
+@pytest.mark.parametrize("c_ops", [True, False], ids=["float16-context", "flash-attention"])
+def test_past_the_budget_steps_between_retrievals_run_fused_and_agree(embedded_model, monkeypatch, c_ops):
+    """Evicting, retrieving (with duplicate copies masked) and decoding through the graph between retrievals: over a
+    float16 context through edgectx.kernels.cpu_attention's ops, and without them (no C compiler) over a float32
+    context through ggml's flash attention."""
+    if c_ops and cpu_attention.ops() is None:
+        pytest.skip("edgectx.kernels.cpu_attention cannot be built here")
+    if not c_ops:
+        monkeypatch.setattr(cpu_attention, "ops", lambda: None)
     engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=SMALL)
-    calls, masked = [], []
+    assert engine.context_dtype == (torch.float16 if c_ops else torch.float32)
+    calls, masked, dtypes = [], [], set()
     real, real_again = GgmlDecoder.__call__, GgmlDecoder.again
 
     def counting(self, x, slots, step=None):
         calls.append(1)
         masked.append(any(slot.mask is not None for slot in slots))
+        dtypes.update(slot.k.dtype for slot in slots)
         return real(self, x, slots, step)
 
     def counting_again(self, x, step):  # a steady step: the last graph again, one column on
@@ -119,6 +129,7 @@ def test_past_the_budget_steps_between_retrievals_run_fused_and_agree(embedded_m
     # prefill leaves its last chunk's context rebuilt (ContextMemory.ready)
     assert len(calls) == n_steps, len(calls)
     assert any(masked), "a context with duplicates of retrieved tokens is attended through the mask"
+    assert dtypes == {torch.float16 if c_ops else torch.float32}  # the contexts the fused steps attended
     assert agreement >= 0.7, agreement
 
 

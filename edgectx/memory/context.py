@@ -13,12 +13,14 @@ that citations read. Attention runs over
 Until the context outgrows `budget_tokens` nothing is evicted or retrieved: exactly full attention.
 
 The resident tiers and the block cache hold K and V in `kv_dtype` (float16 on a CPU, where the model
-computes in float32: half their bytes); the assembled context, what attention reads every step, is kept
-in the compute dtype, so decoding reads it as is (PyTorch's CPU attention has no fast float16 path, and
-widening the whole context per layer and step cost more than the attention). K and V are rounded to
-`kv_dtype` before they enter the context, and rotated keys once more (`as_stored`): every rotated key is
-the rotation of its stored pre-RoPE key and every value its stored value, however the context was
-assembled (a rebuild or a restore), and within the budget the memory is exactly full attention.
+computes in float32: half their bytes). The assembled context, what attention reads every step, is kept in
+`context_dtype`: float16 too where the fused decode step attends it in C (edgectx.kernels.cpu_attention:
+half the bytes every step reads, which is what a step over a long context waits for), else the compute dtype
+(PyTorch's CPU attention has no fast float16 path: a prefill chunk, or a step that runs eagerly, widens the
+context first). K and V are rounded to `kv_dtype` before they enter the context, and rotated keys once more
+(`as_stored`): every rotated key is the rotation of its stored pre-RoPE key and every value its stored value,
+whatever dtype the context holds and however it was assembled (a rebuild or a restore), and within the budget
+the memory is exactly full attention.
 
 Plan, then commit: `attend` writes only scratch space (the assembled context past its committed
 length) and records what `commit` will do; a failed or cancelled forward leaves the memory as it was.
@@ -213,7 +215,7 @@ class LayerMemory:
         n_kv = r.n_kv
         n_keys = n_resident + selection.shape[1] * c.block_size
         headroom = max(c.chunk_tokens, c.evict_every) + 1
-        asm = Assembly.empty(n_kv, n_keys, r.head_dim, headroom, m.dtype, m.device, reuse=reuse, ahead=ahead)
+        asm = Assembly.empty(n_kv, n_keys, r.head_dim, headroom, m.context_dtype, m.device, reuse=reuse, ahead=ahead)
         k = m.scratch(n_kv, n_keys, r.head_dim, m.kv_dtype)  # keys before RoPE, as stored
         # The resident columns whose values and indices the context it replaces holds in place already: its own
         # resident prefix, in the same buffers, when the tier has not been compacted since (the same version)
@@ -243,9 +245,13 @@ class LayerMemory:
             valid = torch.cat((~duplicate, torch.ones(n_kv, n_keys - n_resident, dtype=torch.bool,
                                                       device=m.device)), dim=1)
         # K rotated in the compute dtype, then rounded to kv_dtype (as_stored); V as stored, widened as it was copied
-        k_rot = m.rope.rotate(k, *m.rope.tables(positions, m.dtype, n_positions=next_pos), out=asm.k[:, :n_keys])
-        if m.kv_dtype != m.dtype:
-            k_rot.copy_(k_rot.to(m.kv_dtype))
+        tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
+        if m.context_dtype == m.dtype:
+            k_rot = m.rope.rotate(k, *tables, out=asm.k[:, :n_keys])
+            if m.kv_dtype != m.dtype:
+                k_rot.copy_(k_rot.to(m.kv_dtype))
+        else:  # a float16 context: rotated in float32 beside it, rounded as it is copied in
+            asm.k[:, :n_keys].copy_(m.rope.rotate(k, *tables, out=m.scratch(n_kv, n_keys, r.head_dim, m.dtype, "rotated")))
         # With the bookkeeping on the device (CUDA), the validity buffer is always there: with the buffers reused,
         # the CUDA-graph step's key then stays the same across rebuilds
         asm.finish(n_keys, valid, next_pos, key, n_resident, always_valid=m.device_bookkeeping)
@@ -289,7 +295,7 @@ class LayerMemory:
         n_kv, end, t = asm.k.shape[0], start + n_new, min(n_new, RECORD_QUERIES)
         group = n_heads // n_kv
         qg = q_rot[:, n_new - t :].reshape(n_kv, group * t, head_dim) * head_dim**-0.5  # heads h*group.. share KV head h
-        logits = (qg @ asm.k[:, :end].transpose(1, 2)).float()  # (n_kv, group * t, end)
+        logits = (qg @ asm.k[:, :end].to(qg.dtype).transpose(1, 2)).float()  # (n_kv, group * t, end)
         if n_new == 1:  # a decode step's query sees every valid column
             if asm.valid is not None:
                 logits.masked_fill_(~asm.valid[:, None, :end], float("-inf"))
@@ -354,7 +360,10 @@ class LayerMemory:
             valid = None if asm.valid is None else asm.valid[:, :end]
             out = kernels.decode(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], valid=valid)
         else:
-            out = chunk_attention(qk[:n_heads], asm.k[:, :end], asm.v[:, :end], start, asm.valid)
+            k_all, v_all = asm.k[:, :end], asm.v[:, :end]
+            if k_all.dtype != m.dtype:  # a float16 context (for the fused step), widened for PyTorch's attention
+                k_all, v_all = k_all.to(m.dtype), v_all.to(m.dtype)
+            out = chunk_attention(qk[:n_heads], k_all, v_all, start, asm.valid)
         if self._record_now:
             self._record_now = False
             m.record.add(self._attended(qk[:n_heads], asm, start, n_new))
@@ -580,9 +589,15 @@ class ContextMemory:
 
     def __init__(self, spec: ModelSpec, rope: Rope, device: torch.device, dtype: torch.dtype,
                  config: MemoryConfig | None = None, scorer: EvictionScorer | None = None,
-                 kv_dtype: torch.dtype | None = None, device_bookkeeping: bool | None = None):
+                 kv_dtype: torch.dtype | None = None, device_bookkeeping: bool | None = None,
+                 context_dtype: torch.dtype | None = None):
         self.spec, self.rope, self.device, self.dtype = spec, rope, device, dtype
         self.kv_dtype = kv_dtype or dtype  # the device tiers' K and V; `dtype` is what the model computes in
+        # The assembled context's: the compute dtype, or float16 where the fused CPU step attends it so
+        # (Engine.context_dtype: the model's GgmlDecoder reads_half), half the bytes every decode step reads
+        self.context_dtype = context_dtype or dtype
+        if self.context_dtype != dtype and (device.type != "cpu" or self.context_dtype != self.kv_dtype):
+            raise ValueError("a context in another dtype than the compute dtype must hold K and V as stored, on a CPU")
         self.config = config or MemoryConfig()
         self.scorer = scorer or AttentionMassScorer()
         self.record = RetrievalRecord(self.config.block_size)
@@ -614,17 +629,17 @@ class ContextMemory:
         store = self.layers[0].store
         self.write_dtypes = (self.kv_dtype, store.host_dtype) + \
             ((dtype,) if self.scorer.observes else ()) if store.host_dtype in _GRAPH_WRITES and not store.staged else ()
-        self._scratch: torch.Tensor | None = None  # see `scratch`
+        self._scratch: dict[str, torch.Tensor] = {}  # see `scratch`
         self.graph_scalars: torch.Tensor | None = None  # (n_layers, 3) a captured decode step's inputs (graph_step)
 
-    def scratch(self, n_kv: int, n: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """(n_kv, n, head_dim) of working memory that every layer's rebuild shares (one at a time), grown as needed;
-        its contents are the last user's."""
-        buf = self._scratch
+    def scratch(self, n_kv: int, n: int, head_dim: int, dtype: torch.dtype, name: str = "keys") -> torch.Tensor:
+        """(n_kv, n, head_dim) of working memory named `name` that every layer's rebuild shares (one at a time),
+        grown as needed; its contents are the last user's."""
+        buf = self._scratch.get(name)
         if buf is None or buf.dtype != dtype or buf.shape[0] != n_kv or buf.shape[1] < n or buf.shape[2] != head_dim:
             grown = n + REUSE_SLACK if buf is not None and buf.shape[1] < n else n  # as an outgrown context grows
             width = max(grown, 0 if buf is None else buf.shape[1])
-            buf = self._scratch = torch.empty(n_kv, width, head_dim, dtype=dtype, device=self.device)
+            buf = self._scratch[name] = torch.empty(n_kv, width, head_dim, dtype=dtype, device=self.device)
         return buf[:, :n]
 
     def graph_step(self) -> GraphStep | None:

@@ -224,7 +224,7 @@ def _load_assembly(rd: "_Reader", layer: LayerMemory, m: dict | None) -> None:
     keys = r.n + c.top_k_blocks * c.block_size + max(c.chunk_tokens, c.evict_every) + 1  # resident, retrieved, a chunk
     rd.check(m["capacity"] <= min(rd.max_capacity, 2 * keys + 256), "its assembled context is implausibly large")
     if m["stale"]:  # a placeholder of the same size, under a key no retrieval can produce
-        empty_k = torch.empty(r.n_kv, 0, r.head_dim, device=r.device, dtype=layer.memory.dtype)  # as `_build` makes it
+        empty_k = torch.empty(r.n_kv, 0, r.head_dim, device=r.device, dtype=layer.memory.context_dtype)  # as `_build`
         valid = torch.empty(r.n_kv, 0, dtype=torch.bool, device=r.device) if m["valid"] else None
         layer.asm = Assembly(empty_k, empty_k, torch.empty(r.n_kv, 0, dtype=torch.long, device=r.device), valid,
                              0, ("stale",), n_resident=0, headroom=m["capacity"])

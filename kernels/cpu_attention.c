@@ -1,0 +1,255 @@
+/* One decode query per head over a float16 context, as two ggml custom ops (edgectx.kernels.cpu_attention).
+ *
+ * ggml's flash attention walks the keys one at a time per query head (a dot product, an expf and a row update
+ * per key and head): about 20 ns a key and head on this kind of CPU, whatever the K/V type. Here each KV head's
+ * keys are read once for every query head of its group, 64 keys at a time: the block's K rows widened to float32
+ * in a small buffer, eight keys' dot products summed together, the block's softmax weights by a vectorized exp
+ * (online softmax across blocks), then its V rows widened once and accumulated into each query head's output.
+ * The threads split the keys; `edgectx_attn_partial` leaves each thread's (max, sum, weighted values) per query
+ * head in its output, (D + 2, n_heads, parts), and `edgectx_attn_reduce` combines them (the graph runs the two
+ * ops in order, so the second sees all of the first's work). With more threads than `parts`, the rest idle.
+ *
+ * Inputs, as the decode graph points them per step (edgectx.quant.ggml_decode):
+ *   q     float32 (D, n_heads), rows contiguous, already rotated
+ *   k, v  float16 (D, length, n_kv): rows of D contiguous halves, nb[1] between keys, nb[2] between KV heads
+ *   mask  float16 or absent: (ne0 >= length, 1, n_heads), nb[2] between query heads; 0 or -inf per key
+ * Query head h reads KV head h / (n_heads / n_kv). Scores are scaled by 1/sqrt(D). D is 64 or 128.
+ */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ggml.h's struct ggml_tensor, field for field (edgectx.quant.ggml_cpu._Tensor mirrors the same header;
+ * edgectx_attn_layout lets the loader compare the two before using this library) */
+struct tensor {
+    int type;
+    void *buffer;
+    int64_t ne[4];
+    size_t nb[4];
+    int op;
+    int32_t op_params[16];
+    int32_t flags;
+    struct tensor *src[10];
+    struct tensor *view_src;
+    size_t view_offs;
+    void *data;
+    char name[64];
+    void *extra;
+    char padding[8];
+};
+
+#define BLOCK 64   /* keys per block: K or V rows widened to float32 take 16 KB (D = 64) */
+#define MAX_GROUP 16
+
+int64_t edgectx_attn_layout(int which) {
+    switch (which) {
+    case 0: return (int64_t) sizeof(struct tensor);
+    case 1: return (int64_t) offsetof(struct tensor, src);
+    case 2: return (int64_t) offsetof(struct tensor, data);
+    default: return -1;
+    }
+}
+
+/* exp(x) for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 polynomial (relative error about
+ * 2e-7); below -87 (a masked key's -inf) exactly 0 */
+static inline __m256 exp8(__m256 x) {
+    const __m256 zero_below = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_below);
+}
+
+/* The sums of eight vectors, one per lane */
+static inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline void widen(float *dst, const char *src, size_t stride, int rows, int D) {
+    for (int j = 0; j < rows; ++j) {
+        const __m128i *row = (const __m128i *) (src + (size_t) j * stride);
+        for (int c = 0; c < D / 8; ++c)
+            _mm256_store_ps(dst + j * D + c * 8, _mm256_cvtph_ps(_mm_loadu_si128(row + c)));
+    }
+    for (int j = rows; j < BLOCK; ++j)
+        memset(dst + j * D, 0, sizeof(float) * D);
+}
+
+/* One KV head's query group over keys [k0, k1): each query's running max m, sum s and weighted values acc (D) */
+static inline __attribute__((always_inline)) void group_range(
+        const int D, const int G, const float *q, const char *kbase, const char *vbase, size_t kstride,
+        size_t vstride, const char *mbase, size_t mstride, int64_t k0, int64_t k1, float *m, float *s, float *acc) {
+    float kbuf[BLOCK * 128] __attribute__((aligned(32)));
+    float sc[MAX_GROUP][BLOCK] __attribute__((aligned(32)));
+    const float scale = 1.0f / sqrtf((float) D);
+    for (int g = 0; g < G; ++g) {
+        m[g] = -INFINITY;
+        s[g] = 0.0f;
+        memset(acc + g * D, 0, sizeof(float) * D);
+    }
+    for (int64_t j0 = k0; j0 < k1; j0 += BLOCK) {
+        const int n = (int) (k1 - j0 < BLOCK ? k1 - j0 : BLOCK);
+        widen(kbuf, kbase + j0 * kstride, kstride, n, D);
+        for (int g = 0; g < G; ++g) {
+            const float *qg = q + g * D;
+            const uint16_t *mrow = mbase ? (const uint16_t *) (mbase + g * mstride) + j0 : NULL;
+            for (int j = 0; j < BLOCK; j += 8) {
+                __m256 a[8];
+                for (int i = 0; i < 8; ++i)
+                    a[i] = _mm256_setzero_ps();
+                for (int c = 0; c < D; c += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qg + c);
+                    for (int i = 0; i < 8; ++i)
+                        a[i] = _mm256_fmadd_ps(_mm256_load_ps(kbuf + (j + i) * D + c), qv, a[i]);
+                }
+                __m256 x = _mm256_mul_ps(sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+                if (mrow && j + 8 <= n) {
+                    x = _mm256_add_ps(x, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (mrow + j))));
+                } else if (mrow) {
+                    float mk[8];
+                    for (int i = 0; i < 8; ++i)
+                        mk[i] = j + i < n ? _cvtsh_ss(mrow[j + i]) : 0.0f;
+                    x = _mm256_add_ps(x, _mm256_loadu_ps(mk));
+                }
+                _mm256_store_ps(sc[g] + j, x);
+            }
+            for (int j = n; j < BLOCK; ++j)
+                sc[g][j] = -INFINITY;
+            /* the block's max, the running max, and the rescale of what came before */
+            __m256 mx = _mm256_load_ps(sc[g]);
+            for (int j = 8; j < BLOCK; j += 8)
+                mx = _mm256_max_ps(mx, _mm256_load_ps(sc[g] + j));
+            float lanes[8];
+            _mm256_storeu_ps(lanes, mx);
+            float bmax = lanes[0];
+            for (int i = 1; i < 8; ++i)
+                bmax = lanes[i] > bmax ? lanes[i] : bmax;
+            if (bmax == -INFINITY) {  /* every key of the block masked for this query */
+                for (int j = 0; j < BLOCK; ++j)
+                    sc[g][j] = 0.0f;
+                continue;
+            }
+            if (bmax > m[g]) {
+                const float r = m[g] == -INFINITY ? 0.0f : expf(m[g] - bmax);
+                s[g] *= r;
+                for (int c = 0; c < D; ++c)
+                    acc[g * D + c] *= r;
+                m[g] = bmax;
+            }
+            const __m256 mm = _mm256_set1_ps(m[g]);
+            __m256 total = _mm256_setzero_ps();
+            for (int j = 0; j < BLOCK; j += 8) {
+                const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(sc[g] + j), mm));
+                _mm256_store_ps(sc[g] + j, p);
+                total = _mm256_add_ps(total, p);
+            }
+            _mm256_storeu_ps(lanes, total);
+            s[g] += lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+        }
+        widen(kbuf, vbase + j0 * vstride, vstride, n, D);  /* the block's V rows, into the same buffer */
+        for (int g = 0; g < G; ++g) {
+            float *out = acc + g * D;
+            for (int c0 = 0; c0 < D; c0 += 64) {
+                __m256 o[8];
+                for (int c = 0; c < 8; ++c)
+                    o[c] = _mm256_loadu_ps(out + c0 + c * 8);
+                for (int j = 0; j < n; ++j) {
+                    const __m256 p = _mm256_broadcast_ss(sc[g] + j);
+                    const float *row = kbuf + j * D + c0;
+                    for (int c = 0; c < 8; ++c)
+                        o[c] = _mm256_fmadd_ps(p, _mm256_load_ps(row + c * 8), o[c]);
+                }
+                for (int c = 0; c < 8; ++c)
+                    _mm256_storeu_ps(out + c0 + c * 8, o[c]);
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void partial(const int D, struct tensor *dst, int ith, int nth) {
+    const struct tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2], *mask = dst->src[3];
+    const int n_heads = (int) q->ne[1], n_kv = (int) k->ne[2], G = n_heads / n_kv;
+    const int64_t length = k->ne[1];
+    const int parts = nth < dst->ne[2] ? nth : (int) dst->ne[2];  /* the output holds ne[2] threads' partials */
+    if (ith >= parts)
+        return;
+    const int64_t chunk = (length + parts - 1) / parts;
+    const int64_t k0 = ith * chunk < length ? ith * chunk : length;
+    const int64_t k1 = k0 + chunk < length ? k0 + chunk : length;
+    float *out = (float *) dst->data + (size_t) ith * n_heads * (D + 2);  /* per query head: m, s, acc[D] */
+    float m[MAX_GROUP], s[MAX_GROUP], acc[MAX_GROUP * 128];
+    for (int h = 0; h < n_kv; ++h) {
+        const float *qh = (const float *) ((const char *) q->data + (size_t) h * G * q->nb[1]);
+        const char *mbase = mask ? (const char *) mask->data + (size_t) h * G * mask->nb[2] : NULL;
+        if (k1 > k0) {
+            group_range(D, G, qh, (const char *) k->data + h * k->nb[2], (const char *) v->data + h * v->nb[2],
+                        k->nb[1], v->nb[1], mbase, mask ? mask->nb[2] : 0, k0, k1, m, s, acc);
+        } else {
+            for (int g = 0; g < G; ++g) {
+                m[g] = -INFINITY;
+                s[g] = 0.0f;
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            float *row = out + (size_t) (h * G + g) * (D + 2);
+            row[0] = m[g];
+            row[1] = s[g];
+            memcpy(row + 2, acc + g * D, sizeof(float) * D);
+        }
+    }
+}
+
+void edgectx_attn_partial(struct tensor *dst, int ith, int nth, void *userdata) {
+    (void) userdata;
+    if (dst->src[1]->ne[0] == 64)
+        partial(64, dst, ith, nth);
+    else
+        partial(128, dst, ith, nth);
+}
+
+/* dst (D, n_heads): each query head's output from every thread's partial (src[0], as edgectx_attn_partial left it) */
+void edgectx_attn_reduce(struct tensor *dst, int ith, int nth, void *userdata) {
+    (void) userdata;
+    const struct tensor *parts = dst->src[0];
+    const int D = (int) dst->ne[0], n_heads = (int) dst->ne[1];
+    const int n_parts = nth < parts->ne[2] ? nth : (int) parts->ne[2];  /* as edgectx_attn_partial split the keys */
+    for (int h = ith; h < n_heads; h += nth) {
+        float mx = -INFINITY;
+        for (int t = 0; t < n_parts; ++t) {
+            const float mt = ((const float *) parts->data)[((size_t) t * n_heads + h) * (D + 2)];
+            mx = mt > mx ? mt : mx;
+        }
+        float *out = (float *) ((char *) dst->data + (size_t) h * dst->nb[1]);
+        float total = 0.0f;
+        memset(out, 0, sizeof(float) * D);
+        for (int t = 0; t < n_parts; ++t) {
+            const float *row = (const float *) parts->data + ((size_t) t * n_heads + h) * (D + 2);
+            if (row[1] == 0.0f)
+                continue;
+            const float r = expf(row[0] - mx);
+            total += row[1] * r;
+            for (int c = 0; c < D; ++c)
+                out[c] += row[2 + c] * r;
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int c = 0; c < D; ++c)
+            out[c] *= inv;
+    }
+}

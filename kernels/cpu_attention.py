@@ -1,0 +1,124 @@
+"""The fused CPU decode step's attention over a float16 context (cpu_attention.c), built once with the C compiler.
+
+ggml's flash attention costs the same per key and head whatever the K/V type (about 20 ns on two cores: a dot
+product, an expf and a row update per key and query head), so a float16 context saved nothing there. The C ops
+here read each KV head's keys once for its whole query group, a block at a time, with a vectorized exp: over
+2,600 float16 keys, 30 layers of the embedded model took 3.5 ms against flash attention's 6.9 (two threads).
+They run inside the decode graph (edgectx.quant.ggml_decode) as two ggml custom ops.
+
+The library is compiled at first use with the system's C compiler (`$CC`, else cc, gcc or clang: llama-cpp-python,
+a dependency, is itself built from source by one) for x86-64 CPUs with AVX2, FMA and F16C, and kept in the cache
+dir under a name hashed from the source, the flags and the compiler, so a new version rebuilds. Where any of that
+is missing (another CPU, no compiler, a failed build, a struct layout that differs from edgectx's ggml
+bindings), `ops()` says None once, with one warning, and the decode graph keeps ggml's flash attention over a
+float32 context. EDGECTX_CPU_ATTENTION=0 turns it off.
+
+    ops = cpu_attention.ops()   # (partial, reduce) C function addresses, or None
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_library: ctypes.CDLL | None = None  # kept loaded for as long as the ops' addresses are used
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-fno-math-errno")
+CPU_FLAGS = ("avx2", "fma", "f16c")
+HEAD_DIMS = (64, 128)  # what the C ops are specialized for
+MAX_GROUP = 16  # query heads per KV head (cpu_attention.c's MAX_GROUP)
+
+
+def _cpu_supported() -> str | None:
+    """Why this CPU cannot run the library, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU is {platform.machine()}, not x86-64"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "/proc/cpuinfo is unreadable (its AVX2, FMA and F16C support cannot be checked)"
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _library_path(compiler: str) -> Path:
+    from edgectx.config import cache_dir
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu_attention-{digest}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile the library to `target`, atomically (a concurrent build of the same name writes the same bytes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_layout(library: ctypes.CDLL) -> str | None:
+    """Why the library's view of ggml's tensor struct differs from edgectx's bindings', or None."""
+    from edgectx.quant.ggml_cpu import _Tensor
+
+    layout = library.edgectx_attn_layout
+    layout.restype, layout.argtypes = ctypes.c_int64, [ctypes.c_int]
+    ours = (ctypes.sizeof(_Tensor), _Tensor.src.offset, _Tensor.data.offset)
+    theirs = tuple(layout(i) for i in range(3))
+    return None if ours == theirs else f"its tensor layout {theirs} differs from the bindings' {ours}"
+
+
+@cache
+def ops() -> tuple[int, int] | None:
+    """(partial, reduce): the addresses of the two custom ops (ggml_custom_op_t), or None where the library cannot
+    be built or used here (the module docstring; one warning says why)."""
+    if os.environ.get("EDGECTX_CPU_ATTENTION", "1") == "0":
+        return None
+    why = _cpu_supported()
+    compiler = _compiler() if why is None else None
+    if why is None and compiler is None:
+        why = "no C compiler was found (set CC)"
+    if why is None:
+        target = _library_path(compiler)
+        try:
+            if not target.is_file():
+                _build(compiler, target)
+            library = ctypes.CDLL(str(target))
+            why = _check_layout(library)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            why = f"building it with {compiler} failed: {e}"
+    if why is not None:
+        log.warning("edgectx: the fast CPU decode attention is off (%s); ggml's flash attention runs instead.", why)
+        return None
+    global _library
+    _library = library
+    return (ctypes.cast(library.edgectx_attn_partial, ctypes.c_void_p).value,
+            ctypes.cast(library.edgectx_attn_reduce, ctypes.c_void_p).value)
+
+
+def supports(n_heads: int, n_kv: int, head_dim: int) -> bool:
+    """Whether the ops can run a model of this shape (and are available)."""
+    return head_dim in HEAD_DIMS and n_heads % n_kv == 0 and n_heads // n_kv <= MAX_GROUP and ops() is not None
