@@ -253,3 +253,123 @@ void edgectx_attn_reduce(struct tensor *dst, int ith, int nth, void *userdata) {
             out[c] *= inv;
     }
 }
+
+/* Rotate n columns of n_kv heads of pre-RoPE float16 keys at their positions into a float16 context, as
+ * edgectx.model.rope.Rope.rotate does in float32 and the memory then rounds (as_stored), bit for bit:
+ * x * cos + swap_halves(x) * signed_sin, each product and the sum rounded to float32 (no fused multiply-add:
+ * built with -ffp-contract=off), then rounded to float16 (nearest even). cos and sin: the signed tables, rows of
+ * d floats, every position below their length (the caller checks). Strides in elements; d a multiple of 16. */
+void edgectx_rope_f16(uint16_t *dst, int64_t dst_head, const uint16_t *src, int64_t src_head, const int64_t *pos,
+                      int64_t pos_head, int n_kv, int64_t n, int d, const float *cos, const float *sin) {
+    const int half = d / 2;
+    for (int h = 0; h < n_kv; ++h) {
+        for (int64_t j = 0; j < n; ++j) {
+            const uint16_t *x = src + h * src_head + j * d;
+            uint16_t *out = dst + h * dst_head + j * d;
+            const float *c = cos + pos[h * pos_head + j] * d, *s = sin + pos[h * pos_head + j] * d;
+            for (int i = 0; i < half; i += 8) {
+                const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i)));
+                const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + half + i)));
+                const __m256 a = _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(c + i)),
+                                               _mm256_mul_ps(hi, _mm256_loadu_ps(s + i)));
+                const __m256 b = _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(c + half + i)),
+                                               _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + i)));
+                _mm_storeu_si128((__m128i *) (out + i), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+                _mm_storeu_si128((__m128i *) (out + half + i), _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT));
+            }
+        }
+    }
+}
+
+/* Attention mass: out[h][j] = the sum, over the query rows of KV head h (its group's query heads x n_q queries), of
+ * the softmax weight each puts on key j < length: what the eviction scorer observes and what the retrieval record
+ * keeps (edgectx.memory.context). q: float32 (n_heads, n_q, D) rows, rotated and unscaled; k: float16 context,
+ * heads k_head elements apart, rows of D. Key j is seen by query t of head h when valid (uint8, heads valid_head
+ * apart; NULL: all) says so and, with idx (int64, heads idx_head apart) and q_idx (n_q) given, idx[j] <= q_idx[t].
+ * A row that sees no key adds nothing. scratch: n_heads / n_kv * n_q * length floats. */
+void edgectx_attention_mass(float *out, const float *q, int n_heads, int n_q, int n_kv, int D, const uint16_t *k,
+                            int64_t k_head, int64_t length, const uint8_t *valid, int64_t valid_head,
+                            const int64_t *idx, int64_t idx_head, const int64_t *q_idx, float *scratch) {
+    float kbuf[BLOCK * 128] __attribute__((aligned(32)));
+    const int G = n_heads / n_kv, rows = G * n_q;
+    const float scale = 1.0f / sqrtf((float) D);
+    for (int h = 0; h < n_kv; ++h) {
+        const uint16_t *kh = k + h * k_head;
+        float *mass = out + h * length;
+        memset(mass, 0, sizeof(float) * length);
+        for (int64_t j0 = 0; j0 < length; j0 += BLOCK) {
+            const int n = (int) (length - j0 < BLOCK ? length - j0 : BLOCK);
+            widen(kbuf, (const char *) (kh + j0 * D), (size_t) D * 2, n, D);
+            /* each key's index as a float (exact below 2^24 tokens), +inf where its KV head does not see it at all */
+            float kf[BLOCK] __attribute__((aligned(32)));
+            for (int j = 0; j < BLOCK; ++j) {
+                const int64_t jj = j0 + j;
+                kf[j] = j >= n || (valid && !valid[h * valid_head + jj]) ? INFINITY
+                        : idx ? (float) idx[h * idx_head + jj] : 0.0f;
+            }
+            for (int r = 0; r < rows; ++r) {
+                const int g = r / n_q, t = r % n_q;
+                const __m256 bound = _mm256_set1_ps(idx ? (float) q_idx[t] : 1.0f);
+                const float *qr = q + ((size_t) (h * G + g) * n_q + t) * D;
+                float *sr = scratch + (size_t) r * length + j0;
+                for (int j = 0; j < n; j += 8) {
+                    __m256 a[8];
+                    for (int i = 0; i < 8; ++i)
+                        a[i] = _mm256_setzero_ps();
+                    for (int c = 0; c < D; c += 8) {
+                        const __m256 qv = _mm256_loadu_ps(qr + c);
+                        for (int i = 0; i < 8; ++i)
+                            a[i] = _mm256_fmadd_ps(_mm256_load_ps(kbuf + (j + i) * D + c), qv, a[i]);
+                    }
+                    const __m256 x = _mm256_mul_ps(sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+                    const __m256 seen = _mm256_cmp_ps(_mm256_load_ps(kf + j), bound, _CMP_LE_OQ);
+                    const __m256 y = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, seen);
+                    if (j + 8 <= n) {
+                        _mm256_storeu_ps(sr + j, y);
+                    } else {  /* the row's last keys: the next row's scores follow them */
+                        float s8[8];
+                        _mm256_storeu_ps(s8, y);
+                        for (int i = 0; j + i < n; ++i)
+                            sr[j + i] = s8[i];
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < rows; ++r) {
+            float *sr = scratch + (size_t) r * length;
+            __m256 mv = _mm256_set1_ps(-INFINITY);
+            int64_t jm = 0;
+            for (; jm + 8 <= length; jm += 8)
+                mv = _mm256_max_ps(mv, _mm256_loadu_ps(sr + jm));
+            float lanes_max[8], mx = -INFINITY;
+            _mm256_storeu_ps(lanes_max, mv);
+            for (int i = 0; i < 8; ++i)
+                mx = lanes_max[i] > mx ? lanes_max[i] : mx;
+            for (; jm < length; ++jm)
+                mx = sr[jm] > mx ? sr[jm] : mx;
+            if (mx == -INFINITY)
+                continue;
+            const __m256 mm = _mm256_set1_ps(mx);
+            __m256 total = _mm256_setzero_ps();
+            int64_t j = 0;
+            for (; j + 8 <= length; j += 8) {
+                const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mm));
+                _mm256_storeu_ps(sr + j, p);
+                total = _mm256_add_ps(total, p);
+            }
+            float lanes[8], sum = 0.0f;
+            _mm256_storeu_ps(lanes, total);
+            for (int i = 0; i < 8; ++i)
+                sum += lanes[i];
+            for (; j < length; ++j) {
+                sr[j] = sr[j] == -INFINITY ? 0.0f : expf(sr[j] - mx);
+                sum += sr[j];
+            }
+            const __m256 inv = _mm256_set1_ps(1.0f / sum);
+            for (j = 0; j + 8 <= length; j += 8)
+                _mm256_storeu_ps(mass + j, _mm256_add_ps(_mm256_loadu_ps(mass + j), _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv)));
+            for (; j < length; ++j)
+                mass[j] += sr[j] / sum;
+        }
+    }
+}

@@ -28,11 +28,15 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported by the functions that take tensors, not by the engine's start
+    import torch
 
 log = logging.getLogger(__name__)
 _library: ctypes.CDLL | None = None  # kept loaded for as long as the ops' addresses are used
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-fno-math-errno")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 CPU_FLAGS = ("avx2", "fma", "f16c")
 HEAD_DIMS = (64, 128)  # what the C ops are specialized for
 MAX_GROUP = 16  # query heads per KV head (cpu_attention.c's MAX_GROUP)
@@ -115,8 +119,73 @@ def ops() -> tuple[int, int] | None:
         return None
     global _library
     _library = library
+    rope = library.edgectx_rope_f16
+    rope.restype = None
+    rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                     ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    mass = library.edgectx_attention_mass
+    mass.restype = None
+    mass.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return (ctypes.cast(library.edgectx_attn_partial, ctypes.c_void_p).value,
             ctypes.cast(library.edgectx_attn_reduce, ctypes.c_void_p).value)
+
+
+def rotate_into(dst: "torch.Tensor", src: "torch.Tensor", positions: "torch.Tensor", cos: "torch.Tensor",
+                sin: "torch.Tensor") -> None:
+    """dst (n_kv, n, d) float16 <- src (n_kv, n, d) float16 pre-RoPE keys rotated at `positions` (n_kv, n) int64 with
+    the signed tables `cos`, `sin` (N, d) float32 (Rope.signed_tables), bit for bit as Rope.rotate in float32 then
+    rounded to float16 (the memory's rebuild: cpu_attention.c's edgectx_rope_f16). Each head's rows contiguous; every
+    position below N. Call only where `ops()` is not None."""
+    import torch
+
+    n_kv, n, d = src.shape
+    if n == 0:
+        return
+    tables = cos.shape[1]
+    ok = (dst.dtype == src.dtype == torch.float16 and positions.dtype == torch.int64 and d % 16 == 0 and tables == d
+          and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+          and dst.shape == src.shape and positions.shape == (n_kv, n) and dst.stride()[1:] == src.stride()[1:] == (d, 1)
+          and positions.stride(1) == 1)
+    if not ok:
+        raise ValueError("rotate_into: shapes, dtypes or strides it does not take")
+    if int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]:  # C reads the tables' rows unchecked
+        raise ValueError("rotate_into: a position outside the tables")
+    _library.edgectx_rope_f16(dst.data_ptr(), dst.stride(0), src.data_ptr(), src.stride(0), positions.data_ptr(),
+                              positions.stride(0), n_kv, n, d, cos.data_ptr(), sin.data_ptr())
+
+
+def attention_mass(q: "torch.Tensor", k: "torch.Tensor", length: int, scratch: "torch.Tensor",
+                   valid: "torch.Tensor | None" = None, idx: "torch.Tensor | None" = None,
+                   q_idx: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """(n_kv, length) float32: per key of a float16 context, the softmax weight that the query rows of its KV head put
+    on it, summed (cpu_attention.c's edgectx_attention_mass): q (n_heads, n_q, d) float32, rotated, unscaled; k
+    (n_kv, capacity, d) float16, the first `length` columns; valid (n_kv, >= length) bool: which keys each KV head
+    sees; idx (n_kv, >= length) int64 with q_idx (n_q,) int64: key j is seen by query t only if idx[j] <= q_idx[t].
+    scratch: float32, at least n_heads / n_kv * n_q * length elements, contiguous. Call only where `ops()` is not None."""
+    import torch
+
+    n_heads, n_q, d = q.shape
+    n_kv = k.shape[0]
+    rows = n_heads // n_kv * n_q
+    ok = (q.dtype == scratch.dtype == torch.float32 and q.is_contiguous() and k.dtype == torch.float16 and k.shape[2] == d
+          and k.stride()[1:] == (d, 1) and d % 8 == 0 and d <= 128 and n_heads % n_kv == 0 and k.shape[1] >= length
+          and scratch.is_contiguous() and scratch.numel() >= rows * length)
+    for t, dtype in ((valid, torch.bool), (idx, torch.int64)):
+        ok = ok and (t is None or (t.dtype == dtype and t.shape[0] == n_kv and t.shape[1] >= length and t.stride(1) == 1))
+    ok = ok and (idx is None) == (q_idx is None) and (q_idx is None or (q_idx.dtype == torch.int64 and q_idx.shape == (n_q,)
+                                                                        and q_idx.is_contiguous()))
+    if not ok:
+        raise ValueError("attention_mass: shapes, dtypes or strides it does not take")
+    out = torch.empty(n_kv, length, dtype=torch.float32)
+    if length:
+        _library.edgectx_attention_mass(
+            out.data_ptr(), q.data_ptr(), n_heads, n_q, n_kv, d, k.data_ptr(), k.stride(0), length,
+            None if valid is None else valid.data_ptr(), 0 if valid is None else valid.stride(0),
+            None if idx is None else idx.data_ptr(), 0 if idx is None else idx.stride(0),
+            None if q_idx is None else q_idx.data_ptr(), scratch.data_ptr())
+    return out
 
 
 def supports(n_heads: int, n_kv: int, head_dim: int) -> bool:

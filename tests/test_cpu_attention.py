@@ -133,3 +133,51 @@ def test_a_built_library_is_reused_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_attention, "_build", lambda *a: pytest.fail("built again"))
     assert cpu_attention.ops.__wrapped__() is not None
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_keys_rotate_into_a_float16_context_bit_for_bit_as_rope_rotate_then_rounding(d):
+    """The memory's rebuild rotates in C what it rotated with Rope.rotate in float32 and rounded to float16: the same
+    bits, for keys as large as a model's (the embedded model's reach ~20) and positions anywhere in the tables."""
+    from edgectx.model.rope import Rope
+    from edgectx.model.spec import ModelSpec
+
+    spec = ModelSpec(arch="llama", n_layers=1, dim=4 * d, n_heads=4, n_kv_heads=1, head_dim=d, ffn_dim=64, vocab_size=10,
+                     context_length=8192)
+    rope = Rope(spec, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    n_kv, n, capacity = 3, 700, 900
+    src = (torch.randn(n_kv, n, d, generator=gen) * 20).half()
+    positions = torch.randint(0, 5000, (n_kv, n), generator=gen)
+    cos, sin = rope.signed_tables(5000)
+    expected = rope.rotate(src, *rope.tables(positions, torch.float32, n_positions=5000)).half()
+    dst = torch.zeros(n_kv, capacity, d, dtype=torch.float16)  # a context's buffer: heads `capacity` columns apart
+    cpu_attention.rotate_into(dst[:, 100 : 100 + n], src, positions, cos, sin)
+    assert torch.equal(dst[:, 100 : 100 + n], expected)
+    assert not dst[:, :100].any() and not dst[:, 100 + n :].any()  # nothing written outside
+    with pytest.raises(ValueError, match="outside the tables"):
+        cpu_attention.rotate_into(dst[:, :n], src, positions + 5000, cos, sin)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,d,n_q", [(9, 3, 64, 1), (9, 3, 64, 16), (32, 8, 128, 4), (4, 4, 64, 3)])
+def test_attention_mass_is_the_softmax_weights_summed_per_key(n_heads, n_kv, d, n_q):
+    """What the eviction scorer observes and the retrieval record keeps: per key, the weight every query row of its
+    KV head puts on it, each row seeing the keys its KV head's `valid` allows and, with indices, none newer than it."""
+    length, capacity = 1000, 1100
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(n_heads, n_q, d, generator=gen) * 2
+    k = torch.randn(n_kv, capacity, d, generator=gen).half()
+    valid = torch.rand(n_kv, capacity, generator=gen) > 0.1
+    idx = torch.randperm(capacity, generator=gen).expand(n_kv, -1).contiguous()
+    q_idx = torch.arange(n_q, dtype=torch.int64) + 500  # each query sees the keys of index <= its own
+    scratch = torch.empty(n_heads // n_kv * n_q * length)
+    group = n_heads // n_kv
+    scores = torch.einsum("hqd,hkd->hqk", q.double().reshape(n_kv, group * n_q, d), k[:, :length].double()) / d**0.5
+    seen = valid[:, None, :length] & (idx[:, None, :length] <= q_idx.repeat(group)[None, :, None])
+    expected = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1).sum(dim=1)
+    got = cpu_attention.attention_mass(q, k, length, scratch, valid=valid, idx=idx, q_idx=q_idx)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    unmasked = torch.softmax(scores, dim=-1).sum(dim=1)
+    torch.testing.assert_close(cpu_attention.attention_mass(q, k, length, scratch).double(), unmasked, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not take"):
+        cpu_attention.attention_mass(q, k, length, scratch[:10])

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from edgectx import kernels
+from edgectx.kernels import cpu_attention
 from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.device import cache_capacity_blocks
 from edgectx.memory.graph_step import memory_graph_step
@@ -221,7 +222,8 @@ class LayerMemory:
         # resident prefix, in the same buffers, when the tier has not been compacted since (the same version)
         kept = reuse.n_resident if reuse is not None and asm.v is reuse.v and reuse.key[0] == key[0] \
             and reuse.n_resident <= n_resident else 0
-        k[:, :n_resident] = r.k[:, :n_resident]
+        if not m.c_ops:  # (C rotates the resident keys where they are)
+            k[:, :n_resident] = r.k[:, :n_resident]
         asm.v[:, kept:n_resident], asm.idx[:, kept:n_resident] = r.v[:, kept:n_resident], r.idx[:, kept:n_resident]
         valid = duplicate = None
         facts = self._facts if self._facts is not None and self._facts[0] == key + (n_resident, n_tokens) else None
@@ -245,12 +247,17 @@ class LayerMemory:
             valid = torch.cat((~duplicate, torch.ones(n_kv, n_keys - n_resident, dtype=torch.bool,
                                                       device=m.device)), dim=1)
         # K rotated in the compute dtype, then rounded to kv_dtype (as_stored); V as stored, widened as it was copied
-        tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
-        if m.context_dtype == m.dtype:
+        if m.c_ops:  # in C, straight from the tier and the retrieved blocks into the float16 context
+            cos, sin = m.rope.signed_tables(next_pos)
+            cpu_attention.rotate_into(asm.k[:, :n_resident], r.k[:, :n_resident], positions[:, :n_resident], cos, sin)
+            cpu_attention.rotate_into(asm.k[:, n_resident:n_keys], k[:, n_resident:], positions[:, n_resident:], cos, sin)
+        elif m.context_dtype == m.dtype:
+            tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
             k_rot = m.rope.rotate(k, *tables, out=asm.k[:, :n_keys])
             if m.kv_dtype != m.dtype:
                 k_rot.copy_(k_rot.to(m.kv_dtype))
         else:  # a float16 context: rotated in float32 beside it, rounded as it is copied in
+            tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
             asm.k[:, :n_keys].copy_(m.rope.rotate(k, *tables, out=m.scratch(n_kv, n_keys, r.head_dim, m.dtype, "rotated")))
         # With the bookkeeping on the device (CUDA), the validity buffer is always there: with the buffers reused,
         # the CUDA-graph step's key then stays the same across rebuilds
@@ -290,10 +297,14 @@ class LayerMemory:
         """Attention mass per completed block (n_blocks,) that the newest `RECORD_QUERIES` queries of this forward
         put on the context's tokens, resident or retrieved, averaged over KV heads: what the answer attended to.
         The sinks are left out (attention parks its spare mass there whatever the question)."""
-        m, c = self.memory, self.memory.config
+        m = self.memory
         n_heads, _, head_dim = q_rot.shape
         n_kv, end, t = asm.k.shape[0], start + n_new, min(n_new, RECORD_QUERIES)
         group = n_heads // n_kv
+        if n_new == 1 and m.c_ops:  # a decode step's query sees every valid column
+            mass = cpu_attention.attention_mass(q_rot.float().contiguous(), asm.k, end, self._mass_scratch(group * end),
+                                                valid=asm.valid)
+            return self._per_block(mass, asm, end, n_kv * group * t)
         qg = q_rot[:, n_new - t :].reshape(n_kv, group * t, head_dim) * head_dim**-0.5  # heads h*group.. share KV head h
         logits = (qg @ asm.k[:, :end].to(qg.dtype).transpose(1, 2)).float()  # (n_kv, group * t, end)
         if n_new == 1:  # a decode step's query sees every valid column
@@ -305,13 +316,21 @@ class LayerMemory:
                 rows = mask[..., n_new - t :, :]
                 logits.view(n_kv, group, t, end).masked_fill_(~(rows[:, None] if rows.dim() == 3 else rows), float("-inf"))
         mass = torch.softmax(logits, dim=-1, out=logits).sum(dim=1)  # (n_kv, end)
+        return self._per_block(mass, asm, end, n_kv * group * t)
+
+    def _mass_scratch(self, n: int) -> torch.Tensor:
+        return self.memory.scratch(1, n, 1, torch.float32, "mass").view(-1)
+
+    def _per_block(self, mass: torch.Tensor, asm: Assembly, end: int, n_rows: int) -> torch.Tensor:
+        """`_attended`'s per-block mass from the per-column mass (n_kv, end) of `n_rows` query rows."""
+        m, c = self.memory, self.memory.config
         # Completed blocks before this forward only: a passage of the context, not the query's own tokens. The sinks
         # and everything newer go to bin n_blocks, which is dropped.
         n_blocks = m.n_tokens // c.block_size
         idx = asm.idx[:, :end]
         bins = torch.div(idx, c.block_size, rounding_mode="floor").clamp_(max=n_blocks).masked_fill_(idx < c.n_sink, n_blocks)
-        per_block = torch.zeros(n_kv, n_blocks + 1, device=mass.device).scatter_add_(1, bins, mass)
-        return per_block[:, :n_blocks].sum(dim=0).mul_(1.0 / (n_kv * group * t))
+        per_block = torch.zeros(mass.shape[0], n_blocks + 1, device=mass.device).scatter_add_(1, bins, mass)
+        return per_block[:, :n_blocks].sum(dim=0).mul_(1.0 / n_rows)
 
     def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
         """Attention mass (n_kv, n_keys) that every `observe_stride`th of the last `n_observe` queries puts on
@@ -331,6 +350,10 @@ class LayerMemory:
         # from the end of the table)
         q_pos = (last - 1 - back).clamp_(min=0)
         q_rot = m.rope.rotate(q_obs, *m.rope.tables(q_pos, m.dtype, n_positions=last))
+        end_idx = m.n_tokens + q.shape[1]
+        if m.c_ops:
+            return cpu_attention.attention_mass(q_rot.contiguous(), asm.k, n_keys, self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys),
+                                                valid=asm.valid, idx=asm.idx, q_idx=end_idx - 1 - back)
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, -1, head_dim).float()
         # (n_kv, group * n_obs, n_keys), each step in place: this runs at every evicting chunk, and the copies of
@@ -338,7 +361,6 @@ class LayerMemory:
         # for a 512-token chunk over 2,560 keys on 2 CPU threads)
         logits = torch.baddbmm(qg.new_empty(()), qg, asm.k[:, :n_keys].float().transpose(1, 2), beta=0.0,
                                alpha=head_dim**-0.5)
-        end_idx = m.n_tokens + q.shape[1]
         q_idx = (end_idx - 1 - back).repeat(n_heads // n_kv)  # (group * n_obs,)
         blocked = asm.idx[:, None, :n_keys] > q_idx[None, :, None]
         if asm.valid is not None:
@@ -598,6 +620,11 @@ class ContextMemory:
         self.context_dtype = context_dtype or dtype
         if self.context_dtype != dtype and (device.type != "cpu" or self.context_dtype != self.kv_dtype):
             raise ValueError("a context in another dtype than the compute dtype must hold K and V as stored, on a CPU")
+        # Over a float16 context, C does what PyTorch would do in float32 from a widened copy of it: rebuilds rotate
+        # keys straight into it (cpu_attention.rotate_into: the same bits as Rope.rotate, rounded), and the eviction's
+        # observation and a decode retrieval's record take their attention mass from it (attention_mass)
+        self.c_ops = self.context_dtype == torch.float16 and dtype == torch.float32 and rope.rope_dim == spec.head_dim \
+            and spec.head_dim % 16 == 0 and cpu_attention.ops() is not None
         self.config = config or MemoryConfig()
         self.scorer = scorer or AttentionMassScorer()
         self.record = RetrievalRecord(self.config.block_size)
