@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # torch is imported by the functions that take tensors, not b
 
 log = logging.getLogger(__name__)
 _library: ctypes.CDLL | None = None  # kept loaded for as long as the ops' addresses are used
+_state: tuple[str | None, str] = (None, "not tried yet")  # `status`: (the library's path or None, why not)
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -99,7 +100,9 @@ def _check_layout(library: ctypes.CDLL) -> str | None:
 def ops() -> tuple[int, int] | None:
     """(partial, reduce): the addresses of the two custom ops (ggml_custom_op_t), or None where the library cannot
     be built or used here (the module docstring; one warning says why)."""
+    global _library, _state
     if os.environ.get("EDGECTX_CPU_ATTENTION", "1") == "0":
+        _state = (None, "turned off (EDGECTX_CPU_ATTENTION=0)")
         return None
     why = _cpu_supported()
     compiler = _compiler() if why is None else None
@@ -116,9 +119,9 @@ def ops() -> tuple[int, int] | None:
             why = f"building it with {compiler} failed: {e}"
     if why is not None:
         log.warning("edgectx: the fast CPU decode attention is off (%s); ggml's flash attention runs instead.", why)
+        _state = (None, why)
         return None
-    global _library
-    _library = library
+    _library, _state = library, (str(target), "")
     rope = library.edgectx_rope_f16
     rope.restype = None
     rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -186,6 +189,12 @@ def attention_mass(q: "torch.Tensor", k: "torch.Tensor", length: int, scratch: "
             None if idx is None else idx.data_ptr(), 0 if idx is None else idx.stride(0),
             None if q_idx is None else q_idx.data_ptr(), scratch.data_ptr())
     return out
+
+
+def status() -> tuple[str | None, str]:
+    """(the compiled library's path, "") or (None, why it is off): what `edgectx doctor` reports."""
+    ops()
+    return _state
 
 
 def supports(n_heads: int, n_kv: int, head_dim: int) -> bool:

@@ -18,6 +18,9 @@ export PIP_CONSTRAINT="$root/packaging/cpu-constraints.txt"
 python3 -m pipx install "$wheel"
 
 "$work/bin/edgectx" --version
+doctor=$(EDGECTX_HOME="$work/home" "$work/bin/edgectx" doctor --json)
+grep -A2 '"cpu attention"' <<<"$doctor" | grep -q '"ok": true' \
+    || { echo "smoke: the installed edgectx did not build its CPU attention (kernels/cpu_attention.c)" >&2; exit 1; }
 answer=$(cd "$work" && "$work/bin/edgectx" chat --prompt "What is the capital of France?" --temperature 0 --max-tokens 24)
 echo "answer: $answer"
 grep -q "Paris" <<<"$answer" || { echo "smoke: the installed edgectx did not answer 'Paris'" >&2; exit 1; }

@@ -63,6 +63,18 @@ def test_doctor_reports_paths_and_default_model(tmp_path):
     assert checks["default model"]["ok"] and "SmolLM2" in checks["default model"]["detail"]
     assert checks["data dir"]["detail"] == str(tmp_path / "home")
     assert {"torch", "cuda", "bitsandbytes", "triton", "config"} <= set(checks)
+    attention = checks["cpu attention"]  # compiled at first use into the cache dir (edgectx.kernels.cpu_attention)
+    if attention["ok"]:
+        assert attention["detail"].startswith(f"compiled: {tmp_path / 'home' / 'cache' / 'kernels'}")
+    else:
+        assert attention["detail"] and attention["advice"]
+
+
+def test_doctor_says_why_the_cpu_attention_is_off(monkeypatch):
+    monkeypatch.setenv("EDGECTX_CPU_ATTENTION", "0")
+    report = json.loads(run_cli("doctor", "--json").stdout)
+    attention = {c["name"]: c for c in report["checks"]}["cpu attention"]
+    assert not attention["ok"] and "EDGECTX_CPU_ATTENTION=0" in attention["detail"] and report["ok"]
 
 
 def test_bench_json_on_a_tiny_model(tmp_path):

@@ -58,6 +58,12 @@ def run_checks() -> list[Check]:
 
     packed = fp16_packing_available()
     checks.append(Check("fp16 weights", packed, "FBGEMM fp16-packed linears" if packed else "FBGEMM missing: float32 weights (slower decode)", required=False))
+    from edgectx.kernels import cpu_attention
+
+    library, why = cpu_attention.status()
+    checks.append(Check("cpu attention", library is not None, f"compiled: {library}" if library else why,
+                        "" if library else "optional: decode over long contexts is slower without it (needs a C compiler, "
+                        "x86-64 with AVX2; set CC)", required=False))
     llama = _version("llama-cpp-python")
     checks.append(Check("llama-cpp-python", llama is not None, llama or "not installed", "" if llama else "pip install llama-cpp-python (the tokenizer)"))
     checks.append(Check("data dir", True, str(data_dir()), "set EDGECTX_HOME to move it"))
