@@ -114,7 +114,7 @@ def test_more_threads_than_partials_leave_the_rest_idle():
 
 
 def test_a_library_that_cannot_be_built_leaves_flash_attention_on(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("EDGECTX_HOME", str(tmp_path))  # a cache dir with no library built yet
+    monkeypatch.setenv("EDGECTX_CACHE", str(tmp_path / "cache"))  # a cache dir with no library built yet
     monkeypatch.setattr(cpu_attention, "_compiler", lambda: "/bin/false")  # a compiler that fails
     with caplog.at_level(logging.WARNING):
         assert cpu_attention.ops.__wrapped__() is None
@@ -125,7 +125,7 @@ def test_a_library_that_cannot_be_built_leaves_flash_attention_on(tmp_path, monk
 
 
 def test_a_built_library_is_reused_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGECTX_HOME", str(tmp_path))
+    monkeypatch.setenv("EDGECTX_CACHE", str(tmp_path / "cache"))
     assert cpu_attention.ops.__wrapped__() is not None
     built = list((tmp_path / "cache" / "kernels").glob("cpu_attention-*.so"))
     assert len(built) == 1
