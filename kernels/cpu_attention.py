@@ -9,8 +9,7 @@ They run inside the decode graph (edgectx.quant.ggml_decode) as two ggml custom 
 The library is compiled at first use with the system's C compiler (`$CC`, else cc, gcc or clang: llama-cpp-python,
 a dependency, is itself built from source by one) for x86-64 CPUs with AVX2, FMA and F16C, and kept in the cache
 dir under a name hashed from the source, the flags and the compiler, so a new version rebuilds. Where any of that
-is missing (another CPU, no compiler, a failed build, a struct layout that differs from edgectx's ggml
-bindings), `ops()` says None once, with one warning, and the decode graph keeps ggml's flash attention over a
+is missing (another CPU, no compiler, a failed build), `ops()` says None once, with one warning, and the decode graph keeps ggml's flash attention over a
 float32 context. EDGECTX_CPU_ATTENTION=0 turns it off.
 
     ops = cpu_attention.ops()   # (partial, reduce) C function addresses, or None
@@ -63,11 +62,20 @@ def _compiler() -> str | None:
     return None
 
 
-def _library_path(compiler: str) -> Path:
-    from edgectx.config import cache_dir
+def _cache_folder() -> Path:
+    """edgectx.config.cache_dir() / "kernels" (that module sits above this package, which imports nothing of the
+    engine's; tests/test_cpu_attention.py holds the two to the same answer)."""
+    import platformdirs
 
+    explicit, home = os.environ.get("EDGECTX_CACHE"), os.environ.get("EDGECTX_HOME")
+    if explicit:
+        return Path(explicit).expanduser() / "kernels"
+    return (Path(home).expanduser() / "cache" if home else Path(platformdirs.user_cache_dir("edgectx", appauthor=False))) / "kernels"
+
+
+def _library_path(compiler: str) -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"cpu_attention-{digest}.so"
+    return _cache_folder() / f"cpu_attention-{digest}.so"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -85,15 +93,14 @@ def _build(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-def _check_layout(library: ctypes.CDLL) -> str | None:
-    """Why the library's view of ggml's tensor struct differs from edgectx's bindings', or None."""
-    from edgectx.quant.ggml_cpu import _Tensor
-
-    layout = library.edgectx_attn_layout
+def tensor_layout() -> tuple[int, ...] | None:
+    """(sizeof, offset of src, offset of data) of ggml's tensor struct as the C ops read it, or None without them: the
+    decode graph (edgectx.quant.ggml_decode) uses the ops only where its own bindings agree."""
+    if ops() is None:
+        return None
+    layout = _library.edgectx_attn_layout
     layout.restype, layout.argtypes = ctypes.c_int64, [ctypes.c_int]
-    ours = (ctypes.sizeof(_Tensor), _Tensor.src.offset, _Tensor.data.offset)
-    theirs = tuple(layout(i) for i in range(3))
-    return None if ours == theirs else f"its tensor layout {theirs} differs from the bindings' {ours}"
+    return tuple(layout(i) for i in range(3))
 
 
 @cache
@@ -114,7 +121,6 @@ def ops() -> tuple[int, int] | None:
             if not target.is_file():
                 _build(compiler, target)
             library = ctypes.CDLL(str(target))
-            why = _check_layout(library)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             why = f"building it with {compiler} failed: {e}"
     if why is not None:

@@ -29,6 +29,8 @@ structs' memory, no slots.
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
 import os
 import weakref
 
@@ -41,6 +43,7 @@ from edgectx.quant.blocks import QuantizedMatrix
 from edgectx.quant.ggml_cpu import _CPlan, _F16, _F32, _InitParams, _Tensor, _TensorP, lib, product
 from edgectx.quant.ggml_layer import GgmlLayer
 
+log = logging.getLogger(__name__)
 _PREC_F32 = 10  # ggml.h's GGML_PREC_F32
 _ALL_THREADS = -1  # ggml.h's GGML_N_TASKS_MAX: a custom op runs on every thread of the compute
 _MAX_PARTS = min(64, os.cpu_count() or 1)  # threads whose shares of the keys the float16 attention keeps apart (more idle)
@@ -253,6 +256,17 @@ class _DecodeGraph:
             self.ctx = None
 
 
+@functools.cache
+def _layout_agrees() -> bool:
+    """Whether the C ops read ggml's tensor struct as these bindings do (`_Tensor`); one warning if not."""
+    theirs = cpu_attention.tensor_layout()
+    ours = (ctypes.sizeof(_Tensor), _Tensor.src.offset, _Tensor.data.offset)
+    if theirs is not None and theirs != ours:
+        log.warning("edgectx: the CPU decode attention reads ggml's tensors as %s, the bindings as %s: it stays off.",
+                    theirs, ours)
+    return theirs == ours
+
+
 _GGML_TYPES = {torch.float32: _F32, torch.float16: _F16}
 
 
@@ -288,7 +302,7 @@ class GgmlDecoder:
     def reads_half(self) -> bool:
         """Whether a slot's context may be float16 (edgectx.kernels.cpu_attention's ops run here, for this shape):
         what the memory then assembles (ContextMemory's `context_dtype`)."""
-        return cpu_attention.supports(self.n_heads, self.n_kv, self.head_dim)
+        return cpu_attention.supports(self.n_heads, self.n_kv, self.head_dim) and _layout_agrees()
 
     def _graph(self, round_kv: bool, masked: tuple[bool, ...], writes: tuple[int, ...], half: bool) -> _DecodeGraph:
         key = (round_kv, masked, writes, half)

@@ -181,3 +181,20 @@ def test_attention_mass_is_the_softmax_weights_summed_per_key(n_heads, n_kv, d, 
     torch.testing.assert_close(cpu_attention.attention_mass(q, k, length, scratch).double(), unmasked, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="does not take"):
         cpu_attention.attention_mass(q, k, length, scratch[:10])
+
+
+@pytest.mark.parametrize("env", [{}, {"EDGECTX_HOME": "home"}, {"EDGECTX_CACHE": "cache", "EDGECTX_HOME": "home"}])
+def test_the_library_lives_in_the_cache_dir_the_config_names(tmp_path, monkeypatch, env):
+    from edgectx.config import cache_dir
+
+    for name in ("EDGECTX_HOME", "EDGECTX_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    assert cpu_attention._cache_folder() == cache_dir() / "kernels"
+
+
+def test_the_ops_read_ggmls_tensor_struct_as_the_bindings_do():
+    from edgectx.quant import ggml_decode
+
+    assert ggml_decode._layout_agrees()
