@@ -251,3 +251,30 @@ def test_conversations_taking_turns_do_not_run_each_others_graph(embedded_model)
             out.append(engine.forward([int(torch.argmax(out[-1]))])[-1])
             engine.take_memory()
     assert torch.equal(torch.stack(a), alone_a) and torch.equal(torch.stack(b), alone_b)
+
+
+@torch.inference_mode()
+def test_the_observation_and_the_record_from_c_match_pytorchs(embedded_model):
+    """Over the float16 context, the eviction's observation and a decode retrieval's record take their attention mass
+    from C (edgectx.kernels.cpu_attention.attention_mass); PyTorch, from a widened copy, gives the same figures."""
+    if cpu_attention.ops() is None:
+        pytest.skip("edgectx.kernels.cpu_attention cannot be built here")
+    engine = Engine.load(embedded_model, n_ctx=None, n_threads=2, memory_config=SMALL)
+    engine.reset()
+    token = int(torch.argmax(engine.prefill(corpus_tokens(engine.tokenizer, 700, None))))
+    for _ in range(5):
+        token = int(torch.argmax(engine.forward([token])[-1]))
+    memory = engine.memory
+    assert memory.c_ops and memory.layers[0].evicted
+    for layer in memory.layers[:4]:
+        asm, q = layer.asm, layer.q_recent[:, -1:].contiguous()
+        q_rot = memory.rope.rotate(q, *memory.rope.range_tables(asm.next_pos - 1, 1, memory.dtype))
+        results = []
+        for c_ops in (True, False):
+            memory.c_ops = c_ops
+            results.append((layer._observe(q, asm, asm.length), layer._attended(q_rot, asm, asm.length - 1, 1)))
+        memory.c_ops = True
+        (observed, attended), (observed_torch, attended_torch) = results
+        torch.testing.assert_close(observed, observed_torch, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(attended, attended_torch, rtol=1e-4, atol=1e-6)
+        assert observed.shape == (engine.spec.n_kv_heads, asm.length) and attended.sum() > 0
