@@ -82,6 +82,19 @@ static inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4,
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* The scaled dot products of query q (D floats) with the eight widened keys at kbuf rows j .. j + 7, one per lane */
+static inline __attribute__((always_inline)) __m256 scores8(const float *kbuf, int j, const float *q, int D, float scale) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i)
+        a[i] = _mm256_setzero_ps();
+    for (int c = 0; c < D; c += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + c);
+        for (int i = 0; i < 8; ++i)
+            a[i] = _mm256_fmadd_ps(_mm256_load_ps(kbuf + (j + i) * D + c), qv, a[i]);
+    }
+    return _mm256_mul_ps(sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+}
+
 static inline void widen(float *dst, const char *src, size_t stride, int rows, int D) {
     for (int j = 0; j < rows; ++j) {
         const __m128i *row = (const __m128i *) (src + (size_t) j * stride);
@@ -111,15 +124,7 @@ static inline __attribute__((always_inline)) void group_range(
             const float *qg = q + g * D;
             const uint16_t *mrow = mbase ? (const uint16_t *) (mbase + g * mstride) + j0 : NULL;
             for (int j = 0; j < BLOCK; j += 8) {
-                __m256 a[8];
-                for (int i = 0; i < 8; ++i)
-                    a[i] = _mm256_setzero_ps();
-                for (int c = 0; c < D; c += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qg + c);
-                    for (int i = 0; i < 8; ++i)
-                        a[i] = _mm256_fmadd_ps(_mm256_load_ps(kbuf + (j + i) * D + c), qv, a[i]);
-                }
-                __m256 x = _mm256_mul_ps(sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+                __m256 x = scores8(kbuf, j, qg, D, scale);
                 if (mrow && j + 8 <= n) {
                     x = _mm256_add_ps(x, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (mrow + j))));
                 } else if (mrow) {
@@ -313,15 +318,7 @@ void edgectx_attention_mass(float *out, const float *q, int n_heads, int n_q, in
                 const float *qr = q + ((size_t) (h * G + g) * n_q + t) * D;
                 float *sr = scratch + (size_t) r * length + j0;
                 for (int j = 0; j < n; j += 8) {
-                    __m256 a[8];
-                    for (int i = 0; i < 8; ++i)
-                        a[i] = _mm256_setzero_ps();
-                    for (int c = 0; c < D; c += 8) {
-                        const __m256 qv = _mm256_loadu_ps(qr + c);
-                        for (int i = 0; i < 8; ++i)
-                            a[i] = _mm256_fmadd_ps(_mm256_load_ps(kbuf + (j + i) * D + c), qv, a[i]);
-                    }
-                    const __m256 x = _mm256_mul_ps(sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), _mm256_set1_ps(scale));
+                    const __m256 x = scores8(kbuf, j, qr, D, scale);
                     const __m256 seen = _mm256_cmp_ps(_mm256_load_ps(kf + j), bound, _CMP_LE_OQ);
                     const __m256 y = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, seen);
                     if (j + 8 <= n) {
