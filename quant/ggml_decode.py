@@ -46,7 +46,7 @@ from edgectx.quant.ggml_layer import GgmlLayer
 log = logging.getLogger(__name__)
 _PREC_F32 = 10  # ggml.h's GGML_PREC_F32
 _ALL_THREADS = -1  # ggml.h's GGML_N_TASKS_MAX: a custom op runs on every thread of the compute
-_MAX_PARTS = min(64, os.cpu_count() or 1)  # threads whose shares of the keys the float16 attention keeps apart (more idle)
+_MAX_PARTS = min(64, os.cpu_count() or 1)  # threads whose shares of keys the float16 attention keeps (more idle)
 _ALIGN = 64
 _MAX_NODES = 8192
 
@@ -90,8 +90,9 @@ class _LayerHandles:
         def at(t, name: str, i: int | None = None) -> int:
             return ctypes.addressof(t) + getattr(_Tensor, name).offset + (0 if i is None else 8 * i)
         row = self.layout[5]  # bytes between the rope tables' rows
-        fields = [(at(self.k_dst, "data"), column_bytes), (at(self.v_dst, "data"), column_bytes), (at(self.k, "ne", 1), 1),
-                  (at(self.v, "ne", 1), 1), (at(self.cos, "data"), row), (at(self.sin, "data"), row)]
+        fields = [(at(self.k_dst, "data"), column_bytes), (at(self.v_dst, "data"), column_bytes),
+                  (at(self.k, "ne", 1), 1), (at(self.v, "ne", 1), 1), (at(self.cos, "data"), row),
+                  (at(self.sin, "data"), row)]
         fields += [(at(node, "data"), head_dim * (2 if kind == _F16 else 4)) for node, kind in zip(self.writes, write_types)]
         if self.mask is not None:
             fields.append((at(self.mask, "ne", 0), 1))

@@ -249,8 +249,9 @@ class LayerMemory:
         # K rotated in the compute dtype, then rounded to kv_dtype (as_stored); V as stored, widened as it was copied
         if m.c_ops:  # in C, straight from the tier and the retrieved blocks into the float16 context
             cos, sin = m.rope.signed_tables(next_pos)
-            cpu_attention.rotate_into(asm.k[:, :n_resident], r.k[:, :n_resident], positions[:, :n_resident], cos, sin)
-            cpu_attention.rotate_into(asm.k[:, n_resident:n_keys], k[:, n_resident:], positions[:, n_resident:], cos, sin)
+            resident, retrieved = slice(0, n_resident), slice(n_resident, n_keys)
+            cpu_attention.rotate_into(asm.k[:, resident], r.k[:, resident], positions[:, resident], cos, sin)
+            cpu_attention.rotate_into(asm.k[:, retrieved], k[:, retrieved], positions[:, retrieved], cos, sin)
         elif m.context_dtype == m.dtype:
             tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
             k_rot = m.rope.rotate(k, *tables, out=asm.k[:, :n_keys])
@@ -258,7 +259,8 @@ class LayerMemory:
                 k_rot.copy_(k_rot.to(m.kv_dtype))
         else:  # a float16 context: rotated in float32 beside it, rounded as it is copied in
             tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
-            asm.k[:, :n_keys].copy_(m.rope.rotate(k, *tables, out=m.scratch(n_kv, n_keys, r.head_dim, m.dtype, "rotated")))
+            rotated = m.scratch(n_kv, n_keys, r.head_dim, m.dtype, "rotated")
+            asm.k[:, :n_keys].copy_(m.rope.rotate(k, *tables, out=rotated))
         # With the bookkeeping on the device (CUDA), the validity buffer is always there: with the buffers reused,
         # the CUDA-graph step's key then stays the same across rebuilds
         asm.finish(n_keys, valid, next_pos, key, n_resident, always_valid=m.device_bookkeeping)
@@ -351,9 +353,10 @@ class LayerMemory:
         q_pos = (last - 1 - back).clamp_(min=0)
         q_rot = m.rope.rotate(q_obs, *m.rope.tables(q_pos, m.dtype, n_positions=last))
         end_idx = m.n_tokens + q.shape[1]
-        if m.c_ops:
-            return cpu_attention.attention_mass(q_rot.contiguous(), asm.k, n_keys, self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys),
-                                                valid=asm.valid, idx=asm.idx, q_idx=end_idx - 1 - back)
+        if m.c_ops:  # from the float16 context in C, no widened copy (cpu_attention.attention_mass)
+            scratch = self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys)
+            return cpu_attention.attention_mass(q_rot.contiguous(), asm.k, n_keys, scratch, valid=asm.valid,
+                                                idx=asm.idx, q_idx=end_idx - 1 - back)
         n_kv = asm.k.shape[0]
         qg = q_rot.reshape(n_kv, -1, head_dim).float()
         # (n_kv, group * n_obs, n_keys), each step in place: this runs at every evicting chunk, and the copies of
