@@ -56,10 +56,8 @@ def _cpu_supported() -> str | None:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
+    return next((path for path in found if path), None)
 
 
 def _cache_folder() -> Path:
@@ -70,7 +68,8 @@ def _cache_folder() -> Path:
     explicit, home = os.environ.get("EDGECTX_CACHE"), os.environ.get("EDGECTX_HOME")
     if explicit:
         return Path(explicit).expanduser() / "kernels"
-    return (Path(home).expanduser() / "cache" if home else Path(platformdirs.user_cache_dir("edgectx", appauthor=False))) / "kernels"
+    cache = Path(home).expanduser() / "cache" if home else Path(platformdirs.user_cache_dir("edgectx", appauthor=False))
+    return cache / "kernels"
 
 
 def _library_path(compiler: str) -> Path:
@@ -98,9 +97,7 @@ def tensor_layout() -> tuple[int, ...] | None:
     decode graph (edgectx.quant.ggml_decode) uses the ops only where its own bindings agree."""
     if ops() is None:
         return None
-    layout = _library.edgectx_attn_layout
-    layout.restype, layout.argtypes = ctypes.c_int64, [ctypes.c_int]
-    return tuple(layout(i) for i in range(3))
+    return tuple(_library.edgectx_attn_layout(i) for i in range(3))
 
 
 @cache
@@ -128,6 +125,7 @@ def ops() -> tuple[int, int] | None:
         _state = (None, why)
         return None
     _library, _state = library, (str(target), "")
+    library.edgectx_attn_layout.restype, library.edgectx_attn_layout.argtypes = ctypes.c_int64, [ctypes.c_int]
     rope = library.edgectx_rope_f16
     rope.restype = None
     rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,

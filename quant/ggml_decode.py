@@ -309,6 +309,8 @@ class GgmlDecoder:
         key = (round_kv, masked, writes, half)
         graph = self._graphs.get(key)
         if graph is None:
+            if half and not self.reads_half:
+                raise ValueError("a float16 context needs edgectx.kernels.cpu_attention, which is off here")
             if len(self._graphs) >= self.KEEP:
                 self._graphs.pop(next(iter(self._graphs)))
             graph = self._graphs[key] = _DecodeGraph(self, round_kv, masked, writes, half)
@@ -326,8 +328,6 @@ class GgmlDecoder:
                 s.writes = None
         with self.stack.lock:
             half = slots[0].k.dtype == torch.float16
-            if half and not self.reads_half:
-                raise ValueError("a float16 context needs edgectx.kernels.cpu_attention, which is off here")
             gr = self._graph(slots[0].rounded, tuple(s.mask is not None for s in slots), writes, half)
             column = gr.column_bytes
             for h, s in zip(gr.layers, slots):
