@@ -124,6 +124,11 @@ def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cu
     assert memory.stats()["cache_capacity_blocks"] == 16
     fixed = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig(cache_blocks=40))
     assert fixed.cache_blocks == 40
+    # Many KV heads: a pool of top_k blocks' worth of pairs holds a retrieval (was top_k x n_kv blocks at least)
+    wide = ModelSpec(arch="llama", n_layers=2, dim=32, n_heads=32, n_kv_heads=32, head_dim=8, ffn_dim=64, vocab_size=10,
+                     context_length=4096)
+    small = ContextMemory(wide, Rope(wide, cpu), cpu, torch.float32, MemoryConfig(cache_blocks=4))
+    assert small.cache_blocks == 4 and small.layers[0].cache.capacity == 4 * 32
 
     cuda = torch.device("cuda", 0)
     free = {"bytes": 8 << 30}

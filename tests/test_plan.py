@@ -156,9 +156,11 @@ def test_gpu_plan_sizes_the_auto_block_cache_as_the_memory_does(capsys):
     from edgectx.memory.device import AUTO_CACHE_MAX_BLOCKS, auto_cache_blocks
     from edgectx.model.synthetic import synthetic_spec
 
-    spec, config = synthetic_spec("llama-3.1-8b"), MemoryConfig()
+    from edgectx.memory.config import default_chunk_tokens
+
+    spec, config = synthetic_spec("llama-3.1-8b"), MemoryConfig(chunk_tokens=default_chunk_tokens("cuda"))  # a GPU's
     code, out, _ = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24",
-                         "--weights", "nf4", "--json")
+                         "--weights", "nf4", "--host-mem-gib", "64", "--json")  # (RAM: whatever else runs)
     plan = json.loads(out)
     free = 24 * GIB - spec.weight_bytes("nf4") - plan["runtime_bytes"]
     blocks = auto_cache_blocks(config, spec, free)
@@ -180,3 +182,29 @@ def test_a_gguf_model_is_planned_with_its_own_blocks(embedded_model, capsys):
     code, out, err = _plan(capsys, "--synthetic", "llama-3.1-8b", "--context", "8192", "--gpu-mem-gib", "24",
                            "--weights", "gguf")
     assert code != 0 and len(err) == 1 and "--weights gguf" in err[0]
+
+
+def test_the_prefill_chunk_defaults_to_the_devices(capsys):
+    """Unasked, the chunk is 512 tokens on a CPU and 2,048 on a GPU (edgectx.memory.config.DEFAULT_CHUNK_TOKENS):
+    `plan`, which plans for a GPU, sizes a 2,048-token chunk's activations; --chunk still decides."""
+    import argparse
+
+    from edgectx.cli.options import add_memory_args, memory_config_from
+
+    parser = argparse.ArgumentParser()
+    add_memory_args(parser)
+    parser.add_argument("--device")
+    assert memory_config_from(parser.parse_args(["--device", "cpu"])).chunk_tokens == 512
+    assert memory_config_from(parser.parse_args([]), device="cuda").chunk_tokens == 2048
+    assert memory_config_from(parser.parse_args(["--chunk", "300"]), device="cuda").chunk_tokens == 300
+    common = ("--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24", "--weights", "nf4",
+              "--host-mem-gib", "64", "--json")
+    plans = {}
+    for chunk in (None, "2048", "512"):
+        code, out, _ = _plan(capsys, *common, *(("--chunk", chunk) if chunk else ()))
+        assert code == 0
+        plans[chunk] = json.loads(out)
+    assert plans[None] == plans["2048"] and plans[None]["chunk_tokens"] == 2048
+    assert plans["512"]["chunk_tokens"] == 512 and plans["512"]["activation_bytes"] < plans[None]["activation_bytes"]
+    code, out, _ = _plan(capsys, *common[:-1])
+    assert "activations (2,048-token chunk)" in out

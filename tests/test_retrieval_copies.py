@@ -104,3 +104,21 @@ def test_a_bfloat16_memory_keeps_its_host_store_in_bfloat16(tiny):
         big = torch.full((engine.spec.n_kv_heads, 40, engine.spec.head_dim), 1e5, dtype=torch.bfloat16)
         layer.store.append(big, big)  # past float16's 65504
     assert bool(layer.store.tokens(0, 40)[0].isfinite().all())
+
+
+def test_a_cache_of_top_k_blocks_worth_of_pairs_gives_the_same_logits_as_a_big_one(tiny):
+    """The smallest pool (top_k blocks' worth of pairs: a retrieval's top_k pairs for every KV head) holds each
+    retrieval whole; refetching more often changes no logit."""
+    from dataclasses import replace
+
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 258, 700)]
+    logits = []
+    for blocks in (SMALL.top_k_blocks, 64):
+        engine = Engine.load(tiny, device="cpu", memory_config=replace(SMALL, cache_blocks=blocks), weights="fp16")
+        assert engine.memory.cache_blocks == blocks
+        out = [engine.prefill(ids[:600])]
+        out += [engine.forward([token])[-1] for token in ids[600:]]
+        logits.append(torch.stack(out))
+        misses = engine.memory.layers[0].cache.misses
+        assert blocks == 64 or misses > 0
+    assert torch.equal(logits[0], logits[1])

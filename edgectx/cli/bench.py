@@ -18,7 +18,7 @@ from pathlib import Path
 from edgectx.bench.needles import TASKS
 from edgectx.bench.synthetic_gguf import QUANTS, SHAPES
 from edgectx.cli.options import (DEFAULT_BUDGET, MAX_SEED, MAX_TOKENS, add_memory_args, add_model_args, float_range,
-                                 int_range, memory_config_from, token_counts)
+                                 int_range, chunk_from, memory_config_from, token_counts)
 from edgectx.errors import UsageError
 from edgectx.memory.config import SCORERS, MemoryConfig
 from edgectx.quant.formats import SNAPSHOT_CODECS
@@ -248,7 +248,7 @@ def _run_quality_bench(args: argparse.Namespace, engine, memory: MemoryConfig | 
         from edgectx.bench.fidelity import run_fidelity
 
         runs = [(budget, scorer) for budget in args.budget or [DEFAULT_BUDGET] for scorer in args.scorer or ["auto"]]
-        configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=args.chunk,
+        configs = [MemoryConfig.for_budget(budget, positions=args.positions or "compact", chunk_tokens=chunk_from(args),
                                            scorer=scorer if scorer in SCORERS else "auto") for budget, scorer in runs]
         oracles = [None if scorer in SCORERS else scorer for _, scorer in runs]
         if args.decode_tail >= args.context:

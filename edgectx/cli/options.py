@@ -14,7 +14,7 @@ import math
 
 from edgectx.config import Config
 from edgectx.errors import UsageError
-from edgectx.memory.config import LIMITS, POSITIONS, SCORERS, MemoryConfig
+from edgectx.memory.config import LIMITS, POSITIONS, SCORERS, MemoryConfig, default_chunk_tokens
 from edgectx.quant.formats import WEIGHT_FORMATS
 
 DEFAULT_BUDGET = MemoryConfig().budget_tokens
@@ -161,7 +161,8 @@ def add_memory_args(p: argparse.ArgumentParser, allow_full: bool = True, lists: 
     p.add_argument("--budget", type=_budgets if lists else _budget if allow_full else budget_tokens,
                    help=f"device KV budget in tokens per layer and KV head (default {DEFAULT_BUDGET}{full}){several}")
     p.add_argument("--positions", choices=POSITIONS, help="how the kept context is numbered (default compact)")
-    p.add_argument("--chunk", type=int_range(1, LIMITS["chunk_tokens"]), default=512, help="prefill chunk in tokens; eviction runs after each (default 512)")
+    p.add_argument("--chunk", type=int_range(1, LIMITS["chunk_tokens"]),
+                   help="prefill chunk in tokens; eviction runs after each (default 512 on a CPU, 2048 on a GPU)")
     p.add_argument("--scorer", type=_scorers if lists else None, choices=None if lists else SCORERS,
                    help="eviction scores: Locret retaining heads, attention mass, or recency (window) "
                    f"(default auto: attention mass; heads only by name){several}"
@@ -179,8 +180,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int_range(1, MAX_TOKENS), help=f"longest answer in tokens (default {DEFAULT_MAX_TOKENS})")
 
 
-def memory_config_from(args: argparse.Namespace, config: Config | None = None) -> MemoryConfig | None:
-    """The memory the flags (then the config file) ask for; None means plain full attention."""
+def chunk_from(args: argparse.Namespace, device: str | None = None) -> int:
+    """--chunk, else the default of the device the command runs on: `device` (a type: plan's "cuda"), else
+    --device's, else the one auto picks."""
+    if args.chunk:
+        return args.chunk
+    if device is None:
+        from edgectx.engine import pick_device
+
+        device = pick_device(getattr(args, "device", None)).type
+    return default_chunk_tokens(device)
+
+
+def memory_config_from(args: argparse.Namespace, config: Config | None = None,
+                       device: str | None = None) -> MemoryConfig | None:
+    """The memory the flags (then the config file) ask for, for `device` (else --device); None means plain full
+    attention."""
     budget = args.budget or (config.budget if config else None) or DEFAULT_BUDGET
     if budget == "full":
         return None
@@ -188,7 +203,7 @@ def memory_config_from(args: argparse.Namespace, config: Config | None = None) -
         raise UsageError(f"The memory budget must be a token count of at least 64, or 'full' (got {budget!r}).")
     positions = args.positions or (config.positions if config else None) or "compact"
     scorer = getattr(args, "scorer", None) or (config.scorer if config else None) or "auto"
-    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=args.chunk, scorer=scorer)
+    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=chunk_from(args, device), scorer=scorer)
 
 
 def first(*values):

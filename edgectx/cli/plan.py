@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     file_bytes = file_weight_bytes(gguf_file) if weights == "gguf" else None
     # RAM available now, not all of it: the store is pinned on a GPU, and pinned pages cannot be swapped out
     host = int(args.host_mem_gib * GIB) if args.host_mem_gib else available_ram_bytes()
-    plan = plan_memory(spec, args.context, int(args.gpu_mem_gib * GIB), memory_config_from(args, config), weights, host, name,
+    memory = memory_config_from(args, config, device="cuda")  # planned for a GPU: its default chunk
+    plan = plan_memory(spec, args.context, int(args.gpu_mem_gib * GIB), memory, weights, host, name,
                        file_weight_bytes=file_bytes)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -97,7 +98,7 @@ def print_plan(plan: MemoryPlan) -> None:
         print(f"    block representatives        {gib(kv.repr_bytes)}")
     else:
         print(f"  device KV (full attention)     {gib(plan.device_kv_bytes)}")
-    print(f"  activations (one chunk)        {gib(plan.activation_bytes)}")
+    print(f"  activations ({plan.chunk_tokens:,}-token chunk)".ljust(33) + gib(plan.activation_bytes))
     if plan.budget_tokens:
         print(f"  recent queries + copy staging  {gib(plan.query_buffer_bytes + plan.copy_pool_bytes)}")
     print(f"  CUDA runtime                   {gib(plan.runtime_bytes)}")

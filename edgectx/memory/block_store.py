@@ -8,11 +8,12 @@ as a device cache slot: bringing a block back is a single copy, and on CUDA (seg
 an asynchronous one. Each completed block gets a representative key (the mean of its keys per KV head,
 in the device's dtype) that retrieval scores queries against; representatives live on the device.
 
-On a CUDA device nothing in `append` waits for the GPU (issue 21): new K and V are *staged* in a device
+On a CUDA device nothing in `append` waits for the GPU (issue 21): a partial block is *staged* in a device
 buffer of one block, and a completed block is flushed to its pinned host slab by one asynchronous copy on
 `copy_stream` (the stream that later copies blocks back, so a block is always written before it is read),
-with its representative computed on the device from the staged block. Two staging buffers take turns; the
-compute stream waits (an event, not the host) for a buffer's last flush before writing it again. Host reads
+with its representative computed on the device. Two staging buffers take turns; the compute stream waits (an
+event, not the host) for a buffer's last flush before writing it again. The whole blocks of a prefill chunk
+skip the staging: laid out as slabs in one device buffer, flushed together (a copy per host segment). Host reads
 of the store (`tokens`, `slab`, snapshots) first `settle` it: wait for the flushes and write the partial
 block through. On the CPU the store is host memory already and `append` writes straight into it.
 
@@ -22,6 +23,8 @@ block through. On the CPU the store is host memory already and `append` writes s
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -48,6 +51,7 @@ class HostBlockStore:
         self.copy_stream = copy_stream if copy_stream is not None or not self.pin else torch.cuda.Stream(device)
         self._stage: torch.Tensor | None = None  # (2 buffers, 2 K|V, n_kv_heads, block_size, head_dim)
         self._flushed: list = [None, None]  # per buffer: the event its last flush recorded (CUDA)
+        self._last_flush: "torch.cuda.Event | None" = None  # the last copy to the host (CUDA; the stream runs in order)
         if self.staged:
             self._stage = torch.empty(2, 2, n_kv_heads, block_size, head_dim, device=device, dtype=host_dtype)
 
@@ -121,44 +125,77 @@ class HostBlockStore:
             self.representatives = torch.cat((self.representatives, new))
 
     def _append_staged(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The device path: into the staging buffer, a completed block flushed to the host asynchronously."""
+        """The device path: a partial block goes on in its staging buffer (flushed when it completes), whole blocks
+        go straight from `k` and `v`, flushed together: a prefill chunk of 2,048 tokens is one flush, not 16."""
         written, total = 0, k.shape[1]
-        while written < total:
-            block, offset = divmod(self.n_tokens, self.block_size)
-            n = min(total - written, self.block_size - offset)
-            buf = self._stage[block % 2]
-            if offset == 0 and self._flushed[block % 2] is not None:
-                torch.cuda.current_stream(self.device).wait_event(self._flushed[block % 2])  # its last flush read it
-            buf[0, :, offset : offset + n] = k[:, written : written + n]
-            buf[1, :, offset : offset + n] = v[:, written : written + n]
-            written += n
-            self.n_tokens += n
-            if offset + n == self.block_size:
-                self._flush(block, buf)
+        offset = self.n_tokens % self.block_size
+        if offset:
+            written = self._stage_tokens(k, v, 0, min(total, self.block_size - offset))
+        whole = (total - written) // self.block_size
+        if whole:
+            self._flush_blocks(k[:, written : written + whole * self.block_size],
+                               v[:, written : written + whole * self.block_size])
+            written += whole * self.block_size
+        if written < total:
+            self._stage_tokens(k, v, written, total - written)
 
-    def _flush(self, block: int, buf: torch.Tensor) -> None:
-        rep = buf[0].float().mean(dim=1).to(self.repr_dtype)  # (n_kv, d), on the device
-        self.representatives = torch.cat((self.representatives, rep[None]))
-        slab = self._slab(block)
-        if self.copy_stream is None:  # a CPU test of this path: a plain copy
-            slab.copy_(buf)
-            return
+    def _stage_tokens(self, k: torch.Tensor, v: torch.Tensor, start: int, n: int) -> int:
+        """Tokens [start, start + n) of `k` and `v` into the current block's staging buffer (they fit in that
+        block); flushed if they complete it. Returns start + n."""
+        block, offset = divmod(self.n_tokens, self.block_size)
+        buf = self._stage[block % 2]
+        if offset == 0 and self._flushed[block % 2] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._flushed[block % 2])  # its last flush read it
+        buf[0, :, offset : offset + n] = k[:, start : start + n]
+        buf[1, :, offset : offset + n] = v[:, start : start + n]
+        self.n_tokens += n
+        if offset + n == self.block_size:
+            self._flushed[block % 2] = self._copy_out(block, buf[None])
+        return start + n
+
+    def _flush_blocks(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Whole blocks (k and v (n_kv_heads, m * block_size, head_dim), starting a block) laid out as slabs in one
+        device buffer and copied out together: one copy per host segment they touch."""
+        m = k.shape[1] // self.block_size
+        kv = torch.empty(m, 2, self.n_kv_heads, self.block_size, self.head_dim, device=self.device, dtype=self.host_dtype)
+        kv[:, 0] = k.unflatten(1, (m, self.block_size)).transpose(0, 1)
+        kv[:, 1] = v.unflatten(1, (m, self.block_size)).transpose(0, 1)
+        first = self.n_tokens // self.block_size
+        self.n_tokens += m * self.block_size
+        self._copy_out(first, kv)
+        if self.copy_stream is not None:  # the buffer lives until the copies have read it
+            kv.record_stream(self.copy_stream)
+
+    def _copy_out(self, first: int, kv: torch.Tensor) -> "torch.cuda.Event | None":
+        """Slabs `kv` (m, 2, n_kv_heads, block_size, head_dim) on the device become blocks first.. first + m: their
+        representatives, computed on the device, and their host copies, asynchronous on `copy_stream` (an event
+        returned for the last one; None on a CPU test of this path, where the copies are plain)."""
+        rep = kv[:, 0].float().mean(dim=2).to(self.repr_dtype)  # (m, n_kv, d), on the device
+        self.representatives = torch.cat((self.representatives, rep))
         stream = self.copy_stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))  # the block's last write comes first
-        with torch.cuda.stream(stream):
-            slab.copy_(buf, non_blocking=True)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the blocks' last writes come first
+        block, end = first, first + kv.shape[0]
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while block < end:  # one copy per segment touched
+                seg, b = divmod(block, self.segment_blocks)
+                n = min(end - block, self.segment_blocks - b)
+                self._segment(seg)[b : b + n].copy_(kv[block - first : block - first + n], non_blocking=stream is not None)
+                block += n
+            if stream is None:
+                return None
             event = torch.cuda.Event()
             event.record(stream)
-        self._flushed[block % 2] = event
+        self._last_flush = event
+        return event
 
     def settle(self) -> None:
         """Make host memory hold every token (waits for the flushes and copies the partial block; staged path only).
         For host reads: snapshots, truncation, rebuilding tiers, the CPU-side block copies."""
         if not self.staged:
             return
-        for event in self._flushed:
-            if event is not None:
-                event.synchronize()
+        if self._last_flush is not None:
+            self._last_flush.synchronize()
         block, offset = divmod(self.n_tokens, self.block_size)
         if offset:
             with torch.inference_mode():  # segments made during a forward are inference tensors

@@ -641,9 +641,11 @@ class ContextMemory:
         # with K and V in 16 or 32 bits and RoPE over whole heads
         self.fusable = device.type == "cpu" and dtype == torch.float32 and self.kv_dtype in (torch.float32, torch.float16) \
             and rope.rope_dim == spec.head_dim
-        # One retrieval may need top_k blocks for each KV head at once: every layer's pool must hold them all.
-        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, self.kv_dtype),
-                                self.config.top_k_blocks * spec.n_kv_heads)
+        # Blocks' worth of (block, KV head) pairs per layer: one retrieval may need top_k pairs for each KV head at
+        # once, top_k blocks' worth, which every layer's pool must hold. (The floor was top_k x n_kv blocks while a
+        # slot held a block for every KV head: 6 GiB of cache for Phi-3-mini's 32 KV heads at 128K, whatever "auto"
+        # chose.)
+        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, self.kv_dtype), self.config.top_k_blocks)
         self._n_tokens = 0
         self._pending = 0
         self._steps = 0  # forwards committed (one a step), what `steady_key` names a step by

@@ -65,7 +65,7 @@ def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: 
         resident_tokens, retrieved = c.resident_tokens, c.top_k_blocks * c.block_size
         room = min(DECODE_ROOM, c.evict_every)  # ContextMemory.ready's rebuild, for the decode steps
         chosen = c.cache_blocks if c.cache_blocks != "auto" else cache_blocks or CPU_CACHE_BLOCKS
-        capacity = max(chosen, c.top_k_blocks * n_kv)  # LayerMemory's BlockCache size
+        capacity = max(chosen, c.top_k_blocks)  # ContextMemory.cache_blocks: blocks' worth of (block, KV head) pairs
     kv_token = 2 * d * elem_bytes  # one token's K and V in one KV head
     resident = layers * n_kv * (resident_tokens + headroom) * (kv_token + INDEX_BYTES + SCORE_BYTES)
     cache = layers * capacity * n_kv * c.block_size * kv_token
@@ -144,6 +144,7 @@ class MemoryPlan:
     copy_pool_bytes: int = 0  # retrieval's staging buffers in the copy stream's pool
     allocator_slack_bytes: int = 0  # the caching allocator's rounding and fragments (ALLOCATOR_SLACK of the rest)
     host_pinned_bytes: int = 0  # the host segments as pinned memory holds them (power-of-two rounding on CUDA)
+    chunk_tokens: int = 512  # the prefill chunk the activations are planned for
 
     @property
     def device_total_bytes(self) -> int:
@@ -197,6 +198,7 @@ def plan_memory(spec: ModelSpec, context_tokens: int, gpu_bytes: int, config: Me
         host_kv_bytes=host, host_reserved_bytes=reserved, gpu_bytes=gpu_bytes, host_ram_bytes=host_ram_bytes,
         query_buffer_bytes=queries, copy_pool_bytes=copies,
         allocator_slack_bytes=int(ALLOCATOR_SLACK * (kv_bytes + activations + queries + copies)), host_pinned_bytes=held,
+        chunk_tokens=min(chunk, context_tokens),
     )
 
 
