@@ -190,11 +190,13 @@ def test_the_prefill_chunk_defaults_to_the_devices(capsys):
     import argparse
 
     from edgectx.cli.options import add_memory_args, memory_config_from
+    from edgectx.config import Config
 
     parser = argparse.ArgumentParser()
     add_memory_args(parser)
     parser.add_argument("--device")
     assert memory_config_from(parser.parse_args(["--device", "cpu"])).chunk_tokens == 512
+    assert memory_config_from(parser.parse_args([]), Config(device="cpu")).chunk_tokens == 512  # the config file's
     assert memory_config_from(parser.parse_args([]), device="cuda").chunk_tokens == 2048
     assert memory_config_from(parser.parse_args(["--chunk", "300"]), device="cuda").chunk_tokens == 300
     common = ("--synthetic", "llama-3.1-8b", "--context", "131072", "--gpu-mem-gib", "24", "--weights", "nf4",

@@ -180,15 +180,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int_range(1, MAX_TOKENS), help=f"longest answer in tokens (default {DEFAULT_MAX_TOKENS})")
 
 
-def chunk_from(args: argparse.Namespace, device: str | None = None) -> int:
+def chunk_from(args: argparse.Namespace, device: str | None = None, config: Config | None = None) -> int:
     """--chunk, else the default of the device the command runs on: `device` (a type: plan's "cuda"), else
-    --device's, else the one auto picks."""
+    --device's, else the config file's, else the one auto picks."""
     if args.chunk:
         return args.chunk
     if device is None:
         from edgectx.engine import pick_device
 
-        device = pick_device(getattr(args, "device", None)).type
+        device = pick_device(getattr(args, "device", None) or (config.device if config else None)).type
     return default_chunk_tokens(device)
 
 
@@ -203,7 +203,8 @@ def memory_config_from(args: argparse.Namespace, config: Config | None = None,
         raise UsageError(f"The memory budget must be a token count of at least 64, or 'full' (got {budget!r}).")
     positions = args.positions or (config.positions if config else None) or "compact"
     scorer = getattr(args, "scorer", None) or (config.scorer if config else None) or "auto"
-    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=chunk_from(args, device), scorer=scorer)
+    return MemoryConfig.for_budget(int(budget), positions=positions, chunk_tokens=chunk_from(args, device, config),
+                                   scorer=scorer)
 
 
 def first(*values):
