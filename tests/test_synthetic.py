@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -108,13 +109,40 @@ def test_spec_argument_is_used_as_given():
     assert built is spec and model.lm_head.out_features == 100 and len(model.layers) == 1
 
 
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct storage the model holds: parameters, buffers, bitsandbytes' quantization states."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        state = getattr(t, "quant_state", None)
+        for v in vars(state).values() if state is not None else ():
+            if isinstance(v, torch.Tensor):
+                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_nf4_build_holds_the_bytes_the_plan_counts():
+    """On bitsandbytes' CPU backend, an nf4 layer of Llama-3.1-8B's shapes holds exactly what `weight_bytes`
+    (and so `edgectx plan`) counts: 4-bit codes, a float32 absmax per 64, 16-bit embeddings and output."""
+    pytest.importorskip("bitsandbytes")
+    spec = dataclasses.replace(synthetic_spec("llama-3.1-8b"), n_layers=1, vocab_size=1000)
+    model, _ = build_synthetic(spec, CPU, torch.bfloat16, weights="nf4")
+    code_tables = 4 * 16 * 4 * spec.n_layers  # each linear's 16-value NF4 code, float32 (4 linears a layer)
+    assert _tensor_bytes(model) == spec.weight_bytes("nf4") + code_tables
+
+
 @pytest.mark.gpu
 def test_nf4_llama_8b_builds_without_holding_fp16_weights():
+    """Measured from what was allocated before (the first GPU run counted the earlier tests' tensors too: 5% over)."""
     pytest.importorskip("bitsandbytes")
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     model, spec = build_synthetic("llama-3.1-8b", torch.device("cuda"), torch.bfloat16, weights="nf4")
-    allocated, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    allocated, peak = torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
     planned = spec.weight_bytes("nf4")
+    assert _tensor_bytes(model) == planned + 4 * 16 * 4 * spec.n_layers  # + the code tables, as on the CPU
     largest_matrix = max(o * i for o, i in spec.block_linear_shapes) * 2
     assert abs(allocated / planned - 1) < 0.02, (allocated, planned)
     assert peak < planned + 2 * largest_matrix + 2**28, (peak, planned)  # never the 16 GB fp16 model
