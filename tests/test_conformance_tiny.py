@@ -26,6 +26,8 @@ CASES = {
     "mistral-style-gqa4": dict(arch="llama", n_heads=8, n_kv_heads=2, rope_base=1e6, qtype=Q.Q4_0),
     "qwen2-bias": dict(arch="qwen2", tied=False),
     "phi3-fused": dict(arch="phi3", tied=False, n_kv_heads=4),
+    "qwen3-qk-norm-wide-heads": dict(arch="qwen3", tied=False, head_dim=32),  # q_dim 128 over a 64-wide model
+    "qwen3-q8_0": dict(arch="qwen3", qtype=Q.Q8_0),
 }
 
 
@@ -63,4 +65,16 @@ def test_permuted_llama_differs_without_unpermute(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "_unpermute", lambda w, n_heads: w)
     got, expected = _compare(write_tiny_gguf(tmp_path / "llama.gguf", arch="llama"))
+    assert np.abs(got - expected).max() > 0.1 * expected.std()
+
+
+def test_qwen3_differs_without_its_qk_norms(tmp_path, monkeypatch):
+    """Guard for the qwen3 cases: a loader that skipped the per-head Q/K norms must disagree with llama.cpp."""
+    import dataclasses
+
+    import edgectx.model.gguf as loader
+
+    read = loader.read_spec
+    monkeypatch.setattr(loader, "read_spec", lambda g: dataclasses.replace(read(g), qk_norm=False))
+    got, expected = _compare(write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3", tied=False))
     assert np.abs(got - expected).max() > 0.1 * expected.std()

@@ -33,7 +33,7 @@ def _logits(path, device: str, dtype: torch.dtype, ids: list[int]) -> torch.Tens
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 def test_cuda_matches_cpu(tmp_path, arch):
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, tied=arch == "llama", n_kv_heads=4 if arch == "phi3" else 2)
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 200)]

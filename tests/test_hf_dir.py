@@ -25,6 +25,7 @@ from tiny_hf import training_text, write_tiny_pair
 CASES = {
     "llama-spm": dict(arch="llama", tokenizer="spm", tied=False),
     "qwen2-json-bias": dict(arch="qwen2", tokenizer="json", tied=False),
+    "qwen3-json-qk-norm": dict(arch="qwen3", tokenizer="json", tied=False),
     "phi3-spm-fused": dict(arch="phi3", tokenizer="spm", n_kv_heads=4),
     "llama-json-llama3-rope": dict(arch="llama", tokenizer="json", rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
@@ -156,7 +157,7 @@ def test_unsupported_model_type(pair, tmp_path):
     broken = _broken(pair, tmp_path, "gemma")
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
-    with pytest.raises(UnsupportedModelError, match="'gemma2' model; edgectx supports the llama, mistral, qwen2, phi3"):
+    with pytest.raises(UnsupportedModelError, match="'gemma2' model; edgectx supports the llama, mistral, qwen2, qwen3, phi3"):
         open_model(broken)
 
 

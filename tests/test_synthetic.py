@@ -47,9 +47,9 @@ def _run(model, spec, ids, memory_config=None):
     return torch.cat(logits), memory
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 def test_tiny_synthetic_model_runs_a_forward(arch):
-    spec = dataclasses.replace(SYNTHETIC["tiny"], arch=arch, qkv_bias=arch == "qwen2")
+    spec = dataclasses.replace(SYNTHETIC["tiny"], arch=arch, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
     model, built = build_synthetic(spec, CPU, torch.float32, weights="fp16", seed=1)
     assert built is spec
     ids = torch.randint(0, spec.vocab_size, (256,), generator=torch.Generator().manual_seed(0)).tolist()

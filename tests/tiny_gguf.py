@@ -1,7 +1,7 @@
 """Write tiny random GGUF models with the `gguf` package's writer, for conformance tests against llama.cpp.
 
 Weights are drawn in Hugging Face layout and converted the way convert_hf_to_gguf does (llama Q/K
-rows permuted for llama.cpp's rotary layout, phi3 QKV and gate/up fused), so loading them exercises
+rows permuted for llama.cpp's rotary layout, phi3 QKV and gate/up fused, qwen3's per-head Q/K norms), so loading them exercises
 the same paths as a real model. The vocabulary is byte-level BPE: 256 byte tokens, two merges and
 three control tokens.
 
@@ -62,11 +62,14 @@ def write_tiny_gguf(
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     rope_scaling: tuple[str, float] | None = None,
     freq_factors: bool = False,
+    head_dim: int | None = None,
 ) -> Path:
+    """`head_dim`: other than dim // n_heads (as Qwen3's 128 over a 1,024 model), written as the key length."""
     rng = np.random.default_rng(seed)
     tokens, types = vocabulary()
     vocab = len(tokens)
-    head_dim = dim // n_heads
+    explicit_head_dim = head_dim is not None and head_dim != dim // n_heads
+    head_dim = head_dim or dim // n_heads
     eos = tokens.index("<|im_end|>")
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -79,6 +82,9 @@ def write_tiny_gguf(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(head_dim)
+    if explicit_head_dim:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(vocab)
     if rope_scaling:
         kind, factor = rope_scaling
@@ -133,6 +139,9 @@ def write_tiny_gguf(
         if arch == "qwen2":
             for n, rows in (("q", n_heads), ("k", n_kv_heads), ("v", n_kv_heads)):
                 w.add_tensor(p + f"attn_{n}.bias", rand(rows * head_dim, scale=0.3))
+        if arch == "qwen3":  # each head's Q and K normalized before RoPE
+            w.add_tensor(p + "attn_q_norm.weight", 1.0 + rand(head_dim, scale=0.3))
+            w.add_tensor(p + "attn_k_norm.weight", 1.0 + rand(head_dim, scale=0.3))
         tensor(p + "ffn_gate.weight", gate)
         tensor(p + "ffn_up.weight", up)
     w.write_header_to_file()

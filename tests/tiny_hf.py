@@ -106,6 +106,9 @@ def _weights(arch: str, vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_
         if arch == "qwen2":
             for n, rows in (("q", n_heads), ("k", n_kv_heads), ("v", n_kv_heads)):
                 w[p + f"self_attn.{n}_proj.bias"] = rand(rows * head_dim, scale=0.3)
+        if arch == "qwen3":
+            for n in "qk":
+                w[p + f"self_attn.{n}_norm.weight"] = 1.0 + rand(head_dim, scale=0.3)
     return w
 
 
@@ -118,7 +121,8 @@ def _gguf_tensors(arch: str, w: dict[str, np.ndarray], n_layers: int, n_heads: i
              "self_attn.o_proj.weight": "attn_output.weight", "mlp.down_proj.weight": "ffn_down.weight",
              "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             **{f"self_attn.{n}_proj.{kind}": f"attn_{n}.{kind}" for n in "qkv" for kind in ("weight", "bias")}}
+             **{f"self_attn.{n}_proj.{kind}": f"attn_{n}.{kind}" for n in "qkv" for kind in ("weight", "bias")},
+             **{f"self_attn.{n}_norm.weight": f"attn_{n}_norm.weight" for n in "qk"}}
     for i in range(n_layers):
         for hf_name, gguf_name in names.items():
             array = w.get(f"model.layers.{i}.{hf_name}")
@@ -213,7 +217,8 @@ def write_tiny_pair(out: Path, arch: str = "llama", tokenizer: str = "spm", seed
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({**special, "chat_template": CHATML}), encoding="utf-8")
     weights = _weights(arch, vocab, dim, n_layers, n_heads, n_kv_heads, ffn_dim, tied, seed)
     save_file(weights, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]],
+    config = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                "phi3": "Phi3ForCausalLM"}[arch]],
               "model_type": arch, "hidden_size": dim, "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
               "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "max_position_embeddings": context_length,
               "rms_norm_eps": 1e-5, "rope_theta": rope_base, "tie_word_embeddings": tied, "vocab_size": vocab,

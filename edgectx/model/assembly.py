@@ -43,6 +43,8 @@ class LayerWeights:
     w_gate_up: Matrix  # gate rows, then up
     w_down: Matrix
     bqkv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # (head_dim,) qwen3's per-head Q and K norms
+    k_norm: torch.Tensor | None = None
 
 
 def matrix_shape(m: Matrix) -> tuple[int, int]:
@@ -90,6 +92,8 @@ def assemble_model(
         block.attn.wo = make_linear(w.wo, None)
         block.ffn.w_gate_up = make_linear(w.w_gate_up, None)
         block.ffn.w_down = make_linear(w.w_down, None)
+        if spec.qk_norm:
+            block.attn.q_norm.weight, block.attn.k_norm.weight = param(w.q_norm), param(w.k_norm)
         if progress:
             progress(i + 1, spec.n_layers)
     fuse_ggml_layers(model)
@@ -116,7 +120,7 @@ def fuse_ggml_layers(model: Transformer) -> int:
     spec = model.spec
     whole_step = os.environ.get("EDGECTX_GGML_DECODE", "1") != "0"  # =0: decode steps keep PyTorch attention
     if whole_step and len(blocks) == len(model.layers) and not spec.qkv_bias and spec.head_dim % 2 == 0 \
-            and not spec.sliding_window:
+            and not spec.sliding_window and not spec.qk_norm:
         from edgectx.quant.ggml_decode import GgmlDecoder
 
         head = model.lm_head
@@ -130,6 +134,12 @@ def _check_shapes(spec: ModelSpec, i: int, w: LayerWeights, origin: tuple[Path, 
     expected = {"attn.wqkv.weight": (w.wqkv, (spec.q_dim + 2 * spec.kv_dim, spec.dim)),
                 "ffn.w_gate_up.weight": (w.w_gate_up, (2 * spec.ffn_dim, spec.dim)),
                 "attn.wo.weight": (w.wo, (spec.dim, spec.q_dim)), "ffn.w_down.weight": (w.w_down, (spec.dim, spec.ffn_dim))}
+    if spec.qk_norm:
+        for name, norm in (("attn.q_norm.weight", w.q_norm), ("attn.k_norm.weight", w.k_norm)):
+            if norm is None or tuple(norm.shape) != (spec.head_dim,):
+                shape = None if norm is None else tuple(norm.shape)
+                raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {shape}, expected ({spec.head_dim},) "
+                                     f"from {origin[1]}.")
     for name, (tensor, shape) in expected.items():
         if matrix_shape(tensor) != shape:
             raise ModelFileError(f"{origin[0]}: layer {i} {name} has shape {matrix_shape(tensor)}, expected {shape} from {origin[1]}.")

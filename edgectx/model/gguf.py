@@ -143,6 +143,7 @@ def read_spec(g: GGUFFile) -> ModelSpec:
         rope_freq_factors=factors,
         rope_freq_factors_long=_optional_vector(g, "rope_factors_long.weight"),
         qkv_bias="blk.0.attn_q.bias" in g.tensors or "blk.0.attn_qkv.bias" in g.tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in g.tensors,
         tied_embeddings="output.weight" not in g.tensors,
         sliding_window=int(g.get(f"{arch}.attention.sliding_window", 0) or 0),
     )
@@ -241,7 +242,7 @@ def _layer_blocks(g: GGUFFile, spec: ModelSpec, i: int) -> LayerWeights:
         bqkv = torch.cat([get(f"attn_{n}.bias") for n in "qkv"]) if spec.qkv_bias else None
     w_gate_up = parts("ffn_gate.weight", "ffn_up.weight") if p + "ffn_gate.weight" in g.tensors else parts("ffn_up.weight")
     return LayerWeights(get("attn_norm.weight"), get("ffn_norm.weight"), wqkv, parts("attn_output.weight"), w_gate_up,
-                        parts("ffn_down.weight"), bqkv)
+                        parts("ffn_down.weight"), bqkv, *_qk_norms(get, spec))
 
 
 def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | None = None) -> LayerWeights:
@@ -264,7 +265,12 @@ def _layer_weights(g: GGUFFile, spec: ModelSpec, i: int, device: torch.device | 
     else:
         w_gate_up = get("ffn_up.weight")  # phi3: gate and up already fused, gate first
     return LayerWeights(get("attn_norm.weight"), get("ffn_norm.weight"), wqkv, get("attn_output.weight"), w_gate_up,
-                        get("ffn_down.weight"), bqkv)
+                        get("ffn_down.weight"), bqkv, *_qk_norms(get, spec))
+
+
+def _qk_norms(get: Callable[[str], torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A layer's per-head Q and K norm weights (qwen3), else (None, None)."""
+    return (get("attn_q_norm.weight"), get("attn_k_norm.weight")) if spec.qk_norm else (None, None)
 
 
 def load_model(

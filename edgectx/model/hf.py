@@ -197,7 +197,7 @@ def read_spec(hf: HFDir) -> ModelSpec:
     theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     scaling, factors, factors_long = _rope_scaling(hf, rope, theta, head_dim, rope_dim)
     window = c.get("sliding_window") or 0
-    if arch == "qwen2" and not c.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen3") and not c.get("use_sliding_window"):
         window = 0
     return ModelSpec(
         arch=arch,
@@ -216,6 +216,7 @@ def read_spec(hf: HFDir) -> ModelSpec:
         rope_freq_factors=factors,
         rope_freq_factors_long=factors_long,
         qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         tied_embeddings=bool(c.get("tie_word_embeddings")) or not hf.has("lm_head.weight"),
         sliding_window=int(window),
     )
@@ -230,8 +231,9 @@ def _layer_weights(hf: HFDir, spec: ModelSpec, i: int) -> LayerWeights:
         wqkv = torch.cat([t(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         w_gate_up = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")])
     bqkv = torch.cat([t(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None
+    q_norm, k_norm = (t(p + f"self_attn.{n}_norm.weight") for n in "qk") if spec.qk_norm else (None, None)
     return LayerWeights(t(p + "input_layernorm.weight"), t(p + "post_attention_layernorm.weight"), wqkv,
-                        t(p + "self_attn.o_proj.weight"), w_gate_up, t(p + "mlp.down_proj.weight"), bqkv)
+                        t(p + "self_attn.o_proj.weight"), w_gate_up, t(p + "mlp.down_proj.weight"), bqkv, q_norm, k_norm)
 
 
 def load_model(

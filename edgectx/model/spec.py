@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "phi3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # Bits per weight of a transformer block's linear layers in each weight format (edgectx.quant), scales
-# included: nf4 = 4-bit codes + a uint8 absmax per 64 weights + an fp32 absmax per 256 of those (QLoRA's
-# double quantization, bitsandbytes' default here); int8 = 8-bit codes, plus an fp32 scale per output row.
-WEIGHT_FORMAT_BITS = {"fp16": 16.0, "int8": 8.0, "nf4": 4.0 + 32 / 64}  # nf4: a float32 absmax per 64 (quant/bnb_linear.py)
+# included: nf4 = 4-bit codes + a float32 absmax per 64 weights (not double-quantized: quant/bnb_linear.py);
+# int8 = 8-bit codes, plus an fp32 scale per output row.
+WEIGHT_FORMAT_BITS = {"fp16": 16.0, "int8": 8.0, "nf4": 4.0 + 32 / 64}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ModelSpec:
     rope_freq_factors: tuple[float, ...] | None = None
     rope_freq_factors_long: tuple[float, ...] | None = None
     qkv_bias: bool = False  # qwen2 adds biases to the Q, K, V projections
+    qk_norm: bool = False  # qwen3 normalizes each head's Q and K (RMSNorm over head_dim) before RoPE
     tied_embeddings: bool = False  # output projection reuses token_embd
     sliding_window: int = 0  # 0 means attention over the whole context
 
@@ -82,6 +83,8 @@ class ModelSpec:
         attn = self.dim * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.dim
         if self.qkv_bias:
             attn += self.q_dim + 2 * self.kv_dim
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         ffn = 3 * self.dim * self.ffn_dim
         per_layer = attn + ffn + 2 * self.dim
         embed = self.vocab_size * self.dim
@@ -104,7 +107,7 @@ class ModelSpec:
         rows = sum(o for o, _ in self.block_linear_shapes)
         block = n_linear * WEIGHT_FORMAT_BITS[weights] / 8 + (4 * rows if weights == "int8" else 0)
         bias = self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0
-        dense = self.vocab_size * self.dim + self.dim + self.n_layers * (2 * self.dim + bias)
+        dense = self.vocab_size * self.dim + self.dim + self.n_layers * (2 * self.dim + bias + 2 * self.head_dim * self.qk_norm)
         return int(self.n_layers * block) + 2 * self.vocab_size * self.dim + dense * dense_bytes
 
     def describe(self) -> str:

@@ -112,6 +112,9 @@ def build_synthetic(name: str | ModelSpec, device: torch.device, dtype: torch.dt
         block.attn.wo = make_linear(randn(o_wo, i_wo, std=i_wo**-0.5 * residual), None)
         block.ffn.w_gate_up = make_linear(randn(o_gu, spec.dim, std=spec.dim**-0.5), None)
         block.ffn.w_down = make_linear(randn(o_down, i_down, std=i_down**-0.5 * residual), None)
+        if spec.qk_norm:
+            block.attn.q_norm.weight = param(torch.ones(spec.head_dim, device=device))
+            block.attn.k_norm.weight = param(torch.ones(spec.head_dim, device=device))
         if progress:
             progress(i + 1, spec.n_layers)
     return model.eval(), spec

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (llama, mistral, qwen2, phi3 families) as a plain PyTorch module.
+"""The decoder-only transformer (llama, mistral, qwen2, qwen3, phi3 families) as a plain PyTorch module.
 
 The model knows nothing of caches, eviction or offload: each forward receives a `KVMemory` whose
 per-layer `attend(q, k, v)` takes pre-RoPE projections and returns the attention output (gpt-fast
@@ -54,6 +54,9 @@ class Attention(nn.Module):
         self.spec = spec
         self.wqkv = nn.Linear(spec.dim, spec.q_dim + 2 * spec.kv_dim, bias=spec.qkv_bias)
         self.wo = nn.Linear(spec.q_dim, spec.dim, bias=False)
+        # qwen3: each head's Q and K normalized before RoPE (what the memory stores as pre-RoPE keys)
+        self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
 
     def forward(self, x: torch.Tensor, layer_memory) -> torch.Tensor:
         return self.wo(self.attend(self.wqkv(x), layer_memory))
@@ -63,8 +66,10 @@ class Attention(nn.Module):
         s = self.spec
         n_tokens = qkv.shape[0]
         q, k, v = qkv.split((s.q_dim, s.kv_dim, s.kv_dim), dim=-1)
-        q = q.view(n_tokens, s.n_heads, s.head_dim).transpose(0, 1)  # (n_heads, T, head_dim)
-        k = k.view(n_tokens, s.n_kv_heads, s.head_dim).transpose(0, 1)  # (n_kv_heads, T, head_dim)
+        q, k = q.view(n_tokens, s.n_heads, s.head_dim), k.view(n_tokens, s.n_kv_heads, s.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (n_heads, T, head_dim), (n_kv_heads, T, head_dim)
         v = v.view(n_tokens, s.n_kv_heads, s.head_dim).transpose(0, 1)
         out = layer_memory.attend(q, k, v)  # (n_heads, T, head_dim)
         return out.transpose(0, 1).reshape(n_tokens, s.q_dim)
