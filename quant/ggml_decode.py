@@ -6,6 +6,7 @@ context write and attention: about half of a 135M model's step. `GgmlDecoder` bu
 step instead, over the same weights:
 
     per layer:  qkv = W_qkv @ (rms_norm(x) * attn_norm)        -> a buffer the memory reads afterwards
+                (qwen3: each head's q and k replaced in it by rms_norm(head) * q_norm / k_norm)
                 k, v rounded to the memory's K/V dtype (as ContextMemory.as_stored), q and k rotated with the
                 rope tables (x * cos + swap_halves(x) * signed_sin: the same float32 ops as Rope.rotate),
                 the rotated key (rounded again) and the value written into the layer's assembled context at
@@ -171,6 +172,10 @@ class _DecodeGraph:
             y.contents.data = row + offset * 4
             g.ggml_build_forward_expand(graph, y)
             offset += part.rows
+        if layer.q_norm is not None:  # qwen3: each head's Q and K normalized in the buffer before anything reads them
+            for at, heads, weight in ((row, n_heads, layer.q_norm), (row + n_heads * d * 4, n_kv, layer.k_norm)):
+                normed = self._normed(self._at(at, d, heads), weight, layer.eps)
+                g.ggml_build_forward_expand(graph, g.ggml_cpy(ctx, normed, self._at(at, d, heads)))
         # Views of the buffer over the products' outputs, whichever of them wrote it (read after them: nodes run in
         # order): Q (d, n_heads), then K and V as one (d, 2 n_kv), K heads first
         q, kv = self._at(row, d, n_heads), self._at(row + n_heads * d * 4, d, 2 * n_kv)

@@ -133,7 +133,7 @@ class GgmlLayer:
 
     def __init__(self, stack: GgmlStack, qkv: list[QuantizedMatrix], o: list[QuantizedMatrix], gate: QuantizedMatrix,
                  up: QuantizedMatrix, down: QuantizedMatrix, attn_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
-                 qkv_bias: torch.Tensor | None = None):
+                 qkv_bias: torch.Tensor | None = None, qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None):
         parts = [*qkv, *o, gate, up, down]
         bad = [p.qtype.name for p in parts if p.qtype not in GGML_TYPES]
         if bad:
@@ -147,6 +147,10 @@ class GgmlLayer:
         self.attn_norm = attn_norm.detach().float().contiguous().clone()
         self.ffn_norm = ffn_norm.detach().float().contiguous().clone()
         self.qkv_bias = None if qkv_bias is None else qkv_bias.detach().float().contiguous()
+        # qwen3's per-head Q and K norms: PyTorch applies them after `before` (Attention.attend); the whole-step
+        # decoder (ggml_decode) in its graph
+        self.q_norm, self.k_norm = (None, None) if qk_norm is None else \
+            (qk_norm[0].detach().float().contiguous().clone(), qk_norm[1].detach().float().contiguous().clone())
         self._before: dict[int, tuple] = {}
         self._after: dict[int, tuple] = {}
 

@@ -278,3 +278,38 @@ def test_the_observation_and_the_record_from_c_match_pytorchs(embedded_model):
         torch.testing.assert_close(observed, observed_torch, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(attended, attended_torch, rtol=1e-4, atol=1e-6)
         assert observed.shape == (engine.spec.n_kv_heads, asm.length) and attended.sum() > 0
+
+
+def test_qwen3_steps_normalize_q_and_k_in_the_graph(tmp_path):
+    """Qwen3's per-head Q/K norms run inside the whole-step graph (PyTorch applies them after the layer's first
+    graph): decode steps past the budget through the graph give the PyTorch path's logits, and a graph without
+    the norms does not."""
+    import gguf
+    import numpy as np
+
+    from tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3", qtype=gguf.GGMLQuantizationType.Q8_0, dim=128,
+                           n_heads=4, n_kv_heads=2, ffn_dim=256, head_dim=64, tied=False, context_length=4096)
+    engine = Engine.load(path, device="cpu", memory_config=SMALL)
+    assert isinstance(engine.model.decoder, GgmlDecoder)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 560)]
+
+    def run(fused: bool) -> torch.Tensor:
+        decoder = engine.model.decoder
+        engine.model.decoder = decoder if fused else None
+        try:
+            engine.reset()
+            out = [engine.prefill(ids[:500])]
+            out += [engine.forward([t])[-1] for t in ids[500:]]
+            return torch.stack(out)
+        finally:
+            engine.model.decoder = decoder
+
+    plain, fused = run(False), run(True)
+    assert engine.memory.stats()["evicted_tokens"] > 0
+    assert float((fused - plain).abs().max()) < 0.02 * float(plain.std())
+    for block in engine.model.layers:
+        block.fused.q_norm = block.fused.k_norm = None
+    engine.model.decoder._graphs.clear()
+    assert float((run(True) - plain).abs().max()) > 0.2 * float(plain.std())

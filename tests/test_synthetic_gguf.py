@@ -220,3 +220,15 @@ def test_bench_speed_on_the_tiny_file_reuses_it_and_records_busy(cache, tiny_q4,
     file_bytes = sum(int(t.n_bytes) for t in tiny_reader.tensors)
     assert row["llama_cpp"]["weight_bytes"] == file_bytes
     assert all(row[kind]["weight_bytes"] >= file_bytes * 0.99 for kind in ("edgectx", "edgectx_memory"))
+
+
+def test_the_qwen3_shape_plans_its_qk_norms_and_a_wider_q():
+    """Qwen3-0.6B's plan: per-head Q/K norms in every layer and Q twice the model's width (16 heads of 128)."""
+    from edgectx.bench.synthetic_gguf import SHAPES, _tensor_plan
+
+    spec = SHAPES["qwen3-0.6b"]
+    plan = {name: dims for name, dims, _ in _tensor_plan(spec)}
+    assert spec.arch == "qwen3" and spec.qk_norm and spec.q_dim == 2 * spec.dim
+    assert all(plan[f"blk.{i}.attn_{n}_norm.weight"] == (128,) for i in range(spec.n_layers) for n in "qk")
+    assert plan["blk.0.attn_q.weight"] == (2048, 1024) and plan["blk.0.attn_output.weight"] == (1024, 2048)
+    assert "blk.0.attn_q_norm.weight" not in {name for name, _, _ in _tensor_plan(SHAPES["llama-1b"])}

@@ -1,11 +1,12 @@
-"""Random-weight llama GGUF files of real model sizes, written once and cached, for `bench speed --synthetic-gguf`.
+"""Random-weight GGUF files of real model sizes, written once and cached, for `bench speed --synthetic-gguf`.
 
 Users compare edgectx with llama.cpp at 1B, 3B and 8B without downloading anything. The shapes are
-Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B except the vocabulary: the tokenizer (all `tokenizer.*`
+Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B and Qwen3-0.6B except the vocabulary: the tokenizer (all `tokenizer.*`
 metadata, chat template included) is copied from the embedded SmolLM2-135M-Instruct so that llama.cpp and
 edgectx both tokenize real text, which makes the vocabulary 49152 instead of 128256 (the embedding and
-output matrices are 2.6x smaller than the real ones). RoPE base 500000, context 131072, no rope scaling,
-RMSNorm eps 1e-5, an untied output.weight. "tiny" (dim 256, so K-quants apply to every matrix) is for tests.
+output matrices are 2.6x smaller than the real ones; 3.1x for Qwen3's 151936). The llama shapes: RoPE base
+500000, context 131072, no rope scaling, RMSNorm eps 1e-5; Qwen3-0.6B's: base 1e6, context 40960, eps 1e-6, per-head
+Q/K norms; an untied output.weight in all. "tiny" (dim 256, so K-quants apply to every matrix) is for tests.
 
 Steps: an F16 file written with the `gguf` package's GGUFWriter, tensor infos first and then one matrix
 at a time (peak RAM about one matrix, not the 16 GB of an 8B); linear weights ~ N(0, 1/in_features),
@@ -46,6 +47,10 @@ SHAPES: dict[str, ModelSpec] = {
     "llama-1b": _llama(16, 2048, 8192, 32, 8),  # Llama-3.2-1B, head_dim 64
     "llama-3b": _llama(28, 3072, 8192, 24, 8),  # Llama-3.2-3B, head_dim 128
     "llama-8b": _llama(32, 4096, 14336, 32, 8),  # Llama-3.1-8B, head_dim 128
+    # Qwen3-0.6B: 16 heads of 128 over a 1,024-wide model (Q is twice as wide), per-head Q/K norms
+    "qwen3-0.6b": ModelSpec(arch="qwen3", n_layers=28, dim=1024, n_heads=16, n_kv_heads=8, head_dim=128, ffn_dim=3072,
+                            vocab_size=VOCAB_SIZE, context_length=40960, norm_eps=1e-6, rope_base=1000000.0,
+                            qk_norm=True),
 }
 
 # quant name -> (llama.cpp ftype constant, about what the quantized file weighs per F16 byte, for the space check)
@@ -116,6 +121,8 @@ def _tensor_plan(spec: ModelSpec) -> list[tuple[str, tuple[int, ...], float | No
             (p + "attn_k.weight", (spec.kv_dim, spec.dim), spec.dim ** -0.5),
             (p + "attn_v.weight", (spec.kv_dim, spec.dim), spec.dim ** -0.5),
             (p + "attn_output.weight", (spec.dim, spec.q_dim), spec.q_dim ** -0.5 * residual),
+            *([(p + "attn_q_norm.weight", (spec.head_dim,), None), (p + "attn_k_norm.weight", (spec.head_dim,), None)]
+              if spec.qk_norm else []),
             (p + "ffn_norm.weight", (spec.dim,), None),
             (p + "ffn_gate.weight", (spec.ffn_dim, spec.dim), spec.dim ** -0.5),
             (p + "ffn_up.weight", (spec.ffn_dim, spec.dim), spec.dim ** -0.5),
@@ -138,8 +145,8 @@ def _write_f16(path: Path, spec: ModelSpec, seed: int, progress: Progress | None
     import numpy as np
     import torch
 
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("synthetic llama (random weights)")
+    writer = gguf.GGUFWriter(path, spec.arch)
+    writer.add_name(f"synthetic {spec.arch} (random weights)")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(spec.context_length)
     writer.add_embedding_length(spec.dim)
@@ -150,6 +157,9 @@ def _write_f16(path: Path, spec: ModelSpec, seed: int, progress: Progress | None
     writer.add_layer_norm_rms_eps(spec.norm_eps)
     writer.add_rope_freq_base(spec.rope_base)
     writer.add_rope_dimension_count(spec.head_dim)
+    if spec.head_dim != spec.dim // spec.n_heads:
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
     writer.add_vocab_size(spec.vocab_size)
     _copy_tokenizer(writer, spec.vocab_size)
     plan = _tensor_plan(spec)

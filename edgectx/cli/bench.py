@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
     speed.add_argument("--synthetic", metavar="NAME", help="random weights (4-bit on a GPU) with this model's shapes, no download "
                        "(llama-3.1-8b, phi-3-mini-128k, qwen2.5-7b); no llama.cpp reference")
     speed.add_argument("--synthetic-gguf", metavar="NAME", choices=tuple(SHAPES),
-                       help=f"write (once, cached) a random-weight llama GGUF of this size and compare on it, no download "
+                       help=f"write (once, cached) a random-weight GGUF of this model's shapes and compare on it, no download "
                        f"({', '.join(SHAPES)}; tiny is for tests)")
     speed.add_argument("--quant", choices=tuple(QUANTS), help="with --synthetic-gguf: llama.cpp's quantization (default q4_k_m)")
     speed.add_argument("--busy", type=int_range(0, 256), default=0,

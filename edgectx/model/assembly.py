@@ -115,12 +115,14 @@ def fuse_ggml_layers(model: Transformer) -> int:
     for b in blocks:
         gate, up = b.ffn.w_gate_up.matmul.parts
         bias = b.attn.wqkv.bias
+        qk_norm = None if b.attn.q_norm is None else (b.attn.q_norm.weight, b.attn.k_norm.weight)
         b.fused = GgmlLayer(stack, b.attn.wqkv.matmul.parts, b.attn.wo.matmul.parts, gate, up, b.ffn.w_down.matmul.parts[0],
-                            b.attn_norm.weight, b.ffn_norm.weight, b.attn_norm.eps, qkv_bias=None if bias is None else bias.data)
+                            b.attn_norm.weight, b.ffn_norm.weight, b.attn_norm.eps, qkv_bias=None if bias is None else bias.data,
+                            qk_norm=qk_norm)
     spec = model.spec
     whole_step = os.environ.get("EDGECTX_GGML_DECODE", "1") != "0"  # =0: decode steps keep PyTorch attention
     if whole_step and len(blocks) == len(model.layers) and not spec.qkv_bias and spec.head_dim % 2 == 0 \
-            and not spec.sliding_window and not spec.qk_norm:
+            and not spec.sliding_window:
         from edgectx.quant.ggml_decode import GgmlDecoder
 
         head = model.lm_head
