@@ -78,3 +78,18 @@ def test_qwen3_differs_without_its_qk_norms(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "read_spec", lambda g: dataclasses.replace(read(g), qk_norm=False))
     got, expected = _compare(write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3", tied=False))
     assert np.abs(got - expected).max() > 0.1 * expected.std()
+
+
+def test_a_spec_field_added_later_leaves_older_models_fingerprints_as_they_were(tmp_path):
+    """qk_norm came with Qwen3: at its old value (False) it stays out of the digest, so every model supported before
+    keeps its fingerprint (shipped heads, snapshots and conversations are keyed by it); a qwen3 file's counts it."""
+    import dataclasses
+    import json
+
+    from edgectx.model.fingerprint import _spec_json
+    from edgectx.model.gguf import open_gguf, read_spec
+
+    spec = read_spec(open_gguf(write_tiny_gguf(tmp_path / "llama.gguf", arch="llama")))
+    before = {k: v for k, v in spec.__dict__.items() if k != "qk_norm"}  # the dict fingerprints hashed until then
+    assert _spec_json(spec) == json.dumps(before, default=str, sort_keys=True).encode()
+    assert b'"qk_norm": true' in _spec_json(dataclasses.replace(spec, arch="qwen3", qk_norm=True))

@@ -37,11 +37,22 @@ def _tensor_samples(data: np.ndarray) -> bytes:
     return b"".join(flat[s : s + SAMPLE_BYTES].tobytes() for s in starts)
 
 
+# ModelSpec fields added after fingerprints were first written, with the value every older model has: left out
+# of the digest at that value, so a new field does not change the fingerprints of the models that were already
+# supported (their shipped heads, snapshots and conversations are keyed by it)
+_LATER_FIELDS = {"qk_norm": False}
+
+
+def _spec_json(spec) -> bytes:
+    fields = {k: v for k, v in spec.__dict__.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+    return json.dumps(fields, default=str, sort_keys=True).encode()
+
+
 def weights_fingerprint(g: GGUFFile) -> str:
     """SHA-256 over the model's shape and sampled tensor bytes: equal for the same weights in any path."""
     h = hashlib.sha256(b"edgectx-weights-v1\0")
     spec = read_spec(g)
-    h.update(json.dumps(spec.__dict__, default=str, sort_keys=True).encode())
+    h.update(_spec_json(spec))
     for name in sorted(g.tensors):
         t = g.tensors[name]
         h.update(f"{name}\0{int(t.tensor_type)}\0{tuple(int(x) for x in t.shape)}\0".encode())
@@ -66,7 +77,7 @@ def _safetensors_tensors(file: Path) -> dict[str, tuple[str, list[int], np.ndarr
 def dir_fingerprint(hf: HFDir) -> str:
     """SHA-256 over config.json's shapes and sampled tensor bytes of a Hugging Face checkpoint directory."""
     h = hashlib.sha256(b"edgectx-weights-hf-v1\0")
-    h.update(json.dumps(read_hf_spec(hf).__dict__, default=str, sort_keys=True).encode())
+    h.update(_spec_json(read_hf_spec(hf)))
     tensors = {}
     for file in sorted(set(hf.files.values())):  # sharding does not change the digest
         tensors.update(_safetensors_tensors(file))
