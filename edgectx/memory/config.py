@@ -26,7 +26,7 @@ LIMITS = {"budget_tokens": 1 << 20, "n_sink": 1 << 20, "n_local": 1 << 20, "bloc
 
 # The prefill chunk when none is asked for, by device type. On a CPU a chunk's products are most of its time, and
 # 512 keeps eviction fine-grained. On a GPU the products of a chunk are a small part of it: the host issues some
-# 14,000 small operations a chunk past the budget on an 8B model (30 layers' retrieval, assembly, attention,
+# 14,000 small operations a chunk past the budget on an 8B model (32 layers' retrieval, assembly, attention,
 # observation and eviction), whatever the chunk's length, and the GPU waits on them (131,072 tokens took 59 s on an
 # H200 in 512-token chunks, ~0.2 s a chunk; the products of one take ~0.02 s). 2,048-token chunks issue a quarter
 # as many. On held-out text (8192 tokens, budget 2048, the last 512 decoded one token at a time) 2,048 decoded as
