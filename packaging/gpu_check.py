@@ -26,7 +26,7 @@ GIB = 2**30
 ACCEPT = {"prefill_s": 60.0, "decode_ms_per_token": 30.0, "peak_gpu_bytes": 16 * GIB}
 GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_gpu_memory.py", "tests/test_bnb_weights.py", "tests/test_synthetic.py",
                   "tests/test_launches.py", "tests/test_cuda_graph.py"]
-KERNEL_TEST_FILES = ["tests/test_kernels.py", "tests/test_gguf_matmul.py", "tests/test_kernel_specialization.py"]
+KERNEL_TEST_FILES = ["tests/test_kernels.py", "tests/test_block_gather.py", "tests/test_gguf_matmul.py", "tests/test_kernel_specialization.py"]
 MODULES = ["torch", "triton", "bitsandbytes", "gguf", "numpy", "zstandard", "platformdirs", "jinja2", "llama_cpp",
            "edgectx.engine", "edgectx.quant.bnb_linear", "edgectx.kernels.decode_attention"]
 

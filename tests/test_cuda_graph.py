@@ -67,7 +67,9 @@ def test_full_attention_graph_steps_match_eager_and_capture_once_per_capacity(ti
     eager, graphed = _pair(tiny, n_ctx=2048)
     ids = _ids(300)
     want, got = _decode(eager, ids[:200], ids[200:]), _decode(graphed, ids[:200], ids[200:])
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    # float32 sums in another order (the graph attends over the capacity, masked): 2.4e-5 at logits near 7 on one
+    # machine's CPU, so a relative bound besides the absolute one
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     runner = graphed.step
     # 100 one-token steps: the cache grows once (256 -> 512 columns) at token 257, so two shape classes

@@ -3,12 +3,16 @@
 A decode step that reads a value back from the GPU waits for every kernel queued before it: the host cannot run
 ahead, and the step cannot be captured in a CUDA graph. The full-attention step (rope, KV cache, the model) makes
 none; the sampler's read of the logits is the one sync per token. The long-context memory, on its device path
-(what CUDA runs; a CPU memory runs it with `device_bookkeeping=True`), makes none in a steady decode step; a
-retrieval (and the first step after an eviction) reads the block ids and what a rebuild needs once per layer.
+(what CUDA runs; a CPU memory runs it with `device_bookkeeping=True`), makes none in a steady decode step nor in a
+prefill chunk past the budget (its retrieved blocks are gathered by ids on the device, HostBlockStore.gather); a
+prefill's end reads every layer's block ids and position count at once; a decode retrieval (and the first step
+after an eviction) reads the block ids and what a rebuild needs once per layer.
 The lexical index's reads are of host tensors (token ids) on every device and are left out of the counts.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -134,10 +138,7 @@ def test_device_bookkeeping_changes_no_logit(tiny):
     assert torch.equal(*logits)
 
 
-def test_memory_prefill_chunk_reads_only_block_ids(tiny):
-    """A prefill chunk past the budget retrieves once per layer: its one read is the block ids (defect 1:
-    was 15-17 per chunk on this 2-layer model, among them the eviction's count and the rope's bound)."""
-    engine = _device_path(Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16"))
+def _chunk_syncs(engine: Engine) -> list[SyncCounter]:
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 900)]
     engine.prefill(ids[:640])
     counts = []
@@ -146,8 +147,45 @@ def test_memory_prefill_chunk_reads_only_block_ids(tiny):
             engine.forward(ids[start : start + 64])
         counts.append(syncs)
     assert engine.memory.stats()["evicted_tokens"] > 0
-    assert _kinds(counts) == [engine.spec.n_layers] * len(counts), [dict(c.sites) for c in counts]
-    assert all(all("context.py" in site for site in c.sites if "lexical" not in site) for c in counts)
+    return counts
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_memory_prefill_chunk_reads_nothing_back(tiny, positions):
+    """Issue 21: a prefill chunk past the budget retrieves for every layer and reads nothing back (was one read of
+    the block ids per layer; before that 15-17 per chunk on this 2-layer model). Its blocks come from the host
+    store by ids on the device; the prefill's end reads every layer's ids and position count in one go."""
+    config = dataclasses.replace(SMALL, positions=positions)
+    engine = _device_path(Engine.load(tiny, device="cpu", memory_config=config, weights="fp16"))
+    counts = _chunk_syncs(engine)
+    assert _kinds(counts) == [0] * len(counts), [dict(c.sites) for c in counts]
+    layers = engine.memory.layers
+    assert all(layer._selection is None and layer._selection_d.shape[1] == SMALL.top_k_blocks for layer in layers)
+    pending = sum(isinstance(layer.asm.next_position, torch.Tensor) for layer in layers)
+    assert pending == (len(layers) if positions == "compact" else 0)
+    with torch.inference_mode(), SyncCounter() as syncs:  # as Engine.prefill calls it
+        engine.memory.ready()
+    assert _kinds([syncs]) == [1], dict(syncs.sites)
+    assert all(layer._selection is not None and isinstance(layer.asm.next_position, int) for layer in layers)
+
+
+def test_without_the_gather_kernel_a_chunk_reads_its_block_ids(tiny, monkeypatch):
+    """Where the kernel cannot read pinned memory (its probe failed), a chunk's retrieval copies as before: one
+    read of the block ids per layer, with the same logits."""
+    from edgectx.memory.block_store import HostBlockStore
+
+    ids = [int(i) for i in np.random.default_rng(2).integers(0, 258, 700)]
+    logits = []
+    for gather in (True, False):
+        monkeypatch.setattr(HostBlockStore, "device_gather", property(lambda self: gather))
+        engine = _device_path(Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16"))
+        if not gather:
+            counts = _chunk_syncs(engine)
+            assert _kinds(counts) == [engine.spec.n_layers] * len(counts), [dict(c.sites) for c in counts]
+            engine = _device_path(Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16"))
+        engine.prefill(ids[:600])
+        logits.append(torch.stack([engine.next_logits] + [engine.forward([t])[-1] for t in ids[600:]]))
+    assert torch.equal(*logits)
 
 
 @torch.inference_mode()  # as the engine runs it

@@ -17,6 +17,11 @@ skip the staging: laid out as slabs in one device buffer, flushed together (a co
 of the store (`tokens`, `slab`, snapshots) first `settle` it: wait for the flushes and write the partial
 block through. On the CPU the store is host memory already and `append` writes straight into it.
 
+`gather` brings back each KV head's blocks by ids that stay on the device: on CUDA a Triton kernel reads them from
+the pinned segments itself (edgectx.kernels.block_gather: no read of the ids, no pinned staging, no host memcpy;
+a prefill chunk's retrieval then makes no sync), checked once by `device_gather`'s probe; on a CPU (a test of the
+device path) the same with torch indexing.
+
     store = HostBlockStore(n_kv_heads=3, head_dim=64, block_size=128, device=torch.device("cpu"))
     store.append(k, v)           # (n_kv_heads, T, head_dim) each, pre-RoPE
     k, v = store.block(3)         # (n_kv_heads, 128, head_dim) in the host dtype
@@ -24,9 +29,13 @@ block through. On the CPU the store is host memory already and `append` writes s
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from edgectx import kernels
 
+log = logging.getLogger(__name__)
 SEGMENT_BLOCKS = 32  # blocks per host segment: 4096 tokens at block_size 128
 
 
@@ -50,6 +59,8 @@ class HostBlockStore:
         self._stage: torch.Tensor | None = None  # (2 buffers, 2 K|V, n_kv_heads, block_size, head_dim)
         self._flushed: list = [None, None]  # per buffer: the event its last flush recorded (CUDA)
         self._last_flush: "torch.cuda.Event | None" = None  # the last copy to the host (CUDA; the stream runs in order)
+        self._offsets: tuple | None = None  # (segment addresses, their offsets on the device): `gather`'s
+        self._gathered = False  # a kernel has read the pinned segments (CUDA): wait for it before releasing them
         if self.staged:
             self._stage = torch.empty(2, 2, n_kv_heads, block_size, head_dim, device=device, dtype=host_dtype)
 
@@ -231,6 +242,7 @@ class HostBlockStore:
     def truncate(self, n_tokens: int) -> None:
         """Forget tokens from `n_tokens` on; segments past the end are released."""
         self.settle()
+        self._gathers_done()
         self.n_tokens = min(self.n_tokens, n_tokens)
         keep_segments = -(-self.n_tokens // self.segment_tokens)
         del self.segments[keep_segments:]
@@ -245,15 +257,65 @@ class HostBlockStore:
         """Drop every segment (the memory is reset): pinned pages go back to the allocator at once rather than
         whenever the last reference to this store goes away."""
         self.settle()
+        self._gathers_done()
         self.segments.clear()
         self._column_base = None
         self.n_tokens = 0
         self.representatives = self.representatives[:0]
 
+    def gather(self, blocks: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """K and V of each KV head's completed blocks `blocks` (n_kv, k), ids on the device, into k_out and v_out
+        (n_kv, k * block_size, head_dim), converted to their dtypes; nothing is read back. On CUDA the kernel runs
+        after the flushes queued so far (an event the compute stream waits on, not the host); call only where
+        `device_gather` is true there."""
+        n_kv, k = blocks.shape
+        if k == 0:
+            return
+        if self.device.type == "cuda":
+            if self._last_flush is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._last_flush)
+            from edgectx.kernels.block_gather import gather_blocks
+
+            gather_blocks(self.segments[0], self._segment_offsets(), blocks, k_out, v_out, self.segment_blocks)
+            self._gathered = True
+            return
+        seg, b = blocks.div(self.segment_blocks, rounding_mode="floor"), blocks.remainder(self.segment_blocks)
+        heads = torch.arange(n_kv, device=blocks.device)[:, None].expand(n_kv, k)
+        picked = None  # (n_kv, k, 2, block_size, head_dim): each segment's picks where the ids name it
+        for i, segment in enumerate(self.segments):
+            part = segment[b, :, heads]
+            picked = part if picked is None else torch.where((seg == i)[..., None, None, None], part, picked)
+        k_out.view(n_kv, k, self.block_size, self.head_dim).copy_(picked[:, :, 0])
+        v_out.view(n_kv, k, self.block_size, self.head_dim).copy_(picked[:, :, 1])
+
+    def _segment_offsets(self) -> torch.Tensor:
+        """The segments' distances from the first, in elements, on the device; uploaded again when one is added."""
+        where = tuple(s.data_ptr() for s in self.segments)
+        if self._offsets is None or self._offsets[0] != where:
+            from edgectx.kernels.block_gather import segment_offsets
+            from edgectx.memory.retrieval import upload
+
+            self._offsets = (where, upload(torch.tensor(segment_offsets(self.segments)), self.device))
+        return self._offsets[1]
+
+    def _gathers_done(self) -> None:
+        """Before segments are released: the kernels that read them have finished (CUDA)."""
+        if self._gathered:
+            torch.cuda.current_stream(self.device).synchronize()
+            self._gathered = False
+
     @property
     def host_bytes(self) -> int:
         """Bytes of K and V held, counting whole allocated segments."""
         return sum(s.numel() * s.element_size() for s in self.segments)
+
+    @property
+    def device_gather(self) -> bool:
+        """Whether `gather` may serve retrievals here: a CPU (torch indexing), or CUDA where a probe of the kernel
+        reading pinned memory, tried once a process, gave the blocks it should."""
+        if self.device.type != "cuda":
+            return True
+        return device_gather_works(self.device)
 
     @property
     def used_bytes(self) -> int:
@@ -262,3 +324,47 @@ class HostBlockStore:
     @property
     def repr_bytes(self) -> int:
         return self.representatives.numel() * self.representatives.element_size()
+
+
+_gather_probe: dict[str, bool] = {}
+
+
+def device_gather_works(device: torch.device) -> bool:
+    """One tiny gather from two pinned allocations checked against indexing on the host (once per device); False,
+    with one warning, if Triton cannot launch, the kernel fails, or it reads the wrong bytes (memory not mapped at
+    its host address): retrieval then reads the block ids and copies through a pinned buffer, as before."""
+    name = kernels._key(device)
+    if name not in _gather_probe:
+        ok, why = False, "Triton is off or cannot launch"
+        if kernels.available(device):
+            try:
+                ok = _probe_gather(torch.device(name))
+                why = "it read the wrong bytes"
+            except Exception as e:  # noqa: BLE001 - whatever the driver or the toolchain raises
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        if not ok:
+            log.warning("Retrieved blocks cannot be read from pinned memory by a kernel on %s (%s); a retrieval "
+                        "reads its block ids back and copies through a pinned buffer instead.", name, why)
+        _gather_probe[name] = ok
+    return _gather_probe[name]
+
+
+def _probe_gather(device: torch.device) -> bool:
+    from edgectx.kernels.block_gather import gather_blocks, segment_offsets
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 2, 2, 4, 16)  # (blocks, K|V, n_kv, block_size, head_dim)
+    segments = [torch.randn(shape, generator=gen).to(torch.float16).pin_memory() for _ in range(2)]
+    blocks = torch.tensor([[3, 0], [1, 2]])
+    k_out = torch.empty(2, 8, 16, dtype=torch.float16, device=device)
+    v_out = torch.empty_like(k_out)
+    gather_blocks(segments[0], torch.tensor(segment_offsets(segments), device=device), blocks.to(device),
+                  k_out, v_out, segment_blocks=2)
+    torch.cuda.synchronize(device)
+    for h in range(2):
+        for j, block in enumerate(blocks[h].tolist()):
+            kv = segments[block // 2][block % 2]
+            if not (torch.equal(k_out[h, 4 * j : 4 * j + 4].cpu(), kv[0, h]) and
+                    torch.equal(v_out[h, 4 * j : 4 * j + 4].cpu(), kv[1, h])):
+                return False
+    return True

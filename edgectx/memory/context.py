@@ -118,6 +118,7 @@ class LayerMemory:
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.kv_dtype)
         self.cache = BlockCache(memory.cache_blocks * s.n_kv_heads, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
+        self._selection_d: torch.Tensor | None = None  # a chunk's retrieval kept on the device, not read yet
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head (host)
         self._facts: tuple | None = None  # (selection key, any duplicate, next position): read with the block ids
         self.steps_since_retrieval = 0
@@ -132,12 +133,24 @@ class LayerMemory:
 
     @property
     def selection(self) -> torch.Tensor:
-        """(n_kv, k) the blocks each KV head retrieved last, on the host; `_key` holds them as Python ints."""
+        """(n_kv, k) the blocks each KV head retrieved last, on the host; `_key` holds them as Python ints. A chunk's
+        retrieval on the device path keeps them there (`_retrieve`): they are read when first asked for here (a
+        snapshot, a decode step; ContextMemory.ready reads every layer's at once)."""
+        if self._selection is None:
+            self._resolve(self._selection_d.flatten().tolist())
         return self._selection
 
     @selection.setter
     def selection(self, blocks: torch.Tensor) -> None:
-        self._selection, self._key = blocks, tuple(blocks.flatten().tolist())
+        self._selection, self._key, self._selection_d = blocks, tuple(blocks.flatten().tolist()), None
+
+    def _resolve(self, ids: list[int]) -> None:
+        """The device selection's ids, read: the host selection, and the key of the context built from it."""
+        old, self._key = self._key, tuple(ids)
+        self._selection = torch.tensor(ids, dtype=torch.long).reshape(self._selection_d.shape)
+        self._selection_d = None
+        if self.asm is not None and self.asm.key[1] is old:
+            self.asm.key = (self.asm.key[0], self._key)
 
     @property
     def q_recent(self) -> torch.Tensor:
@@ -160,6 +173,13 @@ class LayerMemory:
         n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
         blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
                                       m.lexical_blocks(n_eligible))
+        self.steps_since_retrieval, self._record_now = 0, True
+        if m.device_bookkeeping and q.shape[1] > 1 and self.store.device_gather:
+            # A chunk's retrieval reads nothing back: the blocks are gathered from the host store by ids on the
+            # device (HostBlockStore.gather) and the context is built around them there (`_build`)
+            self._selection, self._selection_d, self._facts = None, blocks, None
+            self._key = ("device", id(blocks))  # names this retrieval until its ids are read (`_resolve`)
+            return blocks
         if m.device_bookkeeping:
             # The one read of a retrieval: the block ids (the host copies blocks by id) together with what a
             # rebuild would need to know on the host, computed on the device before knowing whether it will.
@@ -169,18 +189,19 @@ class LayerMemory:
             self._facts = ((self.version, self._key, self.resident.n, m.n_tokens), bool(ids[-2]), ids[-1])
         else:
             self.selection = blocks.cpu()  # the host reads the ids anyway (to copy blocks)
-        self.steps_since_retrieval, self._record_now = 0, True
         return self.selection
 
     def _assemble(self, selection: torch.Tensor, decoding: bool = False) -> Assembly:
         """The context for `selection`, rebuilt if it is not the current one. `decoding`: decode steps read it: they
         grow the resident tokens until the next eviction, and each retrieval among them rebuilds the context, which
         then finds buffers with room for all of them (Assembly's `ahead`)."""
-        key = (self.version, self._key if selection is self.selection else tuple(selection.flatten().tolist()))
+        on_device = selection is self._selection_d and selection is not None
+        key = (self.version, self._key if on_device or selection is self._selection else tuple(selection.flatten().tolist()))
         if self.asm is None or self.asm.key != key:
             c, n = self.memory.config, self.resident.n
             ahead = min(REUSE_SLACK, max(0, self._limit + c.evict_every - n)) if decoding else 0
-            self.asm = self._build(selection, key, n, self.memory.n_tokens, reuse=self.asm, ahead=ahead)
+            self.asm = self._build(selection, key, n, self.memory.n_tokens, reuse=self.asm, ahead=ahead,
+                                   on_device=on_device)
         return self.asm
 
     def _columns(self, blocks_d: torch.Tensor, n_resident: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,12 +226,14 @@ class LayerMemory:
         return torch.stack((duplicate.any().long(), n_present))
 
     def _build(self, selection: torch.Tensor, key: tuple, n_resident: int, n_tokens: int,
-               reuse: Assembly | None = None, ahead: int = 0) -> Assembly:
+               reuse: Assembly | None = None, ahead: int = 0, on_device: bool = False) -> Assembly:
         """The attention context from resident columns [0, n_resident) and the retrieved blocks, with
         `n_tokens` tokens in memory (what `original` positions continue from), in `reuse`'s buffers if they fit
         (the context it replaces: see Assembly). Every column is written into the context's buffers directly: the
         keys before RoPE gathered into one scratch buffer, then rotated into the context; values and indices
-        copied in (a decode retrieval rebuilds every layer's context, most of its cost)."""
+        copied in (a decode retrieval rebuilds every layer's context, most of its cost). `on_device`: `selection`
+        is a chunk's retrieval on the device (`_retrieve`): the blocks come straight from the host store, the
+        duplicates are always masked and compact positions go on from a count on the device (Assembly.next_pos)."""
         m, c = self.memory, self.memory.config
         r = self.resident
         n_kv = r.n_kv
@@ -227,6 +250,15 @@ class LayerMemory:
         asm.v[:, kept:n_resident], asm.idx[:, kept:n_resident] = r.v[:, kept:n_resident], r.idx[:, kept:n_resident]
         valid = duplicate = None
         facts = self._facts if self._facts is not None and self._facts[0] == key + (n_resident, n_tokens) else None
+        if on_device and selection.numel():
+            asm.idx[:, n_resident:n_keys], duplicate = self._columns(selection, n_resident)
+            self.store.gather(selection, k[:, n_resident:], asm.v[:, n_resident:n_keys])
+            idx = asm.idx[:, :n_keys]
+            positions, next_pos = _ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, n_tokens)
+            valid = torch.cat((~duplicate, torch.ones(n_kv, n_keys - n_resident, dtype=torch.bool, device=m.device)), dim=1)
+            self._rotate_into(asm, k, positions, n_keys, n_keys if c.positions == "compact" else n_tokens, n_resident)
+            asm.finish(n_keys, valid, next_pos, key, n_resident, always_valid=True)
+            return asm
         if selection.numel():
             # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.
             # Block ids live on the host as Python ints (they name host memory): the cache's bookkeeping is free.
@@ -246,25 +278,33 @@ class LayerMemory:
         if any_duplicate:
             valid = torch.cat((~duplicate, torch.ones(n_kv, n_keys - n_resident, dtype=torch.bool,
                                                       device=m.device)), dim=1)
-        # K rotated in the compute dtype, then rounded to kv_dtype (as_stored); V as stored, widened as it was copied
-        if m.c_ops:  # in C, straight from the tier and the retrieved blocks into the float16 context
-            cos, sin = m.rope.signed_tables(next_pos)
-            resident, retrieved = slice(0, n_resident), slice(n_resident, n_keys)
-            cpu_attention.rotate_into(asm.k[:, resident], r.k[:, resident], positions[:, resident], cos, sin)
-            cpu_attention.rotate_into(asm.k[:, retrieved], k[:, retrieved], positions[:, retrieved], cos, sin)
-        elif m.context_dtype == m.dtype:
-            tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
-            k_rot = m.rope.rotate(k, *tables, out=asm.k[:, :n_keys])
-            if m.kv_dtype != m.dtype:
-                k_rot.copy_(k_rot.to(m.kv_dtype))
-        else:  # a float16 context: rotated in float32 beside it, rounded as it is copied in
-            tables = m.rope.tables(positions, m.dtype, n_positions=next_pos)
-            rotated = m.scratch(n_kv, n_keys, r.head_dim, m.dtype, "rotated")
-            asm.k[:, :n_keys].copy_(m.rope.rotate(k, *tables, out=rotated))
+        self._rotate_into(asm, k, positions, n_keys, next_pos, n_resident)
         # With the bookkeeping on the device (CUDA), the validity buffer is always there: with the buffers reused,
         # the CUDA-graph step's key then stays the same across rebuilds
         asm.finish(n_keys, valid, next_pos, key, n_resident, always_valid=m.device_bookkeeping)
         return asm
+
+    def _rotate_into(self, asm: Assembly, k: torch.Tensor, positions: torch.Tensor, n_keys: int, bound: int,
+                     n_resident: int = 0) -> None:
+        """The context's keys [0, n_keys) rotated at `positions` (all below `bound`) from `k`, the keys before RoPE as
+        stored: K rotated in the compute dtype, then rounded to kv_dtype (as_stored); V is as stored already, widened
+        as it was copied. With C (`c_ops`), straight from the tier (its first `n_resident` columns) and `k` (the rest)
+        into the float16 context."""
+        m, r = self.memory, self.resident
+        if m.c_ops:
+            cos, sin = m.rope.signed_tables(bound)
+            resident, retrieved = slice(0, n_resident), slice(n_resident, n_keys)
+            cpu_attention.rotate_into(asm.k[:, resident], r.k[:, resident], positions[:, resident], cos, sin)
+            cpu_attention.rotate_into(asm.k[:, retrieved], k[:, retrieved], positions[:, retrieved], cos, sin)
+        elif m.context_dtype == m.dtype:
+            tables = m.rope.tables(positions, m.dtype, n_positions=bound)
+            k_rot = m.rope.rotate(k, *tables, out=asm.k[:, :n_keys])
+            if m.kv_dtype != m.dtype:
+                k_rot.copy_(k_rot.to(m.kv_dtype))
+        else:  # a float16 context: rotated in float32 beside it, rounded as it is copied in
+            tables = m.rope.tables(positions, m.dtype, n_positions=bound)
+            rotated = m.scratch(r.n_kv, n_keys, r.head_dim, m.dtype, "rotated")
+            asm.k[:, :n_keys].copy_(m.rope.rotate(k, *tables, out=rotated))
 
     def _read_facts(self, duplicate: torch.Tensor | None, n_present: torch.Tensor | None, n_resident: int,
                     n_tokens: int) -> tuple:
@@ -344,14 +384,14 @@ class LayerMemory:
         window = c.n_observe if q.shape[1] > 1 else min(c.n_observe, c.evict_every)
         q_obs = torch.cat((self.q_recent[:, -window:], q), dim=1)[:, -window:]  # (n_heads, n_obs, d) pre-RoPE
         n_obs, n_heads, head_dim = q_obs.shape[1], q_obs.shape[0], q_obs.shape[2]
-        last = asm.next_pos + q.shape[1]
+        last = asm.next_position + q.shape[1]  # (a device count after a chunk's retrieval: Assembly.next_pos)
         back = torch.arange(0, n_obs, c.observe_stride, device=m.device).flip(0)  # counted back from the newest
         q_obs = q_obs[:, n_obs - 1 - back]
         # Counted back from the newest; in a context whose positions are fewer than the window (a small budget under
         # compact positions) the oldest queries stop at position 0 (indexing with a negative position took a row
         # from the end of the table)
         q_pos = (last - 1 - back).clamp_(min=0)
-        q_rot = m.rope.rotate(q_obs, *m.rope.tables(q_pos, m.dtype, n_positions=last))
+        q_rot = m.rope.rotate(q_obs, *m.rope.tables(q_pos, m.dtype, n_positions=asm.position_bound(q.shape[1])))
         end_idx = m.n_tokens + q.shape[1]
         if m.c_ops:  # from the float16 context in C, no widened copy (cpu_attention.attention_mass)
             scratch = self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys)
@@ -377,7 +417,7 @@ class LayerMemory:
         asm = self._assemble(self._retrieve(q), decoding=n_new == 1)
         start = asm.length
         k, v = m.as_stored(k), m.as_stored(v)  # as the tiers will hold them
-        qk = m.rope.rotate(torch.cat((q, k)), *m.rope.range_tables(asm.next_pos, n_new, m.dtype))
+        qk = m.rope.rotate(torch.cat((q, k)), *self._chunk_tables(asm, n_new))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
         asm.write(start, m.as_stored(qk[n_heads:]), v, chunk_idx)  # scratch past the committed length
         end = start + n_new
@@ -394,6 +434,15 @@ class LayerMemory:
             m.record.add(self._attended(qk[:n_heads], asm, start, n_new))
         self._plan_commit(q, k, v, asm, start)
         return out
+
+    def _chunk_tables(self, asm: Assembly, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for the `n_new` tokens after `asm`'s: a slice where the host knows their first position,
+        a gather by the device's count where it does not (a context built from a chunk's retrieval)."""
+        m, start = self.memory, asm.next_position
+        if not isinstance(start, torch.Tensor):
+            return m.rope.range_tables(start, n_new, m.dtype)
+        positions = torch.arange(n_new, device=m.device) + start
+        return m.rope.tables(positions, m.dtype, n_positions=asm.position_bound(n_new))
 
     def decode_slot(self) -> DecodeSlot | None:
         """Where a one-token step may attend outside PyTorch (edgectx.quant.ggml_decode): the assembled context
@@ -532,6 +581,9 @@ class LayerMemory:
         if self.asm is None or self.asm.key[0] == self.version or self._retrieval_due:
             return  # (a step that retrieves rebuilds for what it retrieves)
         retrieving = self.evicted and self.memory.config.top_k_blocks > 0
+        if retrieving and self._selection is None:  # the last chunk's retrieval, still on the device: built there
+            self._assemble(self._selection_d, decoding=True)
+            return
         self._assemble(self.selection if retrieving else self.selection[:, :0], decoding=True)
 
     def steady_steps(self) -> int:
@@ -761,9 +813,26 @@ class ContextMemory:
 
     def ready(self) -> None:
         """A prefill ended (Engine.prefill): every layer's context ready for the first decode step
-        (LayerMemory.ready)."""
+        (LayerMemory.ready). What the chunks' retrievals left on the device (block ids, compact position counts),
+        decode steps need on the host: all layers' are read here in one go, the prefill's one wait for the device."""
         for layer in self.layers:
             layer.ready()
+        parts, unread = [], []
+        for layer in self.layers:
+            if layer._selection is None:
+                parts.append(layer._selection_d.flatten())
+                unread.append((layer, "ids", layer._selection_d.numel()))
+            if layer.asm is not None and isinstance(layer.asm.next_position, torch.Tensor):
+                parts.append(layer.asm.next_position.view(1))
+                unread.append((layer, "pos", 1))
+        if parts:
+            values, at = torch.cat(parts).tolist(), 0
+            for layer, what, n in unread:
+                if what == "ids":
+                    layer._resolve(values[at : at + n])
+                else:
+                    layer.asm.next_pos = values[at]
+                at += n
 
     def release(self) -> None:
         """Give back host and device buffers now (the conversation is reset): the block store's (pinned) segments,

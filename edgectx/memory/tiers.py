@@ -194,7 +194,7 @@ class Assembly:
             self._valid_buf = None
         self._ahead = _Ahead()  # a decode step's index, written ahead (`index_column`)
 
-    def finish(self, n_keys: int, valid: torch.Tensor | None, next_pos: int, key: tuple, n_resident: int,
+    def finish(self, n_keys: int, valid: torch.Tensor | None, next_pos: "int | torch.Tensor", key: tuple, n_resident: int,
                always_valid: bool = False) -> None:
         """The first `n_keys` columns are written: take `valid` (n_kv, n_keys) or None (all valid) and the rest."""
         if valid is not None or always_valid:
@@ -207,7 +207,7 @@ class Assembly:
             self._valid_buf = valid_buf  # all true where `valid` is None; kept for the next rebuild either way
         self.valid = self._valid_buf if valid is not None else None  # None: every column valid (attention needs no mask)
         self.length = n_keys
-        self.next_pos = next_pos  # position the next token takes
+        self._next_pos = next_pos  # position the next token takes (see `next_pos`)
         self.key = key  # (resident version, retrieved blocks): what this assembly was built from
         self.n_resident = n_resident  # columns [0, n_resident) and [n_keys_at_build, length) are resident tokens
         self.n_built = n_keys
@@ -255,7 +255,30 @@ class Assembly:
 
     def advance(self, n_new: int) -> None:
         self.length += n_new
-        self.next_pos += n_new
+        self._next_pos = self._next_pos + n_new
+
+    @property
+    def next_pos(self) -> int:
+        """The position the next token takes, on the host. A context built on the device from a chunk's retrieval
+        (LayerMemory._build, compact positions) counts it there; reading it here waits for the device once, so the
+        memory reads every layer's in one go when a prefill ends (ContextMemory.ready)."""
+        if isinstance(self._next_pos, torch.Tensor):
+            self._next_pos = int(self._next_pos)
+        return self._next_pos
+
+    @next_pos.setter
+    def next_pos(self, value: int) -> None:
+        self._next_pos = value
+
+    @property
+    def next_position(self) -> "int | torch.Tensor":
+        """`next_pos` as it is held: a host int, or a 0-d device tensor not read yet."""
+        return self._next_pos
+
+    def position_bound(self, n_new: int) -> int:
+        """A bound on the host of the positions of this context's columns and of `n_new` more (all below it)."""
+        pos = self._next_pos
+        return pos + n_new if isinstance(pos, int) else self.length + n_new  # compact: positions <= columns
 
     def mask(self, start: int, n_new: int) -> torch.Tensor | None:
         """Attention mask for a chunk of `n_new` queries written at `start`: the context (minus duplicate
