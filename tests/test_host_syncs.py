@@ -243,3 +243,19 @@ def test_staged_store_flushes_a_chunks_whole_blocks_together_across_segments():
     assert staged.n_blocks == plain.n_blocks == 12 and len(staged.segments) == 4  # the partial block: staged
     assert torch.equal(plain.representatives, staged.representatives)
     assert all(torch.equal(a, b) for a, b in zip(plain.tokens(0, 51), staged.tokens(0, 51)))
+
+
+def test_a_snapshot_taken_while_a_chunks_retrieval_is_on_the_device_restores_exactly(tiny, tmp_path):
+    """Block ids and position counts left on the device by a chunk (no prefill end has read them) are read when a
+    snapshot needs them: the restored memory (the CPU's plain path) goes on with the same logits."""
+    live = _device_path(Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16"))
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 258, 760)]
+    live.prefill(ids[:640])
+    live.forward(ids[640:704])
+    assert all(layer._selection is None for layer in live.memory.layers)
+    info = live.snapshot(tmp_path / "doc.edgectxs", codec="fp16")
+    restored = Engine.load(tiny, device="cpu", weights="fp16")
+    restored.restore(info.path)
+    assert torch.equal(restored.next_logits, live.next_logits)
+    for token in ids[704:]:
+        assert torch.equal(restored.forward([token])[-1], live.forward([token])[-1])

@@ -43,6 +43,7 @@ edgectx.quant.ggml_decode's `again`), and `commit` only counts them (LayerMemory
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ from edgectx.model.spec import ModelSpec
 # Host store dtypes a fused decode step writes itself (edgectx.quant.ggml_decode: float16 and float32 convert as
 # PyTorch does, round to nearest even)
 _GRAPH_WRITES = (torch.float16, torch.float32)
+_RETRIEVALS = itertools.count()  # names a chunk's retrieval on the device (LayerMemory._retrieve)
 RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
 
 
@@ -178,7 +180,7 @@ class LayerMemory:
             # A chunk's retrieval reads nothing back: the blocks are gathered from the host store by ids on the
             # device (HostBlockStore.gather) and the context is built around them there (`_build`)
             self._selection, self._selection_d, self._facts = None, blocks, None
-            self._key = ("device", id(blocks))  # names this retrieval until its ids are read (`_resolve`)
+            self._key = ("device", next(_RETRIEVALS))  # names this retrieval until its ids are read (`_resolve`)
             return blocks
         if m.device_bookkeeping:
             # The one read of a retrieval: the block ids (the host copies blocks by id) together with what a
@@ -186,6 +188,7 @@ class LayerMemory:
             n_kv, k = blocks.shape
             ids = torch.cat((blocks.flatten(), self._build_facts(blocks, self.resident.n))).tolist()
             self._selection, self._key = torch.tensor(ids[: n_kv * k], dtype=torch.long).reshape(n_kv, k), tuple(ids[: n_kv * k])
+            self._selection_d = None
             self._facts = ((self.version, self._key, self.resident.n, m.n_tokens), bool(ids[-2]), ids[-1])
         else:
             self.selection = blocks.cpu()  # the host reads the ids anyway (to copy blocks)
