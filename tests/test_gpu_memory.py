@@ -97,9 +97,20 @@ def test_retrieval_through_a_churning_cache_equals_plain_copies(tmp_path, monkey
 
 
 @pytest.mark.gpu
-def test_async_retrieval_on_cuda_matches_synchronous_copies(tmp_path):
+def test_async_retrieval_on_cuda_matches_synchronous_copies(tmp_path, monkeypatch):
+    """On CUDA retrieval reads the pinned store with the gather kernel (no block pool allocated); where the kernel
+    cannot (forced here), through the cache's asynchronous copies, which equal synchronous and plain ones exactly,
+    and the kernel's logits to rounding (its contexts mask duplicates without reading whether there are any)."""
+    from edgectx.memory.block_store import HostBlockStore
+
     path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    gathered, engine = _logits(path, "cuda", SMALL)
+    assert all(layer.gathers_on_device and layer.cache.slots is None for layer in engine.memory.layers)
+    assert engine.retrieved_blocks(), "nothing was retrieved: the test proves nothing"
+    monkeypatch.setattr(HostBlockStore, "device_gather", property(lambda self: False))
     asynchronous, engine = _logits(path, "cuda", SMALL)
+    assert bool(gathered.isfinite().all()) and (gathered - asynchronous).abs().max() <= 0.02 * asynchronous.abs().max()
+    assert (gathered.argmax(-1) == asynchronous.argmax(-1)).float().mean() >= 0.95
     layer = engine.memory.layers[0]
     assert layer.store.segments[0].is_pinned() and layer.cache.copy_stream is not None and layer.cache.misses > 8
 

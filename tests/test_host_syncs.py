@@ -100,29 +100,27 @@ def _kinds(counts: list[SyncCounter]) -> list[int]:
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_memory_decode_steps_make_no_sync_and_retrieval_one_per_layer(tiny, positions):
-    """Issue 21, defect 1: in steady state a memory decode step reads nothing back; a retrieval step reads its
-    block ids once per layer (with what a rebuild needs), and so does the step after an eviction. Before the
-    fix: 2 per layer every step (the block store's copy to the host, the selection's `tolist`), ~7 per layer on
-    retrieval steps."""
+def test_memory_decode_steps_make_no_sync_and_a_retrieval_one(tiny, positions):
+    """Issue 21, defect 1: in steady state a memory decode step reads nothing back; a step that retrieves (ahead, at
+    its commit, for the next step; or after an eviction) reads every layer's block ids and position counts in one
+    go. Before the fix: 2 per layer every step (the block store's copy to the host, the selection's `tolist`),
+    ~7 per layer on retrieval steps; then one per layer on retrieval steps."""
     config = MemoryConfig(**{**SMALL.to_dict(), "positions": positions})
     engine = _device_path(Engine.load(tiny, device="cpu", memory_config=config, weights="fp16"))
-    n_layers = engine.spec.n_layers
-    counts = _step_syncs(engine, 12)
+    counts = _step_syncs(engine, 20)
     per_step = _kinds(counts)
     retrieval_steps = [i for i, c in enumerate(counts) if any("lexical" in site for site in c.sites)]
-    assert retrieval_steps, "the memory never retrieved: the test proves nothing"
+    assert len(retrieval_steps) >= 4, "the memory hardly retrieved: the test proves little"
     for step, n in enumerate(per_step):
         sites = {site for site in counts[step].sites if "lexical" not in site}
-        if step in retrieval_steps or step == 0:  # step 0 follows the prefill's last eviction
-            assert n <= n_layers, (step, counts[step].sites)
-        else:
-            assert n == 0, (step, sites)
-    assert per_step.count(0) >= len(per_step) - len(retrieval_steps) - 1
+        assert n == (1 if step in retrieval_steps else 0), (step, sites)
+        assert all("_read_device_state" in site or "context.py" in site for site in sites), sites
 
 
 def test_device_bookkeeping_changes_no_logit(tiny):
-    """The device path (what CUDA runs) and the CPU's plain path give the same logits, bit for bit."""
+    """The device path (what CUDA runs) and the CPU's plain path give the same logits: bit for bit through the
+    prefill; in decode steps after a retrieval to float32 rounding (~1e-5 at logits near 50), as the device path
+    masks duplicate columns without reading whether there are any (an all-true mask takes another sum order)."""
     ids = [int(i) for i in np.random.default_rng(1).integers(0, 258, 700)]
     logits = []
     for device_path in (False, True):
@@ -135,7 +133,9 @@ def test_device_bookkeeping_changes_no_logit(tiny):
             out.append(engine.forward([token])[-1])
         logits.append(torch.stack(out))
         assert engine.memory.stats()["evicted_tokens"] > 0
-    assert torch.equal(*logits)
+    assert torch.equal(logits[0][0], logits[1][0])
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
 
 
 def _chunk_syncs(engine: Engine) -> list[SyncCounter]:
@@ -171,7 +171,7 @@ def test_memory_prefill_chunk_reads_nothing_back(tiny, positions):
 
 def test_without_the_gather_kernel_a_chunk_reads_its_block_ids(tiny, monkeypatch):
     """Where the kernel cannot read pinned memory (its probe failed), a chunk's retrieval copies as before: one
-    read of the block ids per layer, with the same logits."""
+    read of the block ids per layer, with the same logits (to rounding in decode steps)."""
     from edgectx.memory.block_store import HostBlockStore
 
     ids = [int(i) for i in np.random.default_rng(2).integers(0, 258, 700)]
@@ -185,7 +185,8 @@ def test_without_the_gather_kernel_a_chunk_reads_its_block_ids(tiny, monkeypatch
             engine = _device_path(Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16"))
         engine.prefill(ids[:600])
         logits.append(torch.stack([engine.next_logits] + [engine.forward([t])[-1] for t in ids[600:]]))
-    assert torch.equal(*logits)
+    assert torch.equal(logits[0][0], logits[1][0])  # decode steps: to rounding (test_device_bookkeeping_changes_no_logit)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
 
 
 @torch.inference_mode()  # as the engine runs it
@@ -257,5 +258,5 @@ def test_a_snapshot_taken_while_a_chunks_retrieval_is_on_the_device_restores_exa
     restored = Engine.load(tiny, device="cpu", weights="fp16")
     restored.restore(info.path)
     assert torch.equal(restored.next_logits, live.next_logits)
-    for token in ids[704:]:
-        assert torch.equal(restored.forward([token])[-1], live.forward([token])[-1])
+    for token in ids[704:]:  # the plain path against the device path: to rounding (test_device_bookkeeping_...)
+        torch.testing.assert_close(restored.forward([token])[-1], live.forward([token])[-1], rtol=0, atol=1e-4)

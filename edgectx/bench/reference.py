@@ -6,15 +6,79 @@
 Without `all_logits`, `eval_logits` hands back the logits of each stretch of ids as it goes, so a long
 run never holds llama-cpp-python's (n_ctx, vocab) array (800 MB for 4K tokens of a 49K vocabulary).
 `f32_kv` keeps the KV cache in F32 instead of llama.cpp's default F16 (the 32-bit reference uses it).
+
+A machine whose CPU says it has AMX may not run it (a virtual machine that passes the CPU flags through without
+the tile state): a natively built llama.cpp then dies in `ggml_backend_amx_mul_mat` (a segfault: no Python error,
+the whole process gone) on the first product of any type it runs with AMX (Q4_0, Q4_1, Q8_0, the K-quants). On
+such a CPU `extra_buffers_work` first evaluates the embedded model in a child process; if that dies, the
+reference loads with llama.cpp's extra buffer types off (AMX and weight repacking, `use_extra_bufts`, what its
+CLI's `--no-repack` turns off), and benchmarks say so (`llama_cpp_extra_buffers`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from edgectx.model.tokenizer import quiet_stderr
+
+# Evaluates the embedded model (a Q4_1 file: AMX runs it) the way the reference would; exits 0 if it survives
+_PROBE = """
+import llama_cpp
+from edgectx.model.discover import embedded_model_path
+llama = llama_cpp.Llama(str(embedded_model_path()), n_ctx=64, n_threads=1, n_threads_batch=1, verbose=False)
+llama.eval(list(range(1, 17)))
+"""
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_" in line for line in f)
+    except OSError:  # not Linux: no such virtual machines to fear
+        return False
+
+
+@functools.cache
+def extra_buffers_work() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types here: True unless the CPU says AMX and a child process
+    running the embedded model with them died (once per process; about a second where it runs)."""
+    if not _cpu_has_amx():
+        return True
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+@contextlib.contextmanager
+def _without_extra_buffers(off: bool) -> Iterator[None]:
+    """llama-cpp-python's `Llama` takes no `use_extra_bufts`: while it loads, its default model parameters come
+    with them off (where `off`)."""
+    if not off:
+        yield
+        return
+    from llama_cpp import llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 class LlamaCppReference:
@@ -23,7 +87,8 @@ class LlamaCppReference:
         import llama_cpp
 
         kv_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
-        with quiet_stderr():
+        self.extra_buffers = extra_buffers_work()
+        with quiet_stderr(), _without_extra_buffers(not self.extra_buffers):
             self.llama = llama_cpp.Llama(
                 str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_batch=n_batch,
                 logits_all=all_logits, verbose=False, **kv_type,

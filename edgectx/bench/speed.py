@@ -100,6 +100,7 @@ def _measure(kind: str, path: str, device: str | None, n_threads: int, context: 
         result = _llama_run(ref, ids, decode_tokens)
         spec = read_spec(open_gguf(Path(path)))
         result["device_kv_bytes"] = spec.kv_bytes_per_token(2) * n_ctx  # llama.cpp's f16 KV cache, allocated for n_ctx
+        result["llama_cpp_extra_buffers"] = ref.extra_buffers  # False: AMX would crash here (bench.reference)
         result["weight_bytes"] = ref.weight_bytes()
         ref.close()
     else:

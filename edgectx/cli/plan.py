@@ -93,7 +93,9 @@ def print_plan(plan: MemoryPlan) -> None:
         kv = plan.device_kv
         print(f"  device KV (memory tiers)       {gib(kv.total_bytes)}")
         print(f"    sinks + window + retained    {gib(kv.resident_kv_bytes)}  ({gib(kv.resident_bytes).strip()} allocated)")
-        print(f"    block cache                  {gib(kv.block_cache_bytes)}")
+        # On CUDA retrieval reads the pinned host store with a kernel and allocates no cache; counted for the GPUs
+        # where that kernel cannot run (edgectx.memory.block_store.device_gather_works)
+        print(f"    block cache                  {gib(kv.block_cache_bytes)}  (only where blocks cannot be read from pinned memory)")
         print(f"    attention context            {gib(kv.work_bytes)}")
         print(f"    block representatives        {gib(kv.repr_bytes)}")
     else:

@@ -155,6 +155,12 @@ class LayerMemory:
             self.asm.key = (self.asm.key[0], self._key)
 
     @property
+    def gathers_on_device(self) -> bool:
+        """Whether retrieval keeps its block ids on the device (the device path, where the gather kernel runs); the
+        block cache is then unused. Otherwise the host reads them and copies through the cache."""
+        return self.memory.device_bookkeeping and self.store.device_gather
+
+    @property
     def q_recent(self) -> torch.Tensor:
         """(n_heads, <= n_observe, d) the last queries, pre-RoPE, oldest first."""
         return self.recent.window
@@ -176,9 +182,10 @@ class LayerMemory:
         blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
                                       m.lexical_blocks(n_eligible))
         self.steps_since_retrieval, self._record_now = 0, True
-        if m.device_bookkeeping and q.shape[1] > 1 and self.store.device_gather:
-            # A chunk's retrieval reads nothing back: the blocks are gathered from the host store by ids on the
-            # device (HostBlockStore.gather) and the context is built around them there (`_build`)
+        if self.gathers_on_device:
+            # A retrieval that reads nothing back: the blocks are gathered from the host store by ids on the device
+            # (HostBlockStore.gather) and the context is built around them there (`_build`); ContextMemory reads
+            # every layer's ids and position count in one go where the host needs them (a decode step's end)
             self._selection, self._selection_d, self._facts = None, blocks, None
             self._key = ("device", next(_RETRIEVALS))  # names this retrieval until its ids are read (`_resolve`)
             return blocks
@@ -420,7 +427,7 @@ class LayerMemory:
         asm = self._assemble(self._retrieve(q), decoding=n_new == 1)
         start = asm.length
         k, v = m.as_stored(k), m.as_stored(v)  # as the tiers will hold them
-        qk = m.rope.rotate(torch.cat((q, k)), *self._chunk_tables(asm, n_new))
+        qk = m.rope.rotate(torch.cat((q, k)), *self._tables(asm, n_new))
         chunk_idx = torch.arange(m.n_tokens, m.n_tokens + n_new, device=m.device)
         asm.write(start, m.as_stored(qk[n_heads:]), v, chunk_idx)  # scratch past the committed length
         end = start + n_new
@@ -438,13 +445,13 @@ class LayerMemory:
         self._plan_commit(q, k, v, asm, start)
         return out
 
-    def _chunk_tables(self, asm: Assembly, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables for the `n_new` tokens after `asm`'s: a slice where the host knows their first position,
-        a gather by the device's count where it does not (a context built from a chunk's retrieval)."""
+    def _tables(self, asm: Assembly, n_new: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for `n_new` positions from `asm`'s next one + `offset`: a slice where the host knows it, a
+        gather by the device's count where it does not (a context built from a retrieval on the device)."""
         m, start = self.memory, asm.next_position
         if not isinstance(start, torch.Tensor):
-            return m.rope.range_tables(start, n_new, m.dtype)
-        positions = torch.arange(n_new, device=m.device) + start
+            return m.rope.range_tables(start + offset, n_new, m.dtype)
+        positions = torch.arange(offset, offset + n_new, device=m.device) + start
         return m.rope.tables(positions, m.dtype, n_positions=asm.position_bound(n_new))
 
     def decode_slot(self) -> DecodeSlot | None:
@@ -575,7 +582,7 @@ class LayerMemory:
             self._record_now = False
             m = self.memory
             # the query as the newest token of the new context: its last resident column, the last position
-            q_rot = m.rope.rotate(q, *m.rope.range_tables(asm.next_pos - 1, 1, m.dtype))
+            q_rot = m.rope.rotate(q, *self._tables(asm, 1, offset=-1))
             m.record.add(self._attended(q_rot, asm, asm.length - 1, 1))
 
     def ready(self) -> None:
@@ -783,6 +790,7 @@ class ContextMemory:
 
     def commit(self) -> None:
         steady, self._steady_now = self._steady_now, False
+        decoding = self._pending == 1
         fused = False  # a one-token step that the fused graph ran and recorded itself (what may arm steady steps)
         if steady:
             for layer in self.layers:
@@ -809,6 +817,8 @@ class ContextMemory:
             for layer in self.layers:
                 layer.prepare_next()
             self._lexical = None  # the next forward matches its own tokens
+        if decoding:
+            self._read_device_state()
         # After a fused step that recorded itself, the steps that may follow as it ran (a scorer that gives new tokens
         # zero scores: the resident tier writes them ahead)
         together = fused and self.scorer.zero_steps and not self.scorer.scores_steps_together
@@ -820,6 +830,12 @@ class ContextMemory:
         decode steps need on the host: all layers' are read here in one go, the prefill's one wait for the device."""
         for layer in self.layers:
             layer.ready()
+        self._read_device_state()
+
+    def _read_device_state(self) -> None:
+        """Read every layer's block ids and position count that retrievals on the device left there, in one go (one
+        wait for the device): at a prefill's end (`ready`) and after a decode step that retrieved (`commit`), so
+        that decode steps, their CUDA graphs' inputs and snapshots find them on the host."""
         parts, unread = [], []
         for layer in self.layers:
             if layer._selection is None:

@@ -208,8 +208,9 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
         pairs = rd.tensor("cache.pairs", (None,), torch.int64, at_most=n_pairs).tolist()
         rd.check(len(set(pairs)) == len(pairs) and all(0 <= p < n_pairs for p in pairs),
                  "its block cache lists blocks it cannot hold")
-        layer.cache.fetch(pairs[len(pairs) - min(len(pairs), layer.cache.capacity) :], store)
-    else:
+        if not layer.gathers_on_device:  # (where retrieval reads the host store itself, the cache stays unused)
+            layer.cache.fetch(pairs[len(pairs) - min(len(pairs), layer.cache.capacity) :], store)
+    elif not layer.gathers_on_device:
         layer.cache.fetch_blocks(cached, store)
     _load_assembly(rd, layer, m["asm"])
     layer.cache.hits, layer.cache.misses = m["cache_hits"], m["cache_misses"]
