@@ -67,9 +67,10 @@ def edgectx_server(model, *args: str, env: dict | None = None):
 
 @contextlib.contextmanager
 def llama_cpp_server(model, n_ctx: int = 2048):
-    """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`); yields its base URL."""
+    """llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`, through edgectx.bench.llama_server:
+    without AMX where this CPU cannot run it); yields its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+    command = [sys.executable, "-m", "edgectx.bench.llama_server", "--model", str(model), "--port", str(port),
                "--host", "127.0.0.1", "--n_ctx", str(n_ctx), "--n_threads", "1", "--verbose", "False"]
     with _process(command, port, "/v1/models"):
         yield f"http://127.0.0.1:{port}/v1"

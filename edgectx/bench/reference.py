@@ -12,7 +12,8 @@ the tile state): a natively built llama.cpp then dies in `ggml_backend_amx_mul_m
 the whole process gone) on the first product of any type it runs with AMX (Q4_0, Q4_1, Q8_0, the K-quants). On
 such a CPU `extra_buffers_work` first evaluates the embedded model in a child process; if that dies, the
 reference loads with llama.cpp's extra buffer types off (AMX and weight repacking, `use_extra_bufts`, what its
-CLI's `--no-repack` turns off), and benchmarks say so (`llama_cpp_extra_buffers`).
+CLI's `--no-repack` turns off), and benchmarks say so (`llama_cpp_extra_buffers`); llama-cpp-python's server runs
+the same way under edgectx.bench.llama_server.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def extra_buffers_work() -> bool:
 
 
 @contextlib.contextmanager
-def _without_extra_buffers(off: bool) -> Iterator[None]:
+def without_extra_buffers(off: bool) -> Iterator[None]:
     """llama-cpp-python's `Llama` takes no `use_extra_bufts`: while it loads, its default model parameters come
     with them off (where `off`)."""
     if not off:
@@ -88,7 +89,7 @@ class LlamaCppReference:
 
         kv_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv else {}
         self.extra_buffers = extra_buffers_work()
-        with quiet_stderr(), _without_extra_buffers(not self.extra_buffers):
+        with quiet_stderr(), without_extra_buffers(not self.extra_buffers):
             self.llama = llama_cpp.Llama(
                 str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_batch=n_batch,
                 logits_all=all_logits, verbose=False, **kv_type,

@@ -126,7 +126,7 @@ def run_serve_bench(path: Path, document_tokens: int = 16384, threads: int = 2, 
     with _server(edgectx, port, "/health") as url:
         result["edgectx"] = _conversation(url, document, max_tokens)
     port = _free_port()
-    llama = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port), "--host", "127.0.0.1",
+    llama = [sys.executable, "-m", "edgectx.bench.llama_server", "--model", str(path), "--port", str(port), "--host", "127.0.0.1",
              "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "False"]
     with _server(llama, port, "/v1/models") as url:
         result["llama_cpp"] = _conversation(url, document, max_tokens)

@@ -36,6 +36,16 @@ import torch
 from edgectx import kernels
 
 log = logging.getLogger(__name__)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, without stalling the host on CUDA: a copy from pageable memory waits
+    for its stream to drain, one from pinned memory does not. On the CPU it is `t` itself."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 SEGMENT_BLOCKS = 32  # blocks per host segment: 4096 tokens at block_size 128
 
 
@@ -293,7 +303,6 @@ class HostBlockStore:
         where = tuple(s.data_ptr() for s in self.segments)
         if self._offsets is None or self._offsets[0] != where:
             from edgectx.kernels.block_gather import segment_offsets
-            from edgectx.memory.retrieval import upload
 
             self._offsets = (where, upload(torch.tensor(segment_offsets(self.segments)), self.device))
         return self._offsets[1]

@@ -51,7 +51,7 @@ import torch
 
 from edgectx import kernels
 from edgectx.kernels import cpu_attention
-from edgectx.memory.block_store import HostBlockStore
+from edgectx.memory.block_store import HostBlockStore, upload
 from edgectx.memory.device import cache_capacity_blocks
 from edgectx.memory.graph_step import memory_graph_step
 from edgectx.model.graph_step import GraphStep
@@ -59,7 +59,7 @@ from edgectx.model.kv import DecodeSlot, chunk_attention
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.lexical import UNKNOWN, TokenIndex
 from edgectx.memory.tiers import REUSE_SLACK, Assembly, Resident
-from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks, upload
+from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks
 from edgectx.model.rope import Rope
 from edgectx.memory.recent import RecentQueries
 from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from edgectx.memory.block_store import HostBlockStore
+from edgectx.memory.block_store import HostBlockStore, upload
 
 
 def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: int, top_k: int,
@@ -43,14 +43,6 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
         scores = scores.index_fill(1, chosen, torch.inf)
     top = torch.topk(scores, min(top_k, n_eligible), dim=1).indices.sort(dim=1).values
     return top, probs.gather(1, top)
-
-
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, without stalling the host on CUDA: a copy from pageable memory waits
-    for its stream to drain, one from pinned memory does not. On the CPU it is `t` itself."""
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class BlockCache:
