@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgectx.chat.reasoning import ThinkingSplitter, prompt_opens_thinking, template_reasons
+from edgectx.chat.reasoning import ThinkingSplitter, prompt_opens_thinking, split_answer, template_reasons
 
 ANSWER = "<think>\nThe user greets me.\nI greet back.\n</think>\n\nHello! How can I help?"
 
@@ -43,3 +43,10 @@ def test_an_empty_thinking_block_gives_only_the_answer():
 def test_templates_that_reason():
     assert template_reasons("{% if '</think>' in content %}...{{ '<think>\\n' }}{% endif %}")
     assert not template_reasons("{{ '<|im_start|>assistant\\n' }}")
+
+
+def test_a_stored_answer_splits_only_where_a_block_closes():
+    assert split_answer(ANSWER) == ("The user greets me.\nI greet back.\n", "Hello! How can I help?")
+    assert split_answer("opened by the prompt</think>Yes.") == ("opened by the prompt", "Yes.")
+    assert split_answer("x = a <think> b") == ("", "x = a <think> b")  # no block closes: as written
+    assert split_answer("no tags at all") == ("", "no tags at all")

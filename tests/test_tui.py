@@ -42,6 +42,33 @@ async def send(pilot, app, text: str) -> None:
     await settle(pilot, app)
 
 
+async def test_a_reasoning_models_thinking_shows_as_a_dimmed_quote_above_its_answer(store):
+    """Thinking streams into a quote above the answer (tags split across pieces); the stored answer keeps the
+    model's block; reopened from the store, it shows the same way; an ordinary model's answer is untouched."""
+    from textual.widgets._markdown import MarkdownBlockQuote
+
+    from edgectx.tui.widgets.transcript import AssistantMessage
+
+    engine = FakeEngine(answer=["<thi", "nk>Weighing ", "it.\nDone.</th", "ink>\n\nThe answer ", "is **42**."])
+    engine.template.source = "{{ '<think>' }} ... {{ '</think>' }}"  # an instance attribute: this engine only
+    app = make_app(store, engine)
+    async with app.run_test() as pilot:
+        await settle(pilot, app)
+        await send(pilot, app, "Why?")
+        assert shown(app) == [("user", "Why?"), ("assistant", "The answer is **42**.")]
+        answer = app.chat.query_one(Transcript).last_answer()
+        assert answer.thinking == "Weighing it.\nDone." and len(answer.query(MarkdownBlockQuote)) == 1
+        (conversation,) = store.list_conversations()
+        raw = "<think>Weighing it.\nDone.</think>\n\nThe answer is **42**."
+        assert stored(store, conversation.id)[-1] == ("assistant", raw)
+        await app.chat.query_one(Transcript).show([{"role": "assistant", "content": raw},
+                                                   {"role": "assistant", "content": "a <think> b"}])
+        await pilot.pause()
+        again, plain = app.chat.query_one(Transcript).query(AssistantMessage)
+        assert (again.thinking, again.text) == ("Weighing it.\nDone.", "The answer is **42**.")
+        assert (plain.thinking, plain.text) == ("", "a <think> b") and not plain.query(MarkdownBlockQuote)
+
+
 async def test_send_streams_the_answer_and_stores_both_messages(store):
     app = make_app(store)
     async with app.run_test() as pilot:

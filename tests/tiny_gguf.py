@@ -63,6 +63,7 @@ def write_tiny_gguf(
     rope_scaling: tuple[str, float] | None = None,
     freq_factors: bool = False,
     head_dim: int | None = None,
+    chat_template: str = CHATML,
 ) -> Path:
     """`head_dim`: other than dim // n_heads (as Qwen3's 128 over a 1,024 model), written as the key length."""
     rng = np.random.default_rng(seed)
@@ -99,7 +100,7 @@ def write_tiny_gguf(
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(eos)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    w.add_chat_template(chat_template)
 
     def rand(*shape: int, scale: float) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)

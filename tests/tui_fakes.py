@@ -34,6 +34,8 @@ class FakeTokenizer:
 
 
 class FakeTemplate:
+    source = "<role>content</role>"  # names no thinking tags (FakeTemplate.source = THINKING: a reasoning model's)
+
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")

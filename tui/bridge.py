@@ -129,12 +129,12 @@ class Bridge:
         self.conversation = kind(self._require_engine(), self.store, self.settings, record=not self.store.read_only)
 
     def send(self, text: str, on_piece: Callable[[str], None], cancel: Cancel,
-             progress: Progress | None = None) -> GenerationStats:
-        return self._require_conversation().send(text, on_piece, cancel, progress)
+             progress: Progress | None = None, on_reasoning: Callable[[str], None] | None = None) -> GenerationStats:
+        return self._require_conversation().send(text, on_piece, cancel, progress, on_reasoning)
 
     def redo(self, text: str | None, on_piece: Callable[[str], None], cancel: Cancel,
-             progress: Progress | None = None) -> GenerationStats:
-        return self._require_conversation().redo(text, on_piece, cancel, progress)
+             progress: Progress | None = None, on_reasoning: Callable[[str], None] | None = None) -> GenerationStats:
+        return self._require_conversation().redo(text, on_piece, cancel, progress, on_reasoning)
 
     def last_user_message(self) -> str | None:
         return self.conversation.last_user_message() if self.conversation is not None else None

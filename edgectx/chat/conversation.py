@@ -23,6 +23,7 @@ from typing import Callable
 from edgectx.chat.citations import Citation, cite
 from edgectx.chat.documents import DEFAULT_MAX_BYTES, Document
 from edgectx.chat.opening import Opening, build_opening, open_documents
+from edgectx.chat.reasoning import Routing
 from edgectx.chat.recorder import ChatRecorder, load_resumed
 from edgectx.chat.session import ChatSession
 from edgectx.engine import Cancel, Cancelled, Engine, GenerationStats, Progress
@@ -151,19 +152,23 @@ class Conversation:
     # -- turns -------------------------------------------------------------------------------------
 
     def send(self, text: str, on_piece: OnPiece, cancel: Cancel | None = None,
-             progress: Progress | None = None) -> GenerationStats:
+             progress: Progress | None = None, on_reasoning: OnPiece | None = None) -> GenerationStats:
         """One exchange. A cancel while the prompt is read takes the message back (from the store too); a cancel
-        while answering keeps and stores the answer so far. Returns the turn's statistics."""
+        while answering keeps and stores the answer so far. Returns the turn's statistics. `on_reasoning`: a
+        reasoning model's thinking goes there, apart from the answer (edgectx.chat.reasoning); the conversation
+        keeps the answer whole, as the model wrote it (its template drops past thinking)."""
         s = self.settings
         self.recorder.user(text)
         before, n_messages = self.engine.last_stats, len(self.session.messages)
         self.retrieved = []
         pieces: list[str] = []
         answer = self.session.send(text, s.sampling, max_tokens=s.max_tokens, stop=s.stop, progress=progress, cancel=cancel)
+        route = Routing(on_piece, on_reasoning, self.session.reasons, lambda: self.session.opened_thinking)
         try:
             for piece in answer:
                 pieces.append(piece)
-                on_piece(piece)
+                route(piece)
+            route.close()
         except Cancelled:
             pass  # stopped while reading the prompt: taken back below
         finally:
@@ -186,7 +191,7 @@ class Conversation:
             self.recorder.new_conversation()
 
     def redo(self, text: str | None, on_piece: OnPiece, cancel: Cancel | None = None,
-             progress: Progress | None = None) -> GenerationStats:
+             progress: Progress | None = None, on_reasoning: OnPiece | None = None) -> GenerationStats:
         """Send the last user message again (`text` None: regenerate its answer) or an edited one in its place:
         the message and its answer leave the session and the store, and the memory is cut back to before them."""
         last = self.session.pop_turn()
@@ -196,7 +201,7 @@ class Conversation:
             users = [i for i, m in enumerate(stored) if m.role == "user"]
             if users:
                 self.store.delete_last(conversation_id, len(stored) - users[-1])
-        return self.send(last if text is None else text, on_piece, cancel, progress)
+        return self.send(last if text is None else text, on_piece, cancel, progress, on_reasoning)
 
     def last_user_message(self) -> str | None:
         users = [m["content"] for m in self.session.messages if m["role"] == "user"]

@@ -82,3 +82,41 @@ def _partial_tag(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+def split_answer(text: str) -> tuple[str, str]:
+    """A whole answer's (thinking, answer): as the splitter gives them where a block closes (a closing tag with no
+    opening one before it: the prompt opened the block); without a closing tag, ("", text) whole: whoever shows a
+    stored answer may not know the model, and an ordinary answer may write `<think>`."""
+    close, open_ = text.find(CLOSE), text.find(OPEN)
+    if close < 0:
+        return "", text
+    splitter = ThinkingSplitter(opened=close >= 0 and (open_ < 0 or open_ > close))
+    parts = splitter.feed(text) + splitter.flush()
+    return ("".join(t for kind, t in parts if kind == "reasoning"), "".join(t for kind, t in parts if kind == "content"))
+
+
+class Routing:
+    """An answer's pieces sent on as they stream: the thinking to `on_reasoning`, the rest to `on_piece`; all of it
+    to `on_piece` where there is no `on_reasoning` or the model does not reason. `opened()` says, at the first
+    piece, whether the prompt opened the block. `close()` sends what the splitter held back."""
+
+    def __init__(self, on_piece, on_reasoning=None, reasons: bool = True, opened=lambda: False):
+        self.on_piece, self.on_reasoning = on_piece, on_reasoning if reasons else None
+        self._opened, self._splitter = opened, None
+
+    def __call__(self, piece: str) -> None:
+        if self.on_reasoning is None:
+            self.on_piece(piece)
+            return
+        if self._splitter is None:
+            self._splitter = ThinkingSplitter(self._opened())
+        self._send(self._splitter.feed(piece))
+
+    def close(self) -> None:
+        if self._splitter is not None:
+            self._send(self._splitter.flush())
+
+    def _send(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            (self.on_reasoning if kind == "reasoning" else self.on_piece)(text)

@@ -27,6 +27,7 @@ from edgectx.chat.citations import Citation
 from edgectx.chat.conversation import OnPiece, Problem, Resumption, Settings
 from edgectx.chat.documents import Document
 from edgectx.chat.opening import document_block, system_content
+from edgectx.chat.reasoning import CLOSE, OPEN, Routing
 from edgectx.chat.recorder import ChatRecorder, load_resumed
 from edgectx.engine import Cancel, GenerationStats, Progress
 from edgectx.errors import EdgectxError, UsageError
@@ -130,7 +131,7 @@ class RemoteEngine:
             body["stop"] = list(settings.stop)
         stats = self.last_stats = GenerationStats()
         t0 = time.perf_counter()
-        first = None
+        first, thinking = None, False
         try:
             with self.client.stream("POST", "/chat/completions", json=body) as response:
                 self._check(response)
@@ -148,7 +149,15 @@ class RemoteEngine:
                         raise RemoteEngineError(f"The engine at {self.url} failed: {chunk['error'].get('message', chunk['error'])}")
                     self._usage(chunk.get("usage"), stats)
                     for choice in chunk.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content")
+                        delta = choice.get("delta") or {}
+                        piece, thought = delta.get("content"), delta.get("reasoning_content")
+                        # A reasoning model's thinking, sent apart (edgectx's server, llama.cpp's, vLLM's): back in
+                        # its tags, so the answer reads as a local model's would (edgectx.chat.reasoning)
+                        if thought:
+                            piece = ("" if thinking else OPEN) + thought + (piece or "")
+                            thinking = True
+                        elif piece and thinking:
+                            piece, thinking = CLOSE + "\n\n" + piece, False
                         if piece:
                             first = first or time.perf_counter()
                             stats.generated_tokens += 1  # until usage says how many tokens they were
@@ -237,15 +246,18 @@ class RemoteConversation:
         return Resumption(resumed.conversation, resumed.messages, resumed.warnings, line)
 
     def send(self, text: str, on_piece: OnPiece, cancel: Cancel | None = None,
-             progress: Progress | None = None) -> GenerationStats:
-        """One exchange: the user's message is stored before the answer, the answer (a stopped one too) after."""
+             progress: Progress | None = None, on_reasoning: OnPiece | None = None) -> GenerationStats:
+        """One exchange: the user's message is stored before the answer, the answer (a stopped one too) after.
+        `on_reasoning`: a reasoning model's thinking goes there (as Conversation.send)."""
         self.recorder.user(text)
         self.messages.append({"role": "user", "content": text})
         pieces: list[str] = []
+        route = Routing(on_piece, on_reasoning)
         try:
             for piece in self.engine.chat(self.messages, self.settings, cancel=cancel):
                 pieces.append(piece)
-                on_piece(piece)
+                route(piece)
+            route.close()
         except BaseException:
             if not pieces:  # nothing came back: the message leaves again, here and in the store
                 self.messages.pop()
@@ -273,7 +285,7 @@ class RemoteConversation:
             self.recorder.new_conversation()
 
     def redo(self, text: str | None, on_piece: OnPiece, cancel: Cancel | None = None,
-             progress: Progress | None = None) -> GenerationStats:
+             progress: Progress | None = None, on_reasoning: OnPiece | None = None) -> GenerationStats:
         """Send the last user message again (`text` None) or an edited one in its place."""
         last = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
         if last is None:
@@ -285,7 +297,7 @@ class RemoteConversation:
             users = [i for i, m in enumerate(stored) if m.role == "user"]
             if users:
                 self.store.delete_last(self.id, len(stored) - users[-1])
-        return self.send(content if text is None else text, on_piece, cancel, progress)
+        return self.send(content if text is None else text, on_piece, cancel, progress, on_reasoning)
 
     def last_user_message(self) -> str | None:
         users = [m["content"] for m in self.messages if m["role"] == "user"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from edgectx.chat.opening import Opening, system_content
+from edgectx.chat.reasoning import prompt_opens_thinking, template_reasons
 from edgectx.engine import Cancel, Engine, Progress
 from edgectx.errors import UsageError
 from edgectx.model.sampling import SamplingParams
@@ -33,6 +34,12 @@ class ChatSession:
         self._memory_text = opening.text if opening else ""  # the exact text whose tokens the engine's memory holds
         self._memory_len: int | None = None  # how many of the engine's tokens that text is; None: all of them
         self._turns: list[tuple[int, str, int]] = []  # per turn sent: (messages before it, memory text, tokens)
+        self.opened_thinking = False  # the last prompt left a thinking block open (edgectx.chat.reasoning)
+
+    @property
+    def reasons(self) -> bool:
+        """Whether the model reasons before answering (its template names the thinking block's tags)."""
+        return template_reasons(self.engine.template.source)
 
     def _ids_for(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
         tokenizer = self.engine.tokenizer
@@ -46,6 +53,7 @@ class ChatSession:
     def _prompt_tokens(self) -> list[int]:
         ids, self._memory_text = self._ids_for(self.messages)
         self._memory_len = None
+        self.opened_thinking = prompt_opens_thinking(self._memory_text)
         return ids
 
     def plan(self, content: str) -> tuple[int, int]:

@@ -114,11 +114,38 @@ def _write(piece: str) -> None:
     sys.stdout.flush()
 
 
+class _Thinking:
+    """A reasoning model's thinking, streamed to stderr (dimmed on a terminal), so that stdout carries the answer
+    alone; a line break on stderr once the answer begins."""
+
+    def __init__(self):
+        self.open = False
+
+    def write(self, piece: str) -> None:
+        dim = sys.stderr.isatty()
+        sys.stderr.write(("\x1b[2m" + piece + "\x1b[0m") if dim else piece)
+        sys.stderr.flush()
+        self.open = True
+
+    def end(self) -> None:
+        if self.open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.open = False
+
+
 def _turn(conversation, text: str) -> None:
     """One exchange, streamed to stdout; the conversation stores the message and the answer (a stopped one too)."""
+    thinking = _Thinking()
+
+    def answer(piece: str) -> None:
+        thinking.end()
+        _write(piece)
+
     try:
-        conversation.send(text, on_piece=_write)
+        conversation.send(text, on_piece=answer, on_reasoning=thinking.write)
     finally:
+        thinking.end()
         _write("\n")
 
 

@@ -23,6 +23,11 @@ CHATML = (
 )
 
 
+# The names every render passes; a client's template variables may not replace them (or the helpers)
+TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+                            "strftime_now"})
+
+
 class TemplateError(EdgectxError):
     """The model's chat template refused the conversation (for example, roles out of the order it expects)."""
 
@@ -45,13 +50,19 @@ class ChatTemplate:
             raise TemplateError(f"The model's chat template does not parse ({e}); the model file may be damaged.") from None
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **variables) -> str:
+        """The conversation as the model reads it. `variables`: more names for the template (a client's
+        `chat_template_kwargs`, such as Qwen3's `enable_thinking`); they cannot replace the ones given here."""
+        clash = TEMPLATE_NAMES & variables.keys()
+        if clash:
+            raise ValueError(f"template variables may not replace {', '.join(sorted(clash))}")
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **variables,
             )
         except TemplateError:
             raise

@@ -4,6 +4,11 @@
     GET  /v1/models            the one model served
     POST /v1/chat/completions  OpenAI's chat completions, streamed as server-sent events or not
 
+A reasoning model's thinking (a chat template that names `<think>`) comes as `reasoning_content`, in the
+message and in stream deltas, apart from the answer's `content`, as DeepSeek's API, vLLM and llama.cpp's server
+send it (`reasoning_format: "none"` in a request keeps it in the content); `chat_template_kwargs` reach the
+template (Qwen3's `enable_thinking: false` asks for no thinking).
+
 Beyond OpenAI's fields, edgectx adds one object named `edgectx` (standard clients ignore unknown fields):
 in a stream, chunks with an empty delta carry `{"edgectx": {"prefill": {"done": N, "total": M}}}` while the
 prompt is read; the last chunk (and a whole response) carries `{"edgectx": {"citations": [...]}}`, the
@@ -199,6 +204,8 @@ async def _stream(job: Job, chat: ChatRequest, answer_id: str, model: str):
             yield _sse(_chunk(answer_id, model, {}, edgectx={"prefill": event.data}))
         elif event.kind == "piece":
             yield _sse(_chunk(answer_id, model, {"content": event.text}))
+        elif event.kind == "reasoning":  # the field DeepSeek's API, vLLM and llama.cpp's server stream thinking in
+            yield _sse(_chunk(answer_id, model, {"reasoning_content": event.text}))
         elif event.kind == "error":  # headers are out: the error goes as a stream event, as OpenAI's does
             yield _sse(event.error.body())
             return
@@ -213,7 +220,7 @@ async def _stream(job: Job, chat: ChatRequest, answer_id: str, model: str):
 
 
 async def _whole(job: Job, request: Request, answer_id: str, model: str) -> JSONResponse:
-    pieces, checked = [], time.monotonic()
+    pieces, reasoning, checked = [], [], time.monotonic()
     while True:
         try:
             event = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
@@ -227,12 +234,16 @@ async def _whole(job: Job, request: Request, answer_id: str, model: str) -> JSON
             continue
         if event.kind == "piece":
             pieces.append(event.text)
+        elif event.kind == "reasoning":
+            reasoning.append(event.text)
         elif event.kind == "error":
             raise event.error
         elif event.kind == "done":
             d = event.data
+            message = {"role": "assistant", "content": "".join(pieces)}
+            if reasoning:
+                message["reasoning_content"] = "".join(reasoning)
             return JSONResponse({
                 "id": answer_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                             "finish_reason": d["finish_reason"]}],
+                "choices": [{"index": 0, "message": message, "finish_reason": d["finish_reason"]}],
                 "usage": d["usage"], "edgectx": {"citations": d["citations"]}})

@@ -1,7 +1,10 @@
 """A chat-completions request, checked field by field: what the engine runs, or an ApiError naming the field.
 
 OpenAI's fields that change the answer are honoured (`messages`, `temperature`, `top_p`, `max_tokens` or
-`max_completion_tokens`, `stop`, `seed`, `stream`, `stream_options.include_usage`); fields that only
+`max_completion_tokens`, `stop`, `seed`, `stream`, `stream_options.include_usage`), and two that llama.cpp's and
+vLLM's servers take: `chat_template_kwargs` (variables for the model's chat template, such as Qwen3's
+`enable_thinking`) and `reasoning_format` ("none" keeps a reasoning model's `<think>` block in the answer's
+text; otherwise it comes apart as `reasoning_content`, edgectx.chat.reasoning); fields that only
 describe the client (`user`, `metadata`, ...) are ignored; what this server cannot do as asked (`n` > 1,
 `logprobs`, a JSON `response_format`, images) is refused, never silently dropped.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from edgectx.model.chat_template import TEMPLATE_NAMES
 from edgectx.model.sampling import SamplingParams
 from edgectx.server.errors import ApiError
 
@@ -38,6 +42,8 @@ class ChatRequest:
     include_usage: bool = False
     model: str = ""
     extra: dict = field(default_factory=dict)
+    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs
+    reasoning_inline: bool = False  # reasoning_format "none": the thinking stays in the content
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -120,6 +126,29 @@ def _refuse_what_cannot_be_done(body: dict) -> None:
                    "response_format", "unsupported_parameter")
 
 
+MAX_TEMPLATE_KWARGS = 16
+REASONING_FORMATS = ("auto", "deepseek", "none")
+
+
+def _template_kwargs(body: dict) -> dict:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or len(kwargs) > MAX_TEMPLATE_KWARGS or not all(
+            isinstance(k, str) and k.isidentifier() and k not in TEMPLATE_NAMES and
+            (v is None or isinstance(v, (bool, int, float, str))) for k, v in kwargs.items()):
+        raise _bad(f"chat_template_kwargs must be an object of at most {MAX_TEMPLATE_KWARGS} names (not "
+                   f"{', '.join(sorted(TEMPLATE_NAMES))}) with plain values (true, 1, \"text\").", "chat_template_kwargs")
+    return dict(kwargs)
+
+
+def _reasoning_inline(body: dict) -> bool:
+    value = body.get("reasoning_format")
+    if value is not None and value not in REASONING_FORMATS:
+        raise _bad(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, got {value!r}.", "reasoning_format")
+    return value == "none"
+
+
 def parse_chat_request(body, limits: Limits) -> ChatRequest:
     """The request in `body` (parsed JSON), or an ApiError (400) that names the first field at fault."""
     if not isinstance(body, dict):
@@ -145,4 +174,5 @@ def parse_chat_request(body, limits: Limits) -> ChatRequest:
                               top_p=_number(body, "top_p", 0, 1, defaults.top_p), top_k=defaults.top_k,
                               repeat_penalty=defaults.repeat_penalty, seed=seed)
     return ChatRequest(messages, sampling, _max_tokens(body, limits), _stop(body), stream,
-                       include_usage=bool(options.get("include_usage")), model=model)
+                       include_usage=bool(options.get("include_usage")), model=model,
+                       template_kwargs=_template_kwargs(body), reasoning_inline=_reasoning_inline(body))

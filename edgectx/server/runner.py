@@ -2,7 +2,8 @@
 
 The engine is not thread-safe and one answer uses every core, so requests queue (`/health` shows how many run
 and wait). Each job reports to the request's handler through events on an asyncio queue: `accepted` (the prompt
-fits; from here on a stream may start), `progress` (prefill chunks), `piece` (answer text), `done` (usage,
+fits; from here on a stream may start), `progress` (prefill chunks), `piece` (answer text), `reasoning` (a
+reasoning model's thinking, told apart from its answer: edgectx.chat.reasoning), `done` (usage,
 finish reason, citations) or `error` (an ApiError). `Job.cancel()` (the client left) stops the job at the next
 chunk or token; the memory keeps what was read or generated, so it stays consistent for the next request.
 
@@ -20,6 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from edgectx.chat.reasoning import ThinkingSplitter, prompt_opens_thinking, template_reasons
 from edgectx.engine import Cancelled, ContextFullError, Engine
 from edgectx.errors import EdgectxError
 from edgectx.server.errors import ApiError
@@ -33,7 +35,7 @@ _DOC_OPEN = re.compile(r'<document name="([^"]*)">')
 
 @dataclass
 class Event:
-    kind: str  # accepted | progress | piece | done | error
+    kind: str  # accepted | progress | piece | reasoning | done | error
     data: dict = field(default_factory=dict)
     text: str = ""
     error: ApiError | None = None
@@ -107,7 +109,7 @@ class Runner:
 
     def _answer(self, job: Job) -> None:
         engine, pool, request = self.engine, self.pool, job.request
-        text = engine.template.render(request.messages, add_generation_prompt=True)
+        text = engine.template.render(request.messages, add_generation_prompt=True, **request.template_kwargs)
         plan = pool.choose(text)
         if engine.memory_config is None and len(plan.ids) > engine.n_ctx:
             raise ContextFullError(f"The prompt is {len(plan.ids):,} tokens but the context holds {engine.n_ctx:,}: "
@@ -117,9 +119,17 @@ class Runner:
         cancel = lambda: self._stopped(job)  # noqa: E731
         reused = pool.apply(plan, progress=progress, cancel=cancel)
         start = len(engine.tokens)
+        split = None if request.reasoning_inline or not template_reasons(engine.template.source) else \
+            ThinkingSplitter(opened=prompt_opens_thinking(text))
         for piece in engine.generate(request.sampling, max_tokens=request.max_tokens, stop=request.stop,
                                      cancel=cancel):
-            job.emit(Event("piece", text=piece))
+            if split is None:
+                job.emit(Event("piece", text=piece))
+                continue
+            for kind, part in split.feed(piece):
+                job.emit(Event("piece" if kind == "content" else "reasoning", text=part))
+        for kind, part in split.flush() if split is not None else ():
+            job.emit(Event("piece" if kind == "content" else "reasoning", text=part))
         stats = engine.last_stats
         pool.finished(text + engine.tokenizer.decode(engine.tokens[start:]))
         usage = {"prompt_tokens": len(plan.ids), "completion_tokens": stats.generated_tokens,

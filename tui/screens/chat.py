@@ -224,7 +224,8 @@ class ChatScreen(JobRunner, TurnActions, Screen):
 
         def job():
             return self.bridge.send(text, on_piece=lambda p: self.post_message(self.Piece(p)),
-                                    cancel=self._cancel.is_set, progress=self._progress)
+                                    cancel=self._cancel.is_set, progress=self._progress,
+                                    on_reasoning=lambda p: self.post_message(self.Thinking(p)))
 
         if not self._start("send", job):
             self.query_one(PromptInput).text = text
@@ -278,6 +279,11 @@ class ChatScreen(JobRunner, TurnActions, Screen):
     async def _piece(self, event: JobRunner.Piece) -> None:
         if self._answer is not None:
             await self._answer.write(event.text)
+
+    @on(JobRunner.Thinking)
+    async def _thinking(self, event: JobRunner.Thinking) -> None:
+        if self._answer is not None:
+            await self._answer.write_thinking(event.text)
 
     @on(JobRunner.Progressed)
     def _progressed(self, event: JobRunner.Progressed) -> None:

@@ -25,6 +25,13 @@ class JobRunner:
             super().__init__()
             self.text = text
 
+    class Thinking(Message):
+        """A piece of a reasoning model's thinking (edgectx.chat.reasoning)."""
+
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
     class Progressed(Message):
         def __init__(self, done: int, total: int):
             super().__init__()

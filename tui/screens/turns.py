@@ -45,7 +45,8 @@ class TurnActions:
     async def _resend(self, text: str, regenerate: bool) -> None:
         def job():
             return self.bridge.redo(None if regenerate else text, on_piece=lambda p: self.post_message(self.Piece(p)),
-                                    cancel=self._cancel.is_set, progress=self._progress)
+                                    cancel=self._cancel.is_set, progress=self._progress,
+                                    on_reasoning=lambda p: self.post_message(self.Thinking(p)))
 
         if self.busy is not None:
             self.say(BUSY, severity="warning")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from textual.containers import VerticalScroll
 from textual.widgets import Markdown, Static
 
+from edgectx.chat.reasoning import split_answer
 from edgectx.tui.widgets.citations import CitationList
 
 
@@ -24,21 +25,37 @@ class UserMessage(Static):
         self.text = text
 
 
+def _quoted(text: str) -> str:
+    return text.replace("\n", "\n> ")
+
+
 class AssistantMessage(Markdown):
-    """An answer; `text` is everything received so far, also while it streams."""
+    """An answer; `text` is the answer received so far, also while it streams, and `thinking` a reasoning model's
+    thinking before it (edgectx.chat.reasoning), shown as a dimmed quote above the answer. A stored answer is
+    split as it is shown (it keeps the model's `<think>` block)."""
 
     can_focus = True
 
     def __init__(self, text: str = ""):
-        super().__init__(text)
-        self.text = text
+        thinking, answer = split_answer(text)
+        super().__init__(f"> {_quoted(thinking)}\n\n{answer}" if thinking else answer)
+        self.text, self.thinking = answer, thinking
         self._stream = None
 
+    async def write_thinking(self, piece: str) -> None:
+        shown = ("" if self.thinking else "> ") + _quoted(piece)
+        self.thinking += piece
+        await self._write(shown)
+
     async def write(self, piece: str) -> None:
+        shown = "\n\n" + piece if self.thinking and not self.text else piece  # the answer starts below the quote
+        self.text += piece
+        await self._write(shown)
+
+    async def _write(self, markdown: str) -> None:
         if self._stream is None:
             self._stream = Markdown.get_stream(self)
-        self.text += piece
-        await self._stream.write(piece)
+        await self._stream.write(markdown)
 
     async def finish(self) -> None:
         if self._stream is not None:
@@ -57,6 +74,7 @@ class Transcript(VerticalScroll):
     Transcript { height: 1fr; padding: 0 1; }
     UserMessage { margin: 1 0 0 8; padding: 0 1; background: $boost; border-left: thick $accent; }
     AssistantMessage { margin: 1 8 0 0; padding: 0 1; }
+    AssistantMessage MarkdownBlockQuote { color: $text-muted; }
     UserMessage:focus { background: $accent 20%; }
     AssistantMessage:focus { background: $accent 10%; }
     Notice { margin: 1 0 0 0; color: $text-muted; }
