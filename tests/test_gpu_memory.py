@@ -197,6 +197,7 @@ def test_bench_speed_synthetic_on_cpu_reports_speed_floor_and_memory(monkeypatch
     assert result["weight_bytes"] == params and result["weight_read_bytes"] == params - TINY.vocab_size * TINY.dim * 4
     assert result["weight_read_floor_ms"] == pytest.approx(result["weight_read_bytes"] / 10e9 * 1e3)
     assert result["bandwidth_source"] == "flag" and result["cache_capacity_blocks"] == 16
+    assert result["retrieval_gathers_on_device"] is False  # a CPU memory reads its blocks through its cache
     assert [r["context"] for r in result["runs"]] == [300, 700]
     for r in result["runs"]:
         for engine in ("edgectx_memory", "edgectx"):

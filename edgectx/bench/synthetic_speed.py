@@ -227,6 +227,8 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
     engine.weights = weights
     memory_rows, memory_error = _guarded(engine, contexts, decode_tokens, floor_ms)
     cache_blocks = engine.memory.cache_blocks  # as "auto" sized it, after the weights
+    # Whether retrieval read the pinned host store with the gather kernel (CUDA, its probe passed): no block cache
+    gathers = engine.memory.layers[0].gathers_on_device
     full_rows, full_error, skipped = [], None, {}
     if full:
         engine.configure_memory(None, n_ctx=max(contexts) + decode_tokens * len(contexts) + 16)
@@ -249,6 +251,7 @@ def run_synthetic_speed(name: str, contexts: list[int], memory: MemoryConfig, de
         "model": f"synthetic {name}", "synthetic": name, "spec": spec.describe(), "weights": weights,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(dtype).removeprefix("torch."),
         "decode_tokens": decode_tokens, "budget_tokens": memory.budget_tokens, "cache_capacity_blocks": cache_blocks,
+        "retrieval_gathers_on_device": gathers,
         "gpu_mem_cap_bytes": memory_cap(dev), "weight_bytes": all_bytes, "weight_read_bytes": read_bytes,
         "bandwidth_gbs": bandwidth, "bandwidth_source": "flag" if bandwidth_gbs else ("table" if bandwidth else None),
         "weight_read_floor_ms": floor_ms, "runs": runs,
