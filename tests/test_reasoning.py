@@ -50,3 +50,39 @@ def test_a_stored_answer_splits_only_where_a_block_closes():
     assert split_answer("opened by the prompt</think>Yes.") == ("opened by the prompt", "Yes.")
     assert split_answer("x = a <think> b") == ("", "x = a <think> b")  # no block closes: as written
     assert split_answer("no tags at all") == ("", "no tags at all")
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    from tiny_gguf import THINKING_TEMPLATE, write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("thinker") / "tiny.gguf", chat_template=THINKING_TEMPLATE)
+
+
+def test_a_local_conversation_sends_thinking_apart_and_no_thinking_asks_for_none(thinker):
+    from edgectx.chat.conversation import Conversation, Settings
+    from edgectx.engine import Engine
+    from edgectx.model.sampling import SamplingParams
+    from edgectx.store.conversations import ConversationStore
+
+    engine = Engine.load(thinker, device="cpu", weights="fp16")
+    with ConversationStore() as store:
+        for thinking in (None, False):
+            settings = Settings(sampling=SamplingParams(temperature=0), max_tokens=8, thinking=thinking)
+            conversation = Conversation(engine, store, settings)
+            answer, thought = [], []
+            conversation.send("Why is the sky blue?", on_piece=answer.append, on_reasoning=thought.append)
+            if thinking is None:  # the prompt opened the block: everything written is thinking
+                assert "".join(thought) and not "".join(answer) and conversation.session.opened_thinking
+            else:
+                assert "".join(answer) and not thought and not conversation.session.opened_thinking
+
+
+def test_edgectx_chat_no_thinking(thinker):
+    from cli_helpers import run_cli
+
+    common = ["chat", "--model", str(thinker), "--prompt", "Why?", "--max-tokens", "8", "--temperature", "0",
+              "--weights", "fp16", "--no-history"]
+    thinking, plain = run_cli(*common), run_cli(*common, "--no-thinking")
+    assert thinking.returncode == plain.returncode == 0, thinking.stderr + plain.stderr
+    assert thinking.stdout.strip() == "" and plain.stdout.strip()  # the answer alone on stdout; thinking on stderr

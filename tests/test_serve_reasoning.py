@@ -12,14 +12,8 @@ from openai import OpenAI
 
 from cli_helpers import run_cli
 from server_helpers import edgectx_server
-from tiny_gguf import write_tiny_gguf
+from tiny_gguf import THINKING_TEMPLATE, write_tiny_gguf
 
-THINKING_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
-)
 ASK = dict(model="tiny", messages=[{"role": "user", "content": "Why is the sky blue?"}], temperature=0, max_tokens=8)
 
 
@@ -83,6 +77,11 @@ def test_edgectx_chat_against_the_server_puts_thinking_on_stderr_and_keeps_the_b
         conversation.send(ASK["messages"][0]["content"], on_piece=answer.append, on_reasoning=thinking.append)
         assert "".join(thinking) == whole and not "".join(answer)
         assert conversation.messages[-1]["content"] == "<think>" + whole
+        plain = RemoteConversation(RemoteEngine.connect(server), store,
+                                   Settings(sampling=SamplingParams(temperature=0), max_tokens=8, thinking=False))
+        answer, thinking = [], []
+        plain.send(ASK["messages"][0]["content"], on_piece=answer.append, on_reasoning=thinking.append)
+        assert "".join(answer) and not thinking  # chat_template_kwargs reached the server's template
     result = run_cli("chat", "--engine", server, "--prompt", ASK["messages"][0]["content"], "--max-tokens", "8",
                      "--temperature", "0")
     assert result.returncode == 0 and result.stdout.strip() == "" and whole in result.stderr

@@ -47,6 +47,17 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# A reasoning model's template: the generation prompt opens a thinking block (as DeepSeek-R1's does) unless
+# `enable_thinking` is false, which writes an empty one (as Qwen3's does). A tiny model's random weights never close
+# the block: all it writes is thinking, unless asked for none.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+
+
 def write_tiny_gguf(
     path: Path,
     arch: str = "llama",

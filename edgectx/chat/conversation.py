@@ -45,6 +45,12 @@ class Settings:
     stop: tuple[str, ...] = ()  # the answer ends when it contains one of these
     max_file_bytes: int = DEFAULT_MAX_BYTES
     budget: int | str | None = None  # the memory budget the engine was loaded with (None: the default; "full": none)
+    thinking: bool | None = None  # a reasoning model's thinking: None as its template has it, False asks for none
+
+    @property
+    def template_vars(self) -> dict:
+        """What the model's chat template is told besides the messages (Qwen3's `enable_thinking` switch)."""
+        return {} if self.thinking is None else {"enable_thinking": self.thinking}
 
 
 @dataclass
@@ -74,7 +80,7 @@ class Conversation:
                stored: StoredConversation | None, turns: list[dict[str, str]] = (), snapshot_state: str | None = None) -> None:
         self.documents, self.opening, self.snapshot_state = list(documents), opening, snapshot_state
         self.retrieved: list[dict] = []  # what the last answer retrieved (GenerationStats.retrieved)
-        self.session = ChatSession(self.engine, system=system, opening=opening)
+        self.session = ChatSession(self.engine, system=system, opening=opening, template_vars=self.settings.template_vars)
         self.session.messages += turns
         self.recorder = ChatRecorder(self.store if self.record else None, self.engine, system, self.documents,
                                      document_ids, stored)
@@ -115,7 +121,8 @@ class Conversation:
         except BaseException:
             # The memory holds part of the new opening: start it afresh; the next turn reads the old opening again.
             self.engine.reset()
-            self.session = ChatSession(self.engine, system=system, opening=self.opening)
+            self.session = ChatSession(self.engine, system=system, opening=self.opening,
+                                       template_vars=self.settings.template_vars)
             self.session.messages += turns
             raise
         self._begin(system, documents, opening, opened.document_ids, self.recorder.conversation, turns, opened.snapshot_state)

@@ -129,6 +129,8 @@ class RemoteEngine:
             body["seed"] = s.seed
         if settings.stop:
             body["stop"] = list(settings.stop)
+        if settings.template_vars:  # what llama.cpp's, vLLM's and edgectx's servers pass to the template
+            body["chat_template_kwargs"] = settings.template_vars
         stats = self.last_stats = GenerationStats()
         t0 = time.perf_counter()
         first, thinking = None, False

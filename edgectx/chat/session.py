@@ -23,9 +23,12 @@ from edgectx.model.sampling import SamplingParams
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, system: str | None = None, opening: Opening | None = None):
-        """With `opening` (documents), the engine's memory must already hold `opening.ids` (open_documents)."""
+    def __init__(self, engine: Engine, system: str | None = None, opening: Opening | None = None,
+                 template_vars: dict | None = None):
+        """With `opening` (documents), the engine's memory must already hold `opening.ids` (open_documents).
+        `template_vars`: more names for the chat template (Qwen3's `enable_thinking`)."""
         self.engine = engine
+        self.template_vars = dict(template_vars or {})
         self.opening = opening
         self.messages: list[dict[str, str]] = []
         content = system_content(opening.blocks if opening else "", system)
@@ -43,7 +46,7 @@ class ChatSession:
 
     def _ids_for(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
         tokenizer = self.engine.tokenizer
-        text = self.engine.template.render(messages, add_generation_prompt=True)
+        text = self.engine.template.render(messages, add_generation_prompt=True, **self.template_vars)
         cached = self._memory_text
         held = self.engine.tokens if self._memory_len is None else self.engine.tokens[: self._memory_len]
         if cached and text.startswith(cached) and len(held) > 0:

@@ -178,6 +178,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float_range(0, above=True), help="default 1.1; 1 disables")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), help="fix the sampling seed for reproducible answers")
     p.add_argument("--max-tokens", type=int_range(1, MAX_TOKENS), help=f"longest answer in tokens (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--no-thinking", action="store_true",
+                   help="ask a reasoning model (Qwen3) to answer without thinking first (its template's enable_thinking)")
 
 
 def chunk_from(args: argparse.Namespace, device: str | None = None, config: Config | None = None) -> int:
