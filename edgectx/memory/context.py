@@ -69,7 +69,7 @@ from edgectx.model.spec import ModelSpec
 # Host store dtypes a fused decode step writes itself (edgectx.quant.ggml_decode: float16 and float32 convert as
 # PyTorch does, round to nearest even)
 _GRAPH_WRITES = (torch.float16, torch.float32)
-_RETRIEVALS = itertools.count()  # names a chunk's retrieval on the device (LayerMemory._retrieve)
+_RETRIEVALS = itertools.count()  # names a retrieval on the device until its ids are read (LayerMemory._retrieve)
 RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
 
 
@@ -120,7 +120,7 @@ class LayerMemory:
         self.resident = Resident(s.n_kv_heads, s.head_dim, memory.device, memory.kv_dtype)
         self.cache = BlockCache(memory.cache_blocks * s.n_kv_heads, memory.device, memory.kv_dtype, copy_stream=memory.copy_stream)
         self.evicted = False  # once True, the device no longer holds every token: retrieval is on
-        self._selection_d: torch.Tensor | None = None  # a chunk's retrieval kept on the device, not read yet
+        self._selection_d: torch.Tensor | None = None  # a retrieval kept on the device, its ids not read yet
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head (host)
         self._facts: tuple | None = None  # (selection key, any duplicate, next position): read with the block ids
         self.steps_since_retrieval = 0
@@ -136,8 +136,8 @@ class LayerMemory:
     @property
     def selection(self) -> torch.Tensor:
         """(n_kv, k) the blocks each KV head retrieved last, on the host; `_key` holds them as Python ints. A chunk's
-        retrieval on the device path keeps them there (`_retrieve`): they are read when first asked for here (a
-        snapshot, a decode step; ContextMemory.ready reads every layer's at once)."""
+        retrieval that gathers on the device keeps them there (`_retrieve`): they are read when first asked for
+        here (a snapshot, a truncation), or for every layer at once (ContextMemory._read_device_state)."""
         if self._selection is None:
             self._resolve(self._selection_d.flatten().tolist())
         return self._selection
@@ -242,7 +242,7 @@ class LayerMemory:
         (the context it replaces: see Assembly). Every column is written into the context's buffers directly: the
         keys before RoPE gathered into one scratch buffer, then rotated into the context; values and indices
         copied in (a decode retrieval rebuilds every layer's context, most of its cost). `on_device`: `selection`
-        is a chunk's retrieval on the device (`_retrieve`): the blocks come straight from the host store, the
+        is a retrieval's ids on the device (`_retrieve`): the blocks come straight from the host store, the
         duplicates are always masked and compact positions go on from a count on the device (Assembly.next_pos)."""
         m, c = self.memory, self.memory.config
         r = self.resident
@@ -591,7 +591,7 @@ class LayerMemory:
         if self.asm is None or self.asm.key[0] == self.version or self._retrieval_due:
             return  # (a step that retrieves rebuilds for what it retrieves)
         retrieving = self.evicted and self.memory.config.top_k_blocks > 0
-        if retrieving and self._selection is None:  # the last chunk's retrieval, still on the device: built there
+        if retrieving and self._selection is None:  # the last retrieval's ids, still on the device: built there
             self._assemble(self._selection_d, decoding=True)
             return
         self._assemble(self.selection if retrieving else self.selection[:, :0], decoding=True)
