@@ -260,3 +260,24 @@ def test_a_snapshot_taken_while_a_chunks_retrieval_is_on_the_device_restores_exa
     assert torch.equal(restored.next_logits, live.next_logits)
     for token in ids[704:]:  # the plain path against the device path: to rounding (test_device_bookkeeping_...)
         torch.testing.assert_close(restored.forward([token])[-1], live.forward([token])[-1], rtol=0, atol=1e-4)
+
+
+def test_a_device_path_memory_restored_from_a_snapshot_goes_on_bit_for_bit(tiny, tmp_path, monkeypatch):
+    """Restored into a memory on the device path (as on CUDA), a snapshot's contexts are built as the live ones
+    were (blocks gathered by ids, duplicates masked): the same logits bit for bit, and no block cache on either."""
+    init = ContextMemory.__init__
+
+    def device_path(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "device_bookkeeping": True})
+
+    monkeypatch.setattr(ContextMemory, "__init__", device_path)
+    live = Engine.load(tiny, device="cpu", memory_config=SMALL, weights="fp16")
+    ids = [int(i) for i in np.random.default_rng(4).integers(0, 258, 760)]
+    live.prefill(ids[:700])
+    info = live.snapshot(tmp_path / "doc.edgectxs", codec="fp16")
+    restored = Engine.load(tiny, device="cpu", weights="fp16")
+    restored.restore(info.path)
+    assert restored.memory.device_bookkeeping and torch.equal(restored.next_logits, live.next_logits)
+    for token in ids[700:]:  # decode retrieves every 4th step and evicts every 16th
+        assert torch.equal(restored.forward([token])[-1], live.forward([token])[-1])
+    assert restored.stats() == live.stats() and restored.stats()["device_block_cache_bytes"] == 0

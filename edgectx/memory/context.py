@@ -245,6 +245,11 @@ class LayerMemory:
         is a retrieval's ids on the device (`_retrieve`): the blocks come straight from the host store, the
         duplicates are always masked and compact positions go on from a count on the device (Assembly.next_pos)."""
         m, c = self.memory, self.memory.config
+        if not on_device and selection.numel() and self.gathers_on_device:
+            # Ids on the host (a restored snapshot, ids read since): where the store gathers on the device, every
+            # context with retrieved blocks is built there, so a restored context is the live one, mask included,
+            # and the block cache stays unallocated
+            selection, on_device = upload(selection, m.device), True
         r = self.resident
         n_kv = r.n_kv
         n_keys = n_resident + selection.shape[1] * c.block_size
