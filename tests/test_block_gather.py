@@ -14,6 +14,8 @@ from edgectx.memory import block_store
 from edgectx.memory.block_store import HostBlockStore
 
 N_KV, BLOCK, HEAD_DIM = 3, 8, 16
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")  # the kernel's: compiled on a GPU, the interpreter on a CPU
 
 
 def _store(device: torch.device, host_dtype: torch.dtype, n_blocks: int = 11) -> HostBlockStore:
@@ -46,12 +48,15 @@ def test_the_kernel_reads_each_heads_blocks_across_segments(host_dtype, out_dtyp
     from edgectx.kernels.block_gather import gather_blocks, segment_offsets
 
     store = _store(torch.device("cpu"), host_dtype)
-    blocks = torch.tensor(BLOCKS)
-    offsets = torch.tensor(segment_offsets(store.segments))
-    k_ctx = torch.full((N_KV, 50 + 4 * BLOCK, HEAD_DIM), -7.0, dtype=out_dtype)
+    if ON_GPU:  # the segments as a CUDA store holds them: pinned, read over the bus
+        store.segments = [segment.pin_memory() for segment in store.segments]
+    blocks = torch.tensor(BLOCKS, device=DEVICE)
+    offsets = torch.tensor(segment_offsets(store.segments), device=DEVICE)
+    k_ctx = torch.full((N_KV, 50 + 4 * BLOCK, HEAD_DIM), -7.0, dtype=out_dtype, device=DEVICE)
     v_ctx = torch.full_like(k_ctx, -7.0)
     gather_blocks(store.segments[0], offsets, blocks, k_ctx[:, 50:], v_ctx[:, 50:], store.segment_blocks)
-    k_want, v_want = _expected(store, blocks)
+    k_ctx, v_ctx = k_ctx.cpu(), v_ctx.cpu()
+    k_want, v_want = _expected(store, blocks.cpu())
     assert torch.equal(k_ctx[:, 50:], k_want.to(out_dtype)) and torch.equal(v_ctx[:, 50:], v_want.to(out_dtype))
     assert (k_ctx[:, :50] == -7).all() and (v_ctx[:, :50] == -7).all()  # nothing written outside its columns
 
