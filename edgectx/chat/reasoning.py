@@ -34,7 +34,6 @@ class ThinkingSplitter:
         self.thinking = opened
         self._held = ""  # the end of the text so far that may begin a tag
         self._at_start = True  # at the start of the current part: leading whitespace after a tag is dropped
-        self.reasoning_parts = 0
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -68,8 +67,6 @@ class ThinkingSplitter:
             return
         self._at_start = False
         kind = "reasoning" if self.thinking else "content"
-        if kind == "reasoning":
-            self.reasoning_parts += 1
         if out and out[-1][0] == kind:
             out[-1] = (kind, out[-1][1] + text)
         else:

@@ -259,9 +259,9 @@ class Assembly:
 
     @property
     def next_pos(self) -> int:
-        """The position the next token takes, on the host. A context built on the device from a chunk's retrieval
+        """The position the next token takes, on the host. A context built on the device from a retrieval
         (LayerMemory._build, compact positions) counts it there; reading it here waits for the device once, so the
-        memory reads every layer's in one go when a prefill ends (ContextMemory.ready)."""
+        memory reads every layer's in one go where the host needs them (ContextMemory._read_device_state)."""
         if isinstance(self._next_pos, torch.Tensor):
             self._next_pos = int(self._next_pos)
         return self._next_pos

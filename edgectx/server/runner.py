@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from edgectx.chat.reasoning import ThinkingSplitter, prompt_opens_thinking, template_reasons
+from edgectx.chat.reasoning import Routing, prompt_opens_thinking, template_reasons
 from edgectx.engine import Cancelled, ContextFullError, Engine
 from edgectx.errors import EdgectxError
 from edgectx.server.errors import ApiError
@@ -119,17 +119,14 @@ class Runner:
         cancel = lambda: self._stopped(job)  # noqa: E731
         reused = pool.apply(plan, progress=progress, cancel=cancel)
         start = len(engine.tokens)
-        split = None if request.reasoning_inline or not template_reasons(engine.template.source) else \
-            ThinkingSplitter(opened=prompt_opens_thinking(text))
+        route = Routing(lambda part: job.emit(Event("piece", text=part)),
+                        lambda part: job.emit(Event("reasoning", text=part)),
+                        reasons=not request.reasoning_inline and template_reasons(engine.template.source),
+                        opened=lambda: prompt_opens_thinking(text))
         for piece in engine.generate(request.sampling, max_tokens=request.max_tokens, stop=request.stop,
                                      cancel=cancel):
-            if split is None:
-                job.emit(Event("piece", text=piece))
-                continue
-            for kind, part in split.feed(piece):
-                job.emit(Event("piece" if kind == "content" else "reasoning", text=part))
-        for kind, part in split.flush() if split is not None else ():
-            job.emit(Event("piece" if kind == "content" else "reasoning", text=part))
+            route(piece)
+        route.close()
         stats = engine.last_stats
         pool.finished(text + engine.tokenizer.decode(engine.tokens[start:]))
         usage = {"prompt_tokens": len(plan.ids), "completion_tokens": stats.generated_tokens,
