@@ -138,6 +138,41 @@ def test_device_bookkeeping_changes_no_logit(tiny):
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
 
 
+def test_device_counted_positions_stay_below_their_host_bound(tmp_path):
+    """Compact positions counted on the device (a chunk's retrieval) number the distinct tokens of every head's
+    columns: heads that retain tokens of their own make more of them than the context has columns. The host bound
+    the rotary tables are sized by must hold anyway (it was the context's length: the tables were indexed past their
+    end, an IndexError on a CPU and a device-side assert on CUDA, on a synthetic Llama-3.1-8B's first 2,048-token
+    chunk past the budget); the logits are the plain path's, which reads the count."""
+    model = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_heads=8, n_kv_heads=8, dim=128)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, 258, 1100)]
+    logits, overshoot = [], []
+    for device_path in (False, True):
+        engine = Engine.load(model, device="cpu", memory_config=SMALL, weights="fp16")
+        if device_path:
+            _device_path(engine)
+        engine.prefill(ids[:640])
+        out = []
+        for start in range(640, 1024, 64):
+            out.append(engine.forward(ids[start : start + 64]))
+            for layer in engine.memory.layers if device_path else ():
+                asm = layer.asm
+                assert isinstance(asm.next_position, torch.Tensor)  # counted on the device, not read yet
+                position = int(asm.next_position)
+                assert position <= asm.position_bound(0), (position, asm.position_bound(0))
+                overshoot.append(position - asm.length)
+        with torch.inference_mode():  # as Engine.prefill calls it
+            engine.memory.ready()
+        out += [engine.forward([token]) for token in ids[1024:]]
+        logits.append(torch.cat(out))
+    assert max(overshoot) > 64, overshoot  # past the old bound (length + a chunk): the case this test is about
+    n_chunks = len(range(640, 1024, 64))
+    assert torch.equal(logits[1][:n_chunks], logits[0][:n_chunks])
+    # decode steps after a retrieval: to float32 rounding (test_device_bookkeeping_changes_no_logit), at logits near 100
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=2e-3)
+    assert torch.equal(logits[1].argmax(-1), logits[0].argmax(-1))
+
+
 def _chunk_syncs(engine: Engine) -> list[SyncCounter]:
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 258, 900)]
     engine.prefill(ids[:640])

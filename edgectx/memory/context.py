@@ -270,9 +270,12 @@ class LayerMemory:
             self.store.gather(selection, k[:, n_resident:], asm.v[:, n_resident:n_keys])
             idx = asm.idx[:, :n_keys]
             positions, next_pos = _ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, n_tokens)
+            # compact: the count of distinct indices, each below the token count, at most every head's columns
+            # distinct (heads retain tokens of their own): not the context's length
+            bound = min(m.n_tokens, n_kv * n_keys) if c.positions == "compact" else n_tokens
             valid = torch.cat((~duplicate, torch.ones(n_kv, n_keys - n_resident, dtype=torch.bool, device=m.device)), dim=1)
-            self._rotate_into(asm, k, positions, n_keys, n_keys if c.positions == "compact" else n_tokens, n_resident)
-            asm.finish(n_keys, valid, next_pos, key, n_resident, always_valid=True)
+            self._rotate_into(asm, k, positions, n_keys, bound, n_resident)
+            asm.finish(n_keys, valid, next_pos, key, n_resident, always_valid=True, bound=bound)
             return asm
         if selection.numel():
             # Issue every copy of the retrieval at once; on CUDA they run beside the work below until `ready`.

@@ -195,8 +195,11 @@ class Assembly:
         self._ahead = _Ahead()  # a decode step's index, written ahead (`index_column`)
 
     def finish(self, n_keys: int, valid: torch.Tensor | None, next_pos: "int | torch.Tensor", key: tuple, n_resident: int,
-               always_valid: bool = False) -> None:
-        """The first `n_keys` columns are written: take `valid` (n_kv, n_keys) or None (all valid) and the rest."""
+               always_valid: bool = False, bound: int | None = None) -> None:
+        """The first `n_keys` columns are written: take `valid` (n_kv, n_keys) or None (all valid) and the rest.
+        `bound`: where `next_pos` is a device count, a host bound on it (`position_bound`)."""
+        if isinstance(next_pos, torch.Tensor) and bound is None:
+            raise ValueError("a position counted on the device needs a bound known on the host")
         if valid is not None or always_valid:
             valid_buf = self._valid_buf
             if valid_buf is None or valid_buf.shape[1] != self.capacity:
@@ -208,6 +211,7 @@ class Assembly:
         self.valid = self._valid_buf if valid is not None else None  # None: every column valid (attention needs no mask)
         self.length = n_keys
         self._next_pos = next_pos  # position the next token takes (see `next_pos`)
+        self._pos_bound = bound  # >= _next_pos while that is a device count (moves with it)
         self.key = key  # (resident version, retrieved blocks): what this assembly was built from
         self.n_resident = n_resident  # columns [0, n_resident) and [n_keys_at_build, length) are resident tokens
         self.n_built = n_keys
@@ -256,6 +260,8 @@ class Assembly:
     def advance(self, n_new: int) -> None:
         self.length += n_new
         self._next_pos = self._next_pos + n_new
+        if self._pos_bound is not None:
+            self._pos_bound += n_new
 
     @property
     def next_pos(self) -> int:
@@ -278,7 +284,7 @@ class Assembly:
     def position_bound(self, n_new: int) -> int:
         """A bound on the host of the positions of this context's columns and of `n_new` more (all below it)."""
         pos = self._next_pos
-        return pos + n_new if isinstance(pos, int) else self.length + n_new  # compact: positions <= columns
+        return (pos if isinstance(pos, int) else self._pos_bound) + n_new
 
     def mask(self, start: int, n_new: int) -> torch.Tensor | None:
         """Attention mask for a chunk of `n_new` queries written at `start`: the context (minus duplicate
