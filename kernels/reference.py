@@ -61,7 +61,9 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     mask = key_mask(n_kv, n_keys, valid, lengths, q.device)
     logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-masked head: zeros, not NaN
-    out = probs @ v.float()  # (n_kv, group, d)
+    # values of dropped keys left out, not multiplied by zero: past a head's length they may hold anything (the
+    # kernel loads none of them), and 0 x NaN is NaN
+    out = probs @ v.float().masked_fill(~mask[:, :, None], 0.0)  # (n_kv, group, d)
     return out.reshape(n_heads, 1, head_dim).to(q.dtype)
 
 

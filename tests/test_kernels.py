@@ -132,6 +132,21 @@ def test_per_head_validity_and_lengths():
     assert (unmasked[:4] - out[:4]).abs().max() > 1e-3  # the mask mattered
 
 
+def test_columns_past_a_heads_length_may_hold_anything():
+    """A captured decode step attends over a buffer's whole capacity with per-head lengths; the columns past them
+    are scratch (uninitialized memory, NaN among it). The kernel loads none of them, and the reference, which
+    stands in for it where Triton cannot run, must ignore them too (it multiplied their values by zero: NaN)."""
+    q, k, v, _ = _case(3, 2, 32, 96, torch.float32, seed=5)
+    lengths = torch.tensor([96, 40, 7], device=DEVICE)
+    dirty_k, dirty_v = k.clone(), v.clone()
+    for head, n in enumerate(lengths.tolist()):
+        dirty_k[head, n:], dirty_v[head, n:] = float("nan"), float("inf")
+    clean = decode_attention_reference(q, k, v, lengths=lengths)
+    assert torch.equal(decode_attention_reference(q, dirty_k, dirty_v, lengths=lengths), clean)
+    out = decode_mod.decode_attention(q, dirty_k, dirty_v, lengths=lengths, n_splits=2)
+    assert torch.allclose(out, clean, atol=ATOL[torch.float32]), (out - clean).abs().max()
+
+
 def test_kernel_tables_are_the_engines_rope():
     """Rotating in the kernel from Rope's half tables equals the engine's path: Rope.rotate, then attention."""
     spec = ModelSpec(arch="llama", n_layers=1, dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=64,

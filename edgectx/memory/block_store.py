@@ -129,10 +129,35 @@ class HostBlockStore:
         return base + ((b * 2) * self.n_kv_heads * self.block_size + offset) * row, rows
 
     def advance(self) -> None:
-        """The token `next_column` pointed at has been written."""
+        """The token `next_column` (the staged store: `stage_row`) pointed at has been written."""
+        if self.staged:
+            block, offset = divmod(self.n_tokens, self.block_size)
+            self.n_tokens += 1
+            if offset + 1 == self.block_size:
+                self._flushed[block % 2] = self._copy_out(block, self._stage[block % 2][None])
+            return
         done_blocks = self.n_blocks
         self.n_tokens += 1
         self._completed(done_blocks)
+
+    def stage_row(self) -> int:
+        """Where the next token goes in the staging buffers (the staged store; a captured decode step writes it
+        there, then `advance`), as a row of `stage_rows`: its first KV head's K row, the others at `stage_offsets` from it.
+        A token that starts a block first makes the compute stream (not the host) wait for the buffer's last flush."""
+        block, offset = divmod(self.n_tokens, self.block_size)
+        if offset == 0 and self._flushed[block % 2] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._flushed[block % 2])
+        return (block % 2) * 2 * self.n_kv_heads * self.block_size + offset
+
+    @property
+    def stage_rows(self) -> torch.Tensor:
+        """The staging buffers as rows of head_dim: (2 buffers x K|V x n_kv_heads x block_size, head_dim)."""
+        return self._stage.view(-1, self.head_dim)
+
+    def stage_offsets(self) -> torch.Tensor:
+        """(2 x n_kv_heads,) the rows of a token's K heads then V heads from its `stage_row`, on the device."""
+        heads = torch.arange(self.n_kv_heads, device=self.device) * self.block_size
+        return torch.cat((heads, heads + self.n_kv_heads * self.block_size))
 
     def _completed(self, done_blocks: int) -> None:
         """Representatives for the blocks completed since there were `done_blocks`."""

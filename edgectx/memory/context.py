@@ -732,7 +732,8 @@ class ContextMemory:
         self.write_dtypes = (self.kv_dtype, store.host_dtype) + \
             ((dtype,) if self.scorer.observes else ()) if store.host_dtype in _GRAPH_WRITES and not store.staged else ()
         self._scratch: dict[str, torch.Tensor] = {}  # see `scratch`
-        self.graph_scalars: torch.Tensor | None = None  # (n_layers, 3) a captured decode step's inputs (graph_step)
+        self.graph_scalars: torch.Tensor | None = None  # (n_layers, graph_step.ROW) a captured decode step's inputs
+        self.stage_offsets: torch.Tensor | None = None  # HostBlockStore.stage_offsets, for the captured step
 
     def scratch(self, n_kv: int, n: int, head_dim: int, dtype: torch.dtype, name: str = "keys") -> torch.Tensor:
         """(n_kv, n, head_dim) of working memory named `name` that every layer's rebuild shares (one at a time),

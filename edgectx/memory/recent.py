@@ -24,6 +24,11 @@ class RecentQueries:
         self._base: tuple | None = None  # next_column's: (the buffer it is of, its address, strides)
 
     @property
+    def buffer(self) -> torch.Tensor:
+        """The whole buffer (n_heads, size, head_dim), window and room: where `next_index` points."""
+        return self._buf
+
+    @property
     def window(self) -> torch.Tensor:
         return self._buf[:, self._start : self._end]
 
@@ -53,6 +58,11 @@ class RecentQueries:
             self._base = (buf, buf.data_ptr(), step, (buf.shape[1] * step, buf.shape[0]))
         _, ptr, step, rows = self._base
         return ptr + self._end * step, rows
+
+    def next_index(self) -> int:
+        """The column the next query goes to (a captured decode step writes it there; then `advance(1)`)."""
+        self._room(1)
+        return self._end
 
     def room(self) -> int:
         """Queries that `next_column` takes before the window moves."""

@@ -94,6 +94,11 @@ class Resident:
         _, k_ptr, step, rows = self._bases
         return k_ptr + self.n * step, rows
 
+    def next_index(self) -> int:
+        """The column the next token's K and V go to (a captured decode step writes them there; then `advance`)."""
+        self.reserve(self.n + 1)
+        return self.n
+
     def room(self) -> int:
         """Tokens that fit before the buffers grow."""
         return self.k.shape[1] - self.n
@@ -135,7 +140,12 @@ class Resident:
                         torch.zeros(self.n_kv, k.shape[1], device=self.device))
             full.append(part)
         self.n = 0
-        self._alloc(sum(p[0].shape[1] for p in full) + headroom)
+        need = sum(p[0].shape[1] for p in full) + headroom
+        # Every part is a copy already (gathered, read back): the buffers are refilled in place where they fit, not
+        # much bigger, so that an eviction keeps them where a captured decode step writes (edgectx.memory.graph_step)
+        writable = torch.is_inference_mode_enabled() or not self.k.is_inference()  # (a truncation runs outside it)
+        if not (writable and need <= self.k.shape[1] <= need + 2 * REUSE_SLACK):
+            self._alloc(need)
         for part in full:
             self.append(*part)
 

@@ -1,0 +1,86 @@
+"""The GPU path at a real model's layer shape, rehearsed on the CPU (issue 21).
+
+What `edgectx bench speed --synthetic llama-3.1-8b` runs on CUDA, at that model's layer shape (32 layers, 32 query
+heads over 8 KV heads) but narrow (dim 256, head_dim 16) so that a CPU runs it in about a minute: the memory's
+bookkeeping on the device (`device_bookkeeping`: the staged block store, retrieval by ids gathered from the host
+store, compact positions counted on the device), the GPU's defaults (2,048-token chunks, a 2,048-token budget,
+retrieval every 16th decode step, eviction every 64th) and decode steps through the CUDA-graph runner
+(`capture_eager`: each replay runs the step captured then again, so a step reading anything but its static inputs
+goes wrong). It is held to the CPU's plain path, which reads every count back.
+
+The other device-path tests use 2-layer models with 2 KV heads and budgets of 256 tokens. The first synthetic 8B
+chunk past the budget found what they had not: compact positions counted on the device past the host bound the
+rotary tables were sized by (tests/test_host_syncs.py), an index past the tables' end, which on CUDA is a device
+assert that ends the process. This runs the whole bench path at that shape, so that the next one shows here first.
+
+Triton's decode kernel runs as its torch reference here (the interpreter takes 1.4 s a launch at this shape; the
+kernel is held to that reference in tests/test_kernels.py, compiled on a GPU by packaging/gpu-check.sh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgectx import kernels
+from edgectx.engine import Engine
+from edgectx.kernels.reference import decode_attention_reference
+from edgectx.memory.config import MemoryConfig, default_chunk_tokens
+from edgectx.memory.context import ContextMemory
+from edgectx.model.cuda_graph import CudaGraphStep, capture_eager
+from edgectx.model.synthetic import SYNTHETIC, build_synthetic
+
+LLAMA_8B = SYNTHETIC["llama-3.1-8b"]
+SHAPE = dataclasses.replace(LLAMA_8B, dim=256, ffn_dim=512, vocab_size=1024, head_dim=16, rope_dim=0,
+                            rope_freq_factors=None)
+GPU_DEFAULTS = MemoryConfig(chunk_tokens=default_chunk_tokens("cuda"))
+N_PROMPT, N_DECODE = 8192, 72  # three chunks past the budget; decode through an eviction (64) and 4 retrievals
+
+
+def _reference_decode(q, k, v, **options):
+    return decode_attention_reference(q, k, v, **{a: b for a, b in options.items() if a not in ("n_splits", "block_n")})
+
+
+def _engine(model, spec, device_path: bool) -> Engine:
+    engine = Engine(Path("synthetic-llama-3.1-8b"), model, spec, None, None, torch.device("cpu"), torch.float32,
+                    memory_config=GPU_DEFAULTS)
+    if device_path:  # what ContextMemory is on CUDA; graphs as CudaGraphStep runs them there
+        engine.memory = ContextMemory(spec, engine.rope, engine.device, engine.dtype, GPU_DEFAULTS,
+                                      kv_dtype=engine.kv_dtype, scorer=engine.memory.scorer, device_bookkeeping=True)
+        engine.step = CudaGraphStep(engine.model, capture=capture_eager)
+    return engine
+
+
+@pytest.mark.slow
+def test_the_synthetic_8b_bench_path_runs_on_the_cpu_as_the_plain_path_does(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda device: True)  # the GPU's attention and graph steps
+    monkeypatch.setattr(kernels, "decode", _reference_decode)
+    torch.manual_seed(0)
+    model, spec = build_synthetic(SHAPE, torch.device("cpu"), torch.float32, weights="fp16")
+    ids = torch.randint(0, spec.vocab_size, (N_PROMPT + N_DECODE,), generator=torch.Generator().manual_seed(1)).tolist()
+    runs = {}
+    for device_path in (False, True):
+        engine = _engine(model, spec, device_path)
+        with torch.inference_mode():
+            engine.prefill(ids[:N_PROMPT])
+            logits = [engine.next_logits] + [engine.forward([t])[-1] for t in ids[N_PROMPT:]]  # teacher-forced
+        runs[device_path] = (torch.stack(logits), engine)
+    (want, plain), (got, device) = runs[False], runs[True]
+    assert device.memory.layers[0].gathers_on_device and not plain.memory.layers[0].gathers_on_device
+    tokens = ("tokens", "sink_tokens", "window_tokens", "retained_tokens", "evicted_tokens", "host_tokens")
+    stats = [{key: run.memory.stats()[key] for key in tokens} for run in (plain, device)]
+    assert stats[0]["evicted_tokens"] > 0 and stats[0] == stats[1]
+    assert device.memory.stats()["device_block_cache_bytes"] == 0  # blocks come from pinned memory: no cache
+    assert torch.equal(got[0], want[0])  # the prefill: bit for bit
+    # decode: to float32 rounding (the device path masks duplicates with an all-true mask; the graph step attends
+    # over the context's capacity), and never a different token
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    runner = device.step.stats()
+    # every step but the evicting one (and the first after the prefill's rebuild, at most) replays; few captures
+    assert runner["replays"] >= N_DECODE - 3 and runner["captures"] <= 3 and runner["failed"] is None, runner
+    assert device.memory.record.n_retrievals >= N_DECODE // GPU_DEFAULTS.retrieve_every
