@@ -81,6 +81,7 @@ def test_the_synthetic_8b_bench_path_runs_on_the_cpu_as_the_plain_path_does(monk
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     runner = device.step.stats()
-    # every step but the evicting one (and the first after the prefill's rebuild, at most) replays; few captures
-    assert runner["replays"] >= N_DECODE - 3 and runner["captures"] <= 3 and runner["failed"] is None, runner
+    # every step replays (the evicting one too); a second capture when the rotary tables double (compact positions
+    # number every head's distinct tokens: past 8,192 after the 16th step's retrieval here)
+    assert runner["replays"] == N_DECODE and runner["captures"] <= 2 and runner["failed"] is None, runner
     assert device.memory.record.n_retrievals >= N_DECODE // GPU_DEFAULTS.retrieve_every

@@ -11,9 +11,12 @@ plans the commit from the pre-RoPE q, k, v the captured layers recorded, as `att
 the commit only counts (its copies were 7 of the 8 operations a layer issued after the replay: 224 launches a
 token on an 8B model, each a few microseconds of the host's time), and flushes a block the step completed.
 
+A step that evicts at its commit (every `evict_every`th) is captured too: `finish` plans the eviction, observing
+the attention mass of the recent queries and the step's own over the context the step wrote, as `attend` would.
+
 Declined (None, the step runs eagerly): a chunk; a retrieval step (every `retrieve_every`th once evicted: it
-reads block ids back); a step whose context must be rebuilt (the first after an eviction or a new retrieval);
-a step that evicts at commit (every `evict_every`th: its plan observes attention mass over the context); a device
+reads block ids back); a step whose context must be rebuilt (the first after an eviction or a new retrieval,
+unless the commit before retrieved ahead: `RETRIEVE_AHEAD`); a device
 where the decode kernel cannot run (the masked torch path would read the scratch columns); a store that is not
 staged (written on the host: the CPU's plain path).
 
@@ -83,17 +86,16 @@ class _MemoryGraphLayer:
 
 
 def steady(layer) -> bool:
-    """Whether this layer's one-token step is steady: `attend` would neither retrieve, nor rebuild the context,
-    nor plan an eviction (the conditions `_retrieve`, `_assemble` and `_plan_commit` test)."""
+    """Whether this layer's one-token step may be captured: `attend` would neither retrieve nor rebuild the context
+    (the conditions `_retrieve` and `_assemble` test). A step that evicts at its commit is one: its plan observes
+    the attention mass of the recent queries and its own, after the replay (`finish`), from what the step wrote."""
     c, asm = layer.memory.config, layer.asm
     if asm is None or layer._record_now:
         return False
     if layer._retrieval_due:
         return False
     retrieving = layer.evicted and c.top_k_blocks > 0
-    if asm.key != (layer.version, layer._key if retrieving else ()):
-        return False
-    return not layer.evicts(1)
+    return asm.key == (layer.version, layer._key if retrieving else ())
 
 
 def memory_graph_step(memory) -> GraphStep | None:
