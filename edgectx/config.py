@@ -68,6 +68,9 @@ class Config:
     top_k: int | None = None
     max_tokens: int | None = None
     theme: str | None = None  # the TUI's Textual theme
+    # whether a reasoning model (Qwen3) thinks before answering: unset as its template has it, false asks for none
+    # (its template's enable_thinking; `--no-thinking` says false for one run)
+    thinking: bool | None = None
     engine_url: str | None = None  # a remote engine (OpenAI chat API) for chat and the TUI, e.g. http://host:8000/v1
     keys: dict = field(default_factory=dict)  # TUI action -> key(s), e.g. {"regenerate": "ctrl+r"}
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for later versions
@@ -99,6 +102,9 @@ def _validated(raw: dict, path: Path) -> Config:
     budget = raw.get("budget")
     if budget is not None and budget != "full" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 64):
         raise UsageError(f"In {path}, budget must be a token count of at least 64, or \"full\" (got {budget!r}).")
+    thinking = raw.get("thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise UsageError(f"In {path}, thinking must be true or false (got {thinking!r}).")
     keys = raw.get("keys", {})
     if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in keys.items()):
         raise UsageError(f'In {path}, [keys] must map action names to keys, e.g. regenerate = "ctrl+r".')
@@ -108,7 +114,8 @@ def _validated(raw: dict, path: Path) -> Config:
     return Config(
         model=raw.get("model"), model_paths=tuple(paths), system=raw.get("system"), device=raw.get("device", "auto"),
         budget=budget, positions=raw.get("positions"), scorer=raw.get("scorer"), snapshot_codec=codec,
-        weights=weights, theme=raw.get("theme"), keys=dict(keys), engine_url=raw.get("engine_url"), **checked,
+        weights=weights, theme=raw.get("theme"), thinking=thinking, keys=dict(keys), engine_url=raw.get("engine_url"),
+        **checked,
         extra={k: v for k, v in raw.items() if k not in known},
     )
 

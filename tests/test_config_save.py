@@ -38,6 +38,7 @@ def test_save_keeps_unknown_keys_and_round_trips(tmp_path):
     ({"snapshot_codec": "zip"}, "snapshot_codec must be one of fp16, int8, int4 (got 'zip')"),
     ({"budget": 10}, "budget must be a token count of at least 64"),
     ({"keys": {"regenerate": 5}}, "[keys] must map action names to keys"),
+    ({"thinking": "no"}, "thinking must be true or false (got 'no')"),
 ])
 def test_a_bad_value_is_one_sentence_and_the_file_stays(changes, words):
     path = config_path()

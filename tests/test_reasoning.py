@@ -86,3 +86,9 @@ def test_edgectx_chat_no_thinking(thinker):
     thinking, plain = run_cli(*common), run_cli(*common, "--no-thinking")
     assert thinking.returncode == plain.returncode == 0, thinking.stderr + plain.stderr
     assert thinking.stdout.strip() == "" and plain.stdout.strip()  # the answer alone on stdout; thinking on stderr
+    # `thinking = false` in the config file (the TUI's settings write it) makes no thinking the default
+    from edgectx.config import config_path
+
+    config_path().write_text("thinking = false\n")
+    configured = run_cli(*common)
+    assert configured.returncode == 0 and configured.stdout == plain.stdout, configured.stderr

@@ -233,6 +233,28 @@ async def test_settings_are_saved_to_the_config_file_and_used(store):
         assert shown(app)[-1] == ("assistant", "Hello **world**")  # max_tokens 2
 
 
+async def test_the_thinking_setting_is_saved_and_asks_reasoning_models_for_none(store):
+    """The settings' "Reasoning models" choice: "answer without thinking" is `thinking = false` in the config file
+    and the conversation's `enable_thinking` from the next message on; back to the default removes the key."""
+    from textual.widgets import Select
+
+    app = make_app(store)
+    async with app.run_test(size=WIDE) as pilot:
+        await settle(pilot, app)
+        for choice, saved, template_vars in (("off", False, {"enable_thinking": False}), ("default", None, {})):
+            await pilot.press("f4")
+            await pilot.pause()
+            app.screen.query_one("#thinking", Select).value = choice
+            await pilot.press("ctrl+s")
+            await settle(pilot, app)
+            assert load_config().thinking is saved and app.chat.bridge.settings.thinking is saved
+            assert app.chat.bridge.settings.template_vars == template_vars
+            assert ("thinking" in tomllib.loads(config_path().read_text())) == (saved is not None)
+        await pilot.press("f4")
+        await pilot.pause()
+        assert app.screen.query_one("#thinking", Select).value == "default"  # the screen shows what is in use
+
+
 async def test_a_malformed_setting_is_a_notification_and_nothing_is_saved(store):
     config_path().write_text("temperature = 0.5\n")
     app = make_app(store)

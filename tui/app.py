@@ -171,7 +171,7 @@ class EdgectxApp(App):
         s = self.bridge.settings
         return {"system": s.system, "temperature": s.sampling.temperature, "top_p": s.sampling.top_p,
                 "top_k": s.sampling.top_k, "max_tokens": s.max_tokens, "budget": s.budget, "snapshot_codec": s.codec,
-                "theme": self.theme}
+                "thinking": s.thinking, "theme": self.theme}
 
     def action_settings(self) -> None:
         self.push_screen(SettingsScreen(self.settings_values(), sorted(self.available_themes)), self.apply_settings)
@@ -195,6 +195,7 @@ class EdgectxApp(App):
                                             for k in ("temperature", "top_p", "top_k")})
         s.max_tokens = changes["max_tokens"] or 512
         s.codec = changes["snapshot_codec"] or "int4"
+        s.thinking = changes["thinking"]
         if changes["theme"] in self.available_themes:
             self.theme = changes["theme"]
         self.chat.say(f"Settings saved to {config_path()}.", title="Settings")
@@ -214,6 +215,6 @@ class EdgectxApp(App):
             yield SystemCommand("Sources", "The passages the last answer retrieved most", self.action_sources)
             yield SystemCommand("Search conversations", "Filter the list by words in titles and messages", self.action_search)
             yield SystemCommand("Models", "Load another model", self.action_models)
-            yield SystemCommand("Settings", "System prompt, sampling, memory budget, snapshot codec, theme",
+            yield SystemCommand("Settings", "System prompt, sampling, memory budget, thinking, snapshot codec, theme",
                                 self.action_settings)
         yield SystemCommand("Help: keys", "Every key binding", self.action_help)

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     docs = [read_document(f, max_bytes=max_bytes) for f in args.doc]  # refuse bad files before loading the model
     settings = Settings(system=args.system or config.system, codec=args.codec or config.snapshot_codec or "int4",
                         sampling=sampling_from(args, config), max_tokens=max_tokens_from(args, config),
-                        stop=tuple(args.stop), max_file_bytes=max_bytes, thinking=False if args.no_thinking else None)
+                        stop=tuple(args.stop), max_file_bytes=max_bytes,
+                        thinking=False if args.no_thinking else config.thinking)
     with ConversationStore() as store:
         if args.resume is not None:
             store.get_conversation(args.resume)  # an unknown id is refused before the model loads

@@ -1,4 +1,5 @@
-"""The settings screen: system prompt, sampling, memory budget, snapshot codec and theme.
+"""The settings screen: system prompt, sampling, memory budget, a reasoning model's thinking, snapshot codec and
+theme.
 
 It returns what the fields hold; `parse_settings` turns that into config values (a field left empty means
 "the built-in default") and the app saves them with `edgectx.config.save_config`, which checks the ranges.
@@ -46,6 +47,7 @@ def parse_settings(values: dict[str, str]) -> dict:
                 raise UsageError(f"{label.split(' (')[0]} must be {what}, not {text!r}.") from None
     for name in ("snapshot_codec", "theme"):
         changes[name] = values.get(name) or None
+    changes["thinking"] = False if values.get("thinking") == "off" else None  # "default": as the template has it
     return changes
 
 
@@ -68,6 +70,10 @@ class SettingsScreen(ModalScreen[dict | None]):
                     value = c.get(name)
                     yield Input("" if value is None else str(value), id=name, placeholder="default")
             with Horizontal(classes="settings-row"):
+                yield Label("Reasoning models (Qwen3)", classes="settings-label")
+                yield Select([("think before answering", "default"), ("answer without thinking", "off")],
+                             value="off" if c.get("thinking") is False else "default", allow_blank=False, id="thinking")
+            with Horizontal(classes="settings-row"):
                 yield Label("Snapshot codec", classes="settings-label")
                 yield Select([(f"{codec}{' (lossless)' if codec == 'fp16' else ''}", codec) for codec in SNAPSHOT_CODECS],
                              value=c.get("snapshot_codec") or "int4", allow_blank=False, id="snapshot_codec")
@@ -80,7 +86,7 @@ class SettingsScreen(ModalScreen[dict | None]):
     def values(self) -> dict[str, str]:
         values = {name: self.query_one(f"#{name}", Input).value for name in FIELDS}
         values["system"] = self.query_one("#system", TextArea).text
-        for name in ("snapshot_codec", "theme"):
+        for name in ("thinking", "snapshot_codec", "theme"):
             values[name] = str(self.query_one(f"#{name}", Select).value)
         return values
 
