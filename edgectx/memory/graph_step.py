@@ -1,6 +1,6 @@
 """The long-context memory's steady decode step as a CUDA graph may capture it (edgectx.model.graph_step).
 
-In a steady step (no retrieval, no rebuild, no eviction at commit) `LayerMemory.attend` rotates the new query
+In a one-token step that neither retrieves nor rebuilds its context, `LayerMemory.attend` rotates the new query
 and key at the context's next position, writes the key, value and token index at the context's next column, and
 attends over the assembled context; its commit then copies the key and value into the resident tier and the host
 store (the staging buffer of the block under way) and the query into the recent queries. Here the device part does

@@ -14,12 +14,13 @@ memory offers a `GraphStep` (`graph_step_of(memory)`):
   choice their Python made; a captured graph is valid exactly for steps with an equal key. When a memory
   reallocates a buffer (a cache growing, a context rebuilt after an eviction), the key changes and the runner
   captures again (edgectx.model.cuda_graph).
-- `values`: this step's host integers for `scalars` (n_rows, 3): [column, position, token index] per layer.
+- `values`: this step's host integers for `scalars` (n_rows, columns): full attention's [column, position, token
+  index]; the long-context memory's add where the step writes what its commit would copy (edgectx.memory.graph_step).
 - `finish(outputs)`: after the replay, the host bookkeeping the eager `attend` would have done, given what the
   captured layers recorded (their pre-RoPE q, k, v).
 
-Steps that cannot run this way (prefill chunks, sliding-window masks, the long-context memory's retrieval and
-eviction steps) get None: the runner runs them eagerly. Everything here also runs eagerly on a CPU, which is how
+Steps that cannot run this way (prefill chunks, sliding-window masks, the long-context memory's steps that retrieve
+or rebuild their context themselves) get None: the runner runs them eagerly. Everything here also runs eagerly on a CPU, which is how
 the tests compare it with the eager step.
 
     step = graph_step_of(memory)        # after memory.begin(1); None: run this step eagerly
@@ -57,8 +58,8 @@ def upload_into(dst: torch.Tensor, values: list) -> None:
 class GraphStep:
     key: tuple
     layers: list  # graph-safe LayerKVs, one per model layer; the model calls their `attend`
-    scalars: torch.Tensor  # (n_rows, 3) int64 on the device, kept by the memory: the same tensor every step
-    values: list  # this step's [column, position, token index] rows for `scalars`
+    scalars: torch.Tensor  # (n_rows, columns) int64 on the device, kept by the memory: the same tensor every step
+    values: list  # this step's rows for `scalars`
     finish: Callable[[list], None] = lambda outputs: None  # full attention has nothing to do: commit counts
     outputs: list = field(default_factory=list)  # what the layers record during a run (per layer), for `finish`
 
