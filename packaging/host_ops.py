@@ -103,7 +103,8 @@ def count(context: int, steps: int, seed: int = 0) -> dict:
     return {"model": "synthetic llama-3.1-8b layer shape (dim 256, head_dim 16)", "context": context, "steps": steps,
             "chunk_tokens": config.chunk_tokens, "retrieve_every": config.retrieve_every,
             "evict_every": config.evict_every,
-            "host_ops": {kind: {"steps": len(n), "median": statistics.median(n), "max": max(n)} for kind, n in kinds.items()},
+            "host_ops": {kind: {"steps": len(n), "median": statistics.median(n), "max": max(n)}
+                         for kind, n in kinds.items()},
             "graphs": runner.stats()}
 
 

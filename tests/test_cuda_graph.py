@@ -164,8 +164,8 @@ def test_a_failed_capture_falls_back_to_eager_for_good(tiny, caplog):
 
 def test_memory_decode_steps_replay_evicting_and_retrieving_ones_too(tiny):
     """The long-context memory past its budget: every decode step replays, those that evict (planned after the
-    replay) and those after a retrieval or a rebuild (done ahead, at the commit before), with the eager path's logits (the
-    decode kernel over the context's capacity, split differently, through Triton's interpreter) and the same
+    replay) and those after a retrieval or a rebuild (done ahead, at the commit before), with the eager path's logits
+    (the decode kernel over the context's capacity, split differently, through Triton's interpreter) and the same
     memory afterwards."""
     eager, graphed = _pair(tiny, SMALL)
     ids = _ids(700, seed=3)

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     settings = Settings(system=args.system or config.system, codec=args.codec or config.snapshot_codec or "int4",
                         sampling=sampling_from(args, config), budget=args.budget or config.budget,
-                        max_tokens=max_tokens_from(args, config), thinking=False if args.no_thinking else config.thinking)
+                        max_tokens=max_tokens_from(args, config),
+                        thinking=False if args.no_thinking else config.thinking)
 
     def load_model(path, progress):
         args.budget = settings.budget  # the settings screen may have changed it

@@ -142,8 +142,9 @@ class HostBlockStore:
 
     def stage_row(self) -> int:
         """Where the next token goes in the staging buffers (the staged store; a captured decode step writes it
-        there, then `advance`), as a row of `stage_rows`: its first KV head's K row, the others at `stage_offsets` from it.
-        A token that starts a block first makes the compute stream (not the host) wait for the buffer's last flush."""
+        there, then `advance`), as a row of `stage_rows`: its first KV head's K row, the others at `stage_offsets`
+        from it. A token that starts a block first makes the compute stream (not the host) wait for the buffer's last
+        flush."""
         block, offset = divmod(self.n_tokens, self.block_size)
         if offset == 0 and self._flushed[block % 2] is not None:
             torch.cuda.current_stream(self.device).wait_event(self._flushed[block % 2])

@@ -65,7 +65,8 @@ class _MemoryGraphLayer:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n_heads, n_kv = q.shape[0], k.shape[0]
-        column, position, token = self.row[COLUMN : COLUMN + 1], self.row[POSITION : POSITION + 1], self.row[TOKEN : TOKEN + 1]
+        row = self.row
+        column, position, token = row[COLUMN : COLUMN + 1], row[POSITION : POSITION + 1], row[TOKEN : TOKEN + 1]
         k, v = self._as_stored(k), self._as_stored(v)  # as the tiers will hold them
         qk = self.rope.rotate(torch.cat((q, k)), self.cos.index_select(0, position), self.sin.index_select(0, position))
         self.k.index_copy_(1, column, self._as_stored(qk[n_heads:]))

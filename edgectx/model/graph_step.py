@@ -20,8 +20,8 @@ memory offers a `GraphStep` (`graph_step_of(memory)`):
   captured layers recorded (their pre-RoPE q, k, v).
 
 Steps that cannot run this way (prefill chunks, sliding-window masks, the long-context memory's steps that retrieve
-or rebuild their context themselves) get None: the runner runs them eagerly. Everything here also runs eagerly on a CPU, which is how
-the tests compare it with the eager step.
+or rebuild their context themselves) get None: the runner runs them eagerly. Everything here also runs eagerly on a
+CPU, which is how the tests compare it with the eager step.
 
     step = graph_step_of(memory)        # after memory.begin(1); None: run this step eagerly
     step.prepare()                      # this step's column and position, written into `scalars` in place
