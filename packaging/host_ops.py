@@ -23,12 +23,24 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from edgectx import kernels
+from edgectx.engine import Engine
+from edgectx.kernels.reference import decode_attention_reference
+from edgectx.memory.config import MemoryConfig, default_chunk_tokens
+from edgectx.memory.context import ContextMemory
+from edgectx.model.cuda_graph import CudaGraphStep, capture_eager
+from edgectx.model.synthetic import SYNTHETIC, build_synthetic
+
+# Llama-3.1-8B's layers and heads, narrow; the GPU's memory defaults (tests/test_gpu_rehearsal.py runs them too)
+SHAPE = dataclasses.replace(SYNTHETIC["llama-3.1-8b"], dim=256, ffn_dim=512, vocab_size=1024, head_dim=16, rope_dim=0,
+                            rope_freq_factors=None)
+GPU_DEFAULTS = MemoryConfig(chunk_tokens=default_chunk_tokens("cuda"))
 VIEWS = {"slice", "view", "alias", "as_strided", "expand", "transpose", "t", "select", "unsqueeze", "squeeze",
          "_unsafe_view", "permute", "detach", "detach_", "unbind", "split", "narrow", "reshape", "lift_fresh"}
 
 
 class HostOps(TorchDispatchMode):
-    """The ops dispatched while `inside` is 0 (a replay raises it), views aside."""
+    """The ops dispatched while `inside` is 0 (a replay raises it), views and the wrapping of host lists aside."""
 
     def __init__(self):
         super().__init__()
@@ -38,47 +50,49 @@ class HostOps(TorchDispatchMode):
         self.n += self.inside == 0 and func.overloadpacket.__name__ not in VIEWS
         return func(*args, **(kwargs or {}))
 
+    def around(self, capture):
+        """`capture` (edgectx.model.cuda_graph's protocol) whose replays are not counted: on a GPU what a graph
+        replays costs the host nothing."""
 
-def _reference_decode(q, k, v, **options):
-    from edgectx.kernels.reference import decode_attention_reference
+        def counting(run):
+            replay, out = capture(run)
 
+            def counted():
+                self.inside += 1
+                try:
+                    replay()
+                finally:
+                    self.inside -= 1
+
+            return counted, out
+
+        return counting
+
+
+def reference_decode(q, k, v, **options):
+    """The decode kernel's torch reference with the kernel's call (its tiling options dropped)."""
     return decode_attention_reference(q, k, v, **{a: b for a, b in options.items() if a not in ("n_splits", "block_n")})
 
 
+def gpu_path_engine(model, spec, device_path: bool = True, capture=capture_eager) -> Engine:
+    """A CPU engine for `model` with the GPU's memory defaults; `device_path`: its memory as on CUDA (bookkeeping on
+    the device) and one-token steps through the CUDA-graph runner with `capture`. Else the CPU's plain path."""
+    engine = Engine(Path("synthetic-llama-3.1-8b"), model, spec, None, None, torch.device("cpu"), torch.float32,
+                    memory_config=GPU_DEFAULTS)
+    if device_path:
+        engine.memory = ContextMemory(spec, engine.rope, engine.device, engine.dtype, GPU_DEFAULTS,
+                                      kv_dtype=engine.kv_dtype, scorer=engine.memory.scorer, device_bookkeeping=True)
+        engine.step = CudaGraphStep(engine.model, capture=capture)
+    return engine
+
+
 def count(context: int, steps: int, seed: int = 0) -> dict:
-    from edgectx import kernels
-    from edgectx.engine import Engine
-    from edgectx.memory.config import MemoryConfig, default_chunk_tokens
-    from edgectx.memory.context import ContextMemory
-    from edgectx.model.cuda_graph import CudaGraphStep, capture_eager
-    from edgectx.model.synthetic import SYNTHETIC, build_synthetic
-
-    kernels.available, kernels.decode = (lambda device: True), _reference_decode  # the GPU's attention and graph steps
-    base = SYNTHETIC["llama-3.1-8b"]
-    spec = dataclasses.replace(base, dim=256, ffn_dim=512, vocab_size=1024, head_dim=16, rope_dim=0,
-                               rope_freq_factors=None)
+    kernels.available, kernels.decode = (lambda device: True), reference_decode  # the GPU's attention and graph steps
     torch.manual_seed(seed)
-    cpu = torch.device("cpu")
-    model, spec = build_synthetic(spec, cpu, torch.float32, weights="fp16")
-    config = MemoryConfig(chunk_tokens=default_chunk_tokens("cuda"))
-    engine = Engine(Path("synthetic-llama-3.1-8b"), model, spec, None, None, cpu, torch.float32, memory_config=config)
-    engine.memory = ContextMemory(spec, engine.rope, cpu, engine.dtype, config, kv_dtype=engine.kv_dtype,
-                                  scorer=engine.memory.scorer, device_bookkeeping=True)
+    model, spec = build_synthetic(SHAPE, torch.device("cpu"), torch.float32, weights="fp16")
     log = HostOps()
-
-    def capture(run):
-        replay, out = capture_eager(run)
-
-        def counted():  # what a graph replays: no host op on a GPU
-            log.inside += 1
-            try:
-                replay()
-            finally:
-                log.inside -= 1
-
-        return counted, out
-
-    runner = engine.step = CudaGraphStep(engine.model, capture=capture)
+    engine = gpu_path_engine(model, spec, capture=log.around(capture_eager))
+    runner, config = engine.step, GPU_DEFAULTS
     ids = torch.randint(0, spec.vocab_size, (context + steps,), generator=torch.Generator().manual_seed(seed)).tolist()
     kinds: dict[str, list[int]] = {}
     with torch.inference_mode():

@@ -16,7 +16,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from edgectx import kernels
 from edgectx.engine import Engine
@@ -204,45 +203,17 @@ def test_memory_graph_step_declines_without_the_kernel(tiny):
         assert graph_step_of(engine.memory) is not None
 
 
-class _HostOps(TorchDispatchMode):
-    """The aten ops the host issues outside `inside`, views and the wrapping of a host list aside (`lift_fresh`):
-    on CUDA each of the rest is a launch or a copy."""
-
-    VIEWS = {"slice", "view", "alias", "as_strided", "expand", "select", "unsqueeze", "detach", "detach_", "unbind",
-             "reshape", "_unsafe_view", "lift_fresh"}
-
-    def __init__(self):
-        super().__init__()
-        self.n, self.inside = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += self.inside == 0 and func.overloadpacket.__name__ not in self.VIEWS
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_memory_graph_step_writes_the_commit_and_the_host_issues_next_to_nothing(tiny):
     """Issue 21: the steady step's commit copied K and V into the resident tier and the host store's staging buffer,
     the query into the recent queries, and the token's index and score: 7 copies and an index a layer issued by the
     host after each replay (224 on an 8B model). The captured step writes them itself; the commit counts. Outside
     the replay the host issues the token's and the inputs' uploads and the logits' copy, whatever the layers (a
     layer's index and zero score are written 64 columns ahead, a block flushed every 32nd step here)."""
+    from test_gpu_rehearsal import host_ops  # packaging/host_ops.py: its counter, views aside
+
     _, graphed = _pair(tiny, SMALL)
-    runner, log = graphed.step, _HostOps()
-    capture = runner.capture
-
-    def counting_capture(run):
-        replay, out = capture(run)
-
-        def counted():  # what the graph runs: on a GPU, no host op at all
-            log.inside += 1
-            try:
-                replay()
-            finally:
-                log.inside -= 1
-
-        return counted, out
-
-    runner.capture = counting_capture
+    runner, log = graphed.step, host_ops.HostOps()
+    runner.capture = log.around(runner.capture)  # a replay's ops are the graph's: none of the host's on a GPU
     ids, steady = _ids(760, seed=6), []
     with kernels.forced():
         graphed.prefill(ids[:600])

@@ -20,45 +20,27 @@ kernel is held to that reference in tests/test_kernels.py, compiled on a GPU by 
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from edgectx import kernels
-from edgectx.engine import Engine
-from edgectx.kernels.reference import decode_attention_reference
-from edgectx.memory.config import MemoryConfig, default_chunk_tokens
-from edgectx.memory.context import ContextMemory
-from edgectx.model.cuda_graph import CudaGraphStep, capture_eager
-from edgectx.model.synthetic import SYNTHETIC, build_synthetic
+from edgectx.model.synthetic import build_synthetic
 
-LLAMA_8B = SYNTHETIC["llama-3.1-8b"]
-SHAPE = dataclasses.replace(LLAMA_8B, dim=256, ffn_dim=512, vocab_size=1024, head_dim=16, rope_dim=0,
-                            rope_freq_factors=None)
-GPU_DEFAULTS = MemoryConfig(chunk_tokens=default_chunk_tokens("cuda"))
+# packaging/host_ops.py counts the same path's host work: its shape, defaults and engine are these
+_spec = importlib.util.spec_from_file_location("host_ops", Path(__file__).parent.parent / "packaging" / "host_ops.py")
+host_ops = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(host_ops)
+SHAPE, GPU_DEFAULTS = host_ops.SHAPE, host_ops.GPU_DEFAULTS
 N_PROMPT, N_DECODE = 8192, 72  # three chunks past the budget; decode through an eviction (64) and 4 retrievals
-
-
-def _reference_decode(q, k, v, **options):
-    return decode_attention_reference(q, k, v, **{a: b for a, b in options.items() if a not in ("n_splits", "block_n")})
-
-
-def _engine(model, spec, device_path: bool) -> Engine:
-    engine = Engine(Path("synthetic-llama-3.1-8b"), model, spec, None, None, torch.device("cpu"), torch.float32,
-                    memory_config=GPU_DEFAULTS)
-    if device_path:  # what ContextMemory is on CUDA; graphs as CudaGraphStep runs them there
-        engine.memory = ContextMemory(spec, engine.rope, engine.device, engine.dtype, GPU_DEFAULTS,
-                                      kv_dtype=engine.kv_dtype, scorer=engine.memory.scorer, device_bookkeeping=True)
-        engine.step = CudaGraphStep(engine.model, capture=capture_eager)
-    return engine
 
 
 @pytest.mark.slow
 def test_the_synthetic_8b_bench_path_runs_on_the_cpu_as_the_plain_path_does(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda device: True)  # the GPU's attention and graph steps
-    monkeypatch.setattr(kernels, "decode", _reference_decode)
+    monkeypatch.setattr(kernels, "decode", host_ops.reference_decode)
     torch.manual_seed(0)
     model, spec = build_synthetic(SHAPE, torch.device("cpu"), torch.float32, weights="fp16")
     gen = torch.Generator().manual_seed(1)
@@ -68,7 +50,7 @@ def test_the_synthetic_8b_bench_path_runs_on_the_cpu_as_the_plain_path_does(monk
     again = ids[: N_PROMPT + 40] + torch.randint(0, spec.vocab_size, (300,), generator=gen).tolist()
     runs = {}
     for device_path in (False, True):
-        engine = _engine(model, spec, device_path)
+        engine = host_ops.gpu_path_engine(model, spec, device_path)
         with torch.inference_mode():
             engine.prefill(ids[:N_PROMPT])
             logits = [engine.next_logits] + [engine.forward([t])[-1] for t in ids[N_PROMPT:]]  # teacher-forced
