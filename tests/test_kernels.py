@@ -247,10 +247,13 @@ def test_memory_decode_with_kernel_matches_reference_path(tmp_path, monkeypatch,
 
 
 AOT_COMPILE = """
+import sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from edgectx.kernels import block_scoring, decode_attention as da
+from edgectx.kernels import block_gather, block_scoring, decode_attention as da
+
+arch = int(sys.argv[1])
 
 def compile_(fn, sig, consts, arch):
     sig = {**sig, **{k: "constexpr" for k in consts}}
@@ -260,24 +263,29 @@ ints = dict.fromkeys("q_position n_keys split_len n_splits has_valid s_qh s_kh s
 sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", VALID="*u8", LENS="*i32", COS="*fp32", SIN="*fp32",
            M_OUT="*fp32", L_OUT="*fp32", ACC_OUT="*fp32", scale_log2="fp32", **ints)
 compile_(da._split_kernel, sig, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, ROPE_HALF=32, ROTATE=True,
-         HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), 80)
+         HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), arch)
 compile_(da._merge_kernel, dict(M_IN="*fp32", L_IN="*fp32", ACC_IN="*fp32", OUT="*bf16", n_splits="i32", s_oh="i32"),
-         dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32), 80)
+         dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32), arch)
 compile_(block_scoring._scores_kernel, dict(Q="*bf16", R="*fp16", OUT="*fp32", n_tokens="i32", n_blocks="i32",
          scale="fp32", s_qh="i32", s_qt="i32", s_rb="i32", s_rk="i32", s_ok="i32"),
-         dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=32, BLOCK_B=128), 80)
+         dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=32, BLOCK_B=128), arch)
+# the retrieval gather reads the pinned host store (fp16) into bf16 columns; its offsets are int64 elements
+compile_(block_gather._gather_kernel, dict(BASE="*fp16", OFFSETS="*i64", BLOCKS="*i64", K_OUT="*bf16", V_OUT="*bf16",
+         k_sel="i32", segment_blocks="i32", s_kh="i32", s_kt="i32", s_vh="i32", s_vt="i32"),
+         dict(N_KV=8, BLOCK_SIZE=128, HEAD_DIM=128, BLOCK_D=128, ROWS=32), arch)
 print("compiled")
 """
 
 
-@pytest.mark.slow  # ~8 s of CPU: three kernels through Triton's compiler and ptxas
+@pytest.mark.slow  # ~8 s of CPU an architecture: four kernels through Triton's compiler and ptxas
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the compiled kernels themselves")
-def test_kernels_compile_for_nvidia_gpus_without_one(tmp_path):
+@pytest.mark.parametrize("arch", [80, 90])  # A100 / RTX 30xx, and H100 / H200 (another code generator for dots)
+def test_kernels_compile_for_nvidia_gpus_without_one(tmp_path, arch):
     """The interpreter accepts code the compiler rejects (a loop-carried variable changing shape did): compile
-    every kernel (all features on) through ptxas for sm_80, ahead of time, in a process without the interpreter."""
+    every kernel (all features on) through ptxas, ahead of time, in a process without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, cwd=tmp_path,  # not the checkout: its
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE, str(arch)], env=env, cwd=tmp_path,  # not the checkout: its
                           capture_output=True, text=True, timeout=300)  # edgectx/ lacks kernels/ at that path
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
