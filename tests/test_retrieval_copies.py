@@ -122,3 +122,73 @@ def test_a_cache_of_top_k_blocks_worth_of_pairs_gives_the_same_logits_as_a_big_o
         misses = engine.memory.layers[0].cache.misses
         assert blocks == 64 or misses > 0
     assert torch.equal(logits[0], logits[1])
+
+
+class _Streams:
+    """Stand-ins for CUDA's streams and events that log what is queued where: the copy path's ordering is CUDA's
+    alone (a CPU run takes the plain path), so this is the only place a CPU can check it."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self.compute, self.copy = self.Stream("compute", self), self.Stream("copy", self)
+        self.current = [self.compute]
+
+    class Stream:
+        def __init__(self, name, streams):
+            self.name, self.streams = name, streams
+
+        def wait_stream(self, other):
+            self.streams.log.append(("wait", self.name, other.name))
+
+        def wait_event(self, _event):
+            self.streams.log.append(("wait_event", self.name))
+
+    def install(self, monkeypatch):
+        from contextlib import contextmanager
+
+        from edgectx.memory import retrieval
+
+        @contextmanager
+        def stream(s):
+            self.current.append(s)
+            yield
+            self.current.pop()
+
+        log = self.log
+        event = type("Event", (), {"record": lambda e, s=None: log.append(("record", (s or self.current[-1]).name)),
+                                   "synchronize": lambda e: None})
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current[-1])
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "Event", event)
+        monkeypatch.setattr(retrieval, "upload", lambda t, device: (log.append(("upload", self.current[-1].name)), t)[1])
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda t, s: log.append(("record_stream", s.name, "index" if t.dtype == torch.long else "slots")))
+
+
+def test_the_copy_stream_reads_the_slot_index_only_after_its_upload(monkeypatch):
+    """Review of the CUDA path (never run on a GPU): the slots' index was uploaded on the compute stream *after*
+    the copy stream's wait on it, then read on the copy stream: the scatter could read the index before it landed
+    (an out-of-bounds assert that ends the process, or K/V in the wrong slots), and the index's memory could be
+    handed to other work while the copy stream still read it. Now the wait covers the upload, and the index is
+    recorded on the copy stream."""
+    streams = _Streams()
+    streams.install(monkeypatch)
+    store = HostBlockStore(n_kv_heads=2, head_dim=8, block_size=4, device=torch.device("cpu"), host_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        store.append(torch.randn(2, 4 * 40, 8, generator=gen), torch.randn(2, 4 * 40, 8, generator=gen))
+        cache = BlockCache(capacity=6, device=torch.device("cpu"), dtype=torch.float32, copy_stream=streams.copy)
+        monkeypatch.setattr(cache, "_staging", lambda n, s: torch.empty(max(n, 16), 2, s.block_size, s.head_dim))
+        for selection in ([[1, 35], [2, 3]], [[5, 35], [7, 39]]):  # the second: hits, misses, a slot reused
+            pairs = [b * 2 + h for h, row in enumerate(selection) for b in row]
+            slots = cache.fetch(pairs, store)
+            k, _ = cache.kv(torch.tensor(slots).reshape(2, 2))
+            for h, row in enumerate(selection):
+                assert torch.equal(k[h], torch.cat([store.block(b)[0][h] for b in row]))
+    log = streams.log
+    uploads = [i for i, e in enumerate(log) if e == ("upload", "compute")]
+    waits = [i for i, e in enumerate(log) if e == ("wait", "copy", "compute")]
+    assert len(uploads) == len(waits) == 2, log
+    assert all(u < w for u, w in zip(uploads, waits)), log  # each upload queued before the wait that covers it
+    assert log.count(("record_stream", "copy", "index")) == 2, log
+    assert log.count(("record", "copy")) == 2, log

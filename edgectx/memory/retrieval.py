@@ -134,18 +134,19 @@ class BlockCache:
             self.slots.index_copy_(0, index, gathered if self.device.type == "cpu" else gathered.to(self.device))
             return
         stream = self.copy_stream
-        # Everything queued on the compute stream so far (reads of the slots about to be overwritten, the
-        # pool's allocation) happens before the copies; the host does not wait for it.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
         if self._copied is not None:
             self._copied.synchronize()  # the pinned buffer's last copy (a retrieval ago) has finished reading it
         n = len(pairs)
         staging = self._staging(n, store)
         self._gather(pairs, store, out=staging[:n])
-        index = upload(torch.tensor([slot for _, slot in copies]), self.device)
+        index = upload(torch.tensor([slot for _, slot in copies]), self.device)  # queued on the compute stream
+        # Everything queued on the compute stream so far (reads of the slots about to be overwritten, the
+        # pool's allocation, the index's upload just above) happens before the copies; the host does not wait.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             landed = staging[:n].to(self.device, non_blocking=True)  # one DMA from pinned memory
             self.slots.index_copy_(0, index, landed.to(self.dtype))
+            index.record_stream(stream)  # allocated on the compute stream, read here: freed after this read
             self._copied = torch.cuda.Event()
             self._copied.record(stream)
 
