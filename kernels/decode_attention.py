@@ -42,7 +42,7 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
                   s_qh, s_kh, s_kn, s_vh, s_vn, s_ph, s_pn, s_mh, s_mn, s_tab,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   ROPE_HALF: tl.constexpr, ROTATE: tl.constexpr, HAS_LENS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr, KV_ALIGN: tl.constexpr):
     kv = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.arange(0, GROUP_PAD)
@@ -77,7 +77,9 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         kd_mask = n_ok[:, None] & d_ok[None, :]
-        k_ptr = K + kv * s_kh + n[:, None] * s_kn
+        # the head's first key: a multiple of KV_ALIGN elements from K (16 where both head strides are), which lets
+        # the compiler load 16 bytes at a time (unspecialized, the head strides left it 2-byte loads)
+        k_ptr = K + tl.multiple_of(kv * s_kh, KV_ALIGN) + n[:, None] * s_kn
         k = tl.load(k_ptr + d[None, :], mask=kd_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         if ROTATE:
             k_partner = tl.load(k_ptr + partner[None, :], mask=kd_mask, other=0.0).to(tl.float32)
@@ -99,7 +101,7 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv * s_vh + n[:, None] * s_vn + d[None, :], mask=kd_mask, other=0.0).to(DOT)
+        v = tl.load(V + tl.multiple_of(kv * s_vh, KV_ALIGN) + n[:, None] * s_vn + d[None, :], mask=kd_mask, other=0.0).to(DOT)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -210,6 +212,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         mask.stride(0), mask.stride(1), cos.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         ROPE_HALF=cos.shape[1] if rotate else 0, ROTATE=rotate, HAS_LENS=lengths is not None, BLOCK_N=block_n, PRECISION=precision, DOT=_dot_dtype(k.dtype),
+        KV_ALIGN=16 if k.stride(0) % 16 == 0 and v.stride(0) % 16 == 0 else 1,
     )
     out = torch.empty(n_heads, 1, head_dim, device=q.device, dtype=q.dtype)
     _merge_kernel[(n_heads,)](

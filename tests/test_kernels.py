@@ -7,6 +7,7 @@ cores take them) while the reference stays in float32 throughout.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -263,7 +264,7 @@ ints = dict.fromkeys("q_position n_keys split_len n_splits has_valid s_qh s_kh s
 sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", VALID="*u8", LENS="*i32", COS="*fp32", SIN="*fp32",
            M_OUT="*fp32", L_OUT="*fp32", ACC_OUT="*fp32", scale_log2="fp32", **ints)
 compile_(da._split_kernel, sig, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, ROPE_HALF=32, ROTATE=True,
-         HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16), arch)
+         HAS_LENS=True, BLOCK_N=64, PRECISION=None, DOT=tl.bfloat16, KV_ALIGN=16), arch)
 compile_(da._merge_kernel, dict(M_IN="*fp32", L_IN="*fp32", ACC_IN="*fp32", OUT="*bf16", n_splits="i32", s_oh="i32"),
          dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32), arch)
 compile_(block_scoring._scores_kernel, dict(Q="*bf16", R="*fp16", OUT="*fp32", n_tokens="i32", n_blocks="i32",
@@ -288,6 +289,46 @@ def test_kernels_compile_for_nvidia_gpus_without_one(tmp_path, arch):
     done = subprocess.run([sys.executable, "-c", AOT_COMPILE, str(arch)], env=env, cwd=tmp_path,  # not the checkout: its
                           capture_output=True, text=True, timeout=300)  # edgectx/ lacks kernels/ at that path
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+DECODE_PTX = """
+import collections, json, re
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgectx.kernels import decode_attention as da
+
+fn = da._split_kernel
+ints = "q_position n_keys split_len n_splits has_valid s_qh s_kh s_kn s_vh s_vn s_ph s_pn s_mh s_mn s_tab".split()
+sig = dict(Q="*bf16", K="*bf16", V="*bf16", POS="*i64", VALID="*u8", LENS="*i32", COS="*fp32", SIN="*fp32",
+           M_OUT="*fp32", L_OUT="*fp32", ACC_OUT="*fp32", scale_log2="fp32", **dict.fromkeys(ints, "i32"))
+consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, ROPE_HALF=64, ROTATE=True, HAS_LENS=True, BLOCK_N=64,
+              PRECISION=None, DOT=tl.bfloat16, KV_ALIGN=16)
+# what the JIT knows at a launch from the memory: tensors 16-byte aligned, the integers it specializes
+# (those not in do_not_specialize) multiples of 16 (strides of head_dim 128)
+known = [n for n in sig if sig[n].startswith("*")] + [n for n in ints if n not in da.SPLIT_RUNTIME_INTS + ("s_pn", "s_mn")]
+attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in known}
+kernel = triton.compile(ASTSource(fn, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs),
+                        target=GPUTarget("cuda", 90, 32))
+print(json.dumps(collections.Counter(re.findall(r"(?:ld\\.global|cp\\.async\\.\\w+)\\.[\\w.]*", kernel.asm["ptx"]))))
+"""
+
+
+@pytest.mark.slow  # ~5 s of CPU: Triton's compiler for sm_90
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests time the kernel itself")
+def test_the_decode_kernel_reads_keys_and_values_16_bytes_at_a_time(tmp_path):
+    """The head strides change with the context's capacity, so they are not specialized (a compile each time they
+    crossed a multiple of 16); unspecialized, the compiler could not tell a head's first key is 16-byte aligned and
+    read K and V two bytes at a time (192 scalar 16-bit loads in the PTX for sm_90, no asynchronous copies of K
+    and V). KV_ALIGN (16 where both head strides are multiples of 16) says so."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", DECODE_PTX], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loads = json.loads(done.stdout.strip().splitlines()[-1])  # PTX opcodes and their counts
+    assert not any(op.startswith("ld.global.b16") for op in loads), loads
+    assert loads.get("cp.async.cg.shared.global", 0) >= 64, loads  # K and V in 16-byte asynchronous copies
 
 
 @pytest.mark.gpu
