@@ -91,7 +91,7 @@ def test_a_gpu_whose_kernel_cannot_read_pinned_memory_copies_as_before(monkeypat
     host address) -> one warning, and the memory keeps reading block ids back to copy them."""
     monkeypatch.setattr(kernels, "available", lambda device: failure != "no triton")
 
-    def probe(device):
+    def probe(device, layout):
         if failure == "raises":
             raise RuntimeError("Pointer argument cannot be accessed from Triton (cpu tensor?)")
         return False
@@ -106,9 +106,38 @@ def test_a_gpu_whose_kernel_cannot_read_pinned_memory_copies_as_before(monkeypat
 def test_a_gpu_whose_probe_passes_gathers_on_the_device(monkeypatch, fresh):
     monkeypatch.setattr(kernels, "available", lambda device: True)
     calls = []
-    monkeypatch.setattr(block_store, "_probe_gather", lambda device: calls.append(device) or True)
+    monkeypatch.setattr(block_store, "_probe_gather", lambda device, layout: calls.append(device) or True)
     assert block_store.device_gather_works(torch.device("cuda", 0)) and block_store.device_gather_works(torch.device("cuda", 0))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("layout", [block_store.PROBE_LAYOUT, (torch.bfloat16, 8, 128, 128)])
+def test_the_probe_gathers_a_store_of_the_memorys_own_layout(monkeypatch, layout):
+    """The probe launches the kernel a retrieval of that store will (dtype, KV heads, block size and head_dim are
+    its constexprs), so that a compile failing for an 8B model's layout turns the device gather off at the probe,
+    not in the middle of a prefill (the probe used to gather a tiny float16 store only). Run here through the
+    interpreter: pinned memory is the CPU's own, and a bad read is caught."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert block_store._probe_gather(torch.device("cpu"), layout)
+    import edgectx.kernels.block_gather as bg
+
+    real = bg.gather_blocks
+
+    def swapped(base, offsets, blocks, k, v, segment_blocks):  # each head's two blocks in the wrong columns
+        real(base, offsets, blocks.flip(1), k, v, segment_blocks)
+
+    monkeypatch.setattr(bg, "gather_blocks", swapped)
+    assert not block_store._probe_gather(torch.device("cpu"), layout)
+
+
+def test_the_store_probes_its_own_layout(monkeypatch, fresh):
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    seen = []
+    monkeypatch.setattr(block_store, "_probe_gather", lambda device, layout: seen.append(layout) or True)
+    store = HostBlockStore(8, 128, 128, torch.device("cpu"), host_dtype=torch.bfloat16)
+    store.device = torch.device("cuda", 0)  # (the property only reads the device; nothing is allocated)
+    assert store.device_gather and seen == [(torch.bfloat16, 8, 128, 128)]
 
 
 @pytest.mark.gpu

@@ -350,7 +350,7 @@ class HostBlockStore:
         reading pinned memory, tried once a process, gave the blocks it should."""
         if self.device.type != "cuda":
             return True
-        return device_gather_works(self.device)
+        return device_gather_works(self.device, (self.host_dtype, self.n_kv_heads, self.block_size, self.head_dim))
 
     @property
     def used_bytes(self) -> int:
@@ -361,45 +361,48 @@ class HostBlockStore:
         return self.representatives.numel() * self.representatives.element_size()
 
 
-_gather_probe: dict[str, bool] = {}
+_gather_probe: dict[tuple, bool] = {}
+PROBE_LAYOUT = (torch.float16, 2, 4, 16)  # (host dtype, KV heads, block size, head_dim): a tiny store's
 
 
-def device_gather_works(device: torch.device) -> bool:
-    """One tiny gather from two pinned allocations checked against indexing on the host (once per device); False,
-    with one warning, if Triton cannot launch, the kernel fails, or it reads the wrong bytes (memory not mapped at
-    its host address): retrieval then reads the block ids and copies through a pinned buffer, as before."""
+def device_gather_works(device: torch.device, layout: tuple = PROBE_LAYOUT) -> bool:
+    """One gather from two pinned allocations of a store's `layout` checked against indexing on the host (once per
+    device and layout: the launch compiles the kernel a retrieval of that store runs, so a compile that fails
+    fails here, not mid-prefill); False, with one warning a device, if Triton cannot launch, the kernel fails, or it
+    reads the wrong bytes (memory not mapped at its host address): retrieval then reads the block ids and copies
+    through a pinned buffer, as before."""
     name = kernels._key(device)
-    if name not in _gather_probe:
+    if (name, layout) not in _gather_probe:
         ok, why = False, "Triton is off or cannot launch"
         if kernels.available(device):
             try:
-                ok = _probe_gather(torch.device(name))
+                ok = _probe_gather(torch.device(name), layout)
                 why = "it read the wrong bytes"
             except Exception as e:  # noqa: BLE001 - whatever the driver or the toolchain raises
                 why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        if not ok:
+        if not ok and not any(key[0] == name and not works for key, works in _gather_probe.items()):
             log.warning("Retrieved blocks cannot be read from pinned memory by a kernel on %s (%s); a retrieval "
                         "reads its block ids back and copies through a pinned buffer instead.", name, why)
-        _gather_probe[name] = ok
-    return _gather_probe[name]
+        _gather_probe[name, layout] = ok
+    return _gather_probe[name, layout]
 
 
-def _probe_gather(device: torch.device) -> bool:
+def _probe_gather(device: torch.device, layout: tuple) -> bool:
     from edgectx.kernels.block_gather import gather_blocks, segment_offsets
 
+    dtype, n_kv, block_size, head_dim = layout
     gen = torch.Generator().manual_seed(0)
-    shape = (2, 2, 2, 4, 16)  # (blocks, K|V, n_kv, block_size, head_dim)
-    segments = [torch.randn(shape, generator=gen).to(torch.float16).pin_memory() for _ in range(2)]
-    blocks = torch.tensor([[3, 0], [1, 2]])
-    k_out = torch.empty(2, 8, 16, dtype=torch.float16, device=device)
+    shape = (2, 2, n_kv, block_size, head_dim)  # (blocks, K|V, n_kv, block_size, head_dim): two blocks a segment
+    segments = [torch.randn(shape, generator=gen).to(dtype).pin_memory() for _ in range(2)]
+    blocks = torch.tensor([[3, 0], [1, 2]] * n_kv)[:n_kv]  # each head its own two blocks, across both segments
+    k_out = torch.empty(n_kv, 2 * block_size, head_dim, dtype=dtype, device=device)
     v_out = torch.empty_like(k_out)
     gather_blocks(segments[0], torch.tensor(segment_offsets(segments), device=device), blocks.to(device),
                   k_out, v_out, segment_blocks=2)
     torch.cuda.synchronize(device)
-    for h in range(2):
+    for h in range(n_kv):
         for j, block in enumerate(blocks[h].tolist()):
-            kv = segments[block // 2][block % 2]
-            if not (torch.equal(k_out[h, 4 * j : 4 * j + 4].cpu(), kv[0, h]) and
-                    torch.equal(v_out[h, 4 * j : 4 * j + 4].cpu(), kv[1, h])):
+            kv, cols = segments[block // 2][block % 2], slice(j * block_size, (j + 1) * block_size)
+            if not (torch.equal(k_out[h, cols].cpu(), kv[0, h]) and torch.equal(v_out[h, cols].cpu(), kv[1, h])):
                 return False
     return True
