@@ -33,6 +33,7 @@ from edgectx.errors import EdgectxError, SnapshotError, UsageError
 from edgectx.memory.heads import HeadsError, HeadsScorer, RetainingHeads, find_heads, load_heads
 from edgectx.model.kv import FullKVCache, KVMemory, kv_storage_dtype
 from edgectx.memory.context import ContextMemory
+from edgectx.memory.block_store import upload
 from edgectx.memory.config import SCORERS, MemoryConfig
 from edgectx.memory import device as device_memory
 from edgectx.memory.plan import available_ram_bytes
@@ -113,11 +114,23 @@ class ReuseInfo:
 
 
 def pick_device(name: str | None = None) -> torch.device:
+    """The device `name` (auto: CUDA where there is one); a GPU named by its index becomes the current device,
+    since Triton launches its kernels on the current device whatever their tensors' (a kernel launched for
+    cuda:1 from device 0 fails its probe, and the kernels and CUDA graphs would quietly turn off)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EdgectxError("CUDA was requested but PyTorch sees no CUDA GPU: use --device cpu, or run `edgectx doctor`.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"Unknown device {name!r}: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"There is no {name}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        torch.cuda.set_device(device)
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -305,7 +318,8 @@ class Engine:
             self.memory.begin(len(ids), token_ids=ids)  # the ids let retrieval match the question's words
         else:
             self.memory.begin(len(ids))
-        logits = self.step(torch.tensor(ids, device=self.device), self.memory, all_logits=all_logits)
+        # through pinned memory on CUDA: a copy from pageable memory would make the host wait for the stream
+        logits = self.step(upload(torch.tensor(ids), self.device), self.memory, all_logits=all_logits)
         self.memory.commit()
         self.tokens.extend(ids)
         self._next_logits = logits[-1]  # always the logits after the last token in memory

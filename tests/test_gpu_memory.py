@@ -250,6 +250,23 @@ def test_the_cap_names_the_device_by_its_index(monkeypatch):
     assert seen == [(0.25, 0)] and device_memory.memory_cap(torch.device("cuda", 0)) == 20 << 30
 
 
+def test_a_gpu_named_by_its_index_becomes_the_current_device(monkeypatch):
+    """Found by review: Triton launches on the current device whatever its tensors' device, so with --device cuda:1
+    the kernels' probe failed on device 0 and the kernels and CUDA graphs turned themselves off."""
+    from edgectx.engine import pick_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(device))
+    assert pick_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert pick_device("cuda") == torch.device("cuda") and len(current) == 1  # no index: the current one stays
+    with pytest.raises(UsageError, match="no cuda:2: PyTorch sees 2 CUDA GPU"):
+        pick_device("cuda:2")
+    with pytest.raises(UsageError, match="Unknown device 'gpu'"):
+        pick_device("gpu")
+
+
 @pytest.mark.gpu
 def test_bench_speed_synthetic_on_cuda_under_a_memory_cap(capsys):
     try:
