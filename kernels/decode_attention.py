@@ -34,6 +34,7 @@ LOG2E = 1.4426950408889634
 # arguments, and a kernel compiles once per shape class (dtype, group, head_dim, rotation, lengths).
 SPLIT_RUNTIME_INTS = ("q_position", "n_keys", "split_len", "n_splits", "has_valid", "s_kh", "s_vh", "s_ph", "s_mh")
 MERGE_RUNTIME_INTS = ("n_splits",)
+MERGE_SPLITS_BLOCK = 32  # splits the merge reads at a time: 32 x 128 floats a tile
 
 
 @triton.jit(do_not_specialize=SPLIT_RUNTIME_INTS)
@@ -114,20 +115,30 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
 @triton.jit(do_not_specialize=MERGE_RUNTIME_INTS)
 def _merge_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, s_oh,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr):
+                  SPLITS_BLOCK: tl.constexpr):
     head = tl.program_id(0)
     kv = head // GROUP
     g = head % GROUP
-    sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    sp_ok = sp < n_splits
-    row = (kv * n_splits + sp) * GROUP_PAD + g
-    m = tl.load(M_IN + row, mask=sp_ok, other=float("-inf"))
-    l = tl.load(L_IN + row, mask=sp_ok, other=0.0)
-    acc = tl.load(ACC_IN + row[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))  # each split's weight relative to the largest max
-    total = tl.sum(w * l, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)  # a head with no key: zeros
+    # The splits SPLITS_BLOCK at a time, merged as they come (a running max): a tile of every split at once was
+    # (next power of two of the splits) x BLOCK_D floats, 512 x 128 for one KV head on 132 SMs, spilled to memory
+    m_run = tl.full([1], _NEG, tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc_run = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_splits, SPLITS_BLOCK):
+        sp = s0 + tl.arange(0, SPLITS_BLOCK)
+        sp_ok = sp < n_splits
+        row = (kv * n_splits + sp) * GROUP_PAD + g
+        m = tl.load(M_IN + row, mask=sp_ok, other=float("-inf"))
+        l = tl.load(L_IN + row, mask=sp_ok, other=0.0)
+        acc = tl.load(ACC_IN + row[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))  # finite: a split's max is at least _NEG
+        carry = tl.exp2(m_run - m_new)  # (1,)
+        w = tl.exp2(m - m_new)  # each split's weight relative to the largest max so far
+        l_run = l_run * carry + tl.sum(w * l, 0)
+        acc_run = acc_run * carry + tl.sum(w[:, None] * acc, 0)
+        m_run = m_new
+    out = acc_run / tl.where(l_run > 0, l_run, 1.0)  # a head with no key: zeros
     tl.store(OUT + head * s_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -218,7 +229,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _merge_kernel[(n_heads,)](
         m_part, l_part, acc_part, out, n_splits, out.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        # fixed for the device and n_kv (not n_splits, which grows with the context): one compiled merge
-        SPLITS_PAD=max(2, triton.next_power_of_2(max(n_splits, max_splits(n_kv, k.device)))),
+        SPLITS_BLOCK=MERGE_SPLITS_BLOCK,  # not n_splits, which grows with the context: one compiled merge
     )
     return out
