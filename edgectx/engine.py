@@ -299,6 +299,16 @@ class Engine:
         self.tokens, self._next_logits, self._prompt_logits = [], None, None
         return held
 
+    def discard(self, held: HeldMemory) -> None:
+        """Let go for good of a conversation `take_memory` handed out (spilled to disk, or dropped): its host store's
+        RAM goes back now (pinned on CUDA, where PyTorch's host allocator would keep it pinned), not whenever the
+        last reference to it goes."""
+        if held.memory is self.memory:
+            raise ValueError("the engine holds this conversation: reset it instead")
+        if isinstance(held.memory, ContextMemory):
+            held.memory.release()
+        device_memory.empty_host_cache(self.device)
+
     def put_memory(self, held: HeldMemory) -> None:
         """Hold `held` (from `take_memory` on this engine, with the same memory config) as the conversation."""
         self.memory, self.tokens, self._next_logits = held.memory, held.tokens, held.next_logits
@@ -314,13 +324,14 @@ class Engine:
             )
         if self.governor is not None:
             self.governor.apply()  # fewer threads while other processes hold the cores (edgectx.cpu_share)
-        if isinstance(self.memory, ContextMemory):
-            self.memory.begin(len(ids), token_ids=ids)  # the ids let retrieval match the question's words
-        else:
-            self.memory.begin(len(ids))
-        # through pinned memory on CUDA: a copy from pageable memory would make the host wait for the stream
-        logits = self.step(upload(torch.tensor(ids), self.device), self.memory, all_logits=all_logits)
-        self.memory.commit()
+        with device_memory.device_scope(self.device):  # this thread's, for Triton's launches
+            if isinstance(self.memory, ContextMemory):
+                self.memory.begin(len(ids), token_ids=ids)  # the ids let retrieval match the question's words
+            else:
+                self.memory.begin(len(ids))
+            # through pinned memory on CUDA: a copy from pageable memory would make the host wait for the stream
+            logits = self.step(upload(torch.tensor(ids), self.device), self.memory, all_logits=all_logits)
+            self.memory.commit()
         self.tokens.extend(ids)
         self._next_logits = logits[-1]  # always the logits after the last token in memory
         return logits
@@ -492,7 +503,8 @@ class Engine:
                 raise SnapshotError(f"{snap.path} cannot be restored: {e}") from None
             memory = ContextMemory(self.spec, rope, self.device, self.dtype, config, scorer=scorer, kv_dtype=self.kv_dtype,
                                    context_dtype=self.context_dtype)
-            logits = load_memory(snap, memory)
+            with device_memory.device_scope(self.device):
+                logits = load_memory(snap, memory)
         self._drop_memory()
         self.memory_config, self.n_ctx, self.rope, self.memory = config, n_ctx, rope, memory
         self.tokens, self._next_logits, self._prompt_logits = tokens, logits, None

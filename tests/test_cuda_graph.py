@@ -284,3 +284,61 @@ def test_without_retrieving_ahead_retrieval_steps_run_eagerly(tiny, monkeypatch)
     runner = graphed.step
     # every 4th step retrieves, and runs eagerly with the step after it (its context rebuilt): 76 of 100 replay
     assert 40 <= runner.n_replays <= 80 and runner.n_captures <= 4, runner.stats()
+
+
+def test_a_capture_that_fails_leaves_the_thread_on_its_own_stream(monkeypatch):
+    """Review of the CUDA path: torch's `graph.__exit__` ends the capture before it switches the stream back, so a
+    capture that failed to end left the engine's thread issuing on the capture stream (the TUI's next job, another
+    thread, then ran unordered with it); a warm-up that raised skipped the default stream's wait on its work.
+    Stand-ins for torch.cuda's streams and graph log what the capture does to the thread's current stream."""
+    from contextlib import contextmanager
+
+    from edgectx.model import cuda_graph
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append((self.name, "waits for", other.name))
+
+    default = Stream("default")
+    state = {"current": default}
+
+    @contextmanager
+    def stream(s):
+        before, state["current"] = state["current"], s
+        try:
+            yield
+        finally:
+            state["current"] = before
+
+    class Graph:  # as torch's: the capture stream on entry; the capture ended (here: refused) before switching back
+        def __init__(self, graph, capture_error_mode):
+            pass
+
+        def __enter__(self):
+            state["current"] = Stream("capture")
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["current"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: state.__setitem__("current", s))
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    with pytest.raises(RuntimeError, match="capturing"):
+        cuda_graph.capture_cuda(lambda: torch.zeros(1))
+    assert state["current"] is default
+
+    def warm_up_fails():
+        raise RuntimeError("the warm-up failed")
+
+    log.clear()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        cuda_graph.capture_cuda(warm_up_fails)
+    assert log == [("side", "waits for", "default"), ("default", "waits for", "side")] and state["current"] is default

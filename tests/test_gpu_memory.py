@@ -321,3 +321,55 @@ def test_reset_gives_back_the_store_segments_and_unpins_them(tmp_path, monkeypat
     engine.reset()
     assert all(not layer.store.segments and layer.cache.slots is None for layer in old.layers)
     assert emptied == [engine.device] and engine.memory is not old and engine.memory.n_tokens == 0
+
+
+def test_the_engine_runs_its_chunks_on_its_gpu_in_any_thread(tmp_path, monkeypatch):
+    """Review of the CUDA path: CUDA's current device is per thread, and the TUI's jobs and the server's worker
+    start on device 0, where Triton would launch a cuda:1 model's kernels. A chunk runs inside `device_scope`,
+    which makes a GPU named by index the thread's current device (and leaves the others alone)."""
+    entered = []
+
+    class Scope:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Scope)
+    for device in (torch.device("cuda", 1), torch.device("cuda"), torch.device("cpu")):
+        with device_memory.device_scope(device):
+            pass
+    assert entered == [torch.device("cuda", 1)]
+    seen = []
+    real = device_memory.device_scope
+    monkeypatch.setattr(device_memory, "device_scope", lambda device: seen.append(device) or real(device))
+    engine = Engine.load(write_tiny_gguf(tmp_path / "m.gguf", arch="llama"), device="cpu", weights="fp16")
+    engine.forward([1, 2, 3])
+    assert seen == [engine.device]
+
+
+def test_a_spilled_conversation_gives_its_host_ram_back(tmp_path, monkeypatch):
+    """Review of the CUDA path: the server's pool spilled a conversation to disk to bring its RAM under
+    --ram-gib, then only dropped its reference: its pinned segments stayed pinned in PyTorch's host cache (and on
+    the CPU, glibc kept the freed store), so spilling freed nothing. The spilled memory is now released."""
+    from edgectx.memory.context import ContextMemory
+    from edgectx.server.pool import MemoryPool
+
+    engine = Engine.load(write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2), device="cpu",
+                         memory_config=SMALL, weights="fp16")
+    pool = MemoryPool(engine, tmp_path / "spill", max_in_ram=1)
+    pool.apply(pool.choose("the first conversation, long enough to fill blocks " * 12))
+    first = engine.memory
+    assert first.layers[0].store.segments
+    released, emptied = [], []
+    release = ContextMemory.release
+    monkeypatch.setattr(ContextMemory, "release", lambda self: released.append(self) or release(self))
+    monkeypatch.setattr(device_memory, "empty_host_cache", lambda device: emptied.append(device))
+    pool.apply(pool.choose("a second one about something else entirely " * 12))
+    assert pool.stats()["on_disk"] == 1 and engine.memory is not first
+    assert any(m is first for m in released) and all(not layer.store.segments for layer in first.layers)
+    assert emptied

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from edgectx.engine import Engine
+from edgectx.memory.block_store import HostBlockStore
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.context import ContextMemory
 from edgectx.model.rope import Rope
@@ -207,7 +208,6 @@ def test_memory_prefill_chunk_reads_nothing_back(tiny, positions):
 def test_without_the_gather_kernel_a_chunk_reads_its_block_ids(tiny, monkeypatch):
     """Where the kernel cannot read pinned memory (its probe failed), a chunk's retrieval copies as before: one
     read of the block ids per layer, with the same logits (to rounding in decode steps)."""
-    from edgectx.memory.block_store import HostBlockStore
 
     ids = [int(i) for i in np.random.default_rng(2).integers(0, 258, 700)]
     logits = []
@@ -229,7 +229,6 @@ def test_staged_block_store_matches_the_plain_one_without_a_sync():
     """The CUDA store stages K and V on the device and flushes whole blocks (defect 1: was a blocking copy to the
     host per layer and token). Forced on a CPU, it holds what the plain store holds, appends without a sync, and
     its truncation and partial block read back right."""
-    from edgectx.memory.block_store import HostBlockStore
 
     gen = torch.Generator().manual_seed(0)
     plain, staged = (HostBlockStore(2, 8, 4, torch.device("cpu"), staged=s) for s in (False, True))
@@ -255,7 +254,6 @@ def test_staged_store_flushes_a_chunks_whole_blocks_together_across_segments():
     with the same tokens and representatives as the plain store, a partial block before and after them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from edgectx.memory.block_store import HostBlockStore
 
     class Copies(TorchDispatchMode):
         n = 0
@@ -316,3 +314,32 @@ def test_a_device_path_memory_restored_from_a_snapshot_goes_on_bit_for_bit(tiny,
     for token in ids[700:]:  # decode retrieves every 4th step and evicts every 16th
         assert torch.equal(restored.forward([token])[-1], live.forward([token])[-1])
     assert restored.stats() == live.stats() and restored.stats()["device_block_cache_bytes"] == 0
+
+
+@pytest.mark.parametrize("n_tokens", [0, 3, 16, 52, 130])  # empty, a partial block, whole blocks, across segments
+def test_a_snapshot_loads_into_the_host_segments_without_a_device_round_trip(n_tokens):
+    """Review of the CUDA path: a restore appended the snapshot's K and V, which on the staged store (CUDA) staged
+    every token on the device and flushed it back, 1.3 GiB a layer at 128K tokens for an 8B model, before the
+    representatives it computed on the way were replaced by the snapshot's. `load` writes the segments where they
+    lie and takes the representatives given: the same store as appending, with nothing flushed."""
+    gen = torch.Generator().manual_seed(n_tokens)
+    k, v = torch.randn(2, n_tokens, 8, generator=gen), torch.randn(2, n_tokens, 8, generator=gen)
+    for staged in (False, True):
+        appended, loaded = (HostBlockStore(2, 8, 4, torch.device("cpu"), staged=staged) for _ in range(2))
+        appended.segment_blocks = loaded.segment_blocks = 4  # 16 tokens a segment: several segments
+        with torch.inference_mode():
+            appended.append(k, v)
+        flushes, flush = [], loaded._copy_out
+        loaded._copy_out = lambda *a: flushes.append(a) or flush(*a)
+        loaded.load(k, v, appended.representatives)
+        assert not flushes  # nothing staged on the device and copied back
+        assert loaded.n_tokens == n_tokens and loaded.n_blocks == appended.n_blocks
+        assert all(torch.equal(a, b) for a, b in zip(loaded.tokens(0, n_tokens), appended.tokens(0, n_tokens)))
+        assert torch.equal(loaded.representatives, appended.representatives)
+        more = torch.randn(2, 7, 8, generator=gen)  # and both go on alike from there (the partial block's stage)
+        with torch.inference_mode():
+            appended.append(more, -more), loaded.append(more, -more)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.tokens(0, n_tokens + 7), appended.tokens(0, n_tokens + 7)))
+        assert torch.equal(loaded.representatives, appended.representatives)
+    with pytest.raises(ValueError, match="empty store"):
+        loaded.load(k, v, appended.representatives)

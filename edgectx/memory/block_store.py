@@ -115,6 +115,28 @@ class HostBlockStore:
             self.n_tokens += n
         self._completed(done_blocks)
 
+    def load(self, k: torch.Tensor, v: torch.Tensor, representatives: torch.Tensor) -> None:
+        """Fill an empty store from host tensors (a snapshot's): K and V (n_kv_heads, T, head_dim) written into the
+        host segments where they lie, a segment at a time, with the blocks' `representatives` given (n_blocks,
+        n_kv_heads, head_dim). The staged store's partial block also goes into its staging buffer, where the next
+        tokens join it. `append` would send a staged store's every token through the device and back (1.3 GiB a
+        layer at 128K tokens for an 8B model) and compute representatives the snapshot holds already."""
+        if self.n_tokens:
+            raise ValueError("load fills an empty store")
+        total, bs = k.shape[1], self.block_size
+        for t0 in range(0, total, self.segment_tokens):
+            segment, n = self._segment(t0 // self.segment_tokens), min(self.segment_tokens, total - t0)
+            whole, t1 = n // bs, t0 + n // bs * bs
+            for i, x in enumerate((k, v)):  # segment layout (blocks, K|V, n_kv_heads, block_size, head_dim)
+                segment[:whole, i] = x[:, t0:t1].unflatten(1, (whole, bs)).transpose(0, 1)
+                if t1 < t0 + n:  # the last, partial block
+                    segment[whole, i, :, : t0 + n - t1] = x[:, t1 : t0 + n]
+        self.n_tokens = total
+        self.representatives = representatives.to(self.device, self.repr_dtype)
+        block, offset = divmod(total, bs)
+        if self.staged and offset:
+            self._stage[block % 2][:, :, :offset].copy_(self._slab(block)[:, :, :offset])
+
     def next_column(self) -> tuple[int, tuple[int, int]]:
         """Where the next token's K and V go in host memory (CPU store only): the address of its first K row and
         (bytes between its rows, rows): n_kv K rows then n_kv V rows, the same tuple every time. A fused decode step
@@ -250,7 +272,9 @@ class HostBlockStore:
         """A completed block's K and V as one contiguous (2, n_kv_heads, block_size, head_dim) view of host memory."""
         if not 0 <= block < self.n_blocks:
             raise IndexError(f"block {block} is not a completed block (have {self.n_blocks})")
-        return self._slab(block)  # staged: written by a flush on `copy_stream`, ordered before any copy read there
+        if self._last_flush is not None:
+            self._last_flush.synchronize()  # staged on CUDA: the flush that wrote it may still be under way
+        return self._slab(block)
 
     def block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A completed block's (K, V), each (n_kv_heads, block_size, head_dim), views of host memory."""

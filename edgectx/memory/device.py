@@ -12,6 +12,7 @@ device every figure is None and the cache keeps its fixed default.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import sys
@@ -28,6 +29,15 @@ AUTO_CACHE_MAX_BLOCKS = 128  # 16K tokens per layer at block_size 128 (2 GiB for
 ACTIVATION_HEADROOM_BYTES = 1 << 30  # a prefill chunk's activations, logits and attention scratch
 
 _caps: dict[int, int] = {}  # device index -> the cap set on it, in bytes
+
+
+def device_scope(device: torch.device):
+    """A block run with `device` as the calling thread's current CUDA device, where it names one by index. Triton
+    launches its kernels on the current device whatever their tensors' device, and CUDA's current device is per
+    thread: the TUI's jobs and the server's worker start on device 0 whatever the thread that loaded chose."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _index(device: torch.device) -> int:

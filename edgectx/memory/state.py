@@ -167,9 +167,7 @@ def _load_layer(rd: "_Reader", layer: LayerMemory, m: dict, n_tokens: int, codec
     n_kv, d = r.n_kv, r.head_dim
     k, v = rd.tensor("host.k", (n_kv, n_tokens, d)), rd.tensor("host.v", (n_kv, n_tokens, d))
     rd.fits(store.host_dtype, k, v)
-    if n_tokens:
-        store.append(k, v)
-    store.representatives = rd.tensor("host.repr", (store.n_blocks, n_kv, d)).to(store.device, store.repr_dtype)
+    store.load(k, v, rd.tensor("host.repr", (n_tokens // store.block_size, n_kv, d)))
 
     idx = rd.tensor("resident.idx", (n_kv, None), torch.int64, at_most=n_tokens)
     n = idx.shape[1]

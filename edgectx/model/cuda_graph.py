@@ -61,13 +61,20 @@ def capture_cuda(run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], t
     current = torch.cuda.current_stream()
     side = torch.cuda.Stream()
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        run()  # first launches (Triton compiles, cuBLAS workspaces) happen outside the capture
-    current.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            run()  # first launches (Triton compiles, cuBLAS workspaces) happen outside the capture
+    finally:
+        current.wait_stream(side)  # also when it failed: the eager step that follows comes after its work
     graph = torch.cuda.CUDAGraph()
-    # thread_local: a CUDA call another thread makes meanwhile (the TUI, a copy stream) does not void the capture
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = run()
+    try:
+        # thread_local: a CUDA call another thread makes meanwhile (the TUI, a copy stream) does not void the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = run()
+    finally:
+        # torch's `graph.__exit__` ends the capture before it restores the stream: a capture that fails to end
+        # would leave this thread issuing everything after it on the capture stream, unordered with the rest
+        torch.cuda.set_stream(current)
     return graph.replay, out
 
 

@@ -188,6 +188,7 @@ class MemoryPool:
         held, entry.held = entry.held, None
         if not isinstance(held.memory, ContextMemory) or self.spill_dir is None:
             self.waiting.remove(entry)
+            self.engine.discard(held)
             return
         live = self.engine.take_memory()
         self.engine.put_memory(held)
@@ -199,6 +200,7 @@ class MemoryPool:
             self.waiting.remove(entry)  # a full disk: this conversation is read again if it comes back
         finally:
             self.engine.put_memory(live)
+            self.engine.discard(held)  # on disk now (or read again if it comes back): its RAM goes back
 
     def stats(self) -> dict:
         return {"tokens": len(self.engine.tokens),  # what the engine holds now
