@@ -342,3 +342,19 @@ def test_a_capture_that_fails_leaves_the_thread_on_its_own_stream(monkeypatch):
     with pytest.raises(RuntimeError, match="warm-up"):
         cuda_graph.capture_cuda(warm_up_fails)
     assert log == [("side", "waits for", "default"), ("default", "waits for", "side")] and state["current"] is default
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3"])  # Q/K/V biases; per-head Q/K norms; fused QKV and FFN
+def test_every_architecture_decodes_through_the_memory_graph_step_as_eagerly(tmp_path, arch):
+    """The captured memory step takes each layer's Q, K and V where the architecture's attention hands them to the
+    memory (after Qwen2's biases, Qwen3's per-head norms, Phi-3's fused projection): the same logits as the eager
+    device path through eviction and retrieval, every decode step replayed."""
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, n_kv_heads=2 if arch != "phi3" else 4,
+                           context_length=4096, head_dim=32 if arch == "qwen3" else None)
+    eager, graphed = _pair(path, SMALL)
+    ids = _ids(460, seed=5)
+    with kernels.forced():
+        want, got = _decode(eager, ids[:420], ids[420:]), _decode(graphed, ids[:420], ids[420:])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert graphed.step.n_replays == 40 and eager.memory.stats()["evicted_tokens"] > 0, graphed.step.stats()
