@@ -54,6 +54,15 @@ def _decode(engine: Engine, prompt: list[int], tokens: list[int]) -> torch.Tenso
     return torch.stack([engine.next_logits] + [engine.forward([t])[-1] for t in tokens])
 
 
+def _same_decode(eager: Engine, graphed: Engine, ids: list[int], prompt: int) -> None:
+    """Both engines read ids[:prompt], then decode the rest teacher-forced with the kernels on: the same logits."""
+    with kernels.forced():
+        want, got = _decode(eager, ids[:prompt], ids[prompt:]), _decode(graphed, ids[:prompt], ids[prompt:])
+    # summation order moves a few stored float16 keys by an ulp, and later steps see those keys: 1e-3, not 1e-4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 def _pair(tiny, memory_config=None, **load):
     eager = Engine.load(tiny, device="cpu", memory_config=memory_config, weights="fp16", **load)
     graphed = Engine.load(tiny, device="cpu", memory_config=memory_config, weights="fp16", **load)
@@ -167,12 +176,7 @@ def test_memory_decode_steps_replay_evicting_and_retrieving_ones_too(tiny):
     (the decode kernel over the context's capacity, split differently, through Triton's interpreter) and the same
     memory afterwards."""
     eager, graphed = _pair(tiny, SMALL)
-    ids = _ids(700, seed=3)
-    with kernels.forced():
-        want, got = _decode(eager, ids[:600], ids[600:]), _decode(graphed, ids[:600], ids[600:])
-    # summation order moves a few stored float16 keys by an ulp, and later steps see those keys: 1e-3, not 1e-4
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    _same_decode(eager, graphed, _ids(700, seed=3), 600)
     runner = graphed.step
     n_prefill = -(-600 // SMALL.chunk_tokens)
     # of 100 steps: retrievals (every 4th) and rebuilds are done ahead, in the commit before (prepare_next), and the
@@ -352,9 +356,5 @@ def test_every_architecture_decodes_through_the_memory_graph_step_as_eagerly(tmp
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, n_kv_heads=2 if arch != "phi3" else 4,
                            context_length=4096, head_dim=32 if arch == "qwen3" else None)
     eager, graphed = _pair(path, SMALL)
-    ids = _ids(460, seed=5)
-    with kernels.forced():
-        want, got = _decode(eager, ids[:420], ids[420:]), _decode(graphed, ids[:420], ids[420:])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    _same_decode(eager, graphed, _ids(460, seed=5), 420)
     assert graphed.step.n_replays == 40 and eager.memory.stats()["evicted_tokens"] > 0, graphed.step.stats()
