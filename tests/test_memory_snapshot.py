@@ -4,6 +4,7 @@ only the rest, damaged or foreign snapshots are refused and the reuse helper fal
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -460,3 +461,18 @@ def test_bench_reopen_on_a_tiny_model(models, tmp_path):
     assert exact["fp16_kv_bytes"] == 600 * 2 * 2 * 2 * 16 * 2 and exact["size_ratio"] == exact["snapshot_bytes"] / exact["fp16_kv_bytes"]
     small = json.loads(run_cli(*common, "--codec", "int4").stdout)
     assert small["snapshot_bytes"] < exact["snapshot_bytes"] and small["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_one_pass_finite_check_finds_every_non_finite_value(dtype):
+    """A restore checks every float section with one sum (a fourth of `isfinite().all()`'s time): NaN, either
+    infinity, or both (whose sum is NaN) anywhere is caught, and the largest finite values of the dtype, summed
+    over many, do not overflow the accumulator into a false refusal."""
+    from edgectx.memory.state import all_finite
+
+    big = torch.full((4, 100_000), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(big) and all_finite(-big) and all_finite(torch.zeros(0, dtype=dtype))
+    for bad in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):
+        t = torch.randn(3, 1000).to(dtype)
+        t.view(-1)[torch.randperm(3000)[: len(bad)]] = torch.tensor(bad, dtype=dtype)
+        assert not all_finite(t), bad
