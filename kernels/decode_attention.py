@@ -102,7 +102,8 @@ def _split_kernel(Q, K, V, POS, VALID, LENS, COS, SIN, M_OUT, L_OUT, ACC_OUT,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + tl.multiple_of(kv * s_vh, KV_ALIGN) + n[:, None] * s_vn + d[None, :], mask=kd_mask, other=0.0).to(DOT)
+        v_ptr = V + tl.multiple_of(kv * s_vh, KV_ALIGN) + n[:, None] * s_vn
+        v = tl.load(v_ptr + d[None, :], mask=kd_mask, other=0.0).to(DOT)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(DOT), v, input_precision=PRECISION)
         m_i = m_new
 
