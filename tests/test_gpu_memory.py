@@ -123,6 +123,30 @@ def test_async_retrieval_on_cuda_matches_synchronous_copies(tmp_path, monkeypatc
     assert torch.equal(asynchronous, synced) and torch.equal(asynchronous, plain)
 
 
+@pytest.mark.gpu
+def test_a_snapshot_restores_on_cuda_and_decodes_on_as_the_live_memory(tmp_path):
+    """The restore path on CUDA (never run on a GPU before 2026-12-05's review): the store loaded straight into
+    pinned segments and the staging buffer, no block pool, the contexts rebuilt on the device; the restored memory
+    then decodes, through eviction, retrieval and the CUDA graph, as the live one does."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="llama", n_kv_heads=2)
+    live = Engine.load(path, device="cuda", memory_config=SMALL, weights="fp16")
+    ids = [int(i) for i in np.random.default_rng(6).integers(0, 258, 790)]
+    live.prefill(ids[:700])
+    info = live.snapshot(tmp_path / "doc.edgectxs", codec="fp16")
+    restored = Engine.load(path, device="cuda", weights="fp16")
+    restored.restore(info.path)
+    memory = restored.memory
+    assert memory.device_bookkeeping and memory.layers[0].store.segments[0].is_pinned()
+    assert all(layer.cache.slots is None for layer in memory.layers)
+    assert torch.equal(restored.next_logits, live.next_logits)
+    for token in ids[700:]:
+        want, got = live.forward([token])[-1], restored.forward([token])[-1]
+        assert bool(got.isfinite().all()) and (got - want).abs().max() <= 0.02 * want.abs().max()
+        assert int(got.argmax()) == int(want.argmax())
+    assert restored.stats()["evicted_tokens"] == live.stats()["evicted_tokens"]
+    assert restored.memory.layers[0].store.tokens(0, 790)[0].equal(live.memory.layers[0].store.tokens(0, 790)[0])
+
+
 def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cuda(monkeypatch):
     from edgectx.memory.context import ContextMemory
     from edgectx.model.rope import Rope
