@@ -61,7 +61,7 @@ def _strangers(held: dict[int, int], top: int = 12) -> list[dict]:
 
 def main() -> int:
     from edgectx.engine import Engine, default_dtype
-    from edgectx.memory.config import MemoryConfig
+    from edgectx.memory.config import MemoryConfig, default_chunk_tokens
     from edgectx.memory.device import set_memory_cap
     from edgectx.model.synthetic import SYNTHETIC, build_synthetic
     from edgectx.quant.linear import resolve_weights
@@ -89,7 +89,8 @@ def main() -> int:
            "planned_weight_bytes": spec.weight_bytes(weights), "largest_tensors_not_in_model": _strangers(held)}
     print(json.dumps({"build": out}), flush=True)
 
-    engine = Engine(Path(f"synthetic-{args.synthetic}"), model, spec, None, None, dev, dtype, memory_config=MemoryConfig())
+    config = MemoryConfig(chunk_tokens=default_chunk_tokens(dev.type))  # the device's defaults, as the bench's
+    engine = Engine(Path(f"synthetic-{args.synthetic}"), model, spec, None, None, dev, dtype, memory_config=config)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (args.context,), generator=gen).tolist()
     t0 = time.perf_counter()

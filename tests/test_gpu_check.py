@@ -66,7 +66,8 @@ def test_the_cpu_half_writes_every_figure_to_one_json_file(tmp_path):
     report = json.loads(out.read_text())
     steps = report["steps"]
     assert report["mode"] == "cpu" and set(steps) == {"machine", "gpu_tests", "kernel_tests", "bench_kernels",
-                                                       "bench_gguf_matvec", "bench_speed", "plan"}
+                                                       "bench_gguf_matvec", "bench_speed", "plan", "decode_profile"}
+    assert steps["decode_profile"] == {"skipped": "needs a CUDA GPU"}
     assert steps["machine"]["result"]["modules"]["torch"] and steps["machine"]["result"]["cuda"] is False
     gpu_tests = steps["gpu_tests"]["result"]
     assert gpu_tests["tests"] > 0 and gpu_tests["skipped"] == gpu_tests["tests"]  # every GPU test skips on a CPU
@@ -89,3 +90,10 @@ def test_the_prepared_profile_runs_at_cpu_size(tmp_path):
     report = json.loads(done.stdout[done.stdout.index("\n{") + 1:])
     assert len(report["step_ms"]) == 3 == len(report["step_ms_unprofiled"]) and "aten::" in report["by_self_cuda"]
     assert report["planned_weight_bytes"] > 0 and report["prefill_s"] >= 0
+
+
+def test_the_profiles_figures_are_its_last_json_document():
+    """gpu_profile.py prints its build's figures on one line first (kept if the run is stopped), then everything."""
+    out = '{"build": {"build_s": 1.0}}\n{\n "build": {"build_s": 1.0},\n "step_ms": [\n  {"a": 1}\n ]\n}\n'
+    assert gpu_check.last_json(out) == {"build": {"build_s": 1.0}, "step_ms": [{"a": 1}]}
+    assert gpu_check.last_json('{"build": {}}\n') == {"build": {}}
