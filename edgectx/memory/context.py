@@ -124,7 +124,9 @@ class LayerMemory:
         self.selection = torch.empty(s.n_kv_heads, 0, dtype=torch.long)  # retrieved blocks per KV head (host)
         self._facts: tuple | None = None  # (selection key, any duplicate, next position): read with the block ids
         self.steps_since_retrieval = 0
-        self.recent = RecentQueries(s.n_heads, s.head_dim, c.n_observe, memory.device, memory.dtype)
+        # in the tiers' dtype: float16 on the CPU (half the float32 window: 117 MB less for Qwen3-0.6B, 256 MB for an
+        # 8B model), the compute dtype on CUDA; the scorer widens them where it rotates them
+        self.recent = RecentQueries(s.n_heads, s.head_dim, c.n_observe, memory.device, memory.kv_dtype)
         self.asm: Assembly | None = None
         self._record_now = False  # this forward retrieved: record what its queries attend to
         self._last_q: torch.Tensor | None = None  # the last decode step's query (pre-RoPE), for `prepare_next`
@@ -730,7 +732,7 @@ class ContextMemory:
         # host store's, the recent queries (for a scorer that observes); () where the memory copies them itself
         store = self.layers[0].store
         self.write_dtypes = (self.kv_dtype, store.host_dtype) + \
-            ((dtype,) if self.scorer.observes else ()) if store.host_dtype in _GRAPH_WRITES and not store.staged else ()
+            ((self.kv_dtype,) if self.scorer.observes else ()) if store.host_dtype in _GRAPH_WRITES and not store.staged else ()
         self._scratch: dict[str, torch.Tensor] = {}  # see `scratch`
         self.graph_scalars: torch.Tensor | None = None  # (n_layers, graph_step.ROW) a captured decode step's inputs
         self.stage_offsets: torch.Tensor | None = None  # HostBlockStore.stage_offsets, for the captured step

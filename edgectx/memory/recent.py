@@ -33,9 +33,9 @@ class RecentQueries:
         return self._buf[:, self._start : self._end]
 
     def set(self, q: torch.Tensor) -> None:
-        """Replace the window with the last `keep` of `q` (a restore, a truncation)."""
+        """Replace the window with the last `keep` of `q` (a restore, a truncation), in the buffer's dtype."""
         kept = q[:, q.shape[1] - min(q.shape[1], self.keep) :]
-        self._buf = torch.empty(q.shape[0], 2 * self.keep, q.shape[2], device=q.device, dtype=q.dtype)
+        self._buf = torch.empty(q.shape[0], 2 * self.keep, q.shape[2], device=q.device, dtype=self._buf.dtype)
         self._buf[:, : kept.shape[1]] = kept
         self._start, self._end = 0, kept.shape[1]
 
