@@ -35,3 +35,15 @@ def test_a_decode_step_does_not_copy_the_window():
     before = recent.window.data_ptr()
     recent.append(torch.randn(2, 1, 8))  # room past the window: written in place, the window slides by one row
     assert recent.window.data_ptr() == before + 8 * 4
+
+
+def test_the_window_keeps_its_own_dtype_whatever_it_is_given():
+    """A memory keeps its recent queries in the tiers' dtype (float16 on the CPU: half a float32 window's RAM);
+    float32 queries appended or set (a restore of an older snapshot) are rounded into it."""
+    recent = RecentQueries(2, 4, keep=3, device=torch.device("cpu"), dtype=torch.float16)
+    q = torch.randn(2, 5, 4) * 1000
+    recent.set(q)
+    assert recent.window.dtype == torch.float16 and torch.equal(recent.window, q[:, -3:].half())
+    more = torch.randn(2, 1, 4)
+    recent.append(more)
+    assert recent.buffer.dtype == torch.float16 and torch.equal(recent.window[:, -1:], more.half())
