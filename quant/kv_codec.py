@@ -144,21 +144,9 @@ def _quantize(y: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, tor
 def _dequantize(codes: torch.Tensor, mn: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """codes (A, N, B) uint8, mins and scales (A, G, B) -> (A, N, B) fp16."""
     a, n, b = codes.shape
-    if b == 1:  # values (groups of channels): the same arithmetic without a trailing axis of one, 1.6x faster
-        return _dequantize_rows(codes.reshape(a, n), mn.reshape(a, -1), scale.reshape(a, -1), group)[..., None]
     cg = _padded_groups(codes, group).float()  # (A, G, group, B)
     y = cg * scale.float()[:, :, None] + mn.float()[:, :, None]
     return y.reshape(a, -1, b)[:, :n].half()
-
-
-def _dequantize_rows(codes: torch.Tensor, mn: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """codes (A, N) uint8 in groups of `group` along N, mins and scales (A, G) -> (A, N) fp16."""
-    a, n = codes.shape
-    g = mn.shape[1]
-    if g * group > n:  # the last group padded, as `_padded_groups` pads it
-        codes = torch.cat((codes, codes[:, -1:].expand(a, g * group - n)), dim=1)
-    y = codes.reshape(a, g, group).float() * scale.float()[:, :, None] + mn.float()[:, :, None]
-    return y.reshape(a, -1)[:, :n].half()
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:

@@ -209,18 +209,3 @@ def test_invalid_meta_and_payload_are_refused():
         encode_kv(torch.full((1, 4, 4), math.inf).half(), "key", "int8")
     with pytest.raises(KVCodecError):
         encode_kv(torch.zeros(4, 4), "key", "int8")
-
-
-@pytest.mark.parametrize("d, group", [(64, 32), (80, 32), (96, 64), (7, 4)])  # the last group padded or not
-def test_values_decode_along_contiguous_channel_groups_with_the_same_bits(d, group):
-    """Values are grouped along channels: dequantized as (tokens, groups, channels) rather than with a trailing
-    axis of one (1.6x faster, a restore's biggest part), the result is bit for bit the general path's."""
-    from edgectx.quant import kv_codec
-
-    gen = torch.Generator().manual_seed(d)
-    a, g = 300, -(-d // group)
-    codes = torch.randint(0, 16, (a, d, 1), dtype=torch.uint8, generator=gen)
-    mn, scale = torch.randn(a, g, 1, generator=gen).half(), torch.rand(a, g, 1, generator=gen).half()
-    cg = kv_codec._padded_groups(codes, group).float()  # the general path, written out
-    want = (cg * scale.float()[:, :, None] + mn.float()[:, :, None]).reshape(a, -1, 1)[:, :d].half()
-    assert torch.equal(kv_codec._dequantize(codes, mn, scale, group), want)

@@ -133,9 +133,15 @@ class HostBlockStore:
                     segment[whole, i, :, : t0 + n - t1] = x[:, t1 : t0 + n]
         self.n_tokens = total
         self.representatives = representatives.to(self.device, self.repr_dtype)
-        block, offset = divmod(total, bs)
+        self._restage()
+
+    def _restage(self) -> None:
+        """The staged store's partial block, from host memory into its staging buffer, where the next tokens join it
+        (after a load or a truncation)."""
+        block, offset = divmod(self.n_tokens, self.block_size)
         if self.staged and offset:
-            self._stage[block % 2][:, :, :offset].copy_(self._slab(block)[:, :, :offset])
+            with torch.inference_mode():  # (buffers made during a forward are inference tensors)
+                self._stage[block % 2][:, :, :offset].copy_(self._slab(block)[:, :, :offset])
 
     def next_column(self) -> tuple[int, tuple[int, int]]:
         """Where the next token's K and V go in host memory (CPU store only): the address of its first K row and
@@ -308,10 +314,7 @@ class HostBlockStore:
         del self.segments[keep_segments:]
         self._column_base = None  # it may name a segment just released
         self.representatives = self.representatives[: self.n_blocks]
-        block, offset = divmod(self.n_tokens, self.block_size)
-        if self.staged and offset:  # the partial block goes on from its staging buffer
-            with torch.inference_mode():
-                self._stage[block % 2][:, :, :offset].copy_(self._slab(block)[:, :, :offset])
+        self._restage()  # the partial block goes on from its staging buffer
 
     def release(self) -> None:
         """Drop every segment (the memory is reset): pinned pages go back to the allocator at once rather than
