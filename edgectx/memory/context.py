@@ -92,6 +92,36 @@ def _ranks(idx: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, t
     return torch.empty_like(rank).scatter_(0, order, rank).view(idx.shape), rank[-1] + 1
 
 
+def _step_mass(q_rot: torch.Tensor, asms: list[Assembly], end: int) -> torch.Tensor:
+    """Attention mass (L, n_kv, end) that decode queries q_rot (L, n_heads, 1, d), rotated, put on each column of
+    their contexts `asms` (L of them, columns [0, end) each), summed over each KV head's group of query heads; a
+    query sees every valid column. One product a context, the rest once for all of them."""
+    n_layers, n_heads, _, head_dim = q_rot.shape
+    n_kv = asms[0].k.shape[0]
+    qg = q_rot.reshape(n_layers, n_kv, n_heads // n_kv, head_dim) * head_dim**-0.5  # heads h*group.. share KV head h
+    logits = qg.new_empty(n_layers, n_kv, n_heads // n_kv, end)
+    for i, asm in enumerate(asms):
+        torch.matmul(qg[i], asm.k[:, :end].to(qg.dtype).transpose(1, 2), out=logits[i])
+    logits = logits.float()
+    if any(asm.valid is not None for asm in asms):
+        valid = torch.stack([asm.valid[:, :end] if asm.valid is not None
+                             else torch.ones(n_kv, end, dtype=torch.bool, device=logits.device) for asm in asms])
+        logits.masked_fill_(~valid[:, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1, out=logits).sum(dim=2)
+
+
+def _mass_per_block(mass: torch.Tensor, idx: torch.Tensor, memory: "ContextMemory", n_rows: int) -> torch.Tensor:
+    """Per completed block (..., n_blocks), the mass (..., n_kv, end) on columns of original indices `idx` (same
+    shape), summed over KV heads, per query row of the `n_rows` that gave it. Completed blocks before this forward
+    only: a passage of the context, not the query's own tokens. The sinks and everything newer go to bin n_blocks,
+    which is dropped (attention parks its spare mass on the sinks whatever the question)."""
+    c = memory.config
+    n_blocks = memory.n_tokens // c.block_size
+    bins = torch.div(idx, c.block_size, rounding_mode="floor").clamp_(max=n_blocks).masked_fill_(idx < c.n_sink, n_blocks)
+    per_block = mass.new_zeros(*mass.shape[:-1], n_blocks + 1).scatter_add_(-1, bins, mass)
+    return per_block[..., :n_blocks].sum(dim=-2).mul_(1.0 / n_rows)
+
+
 @dataclass
 class _Pending:
     k: torch.Tensor  # (n_kv, T, d) pre-RoPE
@@ -173,15 +203,31 @@ class LayerMemory:
 
     # -- plan ---------------------------------------------------------------------------------------
 
-    def _retrieve(self, q: torch.Tensor) -> torch.Tensor:
+    def _selects(self, q: torch.Tensor) -> bool:
+        """Whether a forward with queries `q` selects blocks anew (`_retrieve`); else it keeps the last selection, or
+        retrieves nothing (before any eviction)."""
+        c = self.memory.config
+        if not self.evicted or c.top_k_blocks == 0:
+            return False
+        return not (q.shape[1] == 1 and self.asm is not None and self.steps_since_retrieval < c.retrieve_every)
+
+    def _n_eligible(self) -> int:
+        """The blocks a retrieval may pick: those wholly older than the window (newer tokens are resident in every
+        head anyway)."""
+        c = self.memory.config
+        return min(self.store.n_blocks, max(0, self.memory.n_tokens - c.n_local) // c.block_size)
+
+    def _retrieve(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks (n_kv, k) the forward with queries `q` attends to; `blocks`: selected for it already (with
+        every layer's, ContextMemory._prepare_next)."""
         m, c = self.memory, self.memory.config
         if not self.evicted or c.top_k_blocks == 0:
             return self.selection[:, :0]
-        if q.shape[1] == 1 and self.asm is not None and self.steps_since_retrieval < c.retrieve_every:
+        if not self._selects(q):
             return self.selection
-        # Only blocks wholly older than the window: newer tokens are resident in every head anyway.
-        n_eligible = min(self.store.n_blocks, max(0, m.n_tokens - c.n_local) // c.block_size)
-        blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
+        if blocks is None:
+            n_eligible = self._n_eligible()
+            blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
                                       m.lexical_blocks(n_eligible))
         self.steps_since_retrieval, self._record_now = 0, True
         if self.gathers_on_device:
@@ -367,16 +413,14 @@ class LayerMemory:
             mass = cpu_attention.attention_mass(q_rot.float().contiguous(), asm.k, end, self._mass_scratch(group * end),
                                                 valid=asm.valid)
             return self._per_block(mass, asm, end, n_kv * group * t)
+        if n_new == 1:
+            return self._per_block(_step_mass(q_rot[None], [asm], end)[0], asm, end, n_kv * group)
         qg = q_rot[:, n_new - t :].reshape(n_kv, group * t, head_dim) * head_dim**-0.5  # heads h*group.. share KV head h
         logits = (qg @ asm.k[:, :end].to(qg.dtype).transpose(1, 2)).float()  # (n_kv, group * t, end)
-        if n_new == 1:  # a decode step's query sees every valid column
-            if asm.valid is not None:
-                logits.masked_fill_(~asm.valid[:, None, :end], float("-inf"))
-        else:
-            mask = asm.mask(start, n_new)
-            if mask is not None:  # in place, the mask broadcast over each KV head's group of query heads
-                rows = mask[..., n_new - t :, :]
-                logits.view(n_kv, group, t, end).masked_fill_(~(rows[:, None] if rows.dim() == 3 else rows), float("-inf"))
+        mask = asm.mask(start, n_new)
+        if mask is not None:  # in place, the mask broadcast over each KV head's group of query heads
+            rows = mask[..., n_new - t :, :]
+            logits.view(n_kv, group, t, end).masked_fill_(~(rows[:, None] if rows.dim() == 3 else rows), float("-inf"))
         mass = torch.softmax(logits, dim=-1, out=logits).sum(dim=1)  # (n_kv, end)
         return self._per_block(mass, asm, end, n_kv * group * t)
 
@@ -385,14 +429,7 @@ class LayerMemory:
 
     def _per_block(self, mass: torch.Tensor, asm: Assembly, end: int, n_rows: int) -> torch.Tensor:
         """`_attended`'s per-block mass from the per-column mass (n_kv, end) of `n_rows` query rows."""
-        m, c = self.memory, self.memory.config
-        # Completed blocks before this forward only: a passage of the context, not the query's own tokens. The sinks
-        # and everything newer go to bin n_blocks, which is dropped.
-        n_blocks = m.n_tokens // c.block_size
-        idx = asm.idx[:, :end]
-        bins = torch.div(idx, c.block_size, rounding_mode="floor").clamp_(max=n_blocks).masked_fill_(idx < c.n_sink, n_blocks)
-        per_block = torch.zeros(mass.shape[0], n_blocks + 1, device=mass.device).scatter_add_(1, bins, mass)
-        return per_block[:, :n_blocks].sum(dim=0).mul_(1.0 / n_rows)
+        return _mass_per_block(mass, asm.idx[:, :end], self.memory, n_rows)
 
     def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
         """Attention mass (n_kv, n_keys) that every `observe_stride`th of the last `n_observe` queries puts on
@@ -578,22 +615,31 @@ class LayerMemory:
                 r.reserve(r.n + c.evict_every + 1)
                 asm.reserve(asm.length + c.evict_every + 1)
 
-    def prepare_next(self) -> None:
-        """After a decode step's commit (ContextMemory.commit, once the token count is updated): retrieve and
-        rebuild now if the next step would (see the module's "Ahead of time"), recording what the query attends to
-        in the new context as `attend` would have."""
+    def next_query(self) -> torch.Tensor | None:
+        """After a decode step's commit (ContextMemory.commit, once the token count is updated): the step's query
+        (n_heads, 1, d) pre-RoPE if the next step would retrieve or rebuild its context, which `prepare_next` then
+        does now (see the module's "Ahead of time"); else None. Asked once a step."""
         q, self._last_q = self._last_q, None
         if q is None or self.asm is None:
-            return
+            return None
         if not self._retrieval_due and self.asm.key[0] == self.version:
-            return
-        asm = self._assemble(self._retrieve(q), decoding=True)
-        if self._record_now:
-            self._record_now = False
-            m = self.memory
-            # the query as the newest token of the new context: its last resident column, the last position
-            q_rot = m.rope.rotate(q, *self._tables(asm, 1, offset=-1))
-            m.record.add(self._attended(q_rot, asm, asm.length - 1, 1))
+            return None
+        return q
+
+    def prepare_next(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> bool:
+        """Retrieve with `next_query`'s `q` (`blocks`: selected for it already) and rebuild the context for the next
+        step. True where this retrieved: what `q` attends to in the new context is then to be recorded, as `attend`
+        records it (`record_query`, or ContextMemory._record_together for every layer at once)."""
+        self._assemble(self._retrieve(q, blocks), decoding=True)
+        record, self._record_now = self._record_now, False
+        return record
+
+    def record_query(self, q: torch.Tensor) -> None:
+        """Record what the last decode step's query `q` attends to in the context `prepare_next` built: the query as
+        its newest token (its last resident column, the last position)."""
+        m, asm = self.memory, self.asm
+        q_rot = m.rope.rotate(q, *self._tables(asm, 1, offset=-1))
+        m.record.add(self._attended(q_rot, asm, asm.length - 1, 1))
 
     def ready(self) -> None:
         """The next forward is a decode step (a prefill ended): rebuild now the context that the last chunk's eviction
@@ -709,6 +755,9 @@ class ContextMemory:
         # reads nothing but a retrieval's block ids; on the CPU, where reading is free, the plain path does
         # less work. Tests turn it on for a CPU memory to count the syncs the CUDA path would make.
         self.device_bookkeeping = device.type == "cuda" if device_bookkeeping is None else device_bookkeeping
+        # The layers' retrievals ahead of a decode step done together where they can be (`_prepare_next`): on the
+        # device path, where every operation is a launch the host pays for. Each layer gets what it alone would.
+        self.together = self.device_bookkeeping
         # Whether a one-token step may run as one ggml graph (LayerMemory.decode_slot): a float32 model on the CPU
         # with K and V in 16 or 32 bits and RoPE over whole heads
         self.fusable = device.type == "cpu" and dtype == torch.float32 and self.kv_dtype in (torch.float32, torch.float16) \
@@ -825,8 +874,7 @@ class ContextMemory:
             self._steady -= 1
             return
         if RETRIEVE_AHEAD:
-            for layer in self.layers:
-                layer.prepare_next()
+            self._prepare_next()
             self._lexical = None  # the next forward matches its own tokens
         if decoding:
             self._read_device_state()
@@ -834,6 +882,54 @@ class ContextMemory:
         # zero scores: the resident tier writes them ahead)
         together = fused and self.scorer.zero_steps and not self.scorer.scores_steps_together
         self._steady = min(layer.steady_steps() for layer in self.layers) if together else 0
+
+    def _prepare_next(self) -> None:
+        """Every layer's retrieval and rebuild ahead of the next decode step (LayerMemory.prepare_next). On the device
+        path (CUDA), where each operation is a launch that the host pays for (a retrieval step issued ~2,800 of them
+        for 32 layers: docs/gpu-host-ops.md), what every layer does alike is done once for all of them: the block
+        selection and the record of what the queries attend to."""
+        due = [(layer, q) for layer in self.layers if (q := layer.next_query()) is not None]
+        together = self.together and len(due) > 1
+        chosen = self._select_together([(l, q) for l, q in due if l._selects(q)]) if together else {}
+        recording = [(layer, q) for layer, q in due if layer.prepare_next(q, chosen.get(layer))]
+        if together:
+            self._record_together(recording)
+        else:
+            for layer, q in recording:
+                layer.record_query(q)
+
+    def _select_together(self, selecting: list[tuple[LayerMemory, torch.Tensor]]) -> dict:
+        """{layer: its blocks (n_kv, k)} for each layer's query, each layer's own selection (select_blocks) made for
+        all of them in one scoring: the layers see the same tokens, so the same eligible blocks and lexical matches."""
+        if len(selecting) < 2:
+            return {}
+        n_eligible = selecting[0][0]._n_eligible()
+        reps = torch.stack([layer.store.representatives[:n_eligible] for layer, _ in selecting])  # (L, blocks, n_kv, d)
+        q = torch.stack([q for _, q in selecting])
+        blocks, _ = select_blocks(q, reps, n_eligible, self.config.top_k_blocks, self.lexical_blocks(n_eligible))
+        return {layer: b for (layer, _), b in zip(selecting, blocks.unbind(0))}
+
+    def _record_together(self, recording: list[tuple[LayerMemory, torch.Tensor]]) -> None:
+        """LayerMemory.record_query for every layer at once: one product a layer with its context's keys, the rest
+        (rotation, softmax, the sums per block) stacked. Layers whose contexts differ in length (after a truncation)
+        or that attend in C record one at a time."""
+        asms = [layer.asm for layer, _ in recording]
+        end = asms[0].length if asms else 0
+        if len(recording) < 2 or self.c_ops or any(a.length != end for a in asms):
+            for layer, q in recording:
+                layer.record_query(q)
+            return
+        nexts = [a.next_position for a in asms]  # host ints, or device counts (a context built on the device)
+        if all(isinstance(p, int) for p in nexts):
+            positions = upload(torch.tensor(nexts), self.device)
+        else:
+            positions = torch.stack([torch.as_tensor(p, device=self.device) for p in nexts])
+        bound = max(a.position_bound(1) for a in asms)
+        cos, sin = self.rope.tables(positions.sub(1).view(-1, 1), self.dtype, n_positions=bound)  # (L, 1, rope_dim)
+        q_rot = self.rope.rotate(torch.stack([q for _, q in recording]), cos[:, None], sin[:, None])
+        mass = _step_mass(q_rot, asms, end)  # (L, n_kv, end)
+        idx = torch.stack([a.idx[:, :end] for a in asms])
+        self.record.add(_mass_per_block(mass, idx, self, q_rot.shape[1]))
 
     def ready(self) -> None:
         """A prefill ended (Engine.prefill): every layer's context ready for the first decode step

@@ -27,22 +27,24 @@ def select_blocks(q: torch.Tensor, representatives: torch.Tensor, n_eligible: in
     Each KV head picks its own blocks (heads attend to different things, as their retained tokens
     show), after the blocks `chosen` for every head (the lexical matches, edgectx.memory.lexical).
     Returns block ids (n_kv, k), ascending per head, and their softmax relevance (n_kv, k).
+    Leading dimensions select for several layers at once, each from its own representatives: q (L, n_heads, T, d)
+    with representatives (L, n_blocks, n_kv, d) gives (L, n_kv, k), each layer's what it alone would give.
     """
-    n_heads, _, head_dim = q.shape
-    n_kv = representatives.shape[1]
+    *lead, n_heads, _, head_dim = q.shape
+    n_kv = representatives.shape[-2]
     if n_eligible <= 0 or top_k <= 0:
         device = representatives.device
-        return torch.empty(n_kv, 0, dtype=torch.long, device=device), torch.empty(n_kv, 0, device=device)
+        return torch.empty(*lead, n_kv, 0, dtype=torch.long, device=device), torch.empty(*lead, n_kv, 0, device=device)
     # Scored in float32 whatever the compute dtype: bfloat16's 8-bit mantissa ties blocks that differ (issue 21, defect 9).
-    reps = representatives[:n_eligible].float()  # (n_blocks, n_kv, d)
+    reps = representatives[..., :n_eligible, :, :].float()  # (..., n_blocks, n_kv, d)
     group = n_heads // n_kv
-    q_group = q.float().mean(dim=1).reshape(n_kv, group, head_dim).sum(dim=1)  # (n_kv, d)
-    scores = torch.einsum("kd,bkd->kb", q_group, reps) / (head_dim**0.5 * group)  # (n_kv, n_blocks)
-    probs = torch.softmax(scores.float(), dim=1)
+    q_group = q.float().mean(dim=-2).reshape(*lead, n_kv, group, head_dim).sum(dim=-2)  # (..., n_kv, d)
+    scores = torch.einsum("...kd,...bkd->...kb", q_group, reps) / (head_dim**0.5 * group)  # (..., n_kv, n_blocks)
+    probs = torch.softmax(scores.float(), dim=-1)
     if chosen is not None and chosen.numel():
-        scores = scores.index_fill(1, chosen, torch.inf)
-    top = torch.topk(scores, min(top_k, n_eligible), dim=1).indices.sort(dim=1).values
-    return top, probs.gather(1, top)
+        scores = scores.index_fill(-1, chosen, torch.inf)
+    top = torch.topk(scores, min(top_k, n_eligible), dim=-1).indices.sort(dim=-1).values
+    return top, probs.gather(-1, top)
 
 
 class BlockCache:
@@ -217,9 +219,14 @@ class RetrievalRecord:
         self._sum: torch.Tensor | None = None  # (n_blocks,) float64: added since the last read
 
     def add(self, mass: torch.Tensor) -> None:
-        """One layer's retrieval: the mean attention mass of its queries per block (n_blocks,)."""
-        self.n_retrievals += 1
+        """One layer's retrieval: the mean attention mass of its queries per block (n_blocks,); or several layers'
+        at once, (n_layers, n_blocks), each a retrieval."""
         mass = mass.double()
+        if mass.dim() == 2:
+            self.n_retrievals += mass.shape[0]
+            mass = mass.sum(dim=0)
+        else:
+            self.n_retrievals += 1
         if self._sum is None:
             self._sum = mass.clone()
             return

@@ -1,0 +1,74 @@
+"""The layers' retrievals ahead of a decode step, done together (issue 21: a retrieval step's host operations).
+
+On the device path (CUDA; here a CPU memory with `device_bookkeeping=True`) every operation the host issues is a
+launch it pays for, and a retrieval step issued ~87 of them a layer (docs/gpu-host-ops.md). `ContextMemory.together`
+does what every layer does alike once for all of them. Each layer must get exactly what it would alone: the same
+blocks, the same context (keys, values, indices, validity, positions) and the same record of what it attended to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgectx.engine import Engine
+from edgectx.memory.config import MemoryConfig
+from edgectx.memory.context import ContextMemory
+from edgectx.model.sampling import Sampler, SamplingParams
+from tiny_gguf import write_tiny_gguf
+
+# Two of the three blocks by each layer's own representatives (the lexical match is every layer's)
+SMALL = MemoryConfig(budget_tokens=256, n_sink=16, n_local=64, block_size=32, top_k_blocks=3, lexical_blocks=1,
+                     cache_blocks=4, chunk_tokens=64, n_observe=16, retrieve_every=4, evict_every=16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("together") / "m.gguf", arch="llama", n_kv_heads=2, n_layers=4)
+
+
+def _device_path(engine: Engine, together: bool, config: MemoryConfig) -> Engine:
+    engine.memory = ContextMemory(engine.spec, engine.rope, engine.device, engine.dtype, config,
+                                  kv_dtype=engine.kv_dtype, scorer=engine.memory.scorer, device_bookkeeping=True)
+    engine.memory.together = together
+    return engine
+
+
+def _contexts(memory: ContextMemory) -> list[tuple]:
+    out = []
+    for layer in memory.layers:
+        asm, n = layer.asm, layer.asm.length
+        out.append((asm.k[:, :n].clone(), asm.v[:, :n].clone(), asm.idx[:, :n].clone(),
+                    None if asm.valid is None else asm.valid[:, :n].clone(), asm.next_pos, layer.selection.clone()))
+    return out
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions):
+    config = MemoryConfig(**{**SMALL.to_dict(), "positions": positions})
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 258, 700)]
+    runs = []
+    for together in (False, True):
+        engine = _device_path(Engine.load(tiny, device="cpu", memory_config=config, weights="fp16"), together, config)
+        engine.prefill(ids[:600])
+        sampler = Sampler(SamplingParams(temperature=0))
+        logits, contexts = [engine.next_logits], []
+        token = sampler.sample(engine.next_logits)
+        for _ in range(60):
+            logits.append(engine.forward([token])[-1])
+            token = sampler.sample(logits[-1])
+            contexts.append(_contexts(engine.memory))
+        memory = engine.memory
+        runs.append((torch.stack(logits), contexts, memory.record.relevance, memory.record.n_retrievals))
+    (logits_a, contexts_a, record_a, n_a), (logits_b, contexts_b, record_b, n_b) = runs
+    assert n_a == n_b and n_a >= 4 * 8, "the layers hardly retrieved ahead: the test proves little"
+    assert torch.equal(logits_a, logits_b)
+    for step, (a, b) in enumerate(zip(contexts_a, contexts_b)):
+        for layer, (x, y) in enumerate(zip(a, b)):
+            for part, (p, q) in enumerate(zip(x, y)):
+                same = p == q if not isinstance(p, torch.Tensor) else torch.equal(p, q)
+                assert same, (step, layer, ["k", "v", "idx", "valid", "next_pos", "selection"][part])
+    assert record_a.keys() == record_b.keys()
+    for block in record_a:  # sums of the same float32 masses, in another order in float64
+        assert record_a[block] == pytest.approx(record_b[block], rel=1e-12, abs=1e-15)
