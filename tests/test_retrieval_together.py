@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from edgectx.engine import Engine
 from edgectx.memory.config import MemoryConfig
@@ -72,3 +73,54 @@ def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, po
     assert record_a.keys() == record_b.keys()
     for block in record_a:  # sums of the same float32 masses, in another order in float64
         assert record_a[block] == pytest.approx(record_b[block], rel=1e-12, abs=1e-15)
+
+
+class _Ops(TorchDispatchMode):
+    """Operations dispatched, views aside: on CUDA each is a launch or a copy that the host issues."""
+
+    VIEWS = {"slice", "view", "alias", "as_strided", "expand", "transpose", "t", "select", "unsqueeze", "squeeze",
+             "_unsafe_view", "permute", "detach", "unbind", "split", "narrow", "reshape", "lift_fresh", "unflatten"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket.__name__ not in self.VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_ahead(path, n_layers: int, together: bool, monkeypatch) -> float:
+    """Mean operations of the retrievals ahead of a decode step (ContextMemory._prepare_next) that retrieved."""
+    engine = Engine.load(path, device="cpu", memory_config=SMALL, weights="fp16")
+    assert engine.spec.n_layers == n_layers
+    _device_path(engine, together, SMALL)
+    counts, inner = [], ContextMemory._prepare_next
+
+    def counted(memory):
+        before = memory.record.n_retrievals
+        with _Ops() as ops:
+            inner(memory)
+        if memory.record.n_retrievals > before:
+            counts.append(ops.n)
+
+    monkeypatch.setattr(ContextMemory, "_prepare_next", counted)
+    ids = [int(i) for i in np.random.default_rng(4).integers(0, 258, 640)]
+    engine.prefill(ids[:600])
+    for token in ids[600:]:
+        engine.forward([token])
+    assert len(counts) >= 8
+    return sum(counts) / len(counts)
+
+
+def test_the_layers_retrieving_together_add_few_operations_a_layer(tmp_path, monkeypatch):
+    """What a retrieval step costs the host on the GPU path grows with the layers by the few operations each layer's
+    buffers need (one gather, one product for the record, its validity), not by everything a layer's retrieval and
+    rebuild do (~87 operations a layer one at a time on this CPU, where the gather alone is 9: one kernel on CUDA)."""
+    paths = {n: write_tiny_gguf(tmp_path / f"m{n}.gguf", arch="llama", n_kv_heads=2, n_layers=n) for n in (2, 6)}
+    per_layer = {}
+    for together in (False, True):
+        ops = {n: _ops_ahead(path, n, together, monkeypatch) for n, path in paths.items()}
+        per_layer[together] = (ops[6] - ops[2]) / 4
+    assert per_layer[True] <= 20, per_layer
+    assert per_layer[True] < per_layer[False] / 3, per_layer

@@ -122,6 +122,29 @@ def _mass_per_block(mass: torch.Tensor, idx: torch.Tensor, memory: "ContextMemor
     return per_block[..., :n_blocks].sum(dim=-2).mul_(1.0 / n_rows)
 
 
+def _ranks_layers(idx: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_ranks` for each layer of idx (L, ...) on its own: (ranks (L, ...), counts (L,)). The layers' values are set
+    apart (layer l's shifted by l * bound) and ranked together; a layer's lowest rank is then the count of the
+    distinct values before it."""
+    n_layers = idx.shape[0]
+    shift = torch.arange(n_layers, device=idx.device).mul_(bound).view(n_layers, *[1] * (idx.dim() - 1))
+    ranks, _ = _ranks(idx + shift, n_layers * bound)
+    flat = ranks.view(n_layers, -1)
+    flat.sub_(flat.amin(dim=1, keepdim=True))
+    return ranks, flat.amax(dim=1) + 1
+
+
+def _columns(blocks: torch.Tensor, resident_idx: torch.Tensor, n_blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original indices of the retrieved blocks' columns (..., n_kv, k * block_size) and, per resident column, whether
+    it is a copy of a retrieved token (..., n_kv, n_resident), for block ids (..., n_kv, k) on the device, resident
+    indices `resident_idx` (..., n_kv, n_resident) and `n_blocks` completed blocks."""
+    offsets = torch.arange(block_size, device=blocks.device)
+    bidx = (blocks[..., None] * block_size + offsets).flatten(-2)
+    picked = torch.zeros(*blocks.shape[:-1], n_blocks + 1, dtype=torch.bool, device=blocks.device)
+    picked.scatter_(-1, blocks, True)
+    return bidx, picked.gather(-1, (resident_idx // block_size).clamp_(max=n_blocks))
+
+
 @dataclass
 class _Pending:
     k: torch.Tensor  # (n_kv, T, d) pre-RoPE
@@ -160,6 +183,7 @@ class LayerMemory:
         self.asm: Assembly | None = None
         self._record_now = False  # this forward retrieved: record what its queries attend to
         self._last_q: torch.Tensor | None = None  # the last decode step's query (pre-RoPE), for `prepare_next`
+        self._built_together = False  # ContextMemory._build_together built this step's context (read once)
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
         self._layout: tuple | None = None  # decode_slot's: (context K, V, mask, write rows, the slot's layout)
@@ -229,14 +253,10 @@ class LayerMemory:
             n_eligible = self._n_eligible()
             blocks, _ = select_blocks(q, self.store.representatives, n_eligible, c.top_k_blocks,
                                       m.lexical_blocks(n_eligible))
-        self.steps_since_retrieval, self._record_now = 0, True
         if self.gathers_on_device:
-            # A retrieval that reads nothing back: the blocks are gathered from the host store by ids on the device
-            # (HostBlockStore.gather) and the context is built around them there (`_build`); ContextMemory reads
-            # every layer's ids and position count in one go where the host needs them (a decode step's end)
-            self._selection, self._selection_d, self._facts = None, blocks, None
-            self._key = ("device", next(_RETRIEVALS))  # names this retrieval until its ids are read (`_resolve`)
+            self._take_on_device(blocks)
             return blocks
+        self.steps_since_retrieval, self._record_now = 0, True
         if m.device_bookkeeping:
             # The one read of a retrieval: the block ids (the host copies blocks by id) together with what a
             # rebuild would need to know on the host, computed on the device before knowing whether it will.
@@ -249,6 +269,27 @@ class LayerMemory:
             self.selection = blocks.cpu()  # the host reads the ids anyway (to copy blocks)
         return self.selection
 
+    def _take_on_device(self, blocks: torch.Tensor) -> None:
+        """A retrieval that reads nothing back: the blocks (n_kv, k) are gathered from the host store by ids on the
+        device (HostBlockStore.gather) and the context is built around them there (`_build`); ContextMemory reads every
+        layer's ids and position count in one go where the host needs them (a decode step's end)."""
+        self.steps_since_retrieval, self._record_now = 0, True
+        self._selection, self._selection_d, self._facts = None, blocks, None
+        self._key = ("device", next(_RETRIEVALS))  # names this retrieval until its ids are read (`_resolve`)
+
+    def _decode_room(self) -> int:
+        """Columns a context rebuilt for decode steps needs beyond its own (Assembly's `ahead`): the resident tokens
+        those steps add until the next eviction."""
+        c = self.memory.config
+        return min(REUSE_SLACK, max(0, self._limit + c.evict_every - self.resident.n))
+
+    def _kept(self, reuse: Assembly | None, asm: Assembly, key: tuple, n_resident: int) -> int:
+        """The resident columns whose values and indices the context `reuse` that `asm` replaces holds in place
+        already: its own resident prefix, in the same buffers, when the tier has not been compacted since (the same
+        version)."""
+        return reuse.n_resident if reuse is not None and asm.v is reuse.v and reuse.key[0] == key[0] \
+            and reuse.n_resident <= n_resident else 0
+
     def _assemble(self, selection: torch.Tensor, decoding: bool = False) -> Assembly:
         """The context for `selection`, rebuilt if it is not the current one. `decoding`: decode steps read it: they
         grow the resident tokens until the next eviction, and each retrieval among them rebuilds the context, which
@@ -256,22 +297,13 @@ class LayerMemory:
         on_device = selection is self._selection_d and selection is not None
         key = (self.version, self._key if on_device or selection is self._selection else tuple(selection.flatten().tolist()))
         if self.asm is None or self.asm.key != key:
-            c, n = self.memory.config, self.resident.n
-            ahead = min(REUSE_SLACK, max(0, self._limit + c.evict_every - n)) if decoding else 0
-            self.asm = self._build(selection, key, n, self.memory.n_tokens, reuse=self.asm, ahead=ahead,
-                                   on_device=on_device)
+            self.asm = self._build(selection, key, self.resident.n, self.memory.n_tokens, reuse=self.asm,
+                                   ahead=self._decode_room() if decoding else 0, on_device=on_device)
         return self.asm
 
     def _columns(self, blocks_d: torch.Tensor, n_resident: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Original indices of the retrieved blocks' columns (n_kv, k * block_size) and, per resident column [0,
-        n_resident), whether it is a copy of a retrieved token (n_kv, n_resident); blocks_d (n_kv, k) on the device."""
-        c, r = self.memory.config, self.resident
-        offsets = torch.arange(c.block_size, device=blocks_d.device)
-        bidx = (blocks_d[..., None] * c.block_size + offsets).reshape(r.n_kv, -1)
-        picked = torch.zeros(r.n_kv, self.store.n_blocks + 1, dtype=torch.bool, device=blocks_d.device)
-        picked.scatter_(1, blocks_d, True)
-        resident_blocks = (r.idx[:, :n_resident] // c.block_size).clamp_(max=self.store.n_blocks)
-        return bidx, picked.gather(1, resident_blocks)
+        """`_columns` for this layer's resident columns [0, n_resident); blocks_d (n_kv, k) on the device."""
+        return _columns(blocks_d, self.resident.idx[:, :n_resident], self.store.n_blocks, self.memory.config.block_size)
 
     def _build_facts(self, blocks_d: torch.Tensor, n_resident: int) -> torch.Tensor:
         """(2,) on the device: whether any resident token duplicates a retrieved one, and the position the next
@@ -304,10 +336,7 @@ class LayerMemory:
         headroom = max(c.chunk_tokens, c.evict_every) + 1
         asm = Assembly.empty(n_kv, n_keys, r.head_dim, headroom, m.context_dtype, m.device, reuse=reuse, ahead=ahead)
         k = m.scratch(n_kv, n_keys, r.head_dim, m.kv_dtype)  # keys before RoPE, as stored
-        # The resident columns whose values and indices the context it replaces holds in place already: its own
-        # resident prefix, in the same buffers, when the tier has not been compacted since (the same version)
-        kept = reuse.n_resident if reuse is not None and asm.v is reuse.v and reuse.key[0] == key[0] \
-            and reuse.n_resident <= n_resident else 0
+        kept = self._kept(reuse, asm, key, n_resident)
         if not m.c_ops:  # (C rotates the resident keys where they are)
             k[:, :n_resident] = r.k[:, :n_resident]
         asm.v[:, kept:n_resident], asm.idx[:, kept:n_resident] = r.v[:, kept:n_resident], r.idx[:, kept:n_resident]
@@ -620,6 +649,7 @@ class LayerMemory:
         (n_heads, 1, d) pre-RoPE if the next step would retrieve or rebuild its context, which `prepare_next` then
         does now (see the module's "Ahead of time"); else None. Asked once a step."""
         q, self._last_q = self._last_q, None
+        self._built_together = False
         if q is None or self.asm is None:
             return None
         if not self._retrieval_due and self.asm.key[0] == self.version:
@@ -725,6 +755,9 @@ class LayerMemory:
 
 
 RETRIEVE_AHEAD = os.environ.get("EDGECTX_RETRIEVE_AHEAD", "1") != "0"
+# Working memory of the layers' contexts built together (ContextMemory._build_together), a group of layers at a time:
+# about 18 MB a layer for an 8B model (8 KV heads x ~2,100 columns, whatever the context's length), 3 groups of 14
+TOGETHER_BYTES = 256 << 20
 
 
 class ContextMemory:
@@ -886,28 +919,97 @@ class ContextMemory:
     def _prepare_next(self) -> None:
         """Every layer's retrieval and rebuild ahead of the next decode step (LayerMemory.prepare_next). On the device
         path (CUDA), where each operation is a launch that the host pays for (a retrieval step issued ~2,800 of them
-        for 32 layers: docs/gpu-host-ops.md), what every layer does alike is done once for all of them: the block
-        selection and the record of what the queries attend to."""
+        for 32 layers one layer at a time: docs/gpu-host-ops.md), what every layer does alike is done once for all of
+        them (`together`): the block selection, the contexts' columns, positions and rotation, and the record of what
+        the queries attend to."""
         due = [(layer, q) for layer in self.layers if (q := layer.next_query()) is not None]
         together = self.together and len(due) > 1
-        chosen = self._select_together([(l, q) for l, q in due if l._selects(q)]) if together else {}
-        recording = [(layer, q) for layer, q in due if layer.prepare_next(q, chosen.get(layer))]
+        selecting = [(layer, q) for layer, q in due if layer._selects(q)] if together else []
+        recording, chosen = [], {}
+        if len(selecting) > 1:
+            layers = [layer for layer, _ in selecting]
+            blocks = self._select_together(selecting)  # (L, n_kv, k)
+            if self._build_together(layers, blocks):
+                recording, due = selecting, [(layer, q) for layer, q in due if not layer._built_together]
+            else:
+                chosen = dict(zip(layers, blocks.unbind(0)))
+        recording += [(layer, q) for layer, q in due if layer.prepare_next(q, chosen.get(layer))]
         if together:
-            self._record_together(recording)
+            self._record_together(sorted(recording, key=lambda item: item[0].layer))
         else:
             for layer, q in recording:
                 layer.record_query(q)
 
-    def _select_together(self, selecting: list[tuple[LayerMemory, torch.Tensor]]) -> dict:
-        """{layer: its blocks (n_kv, k)} for each layer's query, each layer's own selection (select_blocks) made for
-        all of them in one scoring: the layers see the same tokens, so the same eligible blocks and lexical matches."""
-        if len(selecting) < 2:
-            return {}
+    def _select_together(self, selecting: list[tuple[LayerMemory, torch.Tensor]]) -> torch.Tensor:
+        """The blocks (L, n_kv, k) of each layer's query, each layer's own selection (select_blocks) made for all of
+        them in one scoring: the layers see the same tokens, so the same eligible blocks and lexical matches."""
         n_eligible = selecting[0][0]._n_eligible()
         reps = torch.stack([layer.store.representatives[:n_eligible] for layer, _ in selecting])  # (L, blocks, n_kv, d)
         q = torch.stack([q for _, q in selecting])
-        blocks, _ = select_blocks(q, reps, n_eligible, self.config.top_k_blocks, self.lexical_blocks(n_eligible))
-        return {layer: b for (layer, _), b in zip(selecting, blocks.unbind(0))}
+        return select_blocks(q, reps, n_eligible, self.config.top_k_blocks, self.lexical_blocks(n_eligible))[0]
+
+    def _build_together(self, layers: list[LayerMemory], blocks: torch.Tensor) -> bool:
+        """Each layer's retrieval of `blocks` (L, n_kv, k) taken and its context built, as `_retrieve` and `_build`
+        would on the device path (ids kept on the device, blocks gathered from the host store there), exactly, in
+        each layer's own buffers: the columns, duplicates, positions and rotation computed for the layers stacked (a
+        group at a time, `TOGETHER_BYTES` of working memory), then written a few operations a layer. False, with
+        nothing done, where the layers are not on that path or differ (resident counts after a truncation): they
+        then build one at a time."""
+        c, first = self.config, layers[0]
+        n_resident = first.resident.n
+        if self.c_ops or blocks.shape[2] == 0 or any(not layer.gathers_on_device or layer.resident.n != n_resident
+                                                     for layer in layers):
+            return False
+        n_kv, k = blocks.shape[1:]
+        n_keys = n_resident + k * c.block_size
+        head_dim = first.resident.head_dim
+        # per layer: keys as stored, rotated in the compute dtype, their cos and sin tables and the index tensors
+        per_layer = n_kv * n_keys * (head_dim * (torch.empty(0, dtype=self.kv_dtype).element_size()
+                                                 + 3 * torch.empty(0, dtype=self.dtype).element_size()) + 4 * 8)
+        group = max(1, min(len(layers), TOGETHER_BYTES // per_layer))
+        for start in range(0, len(layers), group):
+            self._build_group(layers[start : start + group], blocks[start : start + group], n_resident, n_keys)
+        return True
+
+    def _build_group(self, layers: list[LayerMemory], blocks: torch.Tensor, n_resident: int, n_keys: int) -> None:
+        c, first = self.config, layers[0]
+        n_layers, n_kv, _ = blocks.shape
+        head_dim = first.resident.head_dim
+        resident_idx = torch.stack([layer.resident.idx[:, :n_resident] for layer in layers])  # (L, n_kv, n_resident)
+        bidx, duplicate = _columns(blocks, resident_idx, first.store.n_blocks, c.block_size)
+        idx = torch.cat((resident_idx, bidx), dim=2)  # (L, n_kv, n_keys): each context's original indices
+        if c.positions == "compact":  # as `_build`: a count on the device, its bound on the host
+            positions, counts = _ranks_layers(idx, self.n_tokens)
+            bound, next_pos = min(self.n_tokens, n_kv * n_keys), counts.unbind(0)
+        else:
+            positions, bound, next_pos = idx, self.n_tokens, [self.n_tokens] * n_layers
+        valid = torch.cat((~duplicate, torch.ones_like(bidx, dtype=torch.bool)), dim=2)
+        # working memory of this build only (on CUDA the caching allocator's; kept, it would sit beside the next prefill)
+        keys = torch.empty(n_layers, n_kv, n_keys, head_dim, dtype=self.kv_dtype, device=self.device)
+        headroom = max(c.chunk_tokens, c.evict_every) + 1
+        asms, copies = [], ([], [], [], [], [], [])  # (destinations, sources) of the keys, values and indices
+        for i, (layer, b) in enumerate(zip(layers, blocks.unbind(0))):
+            layer._take_on_device(b)
+            key = (layer.version, layer._key)
+            asm = Assembly.empty(n_kv, n_keys, head_dim, headroom, self.context_dtype, self.device, reuse=layer.asm,
+                                 ahead=layer._decode_room())
+            kept, r = layer._kept(layer.asm, asm, key, n_resident), layer.resident
+            for part, (dst, src) in enumerate(((keys[i, :, :n_resident], r.k[:, :n_resident]),
+                                               (asm.v[:, kept:n_resident], r.v[:, kept:n_resident]),
+                                               (asm.idx[:, kept:n_keys], idx[i, :, kept:]))):
+                copies[2 * part].append(dst)
+                copies[2 * part + 1].append(src)
+            layer.store.gather(b, keys[i, :, n_resident:], asm.v[:, n_resident:n_keys])
+            asms.append((layer, asm, key))
+        for part in range(3):  # one dispatch each: on CUDA copied without a Python call a layer
+            torch._foreach_copy_(copies[2 * part], copies[2 * part + 1])
+        rotated = self.rope.rotate(keys, *self.rope.tables(positions, self.dtype, n_positions=bound))
+        if self.kv_dtype != self.dtype:  # as stored (`_rotate_into`)
+            rotated.copy_(rotated.to(self.kv_dtype))
+        torch._foreach_copy_([asm.k[:, :n_keys] for _, asm, _ in asms], list(rotated.unbind(0)))
+        for (layer, asm, key), v, pos in zip(asms, valid.unbind(0), next_pos):
+            asm.finish(n_keys, v, pos, key, n_resident, always_valid=True, bound=bound)
+            layer.asm, layer._built_together, layer._record_now = asm, True, False  # recorded by the caller
 
     def _record_together(self, recording: list[tuple[LayerMemory, torch.Tensor]]) -> None:
         """LayerMemory.record_query for every layer at once: one product a layer with its context's keys, the rest
