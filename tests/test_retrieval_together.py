@@ -8,14 +8,18 @@ blocks, the same context (keys, values, indices, validity, positions) and the sa
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from edgectx import kernels
 from edgectx.engine import Engine
 from edgectx.memory.config import MemoryConfig
 from edgectx.memory.context import ContextMemory
+from edgectx.model.cuda_graph import CudaGraphStep, capture_eager
 from edgectx.model.sampling import Sampler, SamplingParams
 from tiny_gguf import write_tiny_gguf
 
@@ -45,23 +49,30 @@ def _contexts(memory: ContextMemory) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("positions", ["compact", "original"])
-def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions):
+@pytest.mark.parametrize("positions,graphs", [("compact", False), ("original", False), ("compact", True)])
+def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions, graphs):
+    """`graphs`: decode steps through the CUDA-graph runner (replayed on the CPU with `capture_eager`), as on a GPU:
+    an evicting step then observes every layer's recent queries together too (ContextMemory.observe_together)."""
     config = MemoryConfig(**{**SMALL.to_dict(), "positions": positions})
     ids = [int(i) for i in np.random.default_rng(3).integers(0, 258, 700)]
     runs = []
     for together in (False, True):
         engine = _device_path(Engine.load(tiny, device="cpu", memory_config=config, weights="fp16"), together, config)
-        engine.prefill(ids[:600])
-        sampler = Sampler(SamplingParams(temperature=0))
-        logits, contexts = [engine.next_logits], []
-        token = sampler.sample(engine.next_logits)
-        for _ in range(60):
-            logits.append(engine.forward([token])[-1])
-            token = sampler.sample(logits[-1])
-            contexts.append(_contexts(engine.memory))
+        if graphs:
+            engine.step = CudaGraphStep(engine.model, capture=capture_eager)
+        with kernels.forced() if graphs else contextlib.nullcontext():
+            engine.prefill(ids[:600])
+            sampler = Sampler(SamplingParams(temperature=0))
+            logits, contexts = [engine.next_logits], []
+            token = sampler.sample(engine.next_logits)
+            for _ in range(60):
+                logits.append(engine.forward([token])[-1])
+                token = sampler.sample(logits[-1])
+                contexts.append(_contexts(engine.memory))
         memory = engine.memory
         runs.append((torch.stack(logits), contexts, memory.record.relevance, memory.record.n_retrievals))
+        if graphs:
+            assert engine.step.n_replays >= 50, engine.step.stats()
     (logits_a, contexts_a, record_a, n_a), (logits_b, contexts_b, record_b, n_b) = runs
     assert n_a == n_b and n_a >= 4 * 8, "the layers hardly retrieved ahead: the test proves little"
     assert torch.equal(logits_a, logits_b)

@@ -110,6 +110,62 @@ def _step_mass(q_rot: torch.Tensor, asms: list[Assembly], end: int) -> torch.Ten
     return torch.softmax(logits, dim=-1, out=logits).sum(dim=2)
 
 
+def _next_positions(memory: "ContextMemory", asms: list[Assembly]) -> torch.Tensor:
+    """(L,) on the device: the position the next token takes in each context, whether the host holds it (an int) or
+    the device (a count from a build on the device, not read yet); host ints uploaded without a stall."""
+    nexts = [asm.next_position for asm in asms]
+    if all(isinstance(p, int) for p in nexts):
+        return upload(torch.tensor(nexts), memory.device)
+    return torch.stack([p.view(()) if isinstance(p, torch.Tensor) else upload(torch.tensor(p), memory.device)
+                        for p in nexts])
+
+
+def _rotated_observers(memory: "ContextMemory", q_obs: torch.Tensor, asms: list[Assembly], back: torch.Tensor,
+                       n_new: int) -> torch.Tensor:
+    """The observed queries q_obs (L, n_heads, n_obs, d), pre-RoPE, picked `back` from the newest (n_sel,) and rotated
+    at their positions in each layer's context `asms` (the newest of the forward's `n_new` tokens at its last)."""
+    n_obs = q_obs.shape[2]
+    # Counted back from the newest; in a context whose positions are fewer than the window (a small budget under
+    # compact positions) the oldest queries stop at position 0 (indexing with a negative position took a row
+    # from the end of the table)
+    last = asms[0].next_position if len(asms) == 1 else _next_positions(memory, asms)[:, None]  # (one: as held)
+    q_pos = (last + (n_new - 1) - back).clamp_(min=0).view(len(asms), -1)  # (L, n_sel)
+    bound = max(asm.position_bound(n_new) for asm in asms)
+    cos, sin = memory.rope.tables(q_pos, memory.dtype, n_positions=bound)
+    return memory.rope.rotate(q_obs[:, :, n_obs - 1 - back], cos[:, None], sin[:, None])
+
+
+def _observed_mass(memory: "ContextMemory", q_obs: torch.Tensor, asms: list[Assembly], n_keys: int,
+                   n_new: int) -> torch.Tensor:
+    """Attention mass (L, n_kv, n_keys) that every `observe_stride`th of the observed queries q_obs (L, n_heads,
+    n_obs, d) puts on each of the first `n_keys` columns of its layer's context (`asms`), causally by original
+    index and within the valid columns, summed over the queries and each KV head's group: LayerMemory._observe for
+    L layers at once (a decode step's eviction, ContextMemory.observe_together), one product a layer."""
+    c = memory.config
+    n_layers, n_heads, n_obs, head_dim = q_obs.shape
+    n_kv = asms[0].k.shape[0]
+    back = torch.arange(0, n_obs, c.observe_stride, device=memory.device).flip(0)  # counted back from the newest
+    q_rot = _rotated_observers(memory, q_obs, asms, back, n_new)
+    qg = q_rot.reshape(n_layers, n_kv, -1, head_dim).float()
+    # (L, n_kv, group * n_sel, n_keys), each step in place: this runs at every evicting chunk, and the copies of a
+    # plain `softmax(logits.masked_fill(...))` cost more than the product (100 against 42 ms a layer for a 512-token
+    # chunk over 2,560 keys on 2 CPU threads)
+    logits = qg.new_empty(n_layers, n_kv, qg.shape[2], n_keys)
+    for i, asm in enumerate(asms):
+        torch.baddbmm(qg.new_empty(()), qg[i], asm.k[:, :n_keys].float().transpose(1, 2), beta=0.0,
+                      alpha=head_dim**-0.5, out=logits[i])
+    end_idx = memory.n_tokens + n_new
+    q_idx = (end_idx - 1 - back).repeat(n_heads // n_kv)  # (group * n_sel,)
+    idx = asms[0].idx[:, :n_keys][None] if n_layers == 1 else torch.stack([asm.idx[:, :n_keys] for asm in asms])
+    blocked = idx[:, :, None, :] > q_idx[None, None, :, None]
+    if any(asm.valid is not None for asm in asms):
+        valid = torch.stack([asm.valid[:, :n_keys] if asm.valid is not None
+                             else torch.ones(n_kv, n_keys, dtype=torch.bool, device=memory.device) for asm in asms])
+        blocked |= ~valid[:, :, None, :]
+    logits.masked_fill_(blocked, float("-inf"))
+    return torch.softmax(logits, dim=-1, out=logits).sum(dim=2)
+
+
 def _mass_per_block(mass: torch.Tensor, idx: torch.Tensor, memory: "ContextMemory", n_rows: int) -> torch.Tensor:
     """Per completed block (..., n_blocks), the mass (..., n_kv, end) on columns of original indices `idx` (same
     shape), summed over KV heads, per query row of the `n_rows` that gave it. Completed blocks before this forward
@@ -466,36 +522,25 @@ class LayerMemory:
         eviction): each query is observed once, as a prefill chunk observes its own queries, and the scores keep
         their maximum anyway. Observing the whole window again at every 64th step cost a quarter of the steps'
         time at 4096 tokens (0.47 s for 128 queries x 30 layers, against 1.4 s for the 64 steps)."""
-        m, c = self.memory, self.memory.config
-        window = c.n_observe if q.shape[1] > 1 else min(c.n_observe, c.evict_every)
-        q_obs = torch.cat((self.q_recent[:, -window:], q), dim=1)[:, -window:]  # (n_heads, n_obs, d) pre-RoPE
-        n_obs, n_heads, head_dim = q_obs.shape[1], q_obs.shape[0], q_obs.shape[2]
-        last = asm.next_position + q.shape[1]  # (a device count after a chunk's retrieval: Assembly.next_pos)
+        m = self.memory
+        q_obs = self._observed_queries(q)  # (n_heads, n_obs, d) pre-RoPE
+        if not m.c_ops:
+            return _observed_mass(m, q_obs[None], [asm], n_keys, q.shape[1])[0]
+        # from the float16 context in C, no widened copy (cpu_attention.attention_mass)
+        c, n_heads, n_obs = m.config, q_obs.shape[0], q_obs.shape[1]
         back = torch.arange(0, n_obs, c.observe_stride, device=m.device).flip(0)  # counted back from the newest
-        q_obs = q_obs[:, n_obs - 1 - back]
-        # Counted back from the newest; in a context whose positions are fewer than the window (a small budget under
-        # compact positions) the oldest queries stop at position 0 (indexing with a negative position took a row
-        # from the end of the table)
-        q_pos = (last - 1 - back).clamp_(min=0)
-        q_rot = m.rope.rotate(q_obs, *m.rope.tables(q_pos, m.dtype, n_positions=asm.position_bound(q.shape[1])))
+        q_rot = _rotated_observers(m, q_obs[None], [asm], back, q.shape[1])[0]
         end_idx = m.n_tokens + q.shape[1]
-        if m.c_ops:  # from the float16 context in C, no widened copy (cpu_attention.attention_mass)
-            scratch = self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys)
-            return cpu_attention.attention_mass(q_rot.contiguous(), asm.k, n_keys, scratch, valid=asm.valid,
-                                                idx=asm.idx, q_idx=end_idx - 1 - back)
-        n_kv = asm.k.shape[0]
-        qg = q_rot.reshape(n_kv, -1, head_dim).float()
-        # (n_kv, group * n_obs, n_keys), each step in place: this runs at every evicting chunk, and the copies of
-        # a plain `softmax(logits.masked_fill(...))` cost more than the product (100 against 42 ms a layer
-        # for a 512-token chunk over 2,560 keys on 2 CPU threads)
-        logits = torch.baddbmm(qg.new_empty(()), qg, asm.k[:, :n_keys].float().transpose(1, 2), beta=0.0,
-                               alpha=head_dim**-0.5)
-        q_idx = (end_idx - 1 - back).repeat(n_heads // n_kv)  # (group * n_obs,)
-        blocked = asm.idx[:, None, :n_keys] > q_idx[None, :, None]
-        if asm.valid is not None:
-            blocked |= ~asm.valid[:, None, :n_keys]
-        logits.masked_fill_(blocked, float("-inf"))
-        return torch.softmax(logits, dim=-1, out=logits).sum(dim=1)
+        scratch = self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys)
+        return cpu_attention.attention_mass(q_rot.contiguous(), asm.k, n_keys, scratch, valid=asm.valid,
+                                            idx=asm.idx, q_idx=end_idx - 1 - back)
+
+    def _observed_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries an eviction observes, pre-RoPE (n_heads, n_obs, d), oldest first: the last `n_observe` with
+        those of the forward `q`, for a decode step the last `evict_every` (see `_observe`)."""
+        c = self.memory.config
+        window = c.n_observe if q.shape[1] > 1 else min(c.n_observe, c.evict_every)
+        return torch.cat((self.q_recent[:, -window:], q), dim=1)[:, -window:]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.memory
@@ -594,12 +639,17 @@ class LayerMemory:
         return self.evicted and c.top_k_blocks > 0 and self.steps_since_retrieval >= c.retrieve_every
 
     def _plan_commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asm: Assembly, start: int,
-                     features: torch.Tensor | None = None) -> None:
-        """What `commit` will do after a forward whose `n_new` tokens sit at columns [start, start + n_new)."""
+                     features: torch.Tensor | None = None, observed: torch.Tensor | None = None) -> None:
+        """What `commit` will do after a forward whose `n_new` tokens sit at columns [start, start + n_new).
+        `observed`: what an evicting forward's observation gave (`_observe`), computed already with every layer's
+        (ContextMemory.observe_together)."""
         m = self.memory
         n_new = q.shape[1]
         evict = self.evicts(n_new)
-        observed = self._observe(q, asm, start + n_new) if evict and m.scorer.observes else None
+        if not evict or not m.scorer.observes:
+            observed = None
+        elif observed is None:
+            observed = self._observe(q, asm, start + n_new)
         if n_new == 1 and m.scorer.scores_steps_together:  # every layer's at once, in ContextMemory.commit
             features = m.scorer.step_features(q, k, v) if features is None else features[None]
             self._pending = _Pending(k, v, q, None, observed, evict, features=features)
@@ -940,6 +990,27 @@ class ContextMemory:
             for layer, q in recording:
                 layer.record_query(q)
 
+    def observe_together(self, queries: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """For a decode step whose every layer wrote its column (a captured step: edgectx.memory.graph_step), given
+        each layer's query (n_heads, 1, d) pre-RoPE: what each layer that evicts at its commit observes
+        (LayerMemory._observe), for all of them at once (`together`: one product a layer, the rest stacked); None
+        for a layer that does not evict, or where the layers do not allow it (they then observe for themselves)."""
+        out: list[torch.Tensor | None] = [None] * len(self.layers)
+        evicting = [layer for layer in self.layers if layer.evicts(1)] if self.scorer.observes else []
+        if not self.together or self.c_ops or len(evicting) < 2:
+            return out
+        asms = [layer.asm for layer in evicting]
+        n_keys = asms[0].length + 1  # the step's own column included
+        windows = {layer.q_recent.shape[1] for layer in evicting}
+        if any(asm.length + 1 != n_keys for asm in asms) or len(windows) != 1:
+            return out
+        window = min(self.config.n_observe, self.config.evict_every)  # LayerMemory._observed_queries, stacked
+        q_obs = torch.cat((torch.stack([layer.q_recent[:, -window:] for layer in evicting]),
+                           torch.stack([queries[layer.layer] for layer in evicting])), dim=2)[:, :, -window:]
+        for layer, observed in zip(evicting, _observed_mass(self, q_obs, asms, n_keys, 1).unbind(0)):
+            out[layer.layer] = observed
+        return out
+
     def _select_together(self, selecting: list[tuple[LayerMemory, torch.Tensor]]) -> torch.Tensor:
         """The blocks (L, n_kv, k) of each layer's query, each layer's own selection (select_blocks) made for all of
         them in one scoring: the layers see the same tokens, so the same eligible blocks and lexical matches."""
@@ -1021,13 +1092,8 @@ class ContextMemory:
             for layer, q in recording:
                 layer.record_query(q)
             return
-        nexts = [a.next_position for a in asms]  # host ints, or device counts (a context built on the device)
-        if all(isinstance(p, int) for p in nexts):
-            positions = upload(torch.tensor(nexts), self.device)
-        else:
-            positions = torch.stack([torch.as_tensor(p, device=self.device) for p in nexts])
         bound = max(a.position_bound(1) for a in asms)
-        cos, sin = self.rope.tables(positions.sub(1).view(-1, 1), self.dtype, n_positions=bound)  # (L, 1, rope_dim)
+        cos, sin = self.rope.tables(_next_positions(self, asms).sub(1).view(-1, 1), self.dtype, n_positions=bound)
         q_rot = self.rope.rotate(torch.stack([q for _, q in recording]), cos[:, None], sin[:, None])
         mass = _step_mass(q_rot, asms, end)  # (L, n_kv, end)
         idx = torch.stack([a.idx[:, :end] for a in asms])

@@ -128,8 +128,9 @@ def memory_graph_step(memory) -> GraphStep | None:
            tensor_key(m.stage_offsets), *(l.key() for l in layers))
 
     def finish(recorded: list) -> None:
-        for layer, (q, k, v) in zip(m.layers, recorded):
-            layer._plan_commit(q, k, v, layer.asm, layer.asm.length)
+        observed = m.observe_together([q for q, _, _ in recorded])  # an evicting step's, every layer's at once
+        for layer, (q, k, v), seen in zip(m.layers, recorded, observed):
+            layer._plan_commit(q, k, v, layer.asm, layer.asm.length, observed=seen)
             layer._pending.written = True  # the step wrote what the commit would copy: it counts them
 
     return GraphStep(key, layers, m.graph_scalars, rows, finish, outputs)
