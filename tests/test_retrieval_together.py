@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from edgectx import kernels
 from edgectx.engine import Engine
 from edgectx.memory.config import MemoryConfig
+from edgectx.memory import together as together_module
 from edgectx.memory.context import ContextMemory
 from edgectx.model.cuda_graph import CudaGraphStep, capture_eager
 from edgectx.model.sampling import Sampler, SamplingParams
@@ -49,10 +50,15 @@ def _contexts(memory: ContextMemory) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("positions,graphs", [("compact", False), ("original", False), ("compact", True)])
-def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions, graphs):
+@pytest.mark.parametrize("positions,graphs,one_by_one", [("compact", False, False), ("original", False, False),
+                                                          ("compact", True, False), ("compact", True, True)])
+def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions, graphs, one_by_one,
+                                                                         monkeypatch):
     """`graphs`: decode steps through the CUDA-graph runner (replayed on the CPU with `capture_eager`), as on a GPU:
-    an evicting step then observes every layer's recent queries together too (ContextMemory.observe_together)."""
+    an evicting step then observes every layer's recent queries together too (edgectx.memory.together.observe).
+    `one_by_one`: working memory for one layer only, so that the layers go in groups of one."""
+    if one_by_one:
+        monkeypatch.setattr(together_module, "TOGETHER_BYTES", 1)
     config = MemoryConfig(**{**SMALL.to_dict(), "positions": positions})
     ids = [int(i) for i in np.random.default_rng(3).integers(0, 258, 700)]
     runs = []

@@ -60,6 +60,9 @@ from edgectx.memory.config import MemoryConfig
 from edgectx.memory.lexical import UNKNOWN, TokenIndex
 from edgectx.memory.tiers import REUSE_SLACK, Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks
+from edgectx.memory import together
+from edgectx.memory.columns import block_columns, ranks
+from edgectx.memory.mass import mass_per_block, observed_mass, rotated_observers, step_mass
 from edgectx.model.rope import Rope
 from edgectx.memory.recent import RecentQueries
 from edgectx.memory.scoring import AttentionMassScorer, EvictionScorer
@@ -71,134 +74,6 @@ from edgectx.model.spec import ModelSpec
 _GRAPH_WRITES = (torch.float16, torch.float32)
 _RETRIEVALS = itertools.count()  # names a retrieval on the device until its ids are read (LayerMemory._retrieve)
 RECORD_QUERIES = 64  # a chunk's newest queries whose attention the record keeps (the question, in a chat turn)
-
-
-def _ranks(idx: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each entry's rank among the distinct values of `idx` (same shape), and their count (a 0-d long tensor):
-    `searchsorted(unique(idx), idx)` and `len(unique(idx))` with static shapes, so nothing is read back.
-    `bound`: every value is below it (known on the host). Where it is small next to `idx` (a context of a few
-    thousand tokens), the ranks come from a presence map's running count instead of a sort: 36 against 133 µs
-    for 3 x 2,600 indices among 4,096 tokens on 2 CPU threads."""
-    flat = idx.flatten()
-    if flat.numel() == 0:
-        return idx.clone(), torch.tensor(0, device=idx.device)
-    if bound is not None and bound <= 4 * flat.numel():
-        count = torch.zeros(bound, dtype=torch.long, device=idx.device).index_fill_(0, flat, 1).cumsum(0)
-        return count.index_select(0, flat).sub_(1).view(idx.shape), count[-1]
-    values, order = flat.sort()
-    first = torch.ones_like(values, dtype=torch.bool)
-    first[1:] = values[1:] != values[:-1]
-    rank = first.cumsum(0) - 1
-    return torch.empty_like(rank).scatter_(0, order, rank).view(idx.shape), rank[-1] + 1
-
-
-def _step_mass(q_rot: torch.Tensor, asms: list[Assembly], end: int) -> torch.Tensor:
-    """Attention mass (L, n_kv, end) that decode queries q_rot (L, n_heads, 1, d), rotated, put on each column of
-    their contexts `asms` (L of them, columns [0, end) each), summed over each KV head's group of query heads; a
-    query sees every valid column. One product a context, the rest once for all of them."""
-    n_layers, n_heads, _, head_dim = q_rot.shape
-    n_kv = asms[0].k.shape[0]
-    qg = q_rot.reshape(n_layers, n_kv, n_heads // n_kv, head_dim) * head_dim**-0.5  # heads h*group.. share KV head h
-    logits = qg.new_empty(n_layers, n_kv, n_heads // n_kv, end)
-    for i, asm in enumerate(asms):
-        torch.matmul(qg[i], asm.k[:, :end].to(qg.dtype).transpose(1, 2), out=logits[i])
-    logits = logits.float()
-    if any(asm.valid is not None for asm in asms):
-        valid = torch.stack([asm.valid[:, :end] if asm.valid is not None
-                             else torch.ones(n_kv, end, dtype=torch.bool, device=logits.device) for asm in asms])
-        logits.masked_fill_(~valid[:, :, None], float("-inf"))
-    return torch.softmax(logits, dim=-1, out=logits).sum(dim=2)
-
-
-def _next_positions(memory: "ContextMemory", asms: list[Assembly]) -> torch.Tensor:
-    """(L,) on the device: the position the next token takes in each context, whether the host holds it (an int) or
-    the device (a count from a build on the device, not read yet); host ints uploaded without a stall."""
-    nexts = [asm.next_position for asm in asms]
-    if all(isinstance(p, int) for p in nexts):
-        return upload(torch.tensor(nexts), memory.device)
-    return torch.stack([p.view(()) if isinstance(p, torch.Tensor) else upload(torch.tensor(p), memory.device)
-                        for p in nexts])
-
-
-def _rotated_observers(memory: "ContextMemory", q_obs: torch.Tensor, asms: list[Assembly], back: torch.Tensor,
-                       n_new: int) -> torch.Tensor:
-    """The observed queries q_obs (L, n_heads, n_obs, d), pre-RoPE, picked `back` from the newest (n_sel,) and rotated
-    at their positions in each layer's context `asms` (the newest of the forward's `n_new` tokens at its last)."""
-    n_obs = q_obs.shape[2]
-    # Counted back from the newest; in a context whose positions are fewer than the window (a small budget under
-    # compact positions) the oldest queries stop at position 0 (indexing with a negative position took a row
-    # from the end of the table)
-    last = asms[0].next_position if len(asms) == 1 else _next_positions(memory, asms)[:, None]  # (one: as held)
-    q_pos = (last + (n_new - 1) - back).clamp_(min=0).view(len(asms), -1)  # (L, n_sel)
-    bound = max(asm.position_bound(n_new) for asm in asms)
-    cos, sin = memory.rope.tables(q_pos, memory.dtype, n_positions=bound)
-    return memory.rope.rotate(q_obs[:, :, n_obs - 1 - back], cos[:, None], sin[:, None])
-
-
-def _observed_mass(memory: "ContextMemory", q_obs: torch.Tensor, asms: list[Assembly], n_keys: int,
-                   n_new: int) -> torch.Tensor:
-    """Attention mass (L, n_kv, n_keys) that every `observe_stride`th of the observed queries q_obs (L, n_heads,
-    n_obs, d) puts on each of the first `n_keys` columns of its layer's context (`asms`), causally by original
-    index and within the valid columns, summed over the queries and each KV head's group: LayerMemory._observe for
-    L layers at once (a decode step's eviction, ContextMemory.observe_together), one product a layer."""
-    c = memory.config
-    n_layers, n_heads, n_obs, head_dim = q_obs.shape
-    n_kv = asms[0].k.shape[0]
-    back = torch.arange(0, n_obs, c.observe_stride, device=memory.device).flip(0)  # counted back from the newest
-    q_rot = _rotated_observers(memory, q_obs, asms, back, n_new)
-    qg = q_rot.reshape(n_layers, n_kv, -1, head_dim).float()
-    # (L, n_kv, group * n_sel, n_keys), each step in place: this runs at every evicting chunk, and the copies of a
-    # plain `softmax(logits.masked_fill(...))` cost more than the product (100 against 42 ms a layer for a 512-token
-    # chunk over 2,560 keys on 2 CPU threads)
-    logits = qg.new_empty(n_layers, n_kv, qg.shape[2], n_keys)
-    for i, asm in enumerate(asms):
-        torch.baddbmm(qg.new_empty(()), qg[i], asm.k[:, :n_keys].float().transpose(1, 2), beta=0.0,
-                      alpha=head_dim**-0.5, out=logits[i])
-    end_idx = memory.n_tokens + n_new
-    q_idx = (end_idx - 1 - back).repeat(n_heads // n_kv)  # (group * n_sel,)
-    idx = asms[0].idx[:, :n_keys][None] if n_layers == 1 else torch.stack([asm.idx[:, :n_keys] for asm in asms])
-    blocked = idx[:, :, None, :] > q_idx[None, None, :, None]
-    if any(asm.valid is not None for asm in asms):
-        valid = torch.stack([asm.valid[:, :n_keys] if asm.valid is not None
-                             else torch.ones(n_kv, n_keys, dtype=torch.bool, device=memory.device) for asm in asms])
-        blocked |= ~valid[:, :, None, :]
-    logits.masked_fill_(blocked, float("-inf"))
-    return torch.softmax(logits, dim=-1, out=logits).sum(dim=2)
-
-
-def _mass_per_block(mass: torch.Tensor, idx: torch.Tensor, memory: "ContextMemory", n_rows: int) -> torch.Tensor:
-    """Per completed block (..., n_blocks), the mass (..., n_kv, end) on columns of original indices `idx` (same
-    shape), summed over KV heads, per query row of the `n_rows` that gave it. Completed blocks before this forward
-    only: a passage of the context, not the query's own tokens. The sinks and everything newer go to bin n_blocks,
-    which is dropped (attention parks its spare mass on the sinks whatever the question)."""
-    c = memory.config
-    n_blocks = memory.n_tokens // c.block_size
-    bins = torch.div(idx, c.block_size, rounding_mode="floor").clamp_(max=n_blocks).masked_fill_(idx < c.n_sink, n_blocks)
-    per_block = mass.new_zeros(*mass.shape[:-1], n_blocks + 1).scatter_add_(-1, bins, mass)
-    return per_block[..., :n_blocks].sum(dim=-2).mul_(1.0 / n_rows)
-
-
-def _ranks_layers(idx: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_ranks` for each layer of idx (L, ...) on its own: (ranks (L, ...), counts (L,)). The layers' values are set
-    apart (layer l's shifted by l * bound) and ranked together; a layer's lowest rank is then the count of the
-    distinct values before it."""
-    n_layers = idx.shape[0]
-    shift = torch.arange(n_layers, device=idx.device).mul_(bound).view(n_layers, *[1] * (idx.dim() - 1))
-    ranks, _ = _ranks(idx + shift, n_layers * bound)
-    flat = ranks.view(n_layers, -1)
-    flat.sub_(flat.amin(dim=1, keepdim=True))
-    return ranks, flat.amax(dim=1) + 1
-
-
-def _columns(blocks: torch.Tensor, resident_idx: torch.Tensor, n_blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Original indices of the retrieved blocks' columns (..., n_kv, k * block_size) and, per resident column, whether
-    it is a copy of a retrieved token (..., n_kv, n_resident), for block ids (..., n_kv, k) on the device, resident
-    indices `resident_idx` (..., n_kv, n_resident) and `n_blocks` completed blocks."""
-    offsets = torch.arange(block_size, device=blocks.device)
-    bidx = (blocks[..., None] * block_size + offsets).flatten(-2)
-    picked = torch.zeros(*blocks.shape[:-1], n_blocks + 1, dtype=torch.bool, device=blocks.device)
-    picked.scatter_(-1, blocks, True)
-    return bidx, picked.gather(-1, (resident_idx // block_size).clamp_(max=n_blocks))
 
 
 @dataclass
@@ -239,7 +114,7 @@ class LayerMemory:
         self.asm: Assembly | None = None
         self._record_now = False  # this forward retrieved: record what its queries attend to
         self._last_q: torch.Tensor | None = None  # the last decode step's query (pre-RoPE), for `prepare_next`
-        self._built_together = False  # ContextMemory._build_together built this step's context (read once)
+        self._built_together = False  # edgectx.memory.together built this step's context (read once)
         self.version = 0  # bumped whenever the resident set changes other than by appending
         self._pending: _Pending | None = None
         self._layout: tuple | None = None  # decode_slot's: (context K, V, mask, write rows, the slot's layout)
@@ -299,7 +174,7 @@ class LayerMemory:
 
     def _retrieve(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks (n_kv, k) the forward with queries `q` attends to; `blocks`: selected for it already (with
-        every layer's, ContextMemory._prepare_next)."""
+        every layer's, edgectx.memory.together)."""
         m, c = self.memory, self.memory.config
         if not self.evicted or c.top_k_blocks == 0:
             return self.selection[:, :0]
@@ -358,15 +233,15 @@ class LayerMemory:
         return self.asm
 
     def _columns(self, blocks_d: torch.Tensor, n_resident: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_columns` for this layer's resident columns [0, n_resident); blocks_d (n_kv, k) on the device."""
-        return _columns(blocks_d, self.resident.idx[:, :n_resident], self.store.n_blocks, self.memory.config.block_size)
+        """`block_columns` for this layer's resident columns [0, n_resident); blocks_d (n_kv, k) on the device."""
+        return block_columns(blocks_d, self.resident.idx[:, :n_resident], self.store.n_blocks, self.memory.config.block_size)
 
     def _build_facts(self, blocks_d: torch.Tensor, n_resident: int) -> torch.Tensor:
         """(2,) on the device: whether any resident token duplicates a retrieved one, and the position the next
         token takes (compact: the distinct indices in the context; original: the token count)."""
         bidx, duplicate = self._columns(blocks_d, n_resident)
         if self.memory.config.positions == "compact":
-            _, n_present = _ranks(torch.cat((self.resident.idx[:, :n_resident], bidx), dim=1), self.memory.n_tokens)
+            _, n_present = ranks(torch.cat((self.resident.idx[:, :n_resident], bidx), dim=1), self.memory.n_tokens)
         else:
             n_present = torch.tensor(self.memory.n_tokens, device=bidx.device)
         return torch.stack((duplicate.any().long(), n_present))
@@ -402,7 +277,7 @@ class LayerMemory:
             asm.idx[:, n_resident:n_keys], duplicate = self._columns(selection, n_resident)
             self.store.gather(selection, k[:, n_resident:], asm.v[:, n_resident:n_keys])
             idx = asm.idx[:, :n_keys]
-            positions, next_pos = _ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, n_tokens)
+            positions, next_pos = ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, n_tokens)
             # compact: the count of distinct indices, each below the token count, at most every head's columns
             # distinct (heads retain tokens of their own): not the context's length
             bound = min(m.n_tokens, n_kv * n_keys) if c.positions == "compact" else n_tokens
@@ -424,7 +299,7 @@ class LayerMemory:
             self.cache.kv_into(slots_d, k[:, n_resident:], asm.v[:, n_resident:n_keys])
         idx = asm.idx[:, :n_keys]
         # Compact positions: duplicates need no exclusion (a resident copy's index is its retrieved twin's).
-        positions, n_present = _ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, None)
+        positions, n_present = ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, None)
         _, any_duplicate, next_pos = facts or self._read_facts(duplicate, n_present, n_resident, n_tokens)
         if any_duplicate:
             valid = torch.cat((~duplicate, torch.ones(n_kv, n_keys - n_resident, dtype=torch.bool,
@@ -499,7 +374,7 @@ class LayerMemory:
                                                 valid=asm.valid)
             return self._per_block(mass, asm, end, n_kv * group * t)
         if n_new == 1:
-            return self._per_block(_step_mass(q_rot[None], [asm], end)[0], asm, end, n_kv * group)
+            return self._per_block(step_mass(q_rot[None], [asm], end)[0], asm, end, n_kv * group)
         qg = q_rot[:, n_new - t :].reshape(n_kv, group * t, head_dim) * head_dim**-0.5  # heads h*group.. share KV head h
         logits = (qg @ asm.k[:, :end].to(qg.dtype).transpose(1, 2)).float()  # (n_kv, group * t, end)
         mask = asm.mask(start, n_new)
@@ -514,7 +389,7 @@ class LayerMemory:
 
     def _per_block(self, mass: torch.Tensor, asm: Assembly, end: int, n_rows: int) -> torch.Tensor:
         """`_attended`'s per-block mass from the per-column mass (n_kv, end) of `n_rows` query rows."""
-        return _mass_per_block(mass, asm.idx[:, :end], self.memory, n_rows)
+        return mass_per_block(mass, asm.idx[:, :end], self.memory, n_rows)
 
     def _observe(self, q: torch.Tensor, asm: Assembly, n_keys: int) -> torch.Tensor:
         """Attention mass (n_kv, n_keys) that every `observe_stride`th of the last `n_observe` queries puts on
@@ -525,11 +400,11 @@ class LayerMemory:
         m = self.memory
         q_obs = self._observed_queries(q)  # (n_heads, n_obs, d) pre-RoPE
         if not m.c_ops:
-            return _observed_mass(m, q_obs[None], [asm], n_keys, q.shape[1])[0]
+            return observed_mass(m, q_obs[None], [asm], n_keys, q.shape[1])[0]
         # from the float16 context in C, no widened copy (cpu_attention.attention_mass)
         c, n_heads, n_obs = m.config, q_obs.shape[0], q_obs.shape[1]
         back = torch.arange(0, n_obs, c.observe_stride, device=m.device).flip(0)  # counted back from the newest
-        q_rot = _rotated_observers(m, q_obs[None], [asm], back, q.shape[1])[0]
+        q_rot = rotated_observers(m, q_obs[None], [asm], back, q.shape[1])[0]
         end_idx = m.n_tokens + q.shape[1]
         scratch = self._mass_scratch(n_heads // asm.k.shape[0] * len(back) * n_keys)
         return cpu_attention.attention_mass(q_rot.contiguous(), asm.k, n_keys, scratch, valid=asm.valid,
@@ -642,7 +517,7 @@ class LayerMemory:
                      features: torch.Tensor | None = None, observed: torch.Tensor | None = None) -> None:
         """What `commit` will do after a forward whose `n_new` tokens sit at columns [start, start + n_new).
         `observed`: what an evicting forward's observation gave (`_observe`), computed already with every layer's
-        (ContextMemory.observe_together)."""
+        (edgectx.memory.together.observe)."""
         m = self.memory
         n_new = q.shape[1]
         evict = self.evicts(n_new)
@@ -709,7 +584,7 @@ class LayerMemory:
     def prepare_next(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> bool:
         """Retrieve with `next_query`'s `q` (`blocks`: selected for it already) and rebuild the context for the next
         step. True where this retrieved: what `q` attends to in the new context is then to be recorded, as `attend`
-        records it (`record_query`, or ContextMemory._record_together for every layer at once)."""
+        records it (`record_query`, or edgectx.memory.together.record for every layer at once)."""
         self._assemble(self._retrieve(q, blocks), decoding=True)
         record, self._record_now = self._record_now, False
         return record
@@ -805,11 +680,6 @@ class LayerMemory:
 
 
 RETRIEVE_AHEAD = os.environ.get("EDGECTX_RETRIEVE_AHEAD", "1") != "0"
-# Working memory of the layers' contexts built together (ContextMemory._build_together), a group of layers at a time:
-# about 18 MB a layer for an 8B model (8 KV heads x ~2,100 columns, whatever the context's length), 3 groups of 14
-TOGETHER_BYTES = 256 << 20
-
-
 class ContextMemory:
     """The KVMemory of a long conversation: one LayerMemory per layer, plus the retrieval record."""
 
@@ -838,7 +708,7 @@ class ContextMemory:
         # reads nothing but a retrieval's block ids; on the CPU, where reading is free, the plain path does
         # less work. Tests turn it on for a CPU memory to count the syncs the CUDA path would make.
         self.device_bookkeeping = device.type == "cuda" if device_bookkeeping is None else device_bookkeeping
-        # The layers' retrievals ahead of a decode step done together where they can be (`_prepare_next`): on the
+        # The layers' retrievals ahead of a decode step done together where they can be (edgectx.memory.together): on the
         # device path, where every operation is a launch the host pays for. Each layer gets what it alone would.
         self.together = self.device_bookkeeping
         # Whether a one-token step may run as one ggml graph (LayerMemory.decode_slot): a float32 model on the CPU
@@ -967,137 +837,15 @@ class ContextMemory:
         self._steady = min(layer.steady_steps() for layer in self.layers) if together else 0
 
     def _prepare_next(self) -> None:
-        """Every layer's retrieval and rebuild ahead of the next decode step (LayerMemory.prepare_next). On the device
-        path (CUDA), where each operation is a launch that the host pays for (a retrieval step issued ~2,800 of them
-        for 32 layers one layer at a time: docs/gpu-host-ops.md), what every layer does alike is done once for all of
-        them (`together`): the block selection, the contexts' columns, positions and rotation, and the record of what
-        the queries attend to."""
+        """Every layer's retrieval and rebuild ahead of the next decode step (LayerMemory.prepare_next), together where
+        they may be (edgectx.memory.together)."""
         due = [(layer, q) for layer in self.layers if (q := layer.next_query()) is not None]
-        together = self.together and len(due) > 1
-        selecting = [(layer, q) for layer, q in due if layer._selects(q)] if together else []
-        recording, chosen = [], {}
-        if len(selecting) > 1:
-            layers = [layer for layer, _ in selecting]
-            blocks = self._select_together(selecting)  # (L, n_kv, k)
-            if self._build_together(layers, blocks):
-                recording, due = selecting, [(layer, q) for layer, q in due if not layer._built_together]
-            else:
-                chosen = dict(zip(layers, blocks.unbind(0)))
-        recording += [(layer, q) for layer, q in due if layer.prepare_next(q, chosen.get(layer))]
-        if together:
-            self._record_together(sorted(recording, key=lambda item: item[0].layer))
-        else:
-            for layer, q in recording:
-                layer.record_query(q)
-
-    def observe_together(self, queries: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """For a decode step whose every layer wrote its column (a captured step: edgectx.memory.graph_step), given
-        each layer's query (n_heads, 1, d) pre-RoPE: what each layer that evicts at its commit observes
-        (LayerMemory._observe), for all of them at once (`together`: one product a layer, the rest stacked); None
-        for a layer that does not evict, or where the layers do not allow it (they then observe for themselves)."""
-        out: list[torch.Tensor | None] = [None] * len(self.layers)
-        evicting = [layer for layer in self.layers if layer.evicts(1)] if self.scorer.observes else []
-        if not self.together or self.c_ops or len(evicting) < 2:
-            return out
-        asms = [layer.asm for layer in evicting]
-        n_keys = asms[0].length + 1  # the step's own column included
-        windows = {layer.q_recent.shape[1] for layer in evicting}
-        if any(asm.length + 1 != n_keys for asm in asms) or len(windows) != 1:
-            return out
-        window = min(self.config.n_observe, self.config.evict_every)  # LayerMemory._observed_queries, stacked
-        q_obs = torch.cat((torch.stack([layer.q_recent[:, -window:] for layer in evicting]),
-                           torch.stack([queries[layer.layer] for layer in evicting])), dim=2)[:, :, -window:]
-        for layer, observed in zip(evicting, _observed_mass(self, q_obs, asms, n_keys, 1).unbind(0)):
-            out[layer.layer] = observed
-        return out
-
-    def _select_together(self, selecting: list[tuple[LayerMemory, torch.Tensor]]) -> torch.Tensor:
-        """The blocks (L, n_kv, k) of each layer's query, each layer's own selection (select_blocks) made for all of
-        them in one scoring: the layers see the same tokens, so the same eligible blocks and lexical matches."""
-        n_eligible = selecting[0][0]._n_eligible()
-        reps = torch.stack([layer.store.representatives[:n_eligible] for layer, _ in selecting])  # (L, blocks, n_kv, d)
-        q = torch.stack([q for _, q in selecting])
-        return select_blocks(q, reps, n_eligible, self.config.top_k_blocks, self.lexical_blocks(n_eligible))[0]
-
-    def _build_together(self, layers: list[LayerMemory], blocks: torch.Tensor) -> bool:
-        """Each layer's retrieval of `blocks` (L, n_kv, k) taken and its context built, as `_retrieve` and `_build`
-        would on the device path (ids kept on the device, blocks gathered from the host store there), exactly, in
-        each layer's own buffers: the columns, duplicates, positions and rotation computed for the layers stacked (a
-        group at a time, `TOGETHER_BYTES` of working memory), then written a few operations a layer. False, with
-        nothing done, where the layers are not on that path or differ (resident counts after a truncation): they
-        then build one at a time."""
-        c, first = self.config, layers[0]
-        n_resident = first.resident.n
-        if self.c_ops or blocks.shape[2] == 0 or any(not layer.gathers_on_device or layer.resident.n != n_resident
-                                                     for layer in layers):
-            return False
-        n_kv, k = blocks.shape[1:]
-        n_keys = n_resident + k * c.block_size
-        head_dim = first.resident.head_dim
-        # per layer: keys as stored, rotated in the compute dtype, their cos and sin tables and the index tensors
-        per_layer = n_kv * n_keys * (head_dim * (torch.empty(0, dtype=self.kv_dtype).element_size()
-                                                 + 3 * torch.empty(0, dtype=self.dtype).element_size()) + 4 * 8)
-        group = max(1, min(len(layers), TOGETHER_BYTES // per_layer))
-        for start in range(0, len(layers), group):
-            self._build_group(layers[start : start + group], blocks[start : start + group], n_resident, n_keys)
-        return True
-
-    def _build_group(self, layers: list[LayerMemory], blocks: torch.Tensor, n_resident: int, n_keys: int) -> None:
-        c, first = self.config, layers[0]
-        n_layers, n_kv, _ = blocks.shape
-        head_dim = first.resident.head_dim
-        resident_idx = torch.stack([layer.resident.idx[:, :n_resident] for layer in layers])  # (L, n_kv, n_resident)
-        bidx, duplicate = _columns(blocks, resident_idx, first.store.n_blocks, c.block_size)
-        idx = torch.cat((resident_idx, bidx), dim=2)  # (L, n_kv, n_keys): each context's original indices
-        if c.positions == "compact":  # as `_build`: a count on the device, its bound on the host
-            positions, counts = _ranks_layers(idx, self.n_tokens)
-            bound, next_pos = min(self.n_tokens, n_kv * n_keys), counts.unbind(0)
-        else:
-            positions, bound, next_pos = idx, self.n_tokens, [self.n_tokens] * n_layers
-        valid = torch.cat((~duplicate, torch.ones_like(bidx, dtype=torch.bool)), dim=2)
-        # working memory of this build only (on CUDA the caching allocator's; kept, it would sit beside the next prefill)
-        keys = torch.empty(n_layers, n_kv, n_keys, head_dim, dtype=self.kv_dtype, device=self.device)
-        headroom = max(c.chunk_tokens, c.evict_every) + 1
-        asms, copies = [], ([], [], [], [], [], [])  # (destinations, sources) of the keys, values and indices
-        for i, (layer, b) in enumerate(zip(layers, blocks.unbind(0))):
-            layer._take_on_device(b)
-            key = (layer.version, layer._key)
-            asm = Assembly.empty(n_kv, n_keys, head_dim, headroom, self.context_dtype, self.device, reuse=layer.asm,
-                                 ahead=layer._decode_room())
-            kept, r = layer._kept(layer.asm, asm, key, n_resident), layer.resident
-            for part, (dst, src) in enumerate(((keys[i, :, :n_resident], r.k[:, :n_resident]),
-                                               (asm.v[:, kept:n_resident], r.v[:, kept:n_resident]),
-                                               (asm.idx[:, kept:n_keys], idx[i, :, kept:]))):
-                copies[2 * part].append(dst)
-                copies[2 * part + 1].append(src)
-            layer.store.gather(b, keys[i, :, n_resident:], asm.v[:, n_resident:n_keys])
-            asms.append((layer, asm, key))
-        for part in range(3):  # one dispatch each: on CUDA copied without a Python call a layer
-            torch._foreach_copy_(copies[2 * part], copies[2 * part + 1])
-        rotated = self.rope.rotate(keys, *self.rope.tables(positions, self.dtype, n_positions=bound))
-        if self.kv_dtype != self.dtype:  # as stored (`_rotate_into`)
-            rotated.copy_(rotated.to(self.kv_dtype))
-        torch._foreach_copy_([asm.k[:, :n_keys] for _, asm, _ in asms], list(rotated.unbind(0)))
-        for (layer, asm, key), v, pos in zip(asms, valid.unbind(0), next_pos):
-            asm.finish(n_keys, v, pos, key, n_resident, always_valid=True, bound=bound)
-            layer.asm, layer._built_together, layer._record_now = asm, True, False  # recorded by the caller
-
-    def _record_together(self, recording: list[tuple[LayerMemory, torch.Tensor]]) -> None:
-        """LayerMemory.record_query for every layer at once: one product a layer with its context's keys, the rest
-        (rotation, softmax, the sums per block) stacked. Layers whose contexts differ in length (after a truncation)
-        or that attend in C record one at a time."""
-        asms = [layer.asm for layer, _ in recording]
-        end = asms[0].length if asms else 0
-        if len(recording) < 2 or self.c_ops or any(a.length != end for a in asms):
-            for layer, q in recording:
-                layer.record_query(q)
+        if self.together and len(due) > 1:
+            together.prepare_next(self, due)
             return
-        bound = max(a.position_bound(1) for a in asms)
-        cos, sin = self.rope.tables(_next_positions(self, asms).sub(1).view(-1, 1), self.dtype, n_positions=bound)
-        q_rot = self.rope.rotate(torch.stack([q for _, q in recording]), cos[:, None], sin[:, None])
-        mass = _step_mass(q_rot, asms, end)  # (L, n_kv, end)
-        idx = torch.stack([a.idx[:, :end] for a in asms])
-        self.record.add(_mass_per_block(mass, idx, self, q_rot.shape[1]))
+        for layer, q in due:
+            if layer.prepare_next(q):
+                layer.record_query(q)
 
     def ready(self) -> None:
         """A prefill ended (Engine.prefill): every layer's context ready for the first decode step

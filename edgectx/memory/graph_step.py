@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from edgectx import kernels
+from edgectx.memory import together
 from edgectx.model.graph_step import GraphStep, tensor_key
 
 COLUMN, POSITION, TOKEN, RESIDENT, STAGE, RECENT = range(6)  # a layer's row of the step's inputs: the context's
@@ -128,7 +129,7 @@ def memory_graph_step(memory) -> GraphStep | None:
            tensor_key(m.stage_offsets), *(l.key() for l in layers))
 
     def finish(recorded: list) -> None:
-        observed = m.observe_together([q for q, _, _ in recorded])  # an evicting step's, every layer's at once
+        observed = together.observe(m, [q for q, _, _ in recorded])  # an evicting step's, every layer's at once
         for layer, (q, k, v), seen in zip(m.layers, recorded, observed):
             layer._plan_commit(q, k, v, layer.asm, layer.asm.length, observed=seen)
             layer._pending.written = True  # the step wrote what the commit would copy: it counts them
