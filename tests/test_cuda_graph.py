@@ -276,6 +276,26 @@ def test_captured_cuda_graphs_match_eager(tiny, memory, monkeypatch):
     assert runner.n_captures <= (runner.n_replays // 2 if memory else 3), runner.stats()
 
 
+@pytest.mark.gpu
+def test_on_a_gpu_the_layers_retrieving_together_decode_as_one_at_a_time(tiny, monkeypatch):
+    """On a GPU: the layers' retrievals ahead done together (edgectx.memory.together: stacked selection, rebuild with
+    the Triton gather a layer, record, and an evicting step's observation after a real replay) against the same memory
+    one layer at a time, in float32 so that the two differ at most by the order of a sum."""
+    monkeypatch.setattr("edgectx.engine.default_dtype", lambda device: torch.float32)
+    ids = _ids(700, seed=6)
+    runs = []
+    for together in (False, True):
+        engine = Engine.load(tiny, device="cuda", memory_config=SMALL, weights="fp16")
+        engine.memory.together = together
+        engine.step = CudaGraphStep(engine.model)
+        runs.append((_decode(engine, ids[:600], ids[600:]).cpu(), engine.memory.record.n_retrievals, engine.step))
+    (want, n_want, _), (got, n_got, runner) = runs
+    assert n_want == n_got and n_got >= 2 * 20, (n_want, n_got)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert runner.failed is None and runner.n_replays >= 40, runner.stats()
+
+
 def test_without_retrieving_ahead_retrieval_steps_run_eagerly(tiny, monkeypatch):
     """EDGECTX_RETRIEVE_AHEAD=0: each retrieval runs at its own step, with its own query, eagerly."""
     from edgectx.memory import context
