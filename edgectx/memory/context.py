@@ -680,6 +680,8 @@ class LayerMemory:
 
 
 RETRIEVE_AHEAD = os.environ.get("EDGECTX_RETRIEVE_AHEAD", "1") != "0"
+
+
 class ContextMemory:
     """The KVMemory of a long conversation: one LayerMemory per layer, plus the retrieval record."""
 
@@ -833,8 +835,8 @@ class ContextMemory:
             self._read_device_state()
         # After a fused step that recorded itself, the steps that may follow as it ran (a scorer that gives new tokens
         # zero scores: the resident tier writes them ahead)
-        together = fused and self.scorer.zero_steps and not self.scorer.scores_steps_together
-        self._steady = min(layer.steady_steps() for layer in self.layers) if together else 0
+        armed = fused and self.scorer.zero_steps and not self.scorer.scores_steps_together
+        self._steady = min(layer.steady_steps() for layer in self.layers) if armed else 0
 
     def _prepare_next(self) -> None:
         """Every layer's retrieval and rebuild ahead of the next decode step (LayerMemory.prepare_next), together where

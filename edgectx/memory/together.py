@@ -86,7 +86,6 @@ def observe(memory, queries: list[torch.Tensor]) -> list[torch.Tensor | None]:
     return out
 
 
-
 def select(memory, selecting: list[tuple]) -> torch.Tensor:
     """The blocks (L, n_kv, k) of each layer's query, each layer's own selection (select_blocks) made for all of
     them in one scoring: the layers see the same tokens, so the same eligible blocks and lexical matches."""
@@ -102,7 +101,6 @@ def select(memory, selecting: list[tuple]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-
 def build(memory, layers: list, blocks: torch.Tensor) -> bool:
     """Each layer's retrieval of `blocks` (L, n_kv, k) taken and its context built, as `_retrieve` and `_build`
     would on the device path (ids kept on the device, blocks gathered from the host store there), exactly, in
@@ -112,8 +110,8 @@ def build(memory, layers: list, blocks: torch.Tensor) -> bool:
     then build one at a time."""
     c, first = memory.config, layers[0]
     n_resident = first.resident.n
-    if memory.c_ops or blocks.shape[2] == 0 or any(not layer.gathers_on_device or layer.resident.n != n_resident
-                                                 for layer in layers):
+    if memory.c_ops or blocks.shape[2] == 0 \
+            or any(not layer.gathers_on_device or layer.resident.n != n_resident for layer in layers):
         return False
     n_kv, k = blocks.shape[1:]
     n_keys = n_resident + k * c.block_size
@@ -127,9 +125,8 @@ def build(memory, layers: list, blocks: torch.Tensor) -> bool:
     return True
 
 
-
-def _build_group(memory, layers: list, blocks: torch.Tensor, n_resident: int,
-                 n_keys: int) -> None:
+def _build_group(memory, layers: list, blocks: torch.Tensor, n_resident: int, n_keys: int) -> None:
+    """`build` for one group of layers, each with `n_resident` resident columns and `n_keys` in all."""
     c, first = memory.config, layers[0]
     n_layers, n_kv, _ = blocks.shape
     head_dim = first.resident.head_dim
@@ -170,7 +167,6 @@ def _build_group(memory, layers: list, blocks: torch.Tensor, n_resident: int,
         layer.asm, layer._built_together, layer._record_now = asm, True, False  # recorded by the caller
 
 
-
 def record(memory, recording: list[tuple]) -> None:
     """LayerMemory.record_query for every layer at once: one product a layer with its context's keys, the rest
     (rotation, softmax, the sums per block) stacked. Layers whose contexts differ in length (after a truncation)
@@ -183,9 +179,12 @@ def record(memory, recording: list[tuple]) -> None:
         return
     bound = max(a.position_bound(1) for a in asms)
     n_blocks = memory.n_tokens // memory.config.block_size
-    per_layer = end * (memory.spec.n_heads * (element_bytes(memory.dtype) + 4) + 2 * 8) + (n_blocks + 1) * 4 * asms[0].k.shape[0]
+    # a layer's logits (compute dtype, then float32), its indices and bins, and its per-block sums
+    per_layer = end * (memory.spec.n_heads * (element_bytes(memory.dtype) + 4) + 2 * 8) \
+        + (n_blocks + 1) * 4 * asms[0].k.shape[0]
     for group in groups(len(asms), per_layer):
-        cos, sin = memory.rope.tables(next_positions(memory, asms[group]).sub(1).view(-1, 1), memory.dtype, n_positions=bound)
+        positions = next_positions(memory, asms[group]).sub(1).view(-1, 1)  # the query as its context's newest token
+        cos, sin = memory.rope.tables(positions, memory.dtype, n_positions=bound)
         q_rot = memory.rope.rotate(torch.stack([q for _, q in recording[group]]), cos[:, None], sin[:, None])
         mass = step_mass(q_rot, asms[group], end)  # (L, n_kv, end)
         idx = torch.stack([a.idx[:, :end] for a in asms[group]])
