@@ -50,15 +50,20 @@ def _contexts(memory: ContextMemory) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("positions,graphs,one_by_one", [("compact", False, False), ("original", False, False),
-                                                          ("compact", True, False), ("compact", True, True)])
-def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions, graphs, one_by_one,
+@pytest.mark.parametrize("positions,graphs,variant", [("compact", False, ""), ("original", False, ""),
+                                                       ("compact", True, ""), ("compact", True, "one by one"),
+                                                       ("compact", False, "built one at a time")])
+def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, positions, graphs, variant,
                                                                          monkeypatch):
     """`graphs`: decode steps through the CUDA-graph runner (replayed on the CPU with `capture_eager`), as on a GPU:
     an evicting step then observes every layer's recent queries together too (edgectx.memory.together.observe).
-    `one_by_one`: working memory for one layer only, so that the layers go in groups of one."""
-    if one_by_one:
+    "one by one": working memory for one layer only, so that the layers go in groups of one; "built one at a time":
+    the contexts built layer by layer from the blocks selected together (what layers that differ fall back to). Half
+    way, the answer is regenerated: the memory cut back to the prompt, decoding on from there."""
+    if variant == "one by one":
         monkeypatch.setattr(together_module, "TOGETHER_BYTES", 1)
+    elif variant:
+        monkeypatch.setattr(together_module, "build", lambda memory, layers, blocks: False)
     config = MemoryConfig(**{**SMALL.to_dict(), "positions": positions})
     ids = [int(i) for i in np.random.default_rng(3).integers(0, 258, 700)]
     runs = []
@@ -67,11 +72,14 @@ def test_retrieving_every_layer_together_gives_each_what_it_would_alone(tiny, po
         if graphs:
             engine.step = CudaGraphStep(engine.model, capture=capture_eager)
         with kernels.forced() if graphs else contextlib.nullcontext():
-            engine.prefill(ids[:600])
+            engine.sync(ids[:600])
             sampler = Sampler(SamplingParams(temperature=0))
             logits, contexts = [engine.next_logits], []
             token = sampler.sample(engine.next_logits)
-            for _ in range(60):
+            for step in range(100):
+                if step == 60:  # a regenerated answer: the memory cut back to the prompt
+                    engine.sync(ids[:600])
+                    token = sampler.sample(engine.next_logits)
                 logits.append(engine.forward([token])[-1])
                 token = sampler.sample(logits[-1])
                 contexts.append(_contexts(engine.memory))
