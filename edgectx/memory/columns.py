@@ -52,3 +52,12 @@ def block_columns(blocks: torch.Tensor, resident_idx: torch.Tensor, n_blocks: in
     picked = torch.zeros(*blocks.shape[:-1], n_blocks + 1, dtype=torch.bool, device=blocks.device)
     picked.scatter_(-1, blocks, True)
     return bidx, picked.gather(-1, (resident_idx // block_size).clamp_(max=n_blocks))
+
+
+def kept_columns(idx: torch.Tensor, score: torch.Tensor, n_total: int, n_keep: int, config) -> torch.Tensor:
+    """The resident columns an eviction keeps (..., n_kv, n_keep), in original order: the sinks and the window
+    (`config`'s n_sink, n_local; `n_total` tokens in memory), then the best scored, for resident indices `idx` and
+    scores `score` (..., n_kv, n)."""
+    protected = (idx < config.n_sink) | (idx >= n_total - config.n_local)
+    ranked = torch.where(protected, torch.inf, score)
+    return torch.topk(ranked, n_keep, dim=-1).indices.sort(dim=-1).values

@@ -61,7 +61,7 @@ from edgectx.memory.lexical import UNKNOWN, TokenIndex
 from edgectx.memory.tiers import REUSE_SLACK, Assembly, Resident
 from edgectx.memory.retrieval import BlockCache, RetrievalRecord, select_blocks
 from edgectx.memory import together
-from edgectx.memory.columns import block_columns, ranks
+from edgectx.memory.columns import block_columns, kept_columns, ranks
 from edgectx.memory.mass import mass_per_block, observed_mass, rotated_observers, step_mass
 from edgectx.model.rope import Rope
 from edgectx.memory.recent import RecentQueries
@@ -533,7 +533,9 @@ class LayerMemory:
 
     # -- commit -------------------------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, defer_eviction: bool = False) -> bool:
+        """Carry out what the forward planned. `defer_eviction`: a decode step's eviction is left to the caller, which
+        evicts for every layer at once (edgectx.memory.together.evict); True where one was left."""
         p, self._pending = self._pending, None
         m, c = self.memory, self.memory.config
         asm, r = self.asm, self.resident
@@ -559,8 +561,10 @@ class LayerMemory:
         if n_new == 1:
             self.steps_since_retrieval += 1
         self._last_q = p.q if n_new == 1 else None  # what `prepare_next` retrieves with
+        deferred = p.evict and n_new == 1 and defer_eviction
         if p.evict:
-            self._evict(m.n_tokens + n_new)
+            if not deferred:
+                self._evict(m.n_tokens + n_new)
             if n_new == 1:  # the context is rebuilt anyway: retrieve for it now, and count the next retrieval from here
                 self.steps_since_retrieval = c.retrieve_every
         else:
@@ -568,6 +572,7 @@ class LayerMemory:
             if n_new > 1:  # room for the decode steps that may follow a chunk: no growth (a copy) in the first of them
                 r.reserve(r.n + c.evict_every + 1)
                 asm.reserve(asm.length + c.evict_every + 1)
+        return deferred
 
     def next_query(self) -> torch.Tensor | None:
         """After a decode step's commit (ContextMemory.commit, once the token count is updated): the step's query
@@ -641,18 +646,20 @@ class LayerMemory:
     def _evict(self, n_total: int) -> None:
         """Keep sinks, the window and the top `n_retain` older tokens per KV head; the rest live on in the host store."""
         c, r = self.memory.config, self.resident
-        idx = r.idx[:, : r.n]
-        protected = (idx < c.n_sink) | (idx >= n_total - c.n_local)
-        # Every sink and every window token is resident in every head (the window is always the newest tokens),
-        # so the host counts them without reading the device.
-        n_sinks = min(c.n_sink, n_total)
-        n_keep = n_sinks + max(0, n_total - max(n_sinks, n_total - c.n_local)) + c.n_retain
+        n_keep = self._n_keep(n_total)
         if r.n > n_keep:
-            ranked = torch.where(protected, torch.inf, r.score[:, : r.n])
-            keep = torch.topk(ranked, n_keep, dim=1).indices.sort(dim=1).values  # (n_kv, n_keep) in original order
+            keep = kept_columns(r.idx[:, : r.n], r.score[:, : r.n], n_total, n_keep, c)
             r.keep(keep, headroom=max(c.chunk_tokens, c.evict_every) + 1)
             self.evicted = True
         self.version += 1
+
+    def _n_keep(self, n_total: int) -> int:
+        """The resident tokens an eviction keeps with `n_total` tokens in memory. Every sink and every window token
+        is resident in every head (the window is always the newest tokens), so the host counts them without reading
+        the device."""
+        c = self.memory.config
+        n_sinks = min(c.n_sink, n_total)
+        return n_sinks + max(0, n_total - max(n_sinks, n_total - c.n_local)) + c.n_retain
 
     def truncate(self, n_tokens: int) -> None:
         c, r = self.memory.config, self.resident
@@ -817,8 +824,10 @@ class ContextMemory:
                 scores = self.scorer.step_scores(torch.cat([p.features for p in pending]))  # (n_layers, n_kv, 1)
                 for p, s in zip(pending, scores):
                     p.scores = s
-            for layer in self.layers:
-                layer.commit()
+            defer = self.together and self._pending == 1  # a decode step's evictions, every layer's at once
+            evicting = [layer for layer in self.layers if layer.commit(defer_eviction=defer)]
+            if evicting:
+                together.evict(self, evicting, self._n_tokens + 1)
         self.token_index.append(self._pending_ids if self._pending_ids is not None else [UNKNOWN] * self._pending)
         if self._pending > 1:
             self.query_start = self._n_tokens

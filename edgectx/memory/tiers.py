@@ -139,15 +139,26 @@ class Resident:
                 part = (k.to(self.device, self.dtype), v.to(self.device, self.dtype), idx,
                         torch.zeros(self.n_kv, k.shape[1], device=self.device))
             full.append(part)
+        self._make_room(sum(p[0].shape[1] for p in full) + headroom)
+        for part in full:
+            self.append(*part)
+
+    def refill(self, n: int, headroom: int) -> tuple[torch.Tensor, ...]:
+        """Hold `n` columns the caller writes, with room for `headroom` more (an eviction of every layer at once,
+        edgectx.memory.together.evict, from copies it gathered): their (k, v, idx, score) views."""
+        self._make_room(n + headroom)
+        self.n = n
+        return self.k[:, :n], self.v[:, :n], self.idx[:, :n], self.score[:, :n]
+
+    def _make_room(self, need: int) -> None:
+        """Empty, with room for `need` columns. What is refilled is a copy already (gathered, read back): the buffers
+        are refilled in place where they fit, not much bigger, so that an eviction keeps them where a captured decode
+        step writes (edgectx.memory.graph_step)."""
         self.n = 0
-        need = sum(p[0].shape[1] for p in full) + headroom
-        # Every part is a copy already (gathered, read back): the buffers are refilled in place where they fit, not
-        # much bigger, so that an eviction keeps them where a captured decode step writes (edgectx.memory.graph_step)
+        self._ahead.reset()
         writable = torch.is_inference_mode_enabled() or not self.k.is_inference()  # (a truncation runs outside it)
         if not (writable and need <= self.k.shape[1] <= need + 2 * REUSE_SLACK):
             self._alloc(need)
-        for part in full:
-            self.append(*part)
 
     @property
     def device_bytes(self) -> int:

@@ -5,11 +5,12 @@ retrieval step issued ~87 operations a layer (~2,800 for 32 layers) and an evict
 layer does alike is done once for all of them (`ContextMemory.together`): one block selection over the layers'
 stacked queries and representatives; the contexts' columns, duplicates, compact positions and rotation computed
 stacked, then written into each layer's own buffers with a gather and foreach copies; one record of what the queries
-attend to; and an evicting step's observation of the recent queries. Each layer gets exactly what it would alone
-(tests/test_retrieval_together.py). Work is done a group of layers at a time, within TOGETHER_BYTES.
+attend to; and an evicting step's observation of the recent queries and its eviction. Each layer gets exactly what
+it would alone (tests/test_retrieval_together.py). Work is done a group of layers at a time, within TOGETHER_BYTES.
 
     together.prepare_next(memory, due)          # ContextMemory.commit, after a decode step
     observed = together.observe(memory, queries)  # edgectx.memory.graph_step, an evicting step
+    together.evict(memory, layers, n_total)     # ContextMemory.commit, an evicting step
 
 `memory` is a ContextMemory and the layers its LayerMemory objects (edgectx.memory.context, which imports this).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from edgectx.memory.columns import block_columns, ranks_layers
+from edgectx.memory.columns import block_columns, kept_columns, ranks_layers
 from edgectx.memory.mass import mass_per_block, next_positions, observed_mass, step_mass
 from edgectx.memory.retrieval import select_blocks
 from edgectx.memory.tiers import Assembly
@@ -189,3 +190,34 @@ def record(memory, recording: list[tuple]) -> None:
         mass = step_mass(q_rot, asms[group], end)  # (L, n_kv, end)
         idx = torch.stack([a.idx[:, :end] for a in asms[group]])
         memory.record.add(mass_per_block(mass, idx, memory, q_rot.shape[1]))
+
+
+def evict(memory, layers: list, n_total: int) -> None:
+    """A decode step's eviction (LayerMemory._evict) for `layers` at once, `n_total` tokens in memory: the columns
+    kept chosen for the layers stacked, gathered stacked, written back into each layer's tier with foreach copies.
+    Layers whose resident counts differ (after a truncation) evict one at a time."""
+    n = layers[0].resident.n
+    if len(layers) < 2 or any(layer.resident.n != n for layer in layers):
+        for layer in layers:
+            layer._evict(n_total)
+        return
+    c, first = memory.config, layers[0].resident
+    n_keep = layers[0]._n_keep(n_total)
+    if n > n_keep:
+        n_kv, head_dim = first.n_kv, first.head_dim
+        # a layer's K and V stacked and gathered, its indices, scores and ranking
+        per_layer = n_kv * n * (4 * head_dim * element_bytes(first.dtype) + 4 * 8)
+        for group in groups(len(layers), per_layer):
+            tiers = [layer.resident for layer in layers[group]]
+            idx, score = torch.stack([r.idx[:, :n] for r in tiers]), torch.stack([r.score[:, :n] for r in tiers])
+            keep = kept_columns(idx, score, n_total, n_keep, c)  # (L, n_kv, n_keep)
+            rows = (keep + torch.arange(len(tiers) * n_kv, device=keep.device).view(len(tiers), n_kv, 1) * n).flatten()
+            kept = [torch.stack([getattr(r, name)[:, :n] for r in tiers]).view(-1, head_dim).index_select(0, rows)
+                    .view(len(tiers), n_kv, n_keep, head_dim) for name in ("k", "v")]  # as Resident.gather picks rows
+            kept += [idx.gather(2, keep), score.gather(2, keep)]
+            views = [r.refill(n_keep, headroom=max(c.chunk_tokens, c.evict_every) + 1) for r in tiers]
+            for part in range(4):  # one dispatch each: on CUDA copied without a Python call a layer
+                torch._foreach_copy_([v[part] for v in views], list(kept[part].unbind(0)))
+    for layer in layers:
+        layer.evicted = layer.evicted or n > n_keep
+        layer.version += 1
