@@ -162,7 +162,6 @@ class GgmlLayer:
         return gr.node(g.ggml_mul(gr.ctx, n, gr.vector(weight)))
 
     def _build_before(self, n_tokens: int) -> tuple:
-        g = lib()
         gr = _Graph(3 * len(self.qkv) + 8, n_tokens)
         x = gr.new(self.dim, n_tokens)
         h = self._normed(gr, x, self.attn_norm)

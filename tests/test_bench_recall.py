@@ -212,8 +212,8 @@ def test_a_resumed_run_reads_only_the_missing_samples_and_gives_the_same_figures
     grid = RecallGrid([1000], [0.2, 0.9], trials=2, tasks=["single"], answer_tokens=4, full=True)
     whole = run_recall(engine, grid, SMALL, texts=[str(text_file)], log=False)
     log = tmp_path / "grid.jsonl"
-    first = run_recall(engine, RecallGrid([1000], [0.2, 0.9], trials=1, tasks=["single"], answer_tokens=4, full=True),
-                       SMALL, texts=[str(text_file)], log=False, resume=log)
+    run_recall(engine, RecallGrid([1000], [0.2, 0.9], trials=1, tasks=["single"], answer_tokens=4, full=True),
+               SMALL, texts=[str(text_file)], log=False, resume=log)
     lines = log.read_text().splitlines(keepends=True)
     assert len(lines) == 1 + 2 * 2  # the header, then memory and full attention for each of 2 samples
     log.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed while writing the last record

@@ -37,7 +37,7 @@ def test_the_counter_sees_every_kind_of_sync():
     with torch.inference_mode(), SyncCounter() as syncs:
         int(x.max()), bool((x > 3).any()), x.sum().item(), x.tolist(), x.cpu(), x.to("cpu", torch.float32)
         x.nonzero(), torch.unique(x), torch.equal(x, x)
-        y = (x + 1) * 2, x[2:5], torch.cat((x, x))  # no sync
+        (x + 1) * 2, x[2:5], torch.cat((x, x))  # no sync
     assert syncs.by_kind == {"_local_scalar_dense": 3, "tolist": 1, "cpu": 1, "to cpu": 1, "nonzero": 1, "_unique2": 1,
                              "equal": 1}, syncs.by_kind
     assert all("test_host_syncs.py" in site for site in syncs.sites)

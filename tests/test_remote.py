@@ -8,9 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from cli_helpers import assert_one_sentence, run_cli

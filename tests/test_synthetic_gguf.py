@@ -22,7 +22,6 @@ from edgectx.bench.synthetic_gguf import SHAPES, cached_path, synthetic_gguf
 from edgectx.cli.main import build_parser, run
 from edgectx.engine import Engine
 from edgectx.errors import EdgectxError, UsageError
-from edgectx.model.discover import embedded_model_path
 from edgectx.model.gguf import open_gguf, read_spec
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the synthetic model reads it like any other text."
