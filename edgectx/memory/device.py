@@ -120,7 +120,7 @@ def cache_capacity_blocks(config: MemoryConfig, spec: ModelSpec, device: torch.d
     free = free_device_bytes(device)
     if free is None:
         return CPU_CACHE_BLOCKS
-    return auto_cache_blocks(config, spec, free, torch.empty(0, dtype=dtype).element_size())
+    return auto_cache_blocks(config, spec, free, dtype.itemsize)
 
 
 def auto_cache_blocks(config: MemoryConfig, spec: ModelSpec, free_bytes: int, elem_bytes: int = 2) -> int:

@@ -37,10 +37,6 @@ def groups(n_layers: int, per_layer_bytes: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, n_layers, size)]
 
 
-def element_bytes(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def prepare_next(memory, due: list[tuple]) -> None:
     """The retrievals and rebuilds ahead of the next decode step (LayerMemory.prepare_next) of the layers `due`, with
     their queries (n_heads, 1, d) pre-RoPE: the block selection, the contexts and the record made together; layers
@@ -70,13 +66,13 @@ def observe(memory, queries: list[torch.Tensor]) -> list[torch.Tensor | None]:
         return out
     asms = [layer.asm for layer in evicting]
     n_keys = asms[0].length + 1  # the step's own column included
-    windows = {layer.q_recent.shape[1] for layer in evicting}
-    if any(asm.length + 1 != n_keys for asm in asms) or len(windows) != 1:
+    recent = evicting[0].q_recent.shape[1]  # the queries each layer keeps: the same in every layer, as its tokens
+    if any(asm.length + 1 != n_keys for asm in asms) or any(layer.q_recent.shape[1] != recent for layer in evicting):
         return out
     c, n_kv = memory.config, asms[0].k.shape[0]
     window = min(c.n_observe, c.evict_every)  # LayerMemory._observed_queries, stacked
     # a layer's float32 keys, and its logits and mask: (n_kv, every observed query of the group, n_keys)
-    rows = memory.spec.n_heads * -(-min(window, windows.pop() + 1) // c.observe_stride)
+    rows = memory.spec.n_heads * -(-min(window, recent + 1) // c.observe_stride)
     per_layer = n_kv * n_keys * (evicting[0].resident.head_dim * 4) + rows * n_keys * 5
     for group in groups(len(evicting), per_layer):
         layers = evicting[group]
@@ -93,7 +89,7 @@ def select(memory, selecting: list[tuple]) -> torch.Tensor:
     n_eligible, store = selecting[0][0]._n_eligible(), selecting[0][0].store
     lexical = memory.lexical_blocks(n_eligible)
     # a layer's representatives stacked, then in float32: 6 MB at 128K for an 8B model, 50 MB at 1M tokens
-    per_layer = n_eligible * store.n_kv_heads * store.head_dim * (element_bytes(store.repr_dtype) + 4)
+    per_layer = n_eligible * store.n_kv_heads * store.head_dim * (store.repr_dtype.itemsize + 4)
     parts = []
     for group in groups(len(selecting), per_layer):
         reps = torch.stack([layer.store.representatives[:n_eligible] for layer, _ in selecting[group]])
@@ -119,7 +115,7 @@ def build(memory, layers: list, blocks: torch.Tensor) -> bool:
     head_dim = first.resident.head_dim
     # a layer's columns: keys as stored, rotated in the compute dtype, the cos and sin tables (gathered in float32,
     # then in the compute dtype) and the index tensors
-    per_layer = n_kv * n_keys * (head_dim * (element_bytes(memory.kv_dtype) + 3 * element_bytes(memory.dtype) + 4)
+    per_layer = n_kv * n_keys * (head_dim * (memory.kv_dtype.itemsize + 3 * memory.dtype.itemsize + 4)
                                  + 4 * 8)
     for group in groups(len(layers), per_layer):
         _build_group(memory, layers[group], blocks[group], n_resident, n_keys)
@@ -181,7 +177,7 @@ def record(memory, recording: list[tuple]) -> None:
     bound = max(a.position_bound(1) for a in asms)
     n_blocks = memory.n_tokens // memory.config.block_size
     # a layer's logits (compute dtype, then float32), its indices and bins, and its per-block sums
-    per_layer = end * (memory.spec.n_heads * (element_bytes(memory.dtype) + 4) + 2 * 8) \
+    per_layer = end * (memory.spec.n_heads * (memory.dtype.itemsize + 4) + 2 * 8) \
         + (n_blocks + 1) * 4 * asms[0].k.shape[0]
     for group in groups(len(asms), per_layer):
         positions = next_positions(memory, asms[group]).sub(1).view(-1, 1)  # the query as its context's newest token
@@ -206,7 +202,7 @@ def evict(memory, layers: list, n_total: int) -> None:
     if n > n_keep:
         n_kv, head_dim = first.n_kv, first.head_dim
         # a layer's K and V stacked and gathered, its indices, scores and ranking
-        per_layer = n_kv * n * (4 * head_dim * element_bytes(first.dtype) + 4 * 8)
+        per_layer = n_kv * n * (4 * head_dim * first.dtype.itemsize + 4 * 8)
         for group in groups(len(layers), per_layer):
             tiers = [layer.resident for layer in layers[group]]
             idx, score = torch.stack([r.idx[:, :n] for r in tiers]), torch.stack([r.score[:, :n] for r in tiers])
