@@ -194,6 +194,7 @@ class Engine:
         device has those kernels, else nf4 on CUDA for big models when bitsandbytes is installed, else fp16."""
         if n_threads:
             torch.set_num_threads(n_threads)
+        device_memory.fix_mmap_threshold()  # before the model's tensors: transient ones then leave no heap behind
         dev = pick_device(device)
         dtype = default_dtype(dev)
         source = open_model(path)  # a .gguf file or a Hugging Face checkpoint directory

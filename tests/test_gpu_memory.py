@@ -147,7 +147,7 @@ def test_a_snapshot_restores_on_cuda_and_decodes_on_as_the_live_memory(tmp_path)
     assert restored.memory.layers[0].store.tokens(0, 790)[0].equal(live.memory.layers[0].store.tokens(0, 790)[0])
 
 
-def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cuda(monkeypatch):
+def test_auto_cache_is_none_on_cpu_and_sized_from_free_memory_on_cuda(monkeypatch):
     from edgectx.memory.context import ContextMemory
     from edgectx.model.rope import Rope
 
@@ -155,8 +155,9 @@ def test_auto_cache_is_the_fixed_default_on_cpu_and_sized_from_free_memory_on_cu
                      context_length=4096)
     cpu = torch.device("cpu")
     memory = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig())
-    assert MemoryConfig().cache_blocks == "auto" and memory.cache_blocks == 16 == memory.layers[1].cache.capacity // 2  # pairs
-    assert memory.stats()["cache_capacity_blocks"] == 16
+    # on a CPU the host store is in the memory the context is built in: retrieval gathers from it, no cache
+    assert MemoryConfig().cache_blocks == "auto" and memory.cache_blocks == 0 == memory.layers[1].cache.capacity
+    assert memory.stats()["cache_capacity_blocks"] == 0
     fixed = ContextMemory(spec, Rope(spec, cpu), cpu, torch.float32, MemoryConfig(cache_blocks=40))
     assert fixed.cache_blocks == 40
     # Many KV heads: a pool of top_k blocks' worth of pairs holds a retrieval (was top_k x n_kv blocks at least)
@@ -220,8 +221,8 @@ def test_bench_speed_synthetic_on_cpu_reports_speed_floor_and_memory(monkeypatch
     params = sum(p.numel() * 4 for p in model.parameters())
     assert result["weight_bytes"] == params and result["weight_read_bytes"] == params - TINY.vocab_size * TINY.dim * 4
     assert result["weight_read_floor_ms"] == pytest.approx(result["weight_read_bytes"] / 10e9 * 1e3)
-    assert result["bandwidth_source"] == "flag" and result["cache_capacity_blocks"] == 16
-    assert result["retrieval_gathers_on_device"] is False  # a CPU memory reads its blocks through its cache
+    assert result["bandwidth_source"] == "flag" and result["cache_capacity_blocks"] == 0  # a CPU's: none
+    assert result["retrieval_gathers_on_device"] is False  # a CPU memory reads its block ids on the host
     assert [r["context"] for r in result["runs"]] == [300, 700]
     for r in result["runs"]:
         for engine in ("edgectx_memory", "edgectx"):

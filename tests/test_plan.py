@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -41,11 +42,13 @@ def _prefill(spec, config, n_tokens, dtype, keep=None, scorer=None):
     return memory.stats()
 
 
-def test_device_and_host_figures_equal_what_the_memory_reports(embedded_spec):
+@pytest.mark.parametrize("cache_blocks", ["auto", 16])  # a CPU's "auto": no block cache (retrieval gathers from the store)
+def test_device_and_host_figures_equal_what_the_memory_reports(embedded_spec, cache_blocks):
     spec, n_tokens = embedded_spec, 1400  # five full chunks and a partial one
-    config = MemoryConfig.for_budget(512, chunk_tokens=256)
+    config = replace(MemoryConfig.for_budget(512, chunk_tokens=256), cache_blocks=cache_blocks)
     stats = _prefill(spec, config, n_tokens, torch.float32)
-    assert stats["evicted_tokens"] > 0 and stats["cached_blocks"] > 0  # past the budget, retrieval running
+    assert stats["evicted_tokens"] > 0  # past the budget, retrieval running
+    assert (stats["cached_blocks"] > 0) == (cache_blocks == 16) == (stats["device_block_cache_bytes"] > 0)
     kv = device_kv(spec, config, n_tokens, elem_bytes=4)
     assert kv.resident_kv_bytes == stats["sink_bytes"] + stats["window_bytes"] + stats["retained_bytes"]
     assert kv.resident_bytes == stats["device_resident_bytes"]

@@ -124,6 +124,48 @@ def test_a_cache_of_top_k_blocks_worth_of_pairs_gives_the_same_logits_as_a_big_o
     assert torch.equal(logits[0], logits[1])
 
 
+def test_on_a_cpu_auto_gathers_from_the_store_with_no_cache_and_the_same_logits(tiny):
+    """A CPU's host store is in the memory the context is built in: "auto" keeps no block cache (a third copy of
+    the blocks), and a retrieval gathers each head's blocks from the store's segments straight into the context,
+    with the logits of a memory that copies them through a cache. The store holds several segments (blocks of one
+    retrieval come from different ones)."""
+    from dataclasses import replace
+
+    ids = [int(i) for i in np.random.default_rng(2).integers(0, 258, 1400)]
+    logits, engines = [], []
+    for blocks in ("auto", 64):
+        engine = Engine.load(tiny, device="cpu", memory_config=replace(SMALL, cache_blocks=blocks), weights="fp16")
+        out = [engine.prefill(ids[:1300])]
+        out += [engine.forward([token])[-1] for token in ids[1300:]]
+        logits.append(torch.stack(out))
+        engines.append(engine)
+    auto, cached = engines
+    assert auto.memory.cache_blocks == 0 and all(layer.cache.slots is None for layer in auto.memory.layers)
+    assert auto.memory.stats()["device_block_cache_bytes"] == 0
+    assert cached.memory.layers[0].cache.misses > 0  # the cached memory did retrieve through its cache
+    store = auto.memory.layers[0].store
+    assert len(store.segments) > 1, "one host segment: the gather across segments went untested"
+    segments = {int(b) // store.segment_blocks for layer in auto.memory.layers for b in layer.selection.flatten()}
+    assert len(segments) > 1, "every retrieved block came from one segment"
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_a_gather_by_host_ids_gives_each_head_its_own_blocks_across_segments():
+    store = HostBlockStore(n_kv_heads=3, head_dim=8, block_size=4, device=torch.device("cpu"))
+    store.segment_blocks = 2  # ids 0-1, 2-3, 4-5 in three segments
+    kv = torch.randn(2, 3, 24, 8).half()
+    store.append(kv[0], kv[1])
+    ids = [5, 0, 2, 2, 3, 1]  # (3 heads, 2 blocks), row-major
+    k_out = torch.zeros(3, 2 * 4, 8, dtype=torch.float32)
+    v_out = torch.zeros_like(k_out)
+    store.gather_ids(ids, 3, k_out, v_out)
+    for i, block in enumerate(ids):
+        head, col = divmod(i, 2)
+        want = kv[:, head, block * 4 : block * 4 + 4].float()
+        assert torch.equal(k_out[head, col * 4 : col * 4 + 4], want[0])
+        assert torch.equal(v_out[head, col * 4 : col * 4 + 4], want[1])
+
+
 class _Streams:
     """Stand-ins for CUDA's streams and events that log what is queued where: the copy path's ordering is CUDA's
     alone (a CPU run takes the plain path), so this is the only place a CPU can check it."""

@@ -351,6 +351,28 @@ class HostBlockStore:
         k_out.view(n_kv, k, self.block_size, self.head_dim).copy_(picked[:, :, 0])
         v_out.view(n_kv, k, self.block_size, self.head_dim).copy_(picked[:, :, 1])
 
+    def gather_ids(self, ids: list[int], n_kv: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """`gather` for ids on the host, row-major (n_kv, k) as Python ints, from a store in the memory that reads
+        it (a CPU's): one indexing of each host segment touched, written into k_out and v_out (n_kv, k *
+        block_size, head_dim), converted to their dtypes."""
+        k = len(ids) // n_kv
+        if k == 0:
+            return
+        by_segment: dict[int, tuple[list[int], list[int], list[int]]] = {}  # segment -> (its blocks, heads, columns)
+        for i, block in enumerate(ids):
+            seg, b = divmod(block, self.segment_blocks)
+            blocks, heads, columns = by_segment.setdefault(seg, ([], [], []))
+            blocks.append(b), heads.append(i // k), columns.append(i % k)
+        self.settle()
+        k_view = k_out.view(n_kv, k, self.block_size, self.head_dim)
+        v_view = v_out.view(n_kv, k, self.block_size, self.head_dim)
+        for seg, (blocks, heads, columns) in by_segment.items():
+            head = torch.tensor(heads)
+            picked = self.segments[seg][torch.tensor(blocks), :, head]  # (n, 2, block_size, head_dim)
+            where = (head, torch.tensor(columns))
+            k_view.index_put_(where, picked[:, 0].to(k_out.dtype))
+            v_view.index_put_(where, picked[:, 1].to(v_out.dtype))
+
     def _segment_offsets(self) -> torch.Tensor:
         """The segments' distances from the first, in elements, on the device; uploaded again when one is added."""
         where = tuple(s.data_ptr() for s in self.segments)

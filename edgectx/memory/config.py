@@ -50,7 +50,7 @@ class MemoryConfig:
     # of those (at most), blocks chosen for every layer and KV head by the query's rare tokens (edgectx.memory.lexical):
     # the only signal that found a one-line fact in a 16K document on the embedded model (docs/recall.md)
     lexical_blocks: int = 2
-    # LRU block cache per layer on the device, in blocks (>= top_k_blocks); "auto": 16 on a CPU, sized from the
+    # LRU block cache per layer on the device, in blocks (>= top_k_blocks); "auto": none on a CPU, sized from the
     # free memory on a GPU (edgectx.memory.device.cache_capacity_blocks)
     cache_blocks: int | str = "auto"
     # prefill chunk; eviction runs after each one. A CPU's default: the command line and the server take the

@@ -290,13 +290,18 @@ class LayerMemory:
             # Block ids live on the host as Python ints (they name host memory): the cache's bookkeeping is free.
             # Each head's own blocks only, (block, KV head) pairs: a block two heads chose is two pairs.
             ids = key[1]
-            pairs = [block * n_kv + i // selection.shape[1] for i, block in enumerate(ids)]  # row-major (n_kv, k)
-            slots = self.cache.fetch(pairs, self.store)
-            blocks_d, slots_d = upload(torch.tensor([ids, slots]).reshape(2, *selection.shape), m.device).unbind(0)
-            # duplicate: resident copies of retrieved tokens
-            asm.idx[:, n_resident:n_keys], duplicate = self._columns(blocks_d, n_resident)
-            self.cache.ready()
-            self.cache.kv_into(slots_d, k[:, n_resident:], asm.v[:, n_resident:n_keys])
+            if not m.cache_blocks:  # no cache (a CPU's "auto"): the store is in the memory the context is in
+                blocks_d = torch.tensor(ids).reshape(selection.shape)
+                asm.idx[:, n_resident:n_keys], duplicate = self._columns(blocks_d, n_resident)
+                self.store.gather_ids(ids, n_kv, k[:, n_resident:], asm.v[:, n_resident:n_keys])
+            else:
+                pairs = [block * n_kv + i // selection.shape[1] for i, block in enumerate(ids)]  # row-major (n_kv, k)
+                slots = self.cache.fetch(pairs, self.store)
+                blocks_d, slots_d = upload(torch.tensor([ids, slots]).reshape(2, *selection.shape), m.device).unbind(0)
+                # duplicate: resident copies of retrieved tokens
+                asm.idx[:, n_resident:n_keys], duplicate = self._columns(blocks_d, n_resident)
+                self.cache.ready()
+                self.cache.kv_into(slots_d, k[:, n_resident:], asm.v[:, n_resident:n_keys])
         idx = asm.idx[:, :n_keys]
         # Compact positions: duplicates need no exclusion (a resident copy's index is its retrieved twin's).
         positions, n_present = ranks(idx, m.n_tokens) if c.positions == "compact" else (idx, None)
@@ -728,7 +733,10 @@ class ContextMemory:
         # once, top_k blocks' worth, which every layer's pool must hold. (The floor was top_k x n_kv blocks while a
         # slot held a block for every KV head: 6 GiB of cache for Phi-3-mini's 32 KV heads at 128K, whatever "auto"
         # chose.)
-        self.cache_blocks = max(cache_capacity_blocks(self.config, spec, device, self.kv_dtype), self.config.top_k_blocks)
+        # None at all (0) for "auto" on a CPU, whose host store is in the memory a context is built in: a retrieval
+        # gathers its blocks from there directly (HostBlockStore.gather_ids)
+        capacity = cache_capacity_blocks(self.config, spec, device, self.kv_dtype)
+        self.cache_blocks = max(capacity, self.config.top_k_blocks) if capacity else 0
         self._n_tokens = 0
         self._pending = 0
         self._steps = 0  # forwards committed (one a step), what `steady_key` names a step by

@@ -48,7 +48,7 @@ class DeviceKV:
         return self.resident_bytes + self.block_cache_bytes + self.work_bytes + self.repr_bytes
 
 
-CPU_CACHE_BLOCKS = 16  # edgectx.memory.device.CPU_CACHE_BLOCKS (that module imports torch)
+CPU_CACHE_BLOCKS = 0  # edgectx.memory.device.CPU_CACHE_BLOCKS (that module imports torch): none
 DECODE_ROOM = 64  # edgectx.memory.tiers.REUSE_SLACK: a context's room for the decode steps up to the next eviction
 
 
@@ -56,7 +56,7 @@ def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: 
               cache_blocks: int | None = None) -> DeviceKV:
     """Device bytes of a ContextMemory holding `n_tokens` (past the budget, after a prefill in chunks, its context
     ready for decode steps: Engine.prefill). `cache_blocks`: what an "auto" block cache came to (default: the CPU's
-    fixed count)."""
+    none)."""
     c, n_kv, d, layers = config, spec.n_kv_heads, spec.head_dim, spec.n_layers
     headroom = max(c.chunk_tokens, c.evict_every) + 1  # what Resident.keep and Assembly leave for the next chunk
     if n_tokens <= c.budget_tokens:  # nothing evicted yet: every token resident, no retrieval
@@ -64,8 +64,9 @@ def device_kv(spec: ModelSpec, config: MemoryConfig, n_tokens: int, elem_bytes: 
     else:
         resident_tokens, retrieved = c.resident_tokens, c.top_k_blocks * c.block_size
         room = min(DECODE_ROOM, c.evict_every)  # ContextMemory.ready's rebuild, for the decode steps
-        chosen = c.cache_blocks if c.cache_blocks != "auto" else cache_blocks or CPU_CACHE_BLOCKS
-        capacity = max(chosen, c.top_k_blocks)  # ContextMemory.cache_blocks: blocks' worth of (block, KV head) pairs
+        chosen = c.cache_blocks if c.cache_blocks != "auto" else CPU_CACHE_BLOCKS if cache_blocks is None else cache_blocks
+        # ContextMemory.cache_blocks: blocks' worth of (block, KV head) pairs, none for a CPU's "auto"
+        capacity = max(chosen, c.top_k_blocks) if chosen else 0
     kv_token = 2 * d * elem_bytes  # one token's K and V in one KV head
     resident = layers * n_kv * (resident_tokens + headroom) * (kv_token + INDEX_BYTES + SCORE_BYTES)
     cache = layers * capacity * n_kv * c.block_size * kv_token
