@@ -234,3 +234,18 @@ def test_the_copy_stream_reads_the_slot_index_only_after_its_upload(monkeypatch)
     assert all(u < w for u, w in zip(uploads, waits)), log  # each upload queued before the wait that covers it
     assert log.count(("record_stream", "copy", "index")) == 2, log
     assert log.count(("record", "copy")) == 2, log
+
+
+def test_the_chat_stats_line_names_cached_blocks_only_where_there_is_a_cache(tiny):
+    from dataclasses import replace
+
+    from edgectx.cli.chat import memory_line
+
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 258, 600)]
+    lines = {}
+    for blocks in ("auto", 8):
+        engine = Engine.load(tiny, device="cpu", memory_config=replace(SMALL, cache_blocks=blocks), weights="fp16")
+        engine.prefill(ids)
+        lines[blocks] = memory_line(engine.stats())
+    assert "cached blocks" not in lines["auto"] and "retained" in lines["auto"]
+    assert "cached blocks" in lines[8]

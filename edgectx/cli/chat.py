@@ -53,8 +53,9 @@ def memory_line(stats: dict) -> str:
     mib = 2**20
     line = f"context {stats['tokens']:,} tokens; device KV {stats['device_kv_bytes'] / mib:,.1f} MiB"
     if "host_tokens" in stats:
-        line += (f" ({stats['sink_tokens']} sinks, {stats['retained_tokens']:,} retained, {stats['window_tokens']} window, "
-                 f"{stats['cached_blocks']} cached blocks); host {stats['host_kv_bytes'] / mib:,.1f} MiB, "
+        cached = f", {stats['cached_blocks']} cached blocks" if stats["cache_capacity_blocks"] else ""  # none on a CPU
+        line += (f" ({stats['sink_tokens']} sinks, {stats['retained_tokens']:,} retained, {stats['window_tokens']} window"
+                 f"{cached}); host {stats['host_kv_bytes'] / mib:,.1f} MiB, "
                  f"{stats['evicted_tokens']:,} tokens evicted from the device and retrievable")
     return line
 

@@ -4,7 +4,8 @@ Per layer, the device holds the *resident* tokens, sorted by original index per 
 `n_sink` tokens, the newest `n_local` (the window) and the `n_retain` older tokens per KV head that the
 eviction scorer ranks highest. Every token's pre-RoPE K and V also go to a host block store; once
 anything has been evicted, each query chunk (or every `retrieve_every` decode steps) retrieves
-`top_k_blocks` blocks into an LRU block cache: first, for every layer and KV head alike, the blocks that
+`top_k_blocks` blocks (gathered from the host store straight into the context on a CPU and on the device path,
+else copied through an LRU block cache): first, for every layer and KV head alike, the blocks that
 hold the query's rare tokens (edgectx.memory.lexical; the token ids come with `begin`), then each KV
 head's best by representative key. What the queries then attend to, per block, goes to the record
 that citations read. Attention runs over
