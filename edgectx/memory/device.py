@@ -27,6 +27,7 @@ from edgectx.model.spec import ModelSpec
 # The block cache per layer on a CPU: none. The host store is in the memory a context is built in, so a retrieval
 # gathers its blocks from it directly; a cache there held a third copy of them (235 MB for Qwen3-0.6B).
 CPU_CACHE_BLOCKS = 0
+OTHER_CACHE_BLOCKS = 16  # a device with no free-memory figure (not CUDA): four retrievals' worth at the default top-k
 AUTO_CACHE_FRACTION = 0.25  # of the memory left once the memory's tiers and the activations have room
 AUTO_CACHE_MAX_BLOCKS = 128  # 16K tokens per layer at block_size 128 (2 GiB for an 8B model): 4 retrievals of every KV head
 ACTIVATION_HEADROOM_BYTES = 1 << 30  # a prefill chunk's activations, logits and attention scratch
@@ -102,8 +103,9 @@ def empty_host_cache(device: torch.device) -> None:
 # Left alone, its threshold starts at 128 KiB and rises to the size of each mapped block freed, up to 32 MiB: a
 # prefill's transient tensors (a layer's activations and attention scores, a few MB each) then come from the heap,
 # and freed among the memory's long-lived tensors they stay in the process's RSS. Fixed at 4 MiB: 0.6 GB (a fifth)
-# less peak RSS for Qwen3-0.6B's memory at 4,096 tokens, decode as fast (1 MiB saved 0.2 GB more, decode ~4% slower:
-# an eviction's multi-megabyte temporaries are then mapped, and zeroed, every time).
+# less peak RSS for Qwen3-0.6B's memory at 4,096 tokens, decode as fast; its 512-token prefill ~7% slower (its 6 MB
+# activations are mapped, and zeroed, every time). 1 MiB saved 0.2 GB more, with decode ~4% slower: an eviction's
+# temporaries are mapped too (docs/host-ram-2026-12-05.md).
 MMAP_THRESHOLD_BYTES = 4 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
@@ -146,7 +148,7 @@ def cache_capacity_blocks(config: MemoryConfig, spec: ModelSpec, device: torch.d
         return CPU_CACHE_BLOCKS
     free = free_device_bytes(device)
     if free is None:
-        return config.top_k_blocks
+        return OTHER_CACHE_BLOCKS
     return auto_cache_blocks(config, spec, free, dtype.itemsize)
 
 
