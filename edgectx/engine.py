@@ -194,7 +194,6 @@ class Engine:
         device has those kernels, else nf4 on CUDA for big models when bitsandbytes is installed, else fp16."""
         if n_threads:
             torch.set_num_threads(n_threads)
-        device_memory.fix_mmap_threshold()  # before the model's tensors: transient ones then leave no heap behind
         dev = pick_device(device)
         dtype = default_dtype(dev)
         source = open_model(path)  # a .gguf file or a Hugging Face checkpoint directory
@@ -346,6 +345,8 @@ class Engine:
             if cancel and cancel():
                 raise Cancelled("Cancelled; the tokens read so far stay in memory.")
             logits = self.forward(ids[start : start + chunk_tokens])
+            if self.device.type == "cpu":
+                device_memory.return_free_heap()  # the chunk's freed transients, left between the memory's tensors
             if progress:
                 progress(min(start + chunk_tokens, len(ids)), len(ids))
         if isinstance(self.memory, ContextMemory):

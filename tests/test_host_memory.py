@@ -1,7 +1,7 @@
 """A released memory's host RAM goes back to the system (`empty_host_cache`, which `Engine.reset` and
 `Engine.restore` call): glibc keeps freed heap memory in its arenas, and a long-context memory's block store
 is made of segments small enough to live on the heap (3 MB each for the embedded model). And while it is in use,
-freed transients leave no heap behind (`fix_mmap_threshold`, which `Engine.load` calls)."""
+a prefill chunk's freed transients leave no heap behind (`return_free_heap`, after each chunk on a CPU)."""
 
 import json
 import subprocess
@@ -60,13 +60,11 @@ def test_reset_and_restore_give_back_the_memory_they_replace(embedded_model, mon
 
 
 # In a child process: a 16 MiB tensor freed (glibc's adaptive threshold then rises to 16 MiB), then 24 transient
-# 6 MiB tensors, each followed by a small long-lived one, as a prefill's activations fall between the memory's
-# tensors; RSS once the transients are freed. With `fix_mmap_threshold` first, each transient is a mapping of its
-# own, gone when freed.
+# 6 MiB tensors, each followed by a small long-lived one, as a prefill chunk's activations fall between the memory's
+# tensors; RSS once the transients are freed, then after `return_free_heap`.
 GROWTH = """
-import json, sys, torch
-from edgectx.memory.device import fix_mmap_threshold
-fixed = fix_mmap_threshold() if sys.argv[1] == "fixed" else False
+import json, torch
+from edgectx.memory.device import return_free_heap
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 torch.empty(16 << 20, dtype=torch.uint8).fill_(1)  # freed at once
 before = rss()
@@ -75,23 +73,23 @@ for _ in range(24):
     transients.append(torch.empty(6 << 20, dtype=torch.uint8).fill_(1))
     kept.append(torch.empty(64 << 10, dtype=torch.uint8).fill_(1))
 del transients
-print(json.dumps({"fixed": fixed, "kept": rss() - before}))
+freed = rss()
+return_free_heap()
+print(json.dumps({"freed": freed - before, "returned": rss() - before}))
 """
 
 
-@pytest.mark.skipif(_malloc_trim() is None, reason="glibc's mmap threshold (Linux)")
-def test_freed_transients_leave_no_heap_behind_with_the_threshold_fixed():
-    kept = {}
-    for case in ("adaptive", "fixed"):
-        out = subprocess.run([sys.executable, "-c", GROWTH, case], capture_output=True, text=True, check=True).stdout
-        kept[case] = json.loads(out)
-    assert kept["fixed"]["fixed"] is True, kept
-    assert kept["adaptive"]["kept"] > 100 << 20, kept  # the case: glibc kept the freed transients
-    assert kept["fixed"]["kept"] < 16 << 20, kept  # mapped, and unmapped when freed
+@pytest.mark.skipif(_malloc_trim() is None, reason="glibc's malloc_trim (Linux)")
+def test_a_chunks_freed_transients_leave_no_heap_behind():
+    out = subprocess.run([sys.executable, "-c", GROWTH], capture_output=True, text=True, check=True).stdout
+    kept = json.loads(out)
+    assert kept["freed"] > 100 << 20, kept  # the case: glibc kept the freed transients
+    assert kept["returned"] < 16 << 20, kept  # and gave them back
 
 
-def test_loading_an_engine_fixes_the_threshold(embedded_model, monkeypatch):
+def test_a_cpu_prefill_returns_the_free_heap_after_each_chunk(embedded_model, monkeypatch):
+    e = Engine.load(embedded_model, device="cpu", weights="fp16")
     calls = []
-    monkeypatch.setattr(device_memory, "fix_mmap_threshold", lambda: calls.append(True))
-    Engine.load(embedded_model, device="cpu", weights="fp16")
-    assert calls == [True]
+    monkeypatch.setattr(device_memory, "return_free_heap", lambda: calls.append(len(e.tokens)))
+    e.prefill(list(range(100, 400)), chunk_tokens=128)
+    assert calls == [128, 256, 300]

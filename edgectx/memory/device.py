@@ -3,7 +3,7 @@
 These figures size the block cache when `MemoryConfig.cache_blocks == "auto"` and fill the benchmarks'
 `peak_gpu_bytes`. A cap (`set_memory_cap`) makes a large GPU behave like a smaller one: PyTorch's caching
 allocator refuses to grow past it, and `free_device_bytes` reports what is left under it. On a CPU
-device every figure is None and there is no cache. Host RAM: glibc's heap (`fix_mmap_threshold`,
+device every figure is None and there is no cache. Host RAM: glibc's heap (`return_free_heap`,
 `empty_host_cache`).
 
     set_memory_cap(torch.device("cuda"), 24 * 2**30)   # emulate a 24 GiB RTX 4090 on an H100
@@ -94,32 +94,20 @@ def empty_host_cache(device: torch.device) -> None:
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)  # copies may still read those pages
         torch._C._host_emptyCache()
+    return_free_heap()
+
+
+def return_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc; a no-op elsewhere): after each prefill chunk on a CPU.
+    glibc's mmap threshold rises to the size of each large block freed (up to 32 MiB), after which a chunk's
+    transient tensors (a layer's activations and attention scores, a few MB each) come from the heap; freed between
+    the memory's long-lived tensors, they stayed in RSS. Trimmed once a chunk, the chunk's own layers still reuse
+    those pages: Qwen3-0.6B's memory at 4,096 tokens peaks 0.3-0.5 GB lower at the same speed (in-process), where
+    fixing the threshold at 4 MiB (a mapping, zeroed, for every transient) saved ~0.1 GB more but cost a 512-token
+    prefill ~7% (docs/host-ram-2026-12-05.md)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-# glibc serves an allocation of at least this many bytes from a mapping of its own, unmapped when it is freed.
-# Left alone, its threshold starts at 128 KiB and rises to the size of each mapped block freed, up to 32 MiB: a
-# prefill's transient tensors (a layer's activations and attention scores, a few MB each) then come from the heap,
-# and freed among the memory's long-lived tensors they stay in the process's RSS. Fixed at 4 MiB: 0.6 GB (a fifth)
-# less peak RSS for Qwen3-0.6B's memory at 4,096 tokens, decode as fast; its 512-token prefill ~7% slower (its 6 MB
-# activations are mapped, and zeroed, every time). 1 MiB saved 0.2 GB more, with decode ~4% slower: an eviction's
-# temporaries are mapped too (docs/host-ram-2026-12-05.md).
-MMAP_THRESHOLD_BYTES = 4 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-
-
-@functools.cache
-def fix_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES for this process (once); False where the C library is
-    not glibc or refuses."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # musl has no mallopt
-        return False
 
 
 @functools.cache
