@@ -36,10 +36,14 @@ print(json.dumps({"freed": freed - before, "emptied": rss() - before}))
 """
 
 
+def _in_child(code: str) -> dict:
+    """What `code`, run in a fresh Python process, prints as JSON."""
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 @pytest.mark.skipif(_malloc_trim() is None, reason="glibc's malloc_trim (Linux) is what returns the heap's pages")
 def test_a_released_store_gives_its_ram_back():
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True).stdout
-    kept = json.loads(out)
+    kept = _in_child(CHILD)
     assert kept["freed"] > 160 << 20, kept  # the case: glibc kept the freed segments
     assert kept["emptied"] < 32 << 20, kept  # and gave them back when asked
 
@@ -81,8 +85,7 @@ print(json.dumps({"freed": freed - before, "returned": rss() - before}))
 
 @pytest.mark.skipif(_malloc_trim() is None, reason="glibc's malloc_trim (Linux)")
 def test_a_chunks_freed_transients_leave_no_heap_behind():
-    out = subprocess.run([sys.executable, "-c", GROWTH], capture_output=True, text=True, check=True).stdout
-    kept = json.loads(out)
+    kept = _in_child(GROWTH)
     assert kept["freed"] > 100 << 20, kept  # the case: glibc kept the freed transients
     assert kept["returned"] < 16 << 20, kept  # and gave them back
 

@@ -292,8 +292,7 @@ class LayerMemory:
             # Each head's own blocks only, (block, KV head) pairs: a block two heads chose is two pairs.
             ids = key[1]
             if not m.cache_blocks:  # no cache (a CPU's "auto"): the store is in the memory the context is in
-                blocks_d = torch.tensor(ids).reshape(selection.shape)
-                asm.idx[:, n_resident:n_keys], duplicate = self._columns(blocks_d, n_resident)
+                asm.idx[:, n_resident:n_keys], duplicate = self._columns(selection, n_resident)  # ids, on the CPU
                 self.store.gather_ids(ids, n_kv, k[:, n_resident:], asm.v[:, n_resident:n_keys])
             else:
                 pairs = [block * n_kv + i // selection.shape[1] for i, block in enumerate(ids)]  # row-major (n_kv, k)
